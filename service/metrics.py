@@ -1,0 +1,113 @@
+"""Prometheus metrics. Labels stay bounded: never a deviceId, nodeId or event id.
+
+One ``Metrics`` object per process (tests may build their own on a private registry).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+
+from service import __version__
+
+disable_created_metrics()  # the *_created series only double the scrape size
+
+OUTCOMES = ("credential_updated", "rebind_failed", "dead_lettered", "deferred", "duplicate")
+OPERATIONS = ("refresh_device_key", "login", "refresh_token", "query_device")
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_WAIT_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_E2E_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.events_consumed = Counter(
+            "rebind_events_consumed", "Records read from Kafka.", ["topic"], registry=r
+        )
+        self.outcomes = Counter(
+            "rebind_outcomes", "Outcomes committed, by kind.", ["outcome"], registry=r
+        )
+        self.platform_requests = Counter(
+            "rebind_platform_requests",
+            "Calls made to the platform, by operation, HTTP status and platform error code.",
+            ["operation", "http_status", "error_code"],
+            registry=r,
+        )
+        self.platform_request_duration = Histogram(
+            "rebind_platform_request_duration_seconds",
+            "Duration of platform calls.",
+            ["operation"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.throttle_rejections = Counter(
+            "rebind_platform_throttle_rejections",
+            "Flow-control rejections (1010009) answered by the platform.",
+            ["operation"],
+            registry=r,
+        )
+        self.device_online_rejections = Counter(
+            "rebind_platform_device_online_rejections",
+            "'Device is online' rejections (100611) answered by the platform.",
+            registry=r,
+        )
+        self.rate_limiter_wait = Histogram(
+            "rebind_rate_limiter_wait_seconds",
+            "Time a call waited for the shared rate budget.",
+            buckets=_WAIT_BUCKETS,
+            registry=r,
+        )
+        self.rate_limit_per_minute = Gauge(
+            "rebind_rate_limit_per_minute",
+            "This replica's share of the application's calls per minute.",
+            registry=r,
+        )
+        self.deferred_events = Gauge(
+            "rebind_deferred_events",
+            "Swaps waiting for their device to go offline.",
+            registry=r,
+        )
+        self.inflight_events = Gauge(
+            "rebind_inflight_events", "Events being worked on now.", registry=r
+        )
+        self.consumer_lag = Gauge(
+            "rebind_consumer_lag", "Records behind the partition's end.", ["partition"], registry=r
+        )
+        self.event_latency = Histogram(
+            "rebind_event_latency_seconds",
+            "Time from an input event's Kafka timestamp to its outcome being committed.",
+            buckets=_E2E_BUCKETS,
+            registry=r,
+        )
+        self.transactions = Counter(
+            "rebind_kafka_transactions",
+            "Kafka transactions, by result (committed, aborted).",
+            ["result"],
+            registry=r,
+        )
+        self.token_valid = Gauge(
+            "rebind_platform_token_valid",
+            "1 while this replica holds an access token that has not expired.",
+            registry=r,
+        )
+        self.ready = Gauge("rebind_ready", "1 while /readyz answers 200.", registry=r)
+        self.build_info = Gauge(
+            "rebind_build_info", "Build information.", ["version"], registry=r
+        )
+        self.build_info.labels(version=__version__).set(1)
+        for outcome in OUTCOMES:
+            self.outcomes.labels(outcome=outcome)
+        for operation in OPERATIONS:
+            self.throttle_rejections.labels(operation=operation)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
