@@ -90,7 +90,9 @@ class KafkaSettings(_Section):
 
 class TopicSettings(_Section):
     device_swapped: str = Field(default="asset.device-swapped.v1", min_length=1, max_length=249)
-    credential_updated: str = Field(default="iot.credential-updated.v1", min_length=1, max_length=249)
+    credential_updated: str = Field(
+        default="iot.credential-updated.v1", min_length=1, max_length=249
+    )
     rebind_failed: str = Field(default="iot.rebind-failed.v1", min_length=1, max_length=249)
     dead_letter: str = Field(default="asset.device-swapped.v1.dlq", min_length=1, max_length=249)
     retry: str = Field(default="device-rebind.retry.v1", min_length=1, max_length=249)
@@ -117,6 +119,11 @@ class PlatformSettings(_Section):
     max_attempts: int = Field(default=6, ge=1, le=100, description="Attempts on transient errors.")
     retry_backoff_initial_seconds: float = Field(default=0.5, gt=0, le=3600)
     retry_backoff_max_seconds: float = Field(default=30.0, gt=0, le=86_400)
+    attempt_deadline_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        description="How long one try of a swap may take, retries and budget waits included.",
+    )
     online_retry_deadline_seconds: float = Field(
         default=86_400.0, gt=0, description="How long a swap waits for an online device."
     )
@@ -178,7 +185,7 @@ def load_settings(**overrides: Any) -> Settings:
     try:
         return Settings(**overrides)
     except ValidationError as exc:
-        lines = []
+        lines: list[str] = []
         for err in exc.errors(include_url=False, include_input=False):
             loc = tuple(err["loc"])
             if err["type"] == "missing" and loc == ("platform",):
@@ -192,7 +199,7 @@ def load_settings(**overrides: Any) -> Settings:
         raise ConfigError("invalid configuration: " + "; ".join(lines)) from None
 
 
-SECRET_MASK = "**********"
+SECRET_MASK = "**********"  # noqa: S105 - the mask, not a secret
 
 
 def masked(settings: Settings) -> dict[str, Any]:

@@ -16,7 +16,8 @@ from prometheus_client import (
 
 from service import __version__
 
-disable_created_metrics()  # the *_created series only double the scrape size
+# The *_created series only double the scrape size.
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 OUTCOMES = ("credential_updated", "rebind_failed", "dead_lettered", "deferred", "duplicate")
 OPERATIONS = ("refresh_device_key", "login", "refresh_token", "query_device")
@@ -100,9 +101,7 @@ class Metrics:
             registry=r,
         )
         self.ready = Gauge("rebind_ready", "1 while /readyz answers 200.", registry=r)
-        self.build_info = Gauge(
-            "rebind_build_info", "Build information.", ["version"], registry=r
-        )
+        self.build_info = Gauge("rebind_build_info", "Build information.", ["version"], registry=r)
         self.build_info.labels(version=__version__).set(1)
         for outcome in OUTCOMES:
             self.outcomes.labels(outcome=outcome)

@@ -1,0 +1,68 @@
+# device-rebind: every command a developer or CI needs. `make help` lists them.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: help
+help: ## list the targets
+	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+
+$(STAMP): requirements/dev.lock pyproject.toml
+	@echo "==> creating $(VENV) from requirements/dev.lock"
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements/dev.lock
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -e .
+	@touch $@
+
+.PHONY: venv
+venv: $(STAMP) ## the virtualenv with the locked dependencies
+
+.PHONY: kafka
+kafka: ## resolve the Apache Kafka broker jars with Maven (cached in .cache/kafka)
+	bash deploy/local/kafka.sh fetch
+
+.PHONY: tools
+tools: ## build helm and install promtool/prometheus (cached)
+	bash scripts/install-helm.sh
+	bash scripts/install-prometheus.sh
+
+.PHONY: deps
+deps: venv kafka tools ## everything the tests and the demo need
+
+.PHONY: lint
+lint: venv ## ruff (lint and format check)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+.PHONY: typecheck
+typecheck: venv ## mypy --strict on the package and the tests
+	$(BIN)/mypy
+
+.PHONY: test
+test: deps lint typecheck ## everything CI runs: lint, types, unit, integration, fault, deploy tests
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+.PHONY: test-quick
+test-quick: venv kafka lint typecheck ## the inner loop: skips the slow fault tests
+	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+
+.PHONY: test-kafka39
+test-kafka39: deps ## the integration suite against an Apache Kafka 3.9 broker
+	KAFKA_VERSION=3.9.1 $(BIN)/pytest tests/integration $(PYTEST_ARGS)
+
+.PHONY: demo
+demo: venv kafka ## start broker, simulator and service; play a story of swaps; print outcomes
+	PYTHONPATH=. $(BIN)/python deploy/local/demo.py
+
+.PHONY: fmt
+fmt: venv ## format and auto-fix
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+.PHONY: clean
+clean: ## remove the virtualenv and caches (keeps downloaded jars in .cache)
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,119 @@
+"""Wiring: settings in, a running service out. The only place that knows every component."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import structlog
+
+from service import logs
+from service.config import Settings
+from service.handler import RebindHandler
+from service.httpserver import OpsServer
+from service.metrics import Metrics
+from service.pipeline.runner import FatalPipelineError, Pipeline
+from service.platform import PlatformClient, RateBudget, TokenManager
+
+log = structlog.get_logger(__name__)
+
+
+class Service:
+    """The service's parts, started and stopped in order. Tests run it in-process too."""
+
+    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        p = settings.platform
+        self.budget = RateBudget(p.rate_limit_per_minute, metrics=self.metrics)
+        self.client = PlatformClient(p, self.metrics, self.budget)
+        self.handler = RebindHandler(settings, self.client, self.metrics)
+        self.pipeline = Pipeline(
+            settings.kafka,
+            settings.topics,
+            self.handler,
+            self.metrics,
+            concurrency=p.max_concurrency,
+            on_assignment=self._share_budget,
+        )
+        self.ops = OpsServer(
+            settings.http.host, settings.http.port, self.metrics, self.readiness, self.alive
+        )
+        self._assigned_once = False
+        self._heartbeat = time.monotonic()
+
+    def _share_budget(self, mine: int, total: int) -> None:
+        """Each replica spends the application's budget in proportion to its partitions."""
+        self._assigned_once = True
+        # A replica without input partitions still needs a sliver (a login, a deferred retry).
+        share = max(mine / total, 1e-6) if total else 1.0
+        self.budget.set_share(share)
+        log.info("rate budget share", partitions=mine, of=total, share=round(share, 3))
+
+    def alive(self) -> bool:
+        return time.monotonic() - self._heartbeat < 30
+
+    def readiness(self) -> tuple[bool, str]:
+        if not self.pipeline.started.is_set():
+            return False, "kafka: not connected yet"
+        if not self._assigned_once:
+            return False, "kafka: waiting for the consumer group to assign partitions"
+        tokens = self.client.tokens
+        if isinstance(tokens, TokenManager) and not tokens.healthy():
+            return False, "platform: no valid token and the last login failed"
+        return True, "ready"
+
+    async def _beat(self) -> None:
+        while True:
+            self._heartbeat = time.monotonic()
+            await asyncio.sleep(1)
+
+    async def run(self) -> None:
+        beat = asyncio.create_task(self._beat(), name="heartbeat")
+        await self.ops.start()
+        try:
+            await self.pipeline.run()
+        finally:
+            beat.cancel()
+            await self.client.aclose()
+            await self.budget.aclose()
+            await self.ops.stop()
+
+    def stop(self) -> None:
+        self.pipeline.stop()
+
+
+async def run(settings: Settings) -> int:
+    logs.configure(settings.log)
+    service = Service(settings)
+    loop = asyncio.get_running_loop()
+    signals = 0
+
+    def on_signal(signum: int) -> None:
+        nonlocal signals
+        signals += 1
+        if signals > 1:
+            log.warning("second signal: exiting at once", signal=signal.Signals(signum).name)
+            os._exit(130)
+        log.info("stopping: draining in-flight work", signal=signal.Signals(signum).name)
+        service.stop()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    log.info(
+        "starting",
+        instance=settings.kafka.instance_id,
+        group=settings.kafka.group_id,
+        input=settings.topics.device_swapped,
+        platform=str(settings.platform.base_url),
+        budget_per_minute=settings.platform.rate_limit_per_minute,
+    )
+    try:
+        await service.run()
+    except FatalPipelineError as exc:
+        log.exception("fatal", error=str(exc))
+        return 1
+    log.info("stopped")
+    return 0

@@ -1,0 +1,509 @@
+"""The Kafka side: consume, hand work to devices, commit outcomes and offsets together.
+
+    poll -> decode (bad input -> dead letter) -> per-device scheduler -> handler -> tracker
+                                                                         |
+                   one Kafka transaction: outputs of the finished prefix + its offsets
+
+Nothing here knows HTTP or the platform: the handler turns one event into the records that
+answer it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import structlog
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError, ProducerFenced
+
+from service.config import KafkaSettings, SecurityProtocol, TopicSettings
+from service.events import InvalidEvent, dead_letter_headers, decode_swap
+from service.handler import BadRetryRecordError, RetryState, Work, strip_retry_headers
+from service.metrics import Metrics
+from service.pipeline.scheduler import KeyedScheduler
+from service.pipeline.tracker import Output, PartitionTracker
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RecordMeta:
+    """Where an event came from: bound to every log line about it."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int
+    key: bytes | None
+
+
+class Handler(Protocol):
+    """Turns one valid swap into the records that answer it (outcome, or a deferral)."""
+
+    async def handle(self, work: Work) -> list[Output]: ...
+
+    def superseded(self, work: Work, newer_event_id: str) -> Output: ...
+
+
+@dataclass(slots=True)
+class _Waiting:
+    """A deferred swap read back from the retry topic, waiting in memory until it is due."""
+
+    tp: TopicPartition
+    tracker: PartitionTracker
+    work: Work
+    meta: RecordMeta
+    timer: asyncio.TimerHandle | None = None
+
+
+class FatalPipelineError(Exception):
+    """The instance must stop: e.g. a newer instance with the same transactional id fenced it."""
+
+
+def kafka_client_options(settings: KafkaSettings) -> dict[str, Any]:
+    """Connection options shared by the consumer, the producer and the admin tools."""
+    options: dict[str, Any] = {
+        "bootstrap_servers": settings.bootstrap_servers,
+        "client_id": settings.client_id,
+        "security_protocol": settings.security_protocol.value,
+    }
+    if settings.security_protocol in (SecurityProtocol.SSL, SecurityProtocol.SASL_SSL):
+        from aiokafka.helpers import create_ssl_context  # noqa: PLC0415 - only with TLS
+
+        options["ssl_context"] = create_ssl_context(
+            cafile=str(settings.ssl_cafile) if settings.ssl_cafile else None
+        )
+    if settings.sasl_mechanism is not None:
+        options["sasl_mechanism"] = settings.sasl_mechanism
+        options["sasl_plain_username"] = settings.sasl_username
+        options["sasl_plain_password"] = (
+            settings.sasl_password.get_secret_value() if settings.sasl_password else None
+        )
+    return options
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, pipeline: Pipeline) -> None:
+        self._pipeline = pipeline
+
+    async def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
+        await self._pipeline.partitions_revoked(list(revoked))
+
+    async def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
+        await self._pipeline.partitions_assigned(list(assigned))
+
+
+AssignmentCallback = Callable[[int, int], Awaitable[None] | None]
+
+
+class Pipeline:
+    """One consumer group member with its transactional producer."""
+
+    def __init__(
+        self,
+        kafka: KafkaSettings,
+        topics: TopicSettings,
+        handler: Handler,
+        metrics: Metrics,
+        *,
+        concurrency: int,
+        max_buffered: int | None = None,
+        drain_timeout: float = 20.0,
+        on_assignment: AssignmentCallback | None = None,
+    ) -> None:
+        self._kafka = kafka
+        self._topics = topics
+        self._handler = handler
+        self._metrics = metrics
+        self._scheduler = KeyedScheduler(concurrency)
+        self._max_buffered = max_buffered or max(concurrency * 8, kafka.max_poll_records * 2)
+        self._drain_timeout = drain_timeout
+        self._on_assignment = on_assignment
+        self._trackers: dict[TopicPartition, PartitionTracker] = {}
+        self._carry_offsets: dict[TopicPartition, int] = {}
+        self._carry_outputs: list[Output] = []
+        self._carry_stamps: list[int] = []
+        self._commit_lock = asyncio.Lock()
+        self._progress = asyncio.Event()
+        self._flush_now = asyncio.Event()
+        self._paused = False
+        self._stopping = asyncio.Event()
+        self._consumer: AIOKafkaConsumer | None = None
+        self._producer: AIOKafkaProducer | None = None
+        self._fatal: BaseException | None = None
+        self.started = asyncio.Event()
+        self._lag_partitions: set[int] = set()
+        self._waiting: dict[str, _Waiting] = {}
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def transactional_id(self) -> str:
+        return f"{self._kafka.transactional_id_prefix}-{self._kafka.instance_id}"
+
+    def assigned(self) -> list[TopicPartition]:
+        return list(self._trackers)
+
+    async def start(self) -> None:
+        options = kafka_client_options(self._kafka)
+        self._producer = AIOKafkaProducer(
+            **options,
+            transactional_id=self.transactional_id,
+            enable_idempotence=True,
+            acks="all",
+            linger_ms=5,
+        )
+        self._consumer = AIOKafkaConsumer(
+            **options,
+            group_id=self._kafka.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            isolation_level="read_committed",
+            max_poll_records=self._kafka.max_poll_records,
+            session_timeout_ms=self._kafka.session_timeout_ms,
+            heartbeat_interval_ms=max(1000, self._kafka.session_timeout_ms // 10),
+        )
+        # The producer first: initialising its transactional id fences a zombie predecessor
+        # before this instance reads anything.
+        await self._producer.start()
+        await self._consumer.start()
+        self._consumer.subscribe(
+            [self._topics.device_swapped, self._topics.retry], listener=_Listener(self)
+        )
+        self.started.set()
+
+    async def run(self) -> None:
+        """Consume until stop() is called, then drain, commit and close."""
+        if self._consumer is None:
+            await self.start()
+        assert self._consumer is not None
+        committer = asyncio.create_task(self._commit_loop(), name="committer")
+        lag = asyncio.create_task(self._lag_loop(), name="lag")
+        try:
+            while not self._stopping.is_set():
+                if self._fatal is not None:
+                    raise FatalPipelineError(str(self._fatal)) from self._fatal
+                self._apply_backpressure()
+                batches = await self._consumer.getmany(
+                    timeout_ms=100, max_records=self._kafka.max_poll_records
+                )
+                for tp, records in batches.items():
+                    self._accept(tp, records)
+        finally:
+            lag.cancel()
+            await self._shutdown(committer)
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def _shutdown(self, committer: asyncio.Task[None]) -> None:
+        consumer, producer = self._consumer, self._producer
+        if consumer is not None:
+            with contextlib.suppress(Exception):
+                consumer.pause(*consumer.assignment())
+        for waiting in self._waiting.values():
+            if waiting.timer is not None:
+                waiting.timer.cancel()
+        self._waiting.clear()
+        drained = await self._scheduler.join(self._drain_timeout)
+        if not drained:
+            log.warning("drain timed out; unfinished work is left for redelivery")
+            await self._scheduler.cancel_all()
+        committer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await committer
+        if self._fatal is None:
+            try:
+                await self._commit()
+            except Exception:
+                log.exception("final commit failed; uncommitted work will be redelivered")
+        if consumer is not None:
+            await consumer.stop()
+        if producer is not None:
+            await producer.stop()
+        self._metrics.inflight_events.set(0)
+
+    # ---- intake ----------------------------------------------------------------------------
+
+    def _accept(self, tp: TopicPartition, records: Sequence[Any]) -> None:
+        tracker = self._trackers.get(tp)
+        if tracker is None:  # fetched just before a revocation
+            return
+        consumed = self._metrics.events_consumed.labels(topic=tp.topic)
+        is_retry = tp.topic == self._topics.retry
+        for record in records:
+            consumed.inc()
+            meta = RecordMeta(tp.topic, tp.partition, record.offset, record.timestamp, record.key)
+            tracker.start(record.offset, None if is_retry else record.timestamp)
+            headers = list(record.headers or ())
+            try:
+                retry = RetryState.from_headers(headers) if is_retry else None
+                swap = decode_swap(
+                    record.value, strip_retry_headers(headers) if is_retry else headers
+                )
+            except (InvalidEvent, BadRetryRecordError) as exc:
+                reason = exc.reason if isinstance(exc, InvalidEvent) else "bad_retry_record"
+                detail = exc.detail if isinstance(exc, InvalidEvent) else str(exc)
+                tracker.finish(record.offset, [self._dead_letter(record, meta, reason, detail)])
+                log.warning(
+                    "dead-lettered",
+                    topic=meta.topic,
+                    partition=meta.partition,
+                    offset=meta.offset,
+                    reason=reason,
+                    detail=detail,
+                )
+                continue
+            origin = retry.origin if retry else f"{meta.topic}:{meta.partition}:{meta.offset}"
+            work = Work(swap, record.value, headers, origin, retry)
+            device = swap.data.device_id
+            waiting = self._waiting.pop(device, None)
+            if waiting is not None:  # a newer swap of the device replaces the waiting one
+                self._supersede(waiting, swap.id)
+            if retry is not None and retry.due_ms > time.time() * 1000:
+                self._wait(_Waiting(tp, tracker, work, meta))
+            else:
+                self._scheduler.submit(device, self._job(tp, tracker, work, meta))
+        self._metrics.inflight_events.set(self._inflight())
+        self._metrics.deferred_events.set(len(self._waiting))
+
+    def _wait(self, waiting: _Waiting) -> None:
+        device = waiting.work.swap.data.device_id
+        loop = asyncio.get_running_loop()
+        delay = (
+            max(0.0, waiting.work.retry.due_ms / 1000 - time.time()) if waiting.work.retry else 0
+        )
+        self._waiting[device] = waiting
+
+        def due() -> None:
+            if self._waiting.get(device) is not waiting:
+                return
+            del self._waiting[device]
+            self._metrics.deferred_events.set(len(self._waiting))
+            self._scheduler.submit(
+                device, self._job(waiting.tp, waiting.tracker, waiting.work, waiting.meta)
+            )
+
+        waiting.timer = loop.call_later(delay, due)
+
+    def _supersede(self, waiting: _Waiting, newer_event_id: str) -> None:
+        if waiting.timer is not None:
+            waiting.timer.cancel()
+        if self._trackers.get(waiting.tp) is waiting.tracker:
+            waiting.tracker.finish(
+                waiting.meta.offset, [self._handler.superseded(waiting.work, newer_event_id)]
+            )
+            self._progress.set()
+
+    def _dead_letter(self, record: Any, meta: RecordMeta, reason: str, detail: str) -> Output:
+        headers = dead_letter_headers(
+            list(record.headers or ()),
+            reason=reason,
+            detail=detail,
+            topic=meta.topic,
+            partition=meta.partition,
+            offset=meta.offset,
+        )
+        return Output(
+            self._topics.dead_letter, record.key, record.value, headers, outcome="dead_lettered"
+        )
+
+    def _job(
+        self, tp: TopicPartition, tracker: PartitionTracker, work: Work, meta: RecordMeta
+    ) -> Callable[[], Awaitable[None]]:
+        async def job() -> None:
+            if self._trackers.get(tp) is not tracker:
+                return  # the partition moved away; its new owner redoes this event
+            with structlog.contextvars.bound_contextvars(
+                topic=meta.topic,
+                partition=meta.partition,
+                offset=meta.offset,
+                device_id=work.swap.data.device_id,
+                event_id=work.swap.id,
+            ):
+                try:
+                    outputs = await self._handler.handle(work)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    # A bug, not a platform answer: leave the offset unfinished so nothing is
+                    # committed past it, and let the operator see it (the event is redone
+                    # after a restart). Never crash the loop.
+                    log.exception("handler failed; the event stays uncommitted")
+                    return
+            if self._trackers.get(tp) is not tracker:
+                return
+            tracker.finish(meta.offset, outputs)
+            self._progress.set()
+            if self._pending_outputs() >= self._kafka.commit_batch_size:
+                self._flush_now.set()
+
+        return job
+
+    def _inflight(self) -> int:
+        return sum(t.unfinished for t in self._trackers.values())
+
+    def _pending_outputs(self) -> int:
+        return sum(t.finished_waiting for t in self._trackers.values())
+
+    def _apply_backpressure(self) -> None:
+        consumer = self._consumer
+        assert consumer is not None
+        buffered = sum(len(t) for t in self._trackers.values())
+        if not self._paused and buffered >= self._max_buffered:
+            consumer.pause(*self._trackers)
+            self._paused = True
+        elif self._paused and buffered <= self._max_buffered // 2:
+            consumer.resume(*self._trackers)
+            self._paused = False
+
+    # ---- commits ---------------------------------------------------------------------------
+
+    async def _commit_loop(self) -> None:
+        interval = self._kafka.commit_interval_ms / 1000
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._flush_now.wait(), interval)
+            self._flush_now.clear()
+            try:
+                await self._commit()
+            except FatalPipelineError as exc:
+                self._fatal = exc
+                self._stopping.set()
+                return
+            except Exception:
+                log.exception("transaction failed; retrying with the next commit")
+                await asyncio.sleep(min(5.0, interval * 5))
+
+    async def _commit(self) -> None:
+        """Produce the outputs of every finished prefix and commit its offsets, atomically."""
+        async with self._commit_lock:
+            for tp, tracker in self._trackers.items():
+                offset, outputs, stamps = tracker.take_committable()
+                if offset is not None:
+                    self._carry_offsets[tp] = offset
+                    self._carry_outputs.extend(outputs)
+                    self._carry_stamps.extend(stamps)
+            self._metrics.inflight_events.set(self._inflight())
+            if not self._carry_offsets:
+                return
+            await self._transact(self._carry_offsets, self._carry_outputs)
+            now_ms = time.time() * 1000
+            for stamp in self._carry_stamps:
+                self._metrics.event_latency.observe(max(0.0, (now_ms - stamp) / 1000))
+            for output in self._carry_outputs:
+                if output.outcome:
+                    self._metrics.outcomes.labels(outcome=output.outcome).inc()
+            self._carry_offsets = {}
+            self._carry_outputs = []
+            self._carry_stamps = []
+
+    async def _transact(self, offsets: dict[TopicPartition, int], outputs: list[Output]) -> None:
+        producer = self._producer
+        assert producer is not None
+        try:
+            async with producer.transaction():
+                futures = [
+                    await producer.send(o.topic, o.value, key=o.key, headers=o.headers)
+                    for o in outputs
+                ]
+                await producer.send_offsets_to_transaction(offsets, self._kafka.group_id)
+                if futures:
+                    await asyncio.gather(*futures)
+        except ProducerFenced as exc:
+            self._metrics.transactions.labels(result="aborted").inc()
+            raise FatalPipelineError(
+                f"producer fenced: another instance uses transactional id {self.transactional_id}"
+            ) from exc
+        except KafkaError:
+            self._metrics.transactions.labels(result="aborted").inc()
+            raise
+        self._metrics.transactions.labels(result="committed").inc()
+
+    # ---- rebalances ------------------------------------------------------------------------
+
+    async def partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        for tp in assigned:
+            self._trackers.setdefault(tp, PartitionTracker())
+        if self._paused and self._consumer is not None:
+            self._consumer.resume(*assigned)
+            self._paused = False
+        log.info(
+            "partitions assigned", partitions=sorted(f"{t.topic}:{t.partition}" for t in assigned)
+        )
+        if self._on_assignment is not None and self._consumer is not None:
+            total = len(self._consumer.partitions_for_topic(self._topics.device_swapped) or ())
+            mine = sum(1 for t in assigned if t.topic == self._topics.device_swapped)
+            result = self._on_assignment(mine, total)
+            if result is not None:
+                await result
+
+    async def partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        """Settle the revoked partitions' work before they move: finish, or leave uncommitted."""
+        ours = [tp for tp in revoked if tp in self._trackers]
+        if not ours:
+            return
+        # Deferred swaps waiting for their due time stay uncommitted: the next owner reads them
+        # again from the retry topic.
+        parked = dict.fromkeys(ours, 0)
+        for device, waiting in list(self._waiting.items()):
+            if waiting.tp in parked:
+                if waiting.timer is not None:
+                    waiting.timer.cancel()
+                del self._waiting[device]
+                parked[waiting.tp] += 1
+        self._metrics.deferred_events.set(len(self._waiting))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._drain_timeout
+        while any(self._trackers[tp].unfinished > parked[tp] for tp in ours):
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            self._progress.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._progress.wait(), remaining)
+        try:
+            await self._commit()
+        except Exception:
+            log.exception("commit at revocation failed; the new owner redoes the work")
+            self._carry_offsets = {}
+            self._carry_outputs = []
+            self._carry_stamps = []
+        for tp in ours:
+            left = self._trackers.pop(tp)
+            if left.unfinished:
+                log.warning(
+                    "revoked with unfinished work; it is redone by the next owner",
+                    topic=tp.topic,
+                    partition=tp.partition,
+                    unfinished=left.unfinished,
+                )
+            if tp.partition in self._lag_partitions and tp.topic == self._topics.device_swapped:
+                self._metrics.consumer_lag.remove(str(tp.partition))
+                self._lag_partitions.discard(tp.partition)
+        log.info("partitions revoked", partitions=sorted(f"{t.topic}:{t.partition}" for t in ours))
+
+    async def _lag_loop(self) -> None:
+        consumer = self._consumer
+        assert consumer is not None
+        while True:
+            await asyncio.sleep(5)
+            for tp in list(self._trackers):
+                if tp.topic != self._topics.device_swapped:
+                    continue
+                high = consumer.highwater(tp)
+                if high is None:
+                    continue
+                try:
+                    position = await consumer.position(tp)
+                except Exception:  # noqa: BLE001 - the partition may have just moved
+                    log.debug("no position for lag", partition=tp.partition)
+                    continue
+                behind = high - position + len(self._trackers.get(tp) or ())
+                self._metrics.consumer_lag.labels(partition=str(tp.partition)).set(max(0, behind))
+                self._lag_partitions.add(tp.partition)

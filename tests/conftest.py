@@ -1,0 +1,7 @@
+"""Shared pytest plugins (fixtures live in tests/fixtures/)."""
+
+pytest_plugins = [
+    "tests.fixtures.kafka",
+    "tests.fixtures.simulator",
+    "tests.fixtures.service",
+]

@@ -1,0 +1,61 @@
+"""Building input events and reading outputs back, for tests and the demo."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from service.events import SWAPPED_TYPE
+
+
+def swap_event(
+    device_id: str,
+    node_id: str,
+    *,
+    event_id: str | None = None,
+    source: str = "/inventory/test",
+    **data: Any,
+) -> bytes:
+    """A structured-mode ``device.swapped`` CloudEvent."""
+    body = {
+        "specversion": "1.0",
+        "id": event_id or str(uuid.uuid4()),
+        "source": source,
+        "type": SWAPPED_TYPE,
+        "time": "2026-11-25T09:30:00Z",
+        "subject": device_id,
+        "datacontenttype": "application/json",
+        "data": {"deviceId": device_id, "nodeId": node_id, **data},
+    }
+    return orjson.dumps(body)
+
+
+@dataclass(frozen=True)
+class Received:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: tuple[tuple[str, bytes], ...]
+
+    def json(self) -> dict[str, Any]:
+        assert self.value is not None
+        parsed = orjson.loads(self.value)
+        assert isinstance(parsed, dict)
+        return parsed
+
+    @property
+    def data(self) -> dict[str, Any]:
+        data = self.json()["data"]
+        assert isinstance(data, dict)
+        return data
+
+    def header(self, name: str) -> str | None:
+        for key, value in self.headers:
+            if key == name:
+                return value.decode()
+        return None
