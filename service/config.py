@@ -124,6 +124,14 @@ class PlatformSettings(_Section):
         gt=0,
         description="How long one try of a swap may take, retries and budget waits included.",
     )
+    online_retry_initial_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="First wait of a swap deferred because the device is online.",
+    )
+    online_retry_max_seconds: float = Field(
+        default=900.0, gt=0, description="Longest wait between two tries of a deferred swap."
+    )
     online_retry_deadline_seconds: float = Field(
         default=86_400.0, gt=0, description="How long a swap waits for an online device."
     )

@@ -168,10 +168,16 @@ class RebindHandler:
                 attempts=attempts,
                 reconciled=result.reconciled,
             )
+            # The platform echoes what we sent; should it answer something out of contract,
+            # the outcome carries what was sent rather than break the output schema.
+            verify_code = (
+                result.verify_code if 1 <= len(result.verify_code) <= 256 else req.verify_code
+            )
+            timeout = result.timeout if 0 <= result.timeout <= 2_147_483_647 else req.timeout
             event = credential_updated(
                 swap,
-                verify_code=result.verify_code,
-                timeout=result.timeout,
+                verify_code=verify_code,
+                timeout=timeout,
                 attempts=max(1, attempts),
                 source=self._source,
                 time=datetime.now(UTC),

@@ -1,0 +1,320 @@
+"""`make demo`: the service doing its job, on this machine, in about two minutes.
+
+Starts a real Apache Kafka broker (jars from Maven Central, cached), the platform simulator and
+the service as a separate process (`python -m service run`), plays a short story of swaps,
+prints the outcome events as a table and the key metrics, then stops everything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from tests.simulator.control import SimulatorControl
+from tests.simulator.process import SimulatorProcess
+from tests.simulator.state import HOME_APP_ID, HOME_SECRET
+from tests.support.events import Received, swap_event
+from tests.support.kafka_broker import KafkaBroker, create_topics
+
+ROOT = Path(__file__).resolve().parents[2]
+TOPICS = {
+    "in": "asset.device-swapped.v1",
+    "ok": "iot.credential-updated.v1",
+    "failed": "iot.rebind-failed.v1",
+    "dlq": "asset.device-swapped.v1.dlq",
+    "retry": "device-rebind.retry.v1",
+}
+PLATFORM_LIMIT = 15  # calls per minute the simulated platform allows this application
+BURST = 16
+BOLD, DIM, GREEN, RED, YELLOW, RESET = (
+    ("\033[1m", "\033[2m", "\033[32m", "\033[31m", "\033[33m", "\033[0m")
+    if sys.stdout.isatty()
+    else ("",) * 6
+)
+
+
+def say(text: str) -> None:
+    print(f"{BOLD}==>{RESET} {text}", flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Story:
+    def __init__(self, bootstrap: str, control: SimulatorControl) -> None:
+        self.bootstrap = bootstrap
+        self.control = control
+        self.labels: dict[str, str] = {}  # event id -> what the story step is
+        self.outcomes: list[Received] = []
+
+    async def produce(self, records: list[tuple[str, bytes | None, bytes, str]]) -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap)
+        await producer.start()
+        try:
+            for event_id, key, value, label in records:
+                self.labels[event_id] = label
+                await producer.send_and_wait(TOPICS["in"], value, key=key)
+        finally:
+            await producer.stop()
+
+    async def collect(self, consumer: AIOKafkaConsumer, total: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        last_report = 0.0
+        while len(self.outcomes) < total and time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=500)
+            for tp, msgs in batch.items():
+                for m in msgs:
+                    rec = Received(
+                        tp.topic, tp.partition, m.offset, m.key, m.value, tuple(m.headers or ())
+                    )
+                    self.outcomes.append(rec)
+                    print(f"    {DIM}outcome {len(self.outcomes)}/{total}: {tp.topic}{RESET}")
+            if time.monotonic() - last_report > 10 and len(self.outcomes) < total:
+                last_report = time.monotonic()
+                left = int(deadline - time.monotonic())
+                print(
+                    f"    {DIM}{len(self.outcomes)}/{total} outcomes so far; waiting "
+                    f"(flow control and an online device take their time; up to {left}s){RESET}",
+                    flush=True,
+                )
+
+
+def row(rec: Received, labels: dict[str, str]) -> tuple[str, ...]:
+    if rec.topic == TOPICS["dlq"]:
+        return (
+            "3. malformed",
+            (rec.key or b"").decode(errors="replace"),
+            f"{YELLOW}dead letter{RESET}",
+            f"reason={rec.header('rebind-error-reason')}",
+            "-",
+        )
+    data = rec.data
+    label = labels.get(str(data.get("swapEventId")), "?")
+    if rec.topic == TOPICS["ok"]:
+        return (
+            label,
+            data["deviceId"],
+            f"{GREEN}credential-updated{RESET}",
+            f"nodeId={data['nodeId']} verifyCode={data['verifyCode']}",
+            str(data["attempts"]),
+        )
+    return (
+        label,
+        data["deviceId"],
+        f"{RED}rebind-failed{RESET}",
+        f"errorCode={data['errorCode']} http={data['httpStatus']} category={data['category']}",
+        str(data["attempts"]),
+    )
+
+
+def print_table(rows: list[tuple[str, ...]]) -> None:
+    headers = ("story step", "deviceId", "outcome", "details", "attempts")
+
+    def visible(text: str) -> int:
+        for code in (BOLD, DIM, GREEN, RED, YELLOW, RESET):
+            if code:
+                text = text.replace(code, "")
+        return len(text)
+
+    widths = [max(visible(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
+    for r in [headers, *rows]:
+        print(
+            "  " + "  ".join(cell + " " * (widths[i] - visible(cell)) for i, cell in enumerate(r))
+        )
+
+
+KEY_METRICS = (
+    "rebind_outcomes_total",
+    "rebind_platform_throttle_rejections_total",
+    "rebind_platform_device_online_rejections_total",
+    "rebind_platform_requests_total",
+    "rebind_deferred_events",
+    "rebind_rate_limit_per_minute",
+    "rebind_kafka_transactions_total",
+)
+
+
+def start_service(bootstrap: str, sim_url: str, http_port: int, log_path: Path) -> Any:
+    env = {
+        **os.environ,
+        "REBIND_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
+        "REBIND_KAFKA__INSTANCE_ID": "demo-0",
+        "REBIND_PLATFORM__BASE_URL": sim_url,
+        "REBIND_PLATFORM__APP_ID": HOME_APP_ID,
+        "REBIND_PLATFORM__SECRET": HOME_SECRET,
+        "REBIND_PLATFORM__ONLINE_RETRY_INITIAL_SECONDS": "4",
+        "REBIND_HTTP__PORT": str(http_port),
+        "REBIND_LOG__FORMAT": "console",
+    }
+    say(f"starting the service (python -m service run); its log: {log_path}")
+    with log_path.open("wb") as log_file:
+        return subprocess.Popen(
+            [sys.executable, "-m", "service", "run"],
+            env=env,
+            cwd=ROOT,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def wait_ready(service: Any, http_port: int, log_path: Path) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/readyz", timeout=2):
+                return
+        except OSError:
+            if service.poll() is not None:
+                print(log_path.read_text(), file=sys.stderr)
+                raise SystemExit("the service exited during start") from None
+            time.sleep(0.3)
+    raise SystemExit("the service did not become ready within 60 s")
+
+
+def stop_service(service: Any) -> None:
+    say("stopping the service (SIGTERM: drain, commit, exit)")
+    started = time.monotonic()
+    service.send_signal(signal.SIGTERM)
+    try:
+        code = service.wait(30)
+        print(f"  exited with {code} after {time.monotonic() - started:.1f}s")
+    except subprocess.TimeoutExpired:
+        service.kill()
+        print("  did not stop within 30 s: killed")
+
+
+def print_metrics(port: int) -> None:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    for line in text.splitlines():
+        if line.startswith(KEY_METRICS) and not line.endswith(" 0.0"):
+            print(f"  {line}")
+
+
+async def play(bootstrap: str, sim_url: str, work: Path) -> int:
+    control = SimulatorControl(sim_url)
+    await control.configure(rate_limit_per_minute=PLATFORM_LIMIT)
+    await control.seed_device("meter-0001", "864475040000099")
+    await control.seed_device("meter-0002", "864475040000100", status="ONLINE")
+    for i in range(BURST):
+        await control.seed_device(f"burst-{i:02d}", f"86447504001{i:04d}")
+    await create_topics(bootstrap, list(TOPICS.values()), {TOPICS["in"]: 3, TOPICS["retry"]: 1})
+
+    http_port = free_port()
+    log_path = work / "service.log"
+    service = start_service(bootstrap, sim_url, http_port, log_path)
+    try:
+        await asyncio.to_thread(wait_ready, service, http_port, log_path)
+        say("service ready")
+
+        story = Story(bootstrap, control)
+        consumer = AIOKafkaConsumer(
+            TOPICS["ok"],
+            TOPICS["failed"],
+            TOPICS["dlq"],
+            bootstrap_servers=bootstrap,
+            isolation_level="read_committed",
+            auto_offset_reset="earliest",
+        )
+        await consumer.start()
+        try:
+            say("1. meter-0001 was swapped: a device that exists and is offline")
+            say("2. ghost-9999 was swapped: a device the platform does not know")
+            say("3. a malformed event (not JSON) arrives on the input topic")
+            say("4. meter-0002 was swapped, but the old meter is still online (100611);")
+            print("       it goes offline 8 s later", flush=True)
+            await control.go_offline_after("meter-0002", 8)
+            await story.produce(
+                [
+                    (
+                        "evt-1",
+                        b"meter-0001",
+                        swap_event(
+                            "meter-0001", "864475040000123", event_id="evt-1", workOrderId="WO-1"
+                        ),
+                        "1. swap",
+                    ),
+                    (
+                        "evt-2",
+                        b"ghost-9999",
+                        swap_event("ghost-9999", "864475040000124", event_id="evt-2"),
+                        "2. unknown device",
+                    ),
+                    ("evt-3", b"meter-0003", b"{this is not json", "3. malformed"),
+                    (
+                        "evt-4",
+                        b"meter-0002",
+                        swap_event("meter-0002", "864475040000125", event_id="evt-4"),
+                        "4. online device",
+                    ),
+                ]
+            )
+            say(
+                f"5. a burst of {BURST} swaps; the platform allows this application only "
+                f"{PLATFORM_LIMIT} calls/minute (the service is configured for 100): flow control"
+            )
+            await story.produce(
+                [
+                    (
+                        f"evt-b{i}",
+                        f"burst-{i:02d}".encode(),
+                        swap_event(f"burst-{i:02d}", f"86447504002{i:04d}", event_id=f"evt-b{i}"),
+                        "5. burst",
+                    )
+                    for i in range(BURST)
+                ]
+            )
+            total = 4 + BURST
+            await story.collect(consumer, total, timeout=150)
+        finally:
+            await consumer.stop()
+
+        say("outcome events (read_committed)")
+        print_table(sorted((row(r, story.labels) for r in story.outcomes), key=lambda r: r[0]))
+        say(f"key metrics (http://127.0.0.1:{http_port}/metrics)")
+        await asyncio.to_thread(print_metrics, http_port)
+        stats = await control.stats()
+        print(f"  platform saw: {stats.get('logins', '?')} login(s)")
+        ok = len(story.outcomes) == total
+        if not ok:
+            say(f"only {len(story.outcomes)} of {total} outcomes arrived; see {log_path}")
+        return 0 if ok else 1
+    finally:
+        await asyncio.to_thread(stop_service, service)
+
+
+def main() -> int:
+    work = Path(tempfile.mkdtemp(prefix="device-rebind-demo-"))
+    say("Apache Kafka broker jars (downloaded once from Maven Central, then cached)")
+    KafkaBroker.fetch(echo=True)
+    broker = KafkaBroker(work / "kafka")
+    say("starting a single-node Kafka broker (KRaft)")
+    bootstrap = broker.start()
+    print(f"  bootstrap {bootstrap}")
+    sim = SimulatorProcess(rate_limit_per_minute=PLATFORM_LIMIT)
+    try:
+        sim_url = sim.start()
+        say(f"platform simulator at {sim_url}")
+        return asyncio.run(play(bootstrap, sim_url, work))
+    finally:
+        say("stopping the simulator and the broker")
+        sim.stop()
+        broker.stop()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
