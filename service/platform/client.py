@@ -1,0 +1,346 @@
+"""The platform's HTTP client: budget, token, TLS, one call, classified. Knows nothing of Kafka.
+
+Every call spends one grant of the :class:`RateBudget` first, then takes the current token, sends,
+reads both error body shapes, classifies the answer with the error table and counts it. A 1010005
+answer reports the token as invalid (one re-login for all callers) and repeats the call once. A
+1010009 answer slows the budget down. Headers are never logged; nor are the secret or tokens.
+"""
+
+from __future__ import annotations
+
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import quote
+
+import httpx
+import structlog
+
+from service.config import PlatformSettings
+from service.metrics import Metrics
+from service.platform.budget import PRIORITY_FRESH, RateBudget
+from service.platform.errors import (
+    CONNECTION_ERROR,
+    DEVICE_ONLINE_CODE,
+    THROTTLE_CODE,
+    TIMEOUT,
+    TOKEN_INVALID_CODE,
+    ErrorSpec,
+    classify,
+    parse_error_body,
+    parse_json_object,
+)
+from service.platform.tokens import TokenError, TokenManager, TokenProvider
+
+if TYPE_CHECKING:
+    from service.platform.rebind import RefreshRequest
+
+log = structlog.get_logger(__name__)
+
+REFRESH_KEY_PATH: Final = "/iocm/app/reg/v1.1.0/deviceCredentials/{device_id}"
+QUERY_DEVICE_PATH: Final = "/iocm/app/dm/v1.4.0/devices/{device_id}"
+CONNECT_TIMEOUT_MAX_SECONDS: Final = 5.0
+KEEPALIVE_EXPIRY_SECONDS: Final = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class CallResult:
+    """The outcome of one platform call (after at most one token repeat)."""
+
+    ok: bool
+    http_status: int | None
+    """None when no response arrived."""
+    error_code: str | None
+    """The platform's code, or TIMEOUT / CONNECTION_ERROR when no response arrived."""
+    error_desc: str | None
+    spec: ErrorSpec | None
+    """The error table's row (None on success)."""
+    verify_code: str | None = None
+    timeout: int | None = None
+    outcome_unknown: bool = False
+    """True when the request may have reached the platform but no answer came back."""
+    body: dict[str, Any] | None = None
+    """The parsed JSON object of a successful answer."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceQuery:
+    """The answer of the device query (for reconciliation)."""
+
+    result: CallResult
+    node_id: str | None = None
+    status: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.result.ok
+
+
+def build_ssl_context(settings: PlatformSettings) -> ssl.SSLContext:
+    """Verify the platform against the CA bundle (or the system store); present a client cert."""
+    cafile = str(settings.ca_bundle) if settings.ca_bundle is not None else None
+    ctx = ssl.create_default_context(cafile=cafile)
+    if not settings.verify_tls:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    if settings.client_cert is not None and settings.client_key is not None:
+        ctx.load_cert_chain(str(settings.client_cert), str(settings.client_key))
+    return ctx
+
+
+class PlatformClient:
+    def __init__(
+        self,
+        settings: PlatformSettings,
+        metrics: Metrics,
+        budget: RateBudget,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        tokens: TokenProvider | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._settings = settings
+        self._metrics = metrics
+        self.budget = budget
+        self._clock = clock
+        if not settings.verify_tls:
+            log.warning(
+                "platform_tls_verification_disabled",
+                detail="REBIND_PLATFORM__VERIFY_TLS=false: the platform's certificate is NOT "
+                "verified; anyone on the path can read the secret and tokens",
+            )
+        timeout = httpx.Timeout(
+            settings.request_timeout_seconds,
+            connect=min(settings.request_timeout_seconds, CONNECT_TIMEOUT_MAX_SECONDS),
+        )
+        pool = settings.max_concurrency + 2  # + a login and a query beside the refreshes
+        self._http = httpx.AsyncClient(
+            base_url=str(settings.base_url).rstrip("/"),
+            transport=transport,
+            verify=build_ssl_context(settings),
+            timeout=timeout,
+            limits=httpx.Limits(
+                max_connections=pool,
+                max_keepalive_connections=pool,
+                keepalive_expiry=KEEPALIVE_EXPIRY_SECONDS,
+            ),
+            http1=True,
+            http2=False,
+            follow_redirects=False,
+            trust_env=False,
+        )
+        self.tokens: TokenProvider = (
+            tokens
+            if tokens is not None
+            else TokenManager(settings, metrics, budget, self._http, clock=clock)
+        )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> PlatformClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def _app_param(self, app_id: str | None) -> dict[str, str]:
+        """``appId`` only for a device of an authorized application (not our own app)."""
+        if app_id is not None and app_id != self._settings.app_id:
+            return {"appId": app_id}
+        return {}
+
+    # ------------------------------------------------------------------ calls
+    async def refresh_device_key(
+        self, req: RefreshRequest, *, priority: int = PRIORITY_FRESH
+    ) -> CallResult:
+        body: dict[str, Any] = {"nodeId": req.node_id, "verifyCode": req.verify_code}
+        if req.timeout is not None:
+            body["timeout"] = req.timeout
+        result = await self._call(
+            "refresh_device_key",
+            "PUT",
+            REFRESH_KEY_PATH.format(device_id=quote(req.device_id, safe="")),
+            params=self._app_param(req.app_id),
+            json=body,
+            priority=priority,
+        )
+        if not result.ok or result.body is None:
+            return result
+        verify = result.body.get("verifyCode")
+        timeout = result.body.get("timeout")
+        return CallResult(
+            ok=True,
+            http_status=result.http_status,
+            error_code=None,
+            error_desc=None,
+            spec=None,
+            verify_code=verify if isinstance(verify, str) else None,
+            timeout=timeout if isinstance(timeout, int) and not isinstance(timeout, bool) else None,
+            body=result.body,
+        )
+
+    async def query_device(
+        self, device_id: str, app_id: str | None, *, priority: int = PRIORITY_FRESH
+    ) -> DeviceQuery:
+        result = await self._call(
+            "query_device",
+            "GET",
+            QUERY_DEVICE_PATH.format(device_id=quote(device_id, safe="")),
+            params=self._app_param(app_id),
+            json=None,
+            priority=priority,
+        )
+        info = (result.body or {}).get("deviceInfo")
+        if not result.ok or not isinstance(info, dict):
+            if result.ok:  # a 2xx without deviceInfo: nothing can be concluded
+                spec = classify("query_device", result.http_status, None)
+                result = CallResult(False, result.http_status, None, "no deviceInfo", spec)
+            return DeviceQuery(result=result)
+        node_id, status = info.get("nodeId"), info.get("status")
+        return DeviceQuery(
+            result=result,
+            node_id=node_id if isinstance(node_id, str) else None,
+            status=status if isinstance(status, str) else None,
+        )
+
+    async def _call(
+        self,
+        operation: str,
+        method: str,
+        path: str,
+        *,
+        params: dict[str, str],
+        json: dict[str, Any] | None,
+        priority: int,
+    ) -> CallResult:
+        stale: str | None = None
+        while True:
+            await self.budget.acquire(priority)
+            try:
+                token = (
+                    await self.tokens.get()
+                    if stale is None
+                    else await self.tokens.invalidated(stale)
+                )
+            except TokenError as exc:
+                return CallResult(
+                    ok=False,
+                    http_status=exc.http_status,
+                    error_code=exc.error_code,
+                    error_desc=f"{exc.operation}: {exc.error_desc or exc.spec.description}",
+                    spec=exc.spec,
+                )
+            result = await self._send(
+                operation, method=method, path=path, params=params, json=json, token=token
+            )
+            if result.error_code == TOKEN_INVALID_CODE and stale is None:
+                stale = token
+                continue  # one re-login (shared by all callers), then repeat once
+            return result
+
+    async def _send(
+        self,
+        operation: str,
+        *,
+        method: str,
+        path: str,
+        params: dict[str, str],
+        json: dict[str, Any] | None,
+        token: str,
+    ) -> CallResult:
+        headers = {"app_key": self._settings.app_id, "Authorization": f"Bearer {token}"}
+        started = self._clock()
+        try:
+            resp = await self._http.request(
+                method, path, params=params or None, json=json, headers=headers
+            )
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            # The request never left: safe to resend, nothing to reconcile.
+            never_sent = CONNECTION_ERROR if isinstance(exc, httpx.ConnectError) else TIMEOUT
+            return self._transport_failure(
+                operation, never_sent, exc, started, outcome_unknown=False
+            )
+        except httpx.TimeoutException as exc:  # read/write timeout: it may have been applied
+            return self._transport_failure(operation, TIMEOUT, exc, started, outcome_unknown=True)
+        except httpx.TransportError as exc:  # reset / dropped after sending: may have applied
+            return self._transport_failure(
+                operation, CONNECTION_ERROR, exc, started, outcome_unknown=True
+            )
+        status = resp.status_code
+        code, desc = parse_error_body(status, resp.content, resp.headers.get("content-type"))
+        ok = code is None and 200 <= status < 300
+        spec = None if ok else classify(operation, status, code)
+        self._count(operation, status, code, started)
+        if code == THROTTLE_CODE:
+            self.budget.penalize()
+        if ok:
+            log.debug("platform_call", operation=operation, http_status=status)
+            return CallResult(
+                ok=True,
+                http_status=status,
+                error_code=None,
+                error_desc=None,
+                spec=None,
+                body=parse_json_object(resp.content),
+            )
+        assert spec is not None
+        log.info(
+            "platform_call_rejected",
+            operation=operation,
+            http_status=status,
+            error_code=code,
+            category=spec.category,
+            action=spec.action.value,
+        )
+        return CallResult(
+            ok=False,
+            http_status=status,
+            error_code=code,
+            error_desc=desc if desc is not None else spec.description,
+            spec=spec,
+        )
+
+    def _transport_failure(
+        self,
+        operation: str,
+        code: str,
+        exc: httpx.TransportError,
+        started: float,
+        *,
+        outcome_unknown: bool,
+    ) -> CallResult:
+        self._count(operation, None, code, started)
+        desc = f"{type(exc).__name__}: no response from the platform"
+        log.warning(
+            "platform_call_transport_error",
+            operation=operation,
+            error_code=code,
+            error=type(exc).__name__,
+            outcome_unknown=outcome_unknown,
+        )
+        return CallResult(
+            ok=False,
+            http_status=None,
+            error_code=code,
+            error_desc=desc,
+            spec=classify(operation, None, code),
+            outcome_unknown=outcome_unknown,
+        )
+
+    def _count(self, operation: str, status: int | None, code: str | None, started: float) -> None:
+        m = self._metrics
+        m.platform_requests.labels(
+            operation=operation,
+            http_status=str(status) if status is not None else "none",
+            error_code=code or "none",
+        ).inc()
+        m.platform_request_duration.labels(operation=operation).observe(
+            max(0.0, self._clock() - started)
+        )
+        if code == THROTTLE_CODE:
+            m.throttle_rejections.labels(operation=operation).inc()
+        if code == DEVICE_ONLINE_CODE:
+            m.device_online_rejections.inc()

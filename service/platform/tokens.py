@@ -1,0 +1,277 @@
+"""Access tokens: one holder, renewed ahead of expiry, one renewal at a time.
+
+Each login invalidates the application's previous access token, so logins must be rare and never
+concurrent. :class:`TokenManager` keeps one token, renews it (refreshToken, or a login when that is
+not possible) ``token_refresh_margin_seconds`` before it expires (clamped to a fraction of the
+token's lifetime for short-lived tokens), and lets exactly one renewal run at a time: concurrent
+callers await the same future. A call answered 1010005 reports its token through
+:meth:`TokenManager.invalidated`; the first report of a token triggers one login, later reports of
+the same (now replaced) token simply get the new one.
+
+The :class:`TokenProvider` protocol is what the client depends on, so a shared-token design (see
+``docs/tokens.md``) can replace this single-holder manager without touching the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final, Protocol, runtime_checkable
+
+import httpx
+import structlog
+
+from service.config import PlatformSettings
+from service.metrics import Metrics
+from service.platform.budget import PRIORITY_URGENT, RateBudget
+from service.platform.errors import (
+    CONNECTION_ERROR,
+    THROTTLE_CODE,
+    TIMEOUT,
+    Action,
+    ErrorSpec,
+    classify,
+    parse_error_body,
+    parse_json_object,
+)
+
+log = structlog.get_logger(__name__)
+
+LOGIN_PATH: Final = "/iocm/app/sec/v1.1.0/login"
+REFRESH_TOKEN_PATH: Final = "/iocm/app/sec/v1.1.0/refreshToken"  # noqa: S105 - a path
+
+MARGIN_MAX_FRACTION: Final = 0.5
+"""The refresh margin never exceeds this fraction of the token's lifetime."""
+REFRESH_TOKEN_LIFETIME_SECONDS: Final = 24 * 3600.0
+"""The shorter of the two documented refresh-token lifetimes (24 h / one month)."""
+FAILURE_HOLD_TRANSIENT_SECONDS: Final = 1.0
+FAILURE_HOLD_TERMINAL_SECONDS: Final = 30.0
+"""After a failed renewal, callers get the same error for this long instead of a new login."""
+
+
+@runtime_checkable
+class TokenProvider(Protocol):
+    async def get(self) -> str:
+        """A valid access token (renewing it first when needed)."""
+        ...
+
+    async def invalidated(self, token: str) -> str:
+        """``token`` was refused (1010005): a replacement (one re-login for all reporters)."""
+        ...
+
+
+class TokenError(Exception):
+    """No token could be obtained: the failed login/refreshToken call, classified."""
+
+    def __init__(
+        self,
+        operation: str,
+        http_status: int | None,
+        error_code: str | None,
+        error_desc: str | None,
+        spec: ErrorSpec,
+    ) -> None:
+        super().__init__(f"{operation} failed: {http_status} {error_code or spec.code}")
+        self.operation = operation
+        self.http_status = http_status
+        self.error_code = error_code
+        self.error_desc = error_desc
+        self.spec = spec
+
+
+@dataclass(frozen=True, slots=True)
+class _Token:
+    access: str
+    refresh: str | None
+    obtained_at: float
+    expires_at: float
+    renew_at: float
+
+
+class TokenManager:
+    """The single-holder token manager (one token per replica; see docs/tokens.md)."""
+
+    def __init__(
+        self,
+        settings: PlatformSettings,
+        metrics: Metrics,
+        budget: RateBudget,
+        http: httpx.AsyncClient,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._settings = settings
+        self._metrics = metrics
+        self._budget = budget
+        self._http = http
+        self._clock = clock
+        self._token: _Token | None = None
+        self._inflight: asyncio.Future[_Token] | None = None
+        self._failure: TokenError | None = None
+        self._failure_until = 0.0
+        self.logins = 0
+        self.refreshes = 0
+        metrics.token_valid.set_function(self._is_valid)
+
+    def _is_valid(self) -> float:
+        tok = self._token
+        return 1.0 if tok is not None and self._clock() < tok.expires_at else 0.0
+
+    def healthy(self) -> bool:
+        """A valid token is held, or nothing says one cannot be had (for /readyz)."""
+        return (
+            self._is_valid() == 1.0 or self._failure is None or self._clock() >= self._failure_until
+        )
+
+    # ------------------------------------------------------------------ TokenProvider
+    async def get(self) -> str:
+        tok = self._token
+        if tok is not None and self._clock() < tok.renew_at:
+            return tok.access
+        return (await self._renew(force_login=False)).access
+
+    async def invalidated(self, token: str) -> str:
+        tok = self._token
+        if tok is not None and tok.access == token:
+            log.info("platform_token_rejected", action="login")
+            self._token = None
+            self._failure = None
+            return (await self._renew(force_login=True)).access
+        return await self.get()  # already replaced (or being replaced) by another caller
+
+    # ------------------------------------------------------------------ single flight
+    async def _renew(self, *, force_login: bool) -> _Token:
+        if self._inflight is None:
+            if self._failure is not None and self._clock() < self._failure_until:
+                raise self._failure
+            loop = asyncio.get_running_loop()
+            self._inflight = loop.create_task(self._do_renew(force_login=force_login))
+            self._inflight.add_done_callback(self._renewed)
+        return await asyncio.shield(self._inflight)
+
+    def _renewed(self, fut: asyncio.Future[_Token]) -> None:
+        self._inflight = None
+        if fut.cancelled():
+            return
+        exc = fut.exception()
+        if isinstance(exc, TokenError):
+            self._failure = exc
+            hold = (
+                FAILURE_HOLD_TERMINAL_SECONDS
+                if exc.spec.action is Action.FAIL
+                else FAILURE_HOLD_TRANSIENT_SECONDS
+            )
+            self._failure_until = self._clock() + hold
+        elif exc is None:
+            self._failure = None
+
+    async def _do_renew(self, *, force_login: bool) -> _Token:
+        tok = self._token
+        if (
+            not force_login
+            and tok is not None
+            and tok.refresh is not None
+            and self._clock() < tok.obtained_at + REFRESH_TOKEN_LIFETIME_SECONDS
+        ):
+            try:
+                new = await self._post("refresh_token", REFRESH_TOKEN_PATH, tok.refresh)
+            except TokenError as exc:
+                if exc.spec.action in (Action.RETRY, Action.THROTTLED) and (
+                    self._clock() < tok.expires_at
+                ):
+                    raise  # the current token still works: try again later
+                log.info("platform_token_refresh_failed", code=exc.error_code, action="login")
+            else:
+                self.refreshes += 1
+                self._token = new
+                return new
+        new = await self._post("login", LOGIN_PATH, None)
+        self.logins += 1
+        self._token = new
+        return new
+
+    # ------------------------------------------------------------------ HTTP
+    async def _post(self, operation: str, path: str, refresh_token: str | None) -> _Token:
+        await self._budget.acquire(PRIORITY_URGENT)
+        secret = self._settings.secret.get_secret_value()
+        sent_at = self._clock()
+        try:
+            if refresh_token is None:
+                resp = await self._http.post(
+                    path, data={"appId": self._settings.app_id, "secret": secret}
+                )
+            else:
+                resp = await self._http.post(
+                    path,
+                    json={
+                        "appId": self._settings.app_id,
+                        "secret": secret,
+                        "refreshToken": refresh_token,
+                    },
+                )
+        except httpx.TimeoutException as exc:
+            self._count(operation, None, TIMEOUT, sent_at)
+            raise TokenError(
+                operation, None, TIMEOUT, type(exc).__name__, classify(operation, None, TIMEOUT)
+            ) from None
+        except httpx.TransportError as exc:
+            self._count(operation, None, CONNECTION_ERROR, sent_at)
+            raise TokenError(
+                operation,
+                None,
+                CONNECTION_ERROR,
+                type(exc).__name__,
+                classify(operation, None, CONNECTION_ERROR),
+            ) from None
+        code, desc = parse_error_body(
+            resp.status_code, resp.content, resp.headers.get("content-type")
+        )
+        self._count(operation, resp.status_code, code, sent_at)
+        body = parse_json_object(resp.content) if code is None else None
+        access = body.get("accessToken") if body is not None else None
+        if code is None and 200 <= resp.status_code < 300 and isinstance(access, str) and access:
+            return self._token_from(body or {}, access, sent_at)
+        spec = classify(operation, resp.status_code, code)
+        if code == THROTTLE_CODE:
+            self._budget.penalize()
+        log.warning(
+            "platform_token_call_failed",
+            operation=operation,
+            http_status=resp.status_code,
+            error_code=code,
+            category=spec.category,
+        )
+        raise TokenError(operation, resp.status_code, code, desc, spec)
+
+    def _token_from(self, body: dict[str, object], access: str, sent_at: float) -> _Token:
+        raw_ttl = body.get("expiresIn", 3600)
+        try:
+            ttl = float(raw_ttl) if isinstance(raw_ttl, int | float | str) else 3600.0
+        except ValueError:
+            ttl = 3600.0
+        ttl = max(ttl, 1.0)
+        margin = min(self._settings.token_refresh_margin_seconds, ttl * MARGIN_MAX_FRACTION)
+        refresh = body.get("refreshToken")
+        log.info("platform_token_obtained", expires_in=ttl)
+        return _Token(
+            access=access,
+            refresh=refresh if isinstance(refresh, str) and refresh else None,
+            obtained_at=sent_at,
+            expires_at=sent_at + ttl,
+            renew_at=sent_at + ttl - margin,
+        )
+
+    def _count(self, operation: str, status: int | None, code: str | None, sent_at: float) -> None:
+        m = self._metrics
+        m.platform_requests.labels(
+            operation=operation,
+            http_status=str(status) if status is not None else "none",
+            error_code=code or "none",
+        ).inc()
+        m.platform_request_duration.labels(operation=operation).observe(
+            max(0.0, self._clock() - sent_at)
+        )
+        if code == THROTTLE_CODE:
+            m.throttle_rejections.labels(operation=operation).inc()
