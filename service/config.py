@@ -64,6 +64,12 @@ class KafkaSettings(_Section):
     commit_interval_ms: int = Field(
         default=200, ge=1, le=60_000, description="Longest time between two transactions."
     )
+    dedupe_entries_per_partition: int = Field(
+        default=50_000,
+        ge=0,
+        le=10_000_000,
+        description="Event ids remembered per input partition to recognise redelivered input.",
+    )
     commit_batch_size: int = Field(
         default=500, ge=1, le=100_000, description="Outcomes per transaction at most."
     )
@@ -96,6 +102,7 @@ class TopicSettings(_Section):
     rebind_failed: str = Field(default="iot.rebind-failed.v1", min_length=1, max_length=249)
     dead_letter: str = Field(default="asset.device-swapped.v1.dlq", min_length=1, max_length=249)
     retry: str = Field(default="device-rebind.retry.v1", min_length=1, max_length=249)
+    dedupe: str = Field(default="device-rebind.dedupe.v1", min_length=1, max_length=249)
 
 
 class PlatformSettings(_Section):

@@ -14,17 +14,20 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import KafkaError, ProducerFenced
 
 from service.config import KafkaSettings, SecurityProtocol, TopicSettings
 from service.events import InvalidEvent, dead_letter_headers, decode_swap
 from service.handler import BadRetryRecordError, RetryState, Work, strip_retry_headers
 from service.metrics import Metrics
+from service.pipeline.dedupe import DedupeStore, Seen
 from service.pipeline.scheduler import KeyedScheduler
 from service.pipeline.tracker import Output, PartitionTracker
 
@@ -139,6 +142,12 @@ class Pipeline:
         self.started = asyncio.Event()
         self._lag_partitions: set[int] = set()
         self._waiting: dict[str, _Waiting] = {}
+        self._dedupe = DedupeStore(
+            topics.dedupe, kafka.dedupe_entries_per_partition, kafka_client_options(kafka)
+        )
+        # Input partitions held back until their retry partition was read to where it ended at
+        # assignment: waiting swaps must be known before newer swaps of their devices arrive.
+        self._gated: dict[int, int] = {}
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -166,16 +175,54 @@ class Pipeline:
             isolation_level="read_committed",
             max_poll_records=self._kafka.max_poll_records,
             session_timeout_ms=self._kafka.session_timeout_ms,
+            # Co-partitioning: partition p of the input, retry and dedupe topics goes to one
+            # member, so the state of a device lives in one place.
+            partition_assignment_strategy=(RangePartitionAssignor,),
             heartbeat_interval_ms=max(1000, self._kafka.session_timeout_ms // 10),
         )
         # The producer first: initialising its transactional id fences a zombie predecessor
         # before this instance reads anything.
-        await self._producer.start()
-        await self._consumer.start()
+        try:
+            await self._check_topics()
+            await self._producer.start()
+            await self._dedupe.start()
+            await self._consumer.start()
+        except BaseException:
+            await self._close_clients()
+            raise
         self._consumer.subscribe(
             [self._topics.device_swapped, self._topics.retry], listener=_Listener(self)
         )
         self.started.set()
+
+    async def _close_clients(self) -> None:
+        for client in (self._consumer, self._producer):
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    await client.stop()
+        with contextlib.suppress(Exception):
+            await self._dedupe.stop()
+
+    async def _check_topics(self) -> None:
+        """The service topics must exist and be co-partitioned with the input topic."""
+        names = (self._topics.device_swapped, self._topics.retry, self._topics.dedupe)
+        admin = AIOKafkaAdminClient(**kafka_client_options(self._kafka))
+        await admin.start()
+        try:
+            described = await admin.describe_topics(list(names))
+        finally:
+            await admin.close()
+        counts = {
+            t["topic"]: (len(t["partitions"]) if t["error_code"] == 0 else 0) for t in described
+        }
+        missing = [name for name, n in counts.items() if n == 0]
+        if missing:
+            raise FatalPipelineError(f"topics missing: {', '.join(missing)} (see deploy/)")
+        if len(set(counts.values())) != 1:
+            raise FatalPipelineError(
+                "the input, retry and dedupe topics must have the same number of partitions "
+                f"(co-partitioned): {counts}"
+            )
 
     async def run(self) -> None:
         """Consume until stop() is called, then drain, commit and close."""
@@ -189,6 +236,7 @@ class Pipeline:
                 if self._fatal is not None:
                     raise FatalPipelineError(str(self._fatal)) from self._fatal
                 self._apply_backpressure()
+                await self._open_gates()
                 batches = await self._consumer.getmany(
                     timeout_ms=100, max_records=self._kafka.max_poll_records
                 )
@@ -202,7 +250,7 @@ class Pipeline:
         self._stopping.set()
 
     async def _shutdown(self, committer: asyncio.Task[None]) -> None:
-        consumer, producer = self._consumer, self._producer
+        consumer = self._consumer
         if consumer is not None:
             with contextlib.suppress(Exception):
                 consumer.pause(*consumer.assignment())
@@ -222,10 +270,7 @@ class Pipeline:
                 await self._commit()
             except Exception:
                 log.exception("final commit failed; uncommitted work will be redelivered")
-        if consumer is not None:
-            await consumer.stop()
-        if producer is not None:
-            await producer.stop()
+        await self._close_clients()
         self._metrics.inflight_events.set(0)
 
     # ---- intake ----------------------------------------------------------------------------
@@ -262,8 +307,13 @@ class Pipeline:
             origin = retry.origin if retry else f"{meta.topic}:{meta.partition}:{meta.offset}"
             work = Work(swap, record.value, headers, origin, retry)
             device = swap.data.device_id
-            waiting = self._waiting.pop(device, None)
-            if waiting is not None:  # a newer swap of the device replaces the waiting one
+            waiting = self._waiting.get(device)
+            if (
+                waiting is not None
+                and waiting.work.swap.id != swap.id
+                and (is_retry or self._dedupe.seen(meta.partition, swap.id) is None)
+            ):  # a newer swap of the device replaces the waiting one
+                del self._waiting[device]
                 self._supersede(waiting, swap.id)
             if retry is not None and retry.due_ms > time.time() * 1000:
                 self._wait(_Waiting(tp, tracker, work, meta))
@@ -295,9 +345,11 @@ class Pipeline:
         if waiting.timer is not None:
             waiting.timer.cancel()
         if self._trackers.get(waiting.tp) is waiting.tracker:
-            waiting.tracker.finish(
-                waiting.meta.offset, [self._handler.superseded(waiting.work, newer_event_id)]
+            outputs = [self._handler.superseded(waiting.work, newer_event_id)]
+            outputs.append(
+                self._dedupe.record(waiting.meta.partition, waiting.work.swap.id, outputs)
             )
+            waiting.tracker.finish(waiting.meta.offset, outputs)
             self._progress.set()
 
     def _dead_letter(self, record: Any, meta: RecordMeta, reason: str, detail: str) -> Output:
@@ -327,7 +379,7 @@ class Pipeline:
                 event_id=work.swap.id,
             ):
                 try:
-                    outputs = await self._handler.handle(work)
+                    outputs = await self._work(work, meta)
                 except asyncio.CancelledError:
                     raise
                 except Exception:
@@ -345,11 +397,50 @@ class Pipeline:
 
         return job
 
+    async def _work(self, work: Work, meta: RecordMeta) -> list[Output]:
+        """Answer one swap: from the dedupe memory when seen before, else by the handler."""
+        partition = meta.partition  # co-partitioned: the input partition of this device
+        if work.retry is None:
+            seen = self._dedupe.seen(partition, work.swap.id)
+            if seen is not None:
+                return await self._duplicate(partition, seen)
+        outputs = [
+            replace(o, partition=partition) if o.topic == self._topics.retry else o
+            for o in await self._handler.handle(work)
+        ]
+        outputs.append(self._dedupe.record(partition, work.swap.id, outputs))
+        return outputs
+
+    async def _duplicate(self, partition: int, seen: Seen) -> list[Output]:
+        if seen.pending:
+            republished = [replace(o, outcome="duplicate") for o in seen.pending]
+        elif seen.offset is not None and (
+            stored := await self._dedupe.fetch(partition, seen.offset)
+        ):
+            republished = [stored]
+        else:  # still deferred: its outcome comes when it ends
+            republished = []
+        log.info("duplicate input: not calling the platform", republished=len(republished))
+        if not republished:
+            self._metrics.outcomes.labels(outcome="duplicate").inc()
+        return republished
+
     def _inflight(self) -> int:
         return sum(t.unfinished for t in self._trackers.values())
 
     def _pending_outputs(self) -> int:
         return sum(t.finished_waiting for t in self._trackers.values())
+
+    async def _open_gates(self) -> None:
+        """Resume input partitions whose retry partition was read up to its end at assignment."""
+        consumer = self._consumer
+        assert consumer is not None
+        for partition, end in list(self._gated.items()):
+            retry_tp = TopicPartition(self._topics.retry, partition)
+            if retry_tp not in self._trackers or await consumer.position(retry_tp) >= end:
+                del self._gated[partition]
+                if not self._paused:
+                    consumer.resume(TopicPartition(self._topics.device_swapped, partition))
 
     def _apply_backpressure(self) -> None:
         consumer = self._consumer
@@ -359,7 +450,13 @@ class Pipeline:
             consumer.pause(*self._trackers)
             self._paused = True
         elif self._paused and buffered <= self._max_buffered // 2:
-            consumer.resume(*self._trackers)
+            consumer.resume(
+                *(
+                    tp
+                    for tp in self._trackers
+                    if not (tp.topic == self._topics.device_swapped and tp.partition in self._gated)
+                )
+            )
             self._paused = False
 
     # ---- commits ---------------------------------------------------------------------------
@@ -392,7 +489,11 @@ class Pipeline:
             self._metrics.inflight_events.set(self._inflight())
             if not self._carry_offsets:
                 return
-            await self._transact(self._carry_offsets, self._carry_outputs)
+            written = await self._transact(self._carry_offsets, self._carry_outputs)
+            for output, offset in zip(self._carry_outputs, written, strict=True):
+                if output.topic == self._dedupe.topic and output.key is not None:
+                    assert output.partition is not None
+                    self._dedupe.committed(output.partition, output.key.decode(), offset)
             now_ms = time.time() * 1000
             for stamp in self._carry_stamps:
                 self._metrics.event_latency.observe(max(0.0, (now_ms - stamp) / 1000))
@@ -403,18 +504,22 @@ class Pipeline:
             self._carry_outputs = []
             self._carry_stamps = []
 
-    async def _transact(self, offsets: dict[TopicPartition, int], outputs: list[Output]) -> None:
+    async def _transact(
+        self, offsets: dict[TopicPartition, int], outputs: list[Output]
+    ) -> list[int]:
+        """Produce ``outputs`` and commit ``offsets`` in one transaction; return their offsets."""
         producer = self._producer
         assert producer is not None
         try:
             async with producer.transaction():
                 futures = [
-                    await producer.send(o.topic, o.value, key=o.key, headers=o.headers)
+                    await producer.send(
+                        o.topic, o.value, key=o.key, headers=o.headers, partition=o.partition
+                    )
                     for o in outputs
                 ]
                 await producer.send_offsets_to_transaction(offsets, self._kafka.group_id)
-                if futures:
-                    await asyncio.gather(*futures)
+                written = [m.offset for m in await asyncio.gather(*futures)] if futures else []
         except ProducerFenced as exc:
             self._metrics.transactions.labels(result="aborted").inc()
             raise FatalPipelineError(
@@ -424,15 +529,32 @@ class Pipeline:
             self._metrics.transactions.labels(result="aborted").inc()
             raise
         self._metrics.transactions.labels(result="committed").inc()
+        return written
 
     # ---- rebalances ------------------------------------------------------------------------
 
     async def partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        consumer = self._consumer
+        assert consumer is not None
         for tp in assigned:
             self._trackers.setdefault(tp, PartitionTracker())
-        if self._paused and self._consumer is not None:
-            self._consumer.resume(*assigned)
+        if self._paused:
+            consumer.resume(*assigned)
             self._paused = False
+        inputs = [tp for tp in assigned if tp.topic == self._topics.device_swapped]
+        retries = {tp.partition for tp in assigned if tp.topic == self._topics.retry}
+        if inputs:
+            consumer.pause(*inputs)
+            ends = await consumer.end_offsets(
+                [TopicPartition(self._topics.retry, tp.partition) for tp in inputs]
+            )
+        for tp in inputs:
+            loaded = await self._dedupe.load(tp.partition)
+            log.info("dedupe memory loaded", partition=tp.partition, entries=loaded)
+            if tp.partition in retries:
+                self._gated[tp.partition] = ends[TopicPartition(self._topics.retry, tp.partition)]
+            else:
+                consumer.resume(tp)
         log.info(
             "partitions assigned", partitions=sorted(f"{t.topic}:{t.partition}" for t in assigned)
         )
@@ -475,6 +597,9 @@ class Pipeline:
             self._carry_outputs = []
             self._carry_stamps = []
         for tp in ours:
+            if tp.topic == self._topics.device_swapped:
+                self._dedupe.drop(tp.partition)
+                self._gated.pop(tp.partition, None)
             left = self._trackers.pop(tp)
             if left.unfinished:
                 log.warning(

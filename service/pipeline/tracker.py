@@ -22,6 +22,7 @@ class Output:
     value: bytes | None
     headers: list[tuple[str, bytes]] = field(default_factory=list)
     outcome: str = ""  # the metrics label of the outcome this record carries, "" for none
+    partition: int | None = None  # explicit partition (co-partitioned service topics)
 
 
 @dataclass(slots=True)

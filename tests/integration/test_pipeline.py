@@ -82,3 +82,39 @@ async def test_malformed_input_is_dead_lettered_and_the_partition_keeps_flowing(
     assert dead.header("rebind-source-offset") is not None
     assert by_topic[harness.topics.credential_updated].data["nodeId"] == "new-2"
     assert await control.calls(operation="refresh_key", device_id="dev-2") != []
+
+
+async def test_a_redelivered_event_does_not_call_the_platform_again(harness: Harness) -> None:
+    control = harness.sim.control
+    await control.seed_device("dev-3", "old-3")
+    await harness.start_service()
+    value = swap_event("dev-3", "new-3", event_id="evt-dup")
+    await harness.produce([(b"dev-3", value)])
+    [first] = await harness.read(1)
+    # The upstream system sends the same event again, twice, later on.
+    await harness.produce([(b"dev-3", value), (b"dev-3", value)])
+
+    outs = await harness.read(3)
+
+    assert len(outs) == 3
+    assert {o.topic for o in outs} == {harness.topics.credential_updated}
+    assert {o.json()["id"] for o in outs} == {first.json()["id"]}
+    assert len(await control.calls(operation="refresh_key", device_id="dev-3")) == 1
+
+
+async def test_duplicates_are_recognised_after_a_restart(harness: Harness) -> None:
+    control = harness.sim.control
+    await control.seed_device("dev-4", "old-4")
+    await harness.start_service(instance="a")
+    value = swap_event("dev-4", "new-4", event_id="evt-restart")
+    await harness.produce([(b"dev-4", value)])
+    [first] = await harness.read(1)
+    await harness.stop_all()
+
+    await harness.start_service(instance="b")  # a new process: only Kafka remembers
+    await harness.produce([(b"dev-4", value)])
+    outs = await harness.read(2)
+
+    assert [o.json()["id"] for o in outs] == [first.json()["id"]] * 2
+    assert outs[1].value == first.value
+    assert len(await control.calls(operation="refresh_key", device_id="dev-4")) == 1
