@@ -102,6 +102,12 @@ class TopicSettings(_Section):
     rebind_failed: str = Field(default="iot.rebind-failed.v1", min_length=1, max_length=249)
     dead_letter: str = Field(default="asset.device-swapped.v1.dlq", min_length=1, max_length=249)
     retry: str = Field(default="device-rebind.retry.v1", min_length=1, max_length=249)
+    token: str = Field(
+        default="device-rebind.token.v1",
+        min_length=1,
+        max_length=249,
+        description="Compacted, one partition: the shared access token, encrypted (service-owned).",
+    )
     dedupe: str = Field(default="device-rebind.dedupe.v1", min_length=1, max_length=249)
 
 
@@ -144,6 +150,12 @@ class PlatformSettings(_Section):
     )
     token_refresh_margin_seconds: float = Field(
         default=300.0, ge=0, description="Refresh the access token this long before it expires."
+    )
+    token_takeover_seconds: float = Field(
+        default=60.0,
+        ge=1,
+        description="A follower without a usable shared token for this long (plus up to 50% "
+        "jitter) logs in itself and renews until a holder publishes again.",
     )
 
     @model_validator(mode="after")
@@ -195,23 +207,49 @@ def _variable_name(loc: tuple[int | str, ...]) -> str:
     return ENV_PREFIX + ENV_NESTED_DELIMITER.join(p.upper() for p in parts)
 
 
+class KafkaOnlySettings(BaseSettings):
+    """What the tools that only touch Kafka (``replay``) need: no platform credentials."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_NESTED_DELIMITER,
+        extra="ignore",
+        frozen=True,
+    )
+
+    kafka: KafkaSettings = KafkaSettings()
+    topics: TopicSettings = TopicSettings()
+    log: LogSettings = LogSettings()
+
+
+def load_kafka_settings(**overrides: Any) -> KafkaOnlySettings:
+    try:
+        return KafkaOnlySettings(**overrides)
+    except ValidationError as exc:
+        raise _config_error(exc) from None
+
+
 def load_settings(**overrides: Any) -> Settings:
     """Read the environment; raise ConfigError naming every bad variable."""
     try:
         return Settings(**overrides)
     except ValidationError as exc:
-        lines: list[str] = []
-        for err in exc.errors(include_url=False, include_input=False):
-            loc = tuple(err["loc"])
-            if err["type"] == "missing" and loc == ("platform",):
-                lines.extend(
-                    f"{_variable_name(('platform', field))}: required, not set"
-                    for field, info in PlatformSettings.model_fields.items()
-                    if info.is_required()
-                )
-                continue
-            lines.append(f"{_variable_name(loc)}: {err['msg']}")
-        raise ConfigError("invalid configuration: " + "; ".join(lines)) from None
+        raise _config_error(exc) from None
+
+
+def _config_error(exc: ValidationError) -> ConfigError:
+    lines: list[str] = []
+    for err in exc.errors(include_url=False, include_input=False):
+        loc = tuple(err["loc"])
+        if err["type"] == "missing" and loc == ("platform",):
+            lines.extend(
+                f"{_variable_name(('platform', field))}: required, not set"
+                for field, info in PlatformSettings.model_fields.items()
+                if info.is_required()
+            )
+            continue
+        lines.append(f"{_variable_name(loc)}: {err['msg']}")
+    return ConfigError("invalid configuration: " + "; ".join(lines))
 
 
 SECRET_MASK = "**********"  # noqa: S105 - the mask, not a secret

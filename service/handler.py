@@ -97,6 +97,25 @@ def strip_retry_headers(headers: list[tuple[str, bytes]]) -> list[tuple[str, byt
     return [(k, v) for k, v in headers if k not in _RETRY_HEADERS]
 
 
+SOURCE_TOPIC_HEADER: Final = "rebind-source-topic"
+SOURCE_PARTITION_HEADER: Final = "rebind-source-partition"
+SOURCE_OFFSET_HEADER: Final = "rebind-source-offset"
+
+
+def source_headers(origin: str) -> list[tuple[str, bytes]]:
+    """Where the swap was read (``topic:partition:offset``), so an outcome can be traced back
+    and ``device-rebind replay`` can find the original event."""
+    topic, _, rest = origin.rpartition(":")
+    topic, _, partition = topic.rpartition(":")
+    if not topic:
+        return []
+    return [
+        (SOURCE_TOPIC_HEADER, topic.encode()),
+        (SOURCE_PARTITION_HEADER, partition.encode()),
+        (SOURCE_OFFSET_HEADER, rest.encode()),
+    ]
+
+
 def _dt(epoch_seconds: float | None) -> datetime | None:
     return None if epoch_seconds is None else datetime.fromtimestamp(epoch_seconds, UTC)
 
@@ -187,7 +206,7 @@ class RebindHandler:
                     self._topics.credential_updated,
                     event.key,
                     event.value,
-                    event.headers,
+                    event.headers + source_headers(work.origin),
                     "credential_updated",
                 )
             ]
@@ -195,7 +214,7 @@ class RebindHandler:
             first = first_ms / 1000 if first_ms is not None else result.first_attempt_at
             return [
                 self._failed(
-                    swap,
+                    work,
                     replace(
                         result, attempts=prior_attempts + result.attempts, first_attempt_at=first
                     ),
@@ -219,7 +238,7 @@ class RebindHandler:
             spec = classify("refresh_device_key", None, DEADLINE_EXCEEDED)
             log.info("deadline passes while the device is online", last_code=result.last_code)
             return self._failed(
-                work.swap,
+                work,
                 Failed(
                     error_code=DEADLINE_EXCEEDED,
                     error_desc=f"the device stayed online until the deadline; last platform code "
@@ -261,7 +280,7 @@ class RebindHandler:
         retry = work.retry
         log.info("superseded by a newer swap", newer_event_id=newer_event_id)
         return self._failed(
-            work.swap,
+            work,
             Failed(
                 error_code=SUPERSEDED,
                 error_desc=f"a newer swap of the device ({newer_event_id}) replaced this one",
@@ -275,7 +294,8 @@ class RebindHandler:
             last_code=retry.last_code if retry else None,
         )
 
-    def _failed(self, swap: SwapEvent, failed: Failed, last_code: str | None = None) -> Output:
+    def _failed(self, work: Work, failed: Failed, last_code: str | None = None) -> Output:
+        swap = work.swap
         log.info(
             "rebind failed",
             error_code=failed.error_code,
@@ -300,5 +320,9 @@ class RebindHandler:
             time=datetime.now(UTC),
         )
         return Output(
-            self._topics.rebind_failed, event.key, event.value, event.headers, "rebind_failed"
+            self._topics.rebind_failed,
+            event.key,
+            event.value,
+            event.headers + source_headers(work.origin),
+            "rebind_failed",
         )

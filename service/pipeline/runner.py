@@ -90,6 +90,17 @@ def kafka_client_options(settings: KafkaSettings) -> dict[str, Any]:
     return options
 
 
+async def partition_counts(settings: KafkaSettings, names: Sequence[str]) -> dict[str, int]:
+    """Partitions of each topic (0 when it does not exist)."""
+    admin = AIOKafkaAdminClient(**kafka_client_options(settings))
+    await admin.start()
+    try:
+        described = await admin.describe_topics(list(names))
+    finally:
+        await admin.close()
+    return {t["topic"]: (len(t["partitions"]) if t["error_code"] == 0 else 0) for t in described}
+
+
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
     def __init__(self, pipeline: Pipeline) -> None:
         self._pipeline = pipeline
@@ -206,15 +217,7 @@ class Pipeline:
     async def _check_topics(self) -> None:
         """The service topics must exist and be co-partitioned with the input topic."""
         names = (self._topics.device_swapped, self._topics.retry, self._topics.dedupe)
-        admin = AIOKafkaAdminClient(**kafka_client_options(self._kafka))
-        await admin.start()
-        try:
-            described = await admin.describe_topics(list(names))
-        finally:
-            await admin.close()
-        counts = {
-            t["topic"]: (len(t["partitions"]) if t["error_code"] == 0 else 0) for t in described
-        }
+        counts = await partition_counts(self._kafka, names)
         missing = [name for name, n in counts.items() if n == 0]
         if missing:
             raise FatalPipelineError(f"topics missing: {', '.join(missing)} (see deploy/)")

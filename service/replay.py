@@ -1,0 +1,284 @@
+"""``device-rebind replay``: send dead letters or failed swaps through the service again.
+
+After an operator fixed what made swaps fail (seeded a missing device, authorized an
+application, fixed an upstream producer), ``replay`` reads the dead-letter topic or the
+rebind-failed topic, keeps the records matching the filters, and produces the swaps they stand for
+into the input topic.
+
+* A failed swap is replayed from its original input record (found through the outcome's
+  ``rebind-source-*`` headers) when the input topic still holds it, else rebuilt from the
+  outcome's data (``verifyCode`` then defaults to the nodeId again).
+* A replayed swap gets a new event id derived from the failure it answers
+  (``uuid5(failure id)``): the service's duplicate memory sees the same id when the same failure
+  is replayed twice, so the platform is called once. A new failure of the replayed swap has a
+  new id, and can be replayed in turn.
+* A dead letter is replayed as it was (same key, value and headers, minus the reason headers):
+  if it is readable now, its own event id protects against double replays the same way.
+
+``--dry-run`` prints what would be sent and how many, and sends nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal, TextIO
+
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from service.config import KafkaOnlySettings, KafkaSettings
+from service.events import DLQ_DETAIL_HEADER, DLQ_REASON_HEADER, RebindFailedEvent, parse_outcome
+from service.handler import SOURCE_OFFSET_HEADER, SOURCE_PARTITION_HEADER, SOURCE_TOPIC_HEADER
+from service.pipeline.runner import kafka_client_options, partition_counts
+
+REPLAY_NAMESPACE = uuid.UUID("2f7d4c1e-5b8a-4f63-9a0e-7c1d2b3a4e5f")
+REPLAY_OF_HEADER = "rebind-replay-of"
+_DLQ_ONLY_HEADERS = frozenset(
+    {
+        DLQ_REASON_HEADER,
+        DLQ_DETAIL_HEADER,
+        SOURCE_TOPIC_HEADER,
+        SOURCE_PARTITION_HEADER,
+        SOURCE_OFFSET_HEADER,
+    }
+)
+
+Source = Literal["dlq", "rebind-failed"]
+
+
+@dataclass(frozen=True)
+class Filters:
+    error_codes: frozenset[str] = frozenset()
+    categories: frozenset[str] = frozenset()
+    since: datetime | None = None
+    until: datetime | None = None
+    limit: int | None = None
+
+
+@dataclass(frozen=True)
+class Planned:
+    """One record to produce into the input topic, and why."""
+
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes]]
+    device: str
+    code: str
+    origin: str
+    note: str
+
+
+def replay_id(failure_id: str) -> str:
+    return str(uuid.uuid5(REPLAY_NAMESPACE, failure_id))
+
+
+def _in_range(timestamp_ms: int, filters: Filters) -> bool:
+    at = datetime.fromtimestamp(timestamp_ms / 1000, UTC)
+    if filters.since is not None and at < filters.since:
+        return False
+    return not (filters.until is not None and at >= filters.until)
+
+
+async def _read_all(consumer: AIOKafkaConsumer, topic: str, settings: KafkaSettings) -> list[Any]:
+    """Every committed record of ``topic`` up to its end when the replay started."""
+    count = (await partition_counts(settings, [topic])).get(topic, 0)
+    tps = [TopicPartition(topic, p) for p in range(count)]
+    if not tps:
+        raise SystemExit(f"device-rebind replay: topic {topic} does not exist")
+    consumer.assign(tps)
+    await consumer.seek_to_beginning(*tps)
+    ends = await consumer.end_offsets(tps)
+    records: list[Any] = []
+    remaining = {tp for tp in tps if ends[tp] > 0}
+    while remaining:
+        batch = await consumer.getmany(*remaining, timeout_ms=1000)
+        for tp, msgs in batch.items():
+            records.extend(m for m in msgs if m.offset < ends[tp])
+        remaining = {tp for tp in remaining if await consumer.position(tp) < ends[tp]}
+    return records
+
+
+async def _original(
+    consumer: AIOKafkaConsumer, headers: dict[str, bytes], topics: KafkaOnlySettings
+) -> Any | None:
+    """The input record an outcome answers, if its headers say where and Kafka still has it."""
+    try:
+        topic = headers[SOURCE_TOPIC_HEADER].decode()
+        partition = int(headers[SOURCE_PARTITION_HEADER])
+        offset = int(headers[SOURCE_OFFSET_HEADER])
+    except (KeyError, ValueError):
+        return None
+    if topic != topics.topics.device_swapped:
+        return None  # e.g. a retry-topic origin rewritten: rebuild from the outcome instead
+    tp = TopicPartition(topic, partition)
+    consumer.assign([tp])
+    consumer.seek(tp, offset)
+    batch = await consumer.getmany(tp, timeout_ms=3000, max_records=1)
+    for record in batch.get(tp, ()):
+        return record if record.offset == offset else None
+    return None
+
+
+def _with_id(
+    value: bytes | None, headers: list[tuple[str, bytes]], new_id: str, old_id: str
+) -> tuple[bytes | None, list[tuple[str, bytes]]]:
+    """The same swap under another event id, in whichever CloudEvents mode it was written."""
+    kept = [(k, v) for k, v in headers if k not in (REPLAY_OF_HEADER, "ce_id")]
+    kept.append((REPLAY_OF_HEADER, old_id.encode()))
+    if any(k == "ce_id" for k, _ in headers):  # binary mode: the id is a header
+        return value, [*kept, ("ce_id", new_id.encode())]
+    body = orjson.loads(value or b"{}")
+    body["id"] = new_id
+    return orjson.dumps(body), kept
+
+
+def _rebuilt(event: RebindFailedEvent, new_id: str) -> bytes:
+    d = event.data
+    data: dict[str, Any] = {**d.context, "deviceId": d.device_id, "nodeId": d.node_id}
+    if d.app_id is not None:
+        data["appId"] = d.app_id
+    return orjson.dumps(
+        {
+            "specversion": "1.0",
+            "id": new_id,
+            "source": "/device-rebind/replay",
+            "type": "com.iot.asset.device.swapped.v1",
+            "time": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+            "subject": d.device_id,
+            "datacontenttype": "application/json",
+            "data": data,
+        }
+    )
+
+
+async def plan(settings: KafkaOnlySettings, source: Source, filters: Filters) -> list[Planned]:
+    topic = settings.topics.dead_letter if source == "dlq" else settings.topics.rebind_failed
+    consumer = AIOKafkaConsumer(
+        **kafka_client_options(settings.kafka),
+        group_id=None,
+        enable_auto_commit=False,
+        isolation_level="read_committed",
+    )
+    await consumer.start()
+    planned: list[Planned] = []
+    try:
+        for record in await _read_all(consumer, topic, settings.kafka):
+            if filters.limit is not None and len(planned) >= filters.limit:
+                break
+            if not _in_range(record.timestamp, filters):
+                continue
+            headers = list(record.headers or ())
+            item = (
+                _plan_dead_letter(record, headers, filters)
+                if source == "dlq"
+                else await _plan_failure(consumer, record, headers, filters, settings)
+            )
+            if item is not None:
+                planned.append(item)
+    finally:
+        await consumer.stop()
+    return planned
+
+
+def _plan_dead_letter(
+    record: Any, headers: list[tuple[str, bytes]], filters: Filters
+) -> Planned | None:
+    found = dict(headers)
+    reason = found.get(DLQ_REASON_HEADER, b"").decode(errors="replace")
+    if filters.error_codes and reason not in filters.error_codes:
+        return None
+    if filters.categories:
+        return None  # dead letters have a reason, not a category
+    origin = "{}:{}:{}".format(
+        *(
+            found.get(h, b"?").decode(errors="replace")
+            for h in (SOURCE_TOPIC_HEADER, SOURCE_PARTITION_HEADER, SOURCE_OFFSET_HEADER)
+        )
+    )
+    return Planned(
+        record.key,
+        record.value,
+        [(k, v) for k, v in headers if k not in _DLQ_ONLY_HEADERS],
+        (record.key or b"").decode(errors="replace"),
+        reason,
+        origin,
+        "as it was",
+    )
+
+
+async def _plan_failure(
+    consumer: AIOKafkaConsumer,
+    record: Any,
+    headers: list[tuple[str, bytes]],
+    filters: Filters,
+    settings: KafkaOnlySettings,
+) -> Planned | None:
+    try:
+        event = parse_outcome(record.value or b"")
+    except ValueError:
+        return None
+    if not isinstance(event, RebindFailedEvent):
+        return None
+    d = event.data
+    if filters.error_codes and d.error_code not in filters.error_codes:
+        return None
+    if filters.categories and d.category not in filters.categories:
+        return None
+    new_id = replay_id(event.id)
+    original = await _original(consumer, dict(headers), settings)
+    if original is not None:
+        value, out_headers = _with_id(
+            original.value, list(original.headers or ()), new_id, d.swap_event_id
+        )
+        note = "original event"
+    else:
+        value = _rebuilt(event, new_id)
+        out_headers = [(REPLAY_OF_HEADER, d.swap_event_id.encode())]
+        note = "rebuilt from the outcome"
+    return Planned(
+        d.device_id.encode(),
+        value,
+        out_headers,
+        d.device_id,
+        d.error_code,
+        f"{record.topic}:{record.partition}:{record.offset}",
+        note,
+    )
+
+
+async def send(settings: KafkaOnlySettings, planned: Sequence[Planned]) -> None:
+    producer = AIOKafkaProducer(
+        **kafka_client_options(settings.kafka), enable_idempotence=True, acks="all"
+    )
+    await producer.start()
+    try:
+        futures = [
+            await producer.send(
+                settings.topics.device_swapped, p.value, key=p.key, headers=p.headers
+            )
+            for p in planned
+        ]
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+
+
+def print_plan(planned: Sequence[Planned], out: TextIO, *, dry_run: bool) -> None:
+    for p in planned:
+        print(f"{p.origin}\tdevice={p.device}\tcode={p.code}\t{p.note}", file=out)
+    verb = "would replay" if dry_run else "replayed"
+    print(f"{verb} {len(planned)} record(s)", file=out)
+
+
+async def replay(
+    settings: KafkaOnlySettings, source: Source, filters: Filters, *, dry_run: bool, out: TextIO
+) -> int:
+    planned = await plan(settings, source, filters)
+    if not dry_run and planned:
+        await send(settings, planned)
+    print_plan(planned, out, dry_run=dry_run)
+    return len(planned)

@@ -1,0 +1,139 @@
+"""`device-rebind replay`: re-drive failed swaps and dead letters after a fix, at most once."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from service.config import KafkaOnlySettings, KafkaSettings, TopicSettings
+from service.replay import Filters, replay, replay_id
+from tests.fixtures.service import Harness
+from tests.support.events import swap_event
+
+pytestmark = pytest.mark.integration
+
+
+def kafka_only(harness: Harness) -> KafkaOnlySettings:
+    s = harness.settings()
+    return KafkaOnlySettings(kafka=s.kafka, topics=s.topics)
+
+
+async def test_a_fixed_failure_is_replayed_once(harness: Harness) -> None:
+    control = harness.sim.control
+    await control.seed_device("dev-ok", "n-ok-old")
+    await harness.start_service()
+    await harness.produce(
+        [
+            (b"dev-missing", swap_event("dev-missing", "n-new", event_id="evt-miss", wo="WO-7")),
+            (b"dev-ok", swap_event("dev-ok", "n-ok", event_id="evt-ok")),
+        ]
+    )
+    outs = await harness.read(2)
+    [failed] = [o for o in outs if o.topic == harness.topics.rebind_failed]
+    assert failed.data["errorCode"] == "100403"
+
+    # Dry run: prints, sends nothing.
+    printed = io.StringIO()
+    settings = kafka_only(harness)
+    n = await replay(
+        settings,
+        "rebind-failed",
+        Filters(error_codes=frozenset({"100403"})),
+        dry_run=True,
+        out=printed,
+    )
+    assert n == 1
+    assert "would replay 1 record(s)" in printed.getvalue()
+    assert "device=dev-missing" in printed.getvalue()
+
+    # The operator fixes the cause, then replays, twice.
+    await control.seed_device("dev-missing", "n-old")
+    for _ in range(2):
+        assert (
+            await replay(
+                settings,
+                "rebind-failed",
+                Filters(error_codes=frozenset({"100403"})),
+                dry_run=False,
+                out=io.StringIO(),
+            )
+            == 1
+        )
+    outs = await harness.read(4)
+
+    updated = [
+        o
+        for o in outs
+        if o.topic == harness.topics.credential_updated and o.data["deviceId"] == "dev-missing"
+    ]
+    assert len(updated) == 2  # the second replay re-publishes the same outcome
+    assert {o.json()["id"] for o in updated} == {updated[0].json()["id"]}
+    assert updated[0].data["swapEventId"] == replay_id(failed.json()["id"])
+    assert updated[0].data["context"] == {"wo": "WO-7"}  # the original event was replayed
+    puts = await control.calls(operation="refresh_key", device_id="dev-missing")
+    assert [c["status"] for c in puts] == [404, 200]  # one call before the fix, one after
+
+
+async def test_filters_and_dead_letters(harness: Harness) -> None:
+    await harness.start_service()
+    await harness.produce(
+        [
+            (b"k1", b"\xff\xfe not utf-8"),
+            (b"k2", b"[1, 2]"),
+            (b"ghost", swap_event("ghost", "n", event_id="evt-ghost")),
+        ]
+    )
+    await harness.read(3)
+    settings = kafka_only(harness)
+
+    out = io.StringIO()
+    assert (
+        await replay(
+            settings, "dlq", Filters(error_codes=frozenset({"not_utf8"})), dry_run=True, out=out
+        )
+        == 1
+    )
+    assert await replay(settings, "dlq", Filters(), dry_run=True, out=io.StringIO()) == 2
+    assert (
+        await replay(
+            settings,
+            "rebind-failed",
+            Filters(categories=frozenset({"device_online"})),
+            dry_run=True,
+            out=io.StringIO(),
+        )
+        == 0
+    )
+    assert (
+        await replay(
+            settings,
+            "rebind-failed",
+            Filters(categories=frozenset({"not_found"})),
+            dry_run=True,
+            out=io.StringIO(),
+        )
+        == 1
+    )
+
+    # A dead letter replayed as it was is dead-lettered again (still unreadable), not lost.
+    assert (
+        await replay(
+            settings,
+            "dlq",
+            Filters(error_codes=frozenset({"not_cloudevent"}), limit=1),
+            dry_run=False,
+            out=io.StringIO(),
+        )
+        == 1
+    )
+    outs = await harness.read(4)
+    dead = [o for o in outs if o.topic == harness.topics.dead_letter]
+    assert len(dead) == 3
+    assert dead[-1].value == b"[1, 2]"
+    assert [h for h, _ in dead[-1].headers].count("rebind-error-reason") == 1
+
+
+def test_topic_settings_are_shared_with_the_service() -> None:
+    s = KafkaOnlySettings(kafka=KafkaSettings(), topics=TopicSettings())
+    assert s.topics.rebind_failed == "iot.rebind-failed.v1"
