@@ -1,0 +1,85 @@
+"""deploy/compose/compose.yaml: checked by `docker compose config` when a Compose v2 is here, and
+for the things the stack depends on in any case."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from service.config import TopicSettings
+from tests.deploy.helpers import COMPOSE_FILE, REPO, tools_bin
+
+
+def compose_command() -> list[str] | None:
+    """`docker compose` (the CLI plugin), else a standalone Compose v2 in $TOOLS_BIN or on PATH."""
+    candidates: list[list[str]] = []
+    if shutil.which("docker"):
+        candidates.append(["docker", "compose"])
+    standalones = (tools_bin() / "docker-compose", shutil.which("docker-compose"))
+    candidates += [[str(s)] for s in standalones if s and Path(s).exists()]
+    for command in candidates:
+        probe = subprocess.run(
+            [*command, "version"], capture_output=True, text=True, timeout=30, check=False
+        )
+        if probe.returncode == 0 and "version 1." not in probe.stdout:
+            return command
+    return None
+
+
+def test_compose_config_is_valid() -> None:
+    command = compose_command()
+    if command is None:
+        pytest.skip(
+            "no Compose v2: the docker binary has no compose plugin (and no standalone "
+            "docker-compose v2 in $TOOLS_BIN or on PATH)"
+        )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COMPOSE_")}
+    result = subprocess.run(
+        [*command, "-f", str(COMPOSE_FILE), "config", "-q"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load(COMPOSE_FILE.read_text())
+    return data
+
+
+def test_stack_has_kafka_simulator_and_service(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    assert services["kafka"]["image"].startswith("apache/kafka:")
+    kafka_env = services["kafka"]["environment"]
+    assert kafka_env["KAFKA_PROCESS_ROLES"] == "broker,controller", "KRaft, single node"
+    assert kafka_env["KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR"] == "1"
+    simulator = "\n".join(services["simulator"]["command"])
+    assert "python -m tests.simulator --host 0.0.0.0 --port 8081 --seed-demo" in simulator
+    app = services["device-rebind"]
+    context = (COMPOSE_FILE.parent / app["build"]["context"]).resolve()
+    assert context == REPO
+    assert (context / app["build"]["dockerfile"]).is_file()
+    env = app["environment"]
+    for name in ("BOOTSTRAP_SERVERS",):
+        assert env[f"REBIND_KAFKA__{name}"] == "kafka:9092"
+    assert env["REBIND_PLATFORM__BASE_URL"] == "http://simulator:8081"
+    assert {"REBIND_PLATFORM__APP_ID", "REBIND_PLATFORM__SECRET"} <= set(env)
+    assert app["depends_on"]["kafka-init"]["condition"] == "service_completed_successfully"
+    assert app["read_only"] is True
+    assert app["cap_drop"] == ["ALL"]
+
+
+def test_every_topic_of_the_service_is_created(compose: dict[str, Any]) -> None:
+    script = "\n".join(compose["services"]["kafka-init"]["command"])
+    for name, field in TopicSettings.model_fields.items():
+        assert str(field.default) in script, f"topic {name} ({field.default}) is not created"

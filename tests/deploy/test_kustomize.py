@@ -1,0 +1,104 @@
+"""The plain manifests (kustomize base and example overlay), validated file by file.
+
+kustomize/kubectl are not needed: the base is plain YAML, so every file is validated strictly as
+it is, and the overlay's patches are checked to target objects of the base.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.deploy.helpers import (
+    KUBE_VERSIONS,
+    KUSTOMIZE_BASE,
+    KUSTOMIZE_OVERLAY,
+    Manifest,
+    assert_probes,
+    assert_secure_pod,
+    env_of,
+    load_manifests,
+    validate_strict,
+    workload,
+)
+
+
+def kustomization(directory: Path) -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    assert data["apiVersion"] == "kustomize.config.k8s.io/v1beta1"
+    assert data["kind"] == "Kustomization"
+    return data
+
+
+def resources(directory: Path) -> list[Manifest]:
+    manifests: list[Manifest] = []
+    for entry in kustomization(directory)["resources"]:
+        path = directory / entry
+        if path.is_dir():
+            manifests += resources(path)
+        else:
+            manifests += load_manifests(path)
+    return manifests
+
+
+@pytest.fixture(scope="module")
+def base() -> list[Manifest]:
+    return resources(KUSTOMIZE_BASE)
+
+
+def test_every_file_is_listed() -> None:
+    for directory in (KUSTOMIZE_BASE, KUSTOMIZE_OVERLAY):
+        data = kustomization(directory)
+        listed = {r for r in data["resources"] if not r.startswith("..")}
+        listed |= {p["path"] for p in data.get("patches", [])}
+        on_disk = {p.name for p in directory.glob("*.yaml")} - {"kustomization.yaml"}
+        assert listed == on_disk, directory
+
+
+@pytest.mark.parametrize("version", KUBE_VERSIONS)
+def test_base_and_overlay_validate_strictly(version: str) -> None:
+    manifests = resources(KUSTOMIZE_OVERLAY)
+    assert {m["kind"] for m in manifests} >= {
+        "StatefulSet",
+        "Service",
+        "ServiceAccount",
+        "PodDisruptionBudget",
+        "NetworkPolicy",
+    }
+    for manifest in manifests:
+        validate_strict(manifest, version)
+
+
+def test_base_pod_is_locked_down(base: list[Manifest]) -> None:
+    pod = workload(base)["spec"]["template"]["spec"]
+    assert_secure_pod(pod)
+    container = pod["containers"][0]
+    assert_probes(container)
+    env = env_of(container)
+    assert env["REBIND_KAFKA__INSTANCE_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert "secretKeyRef" in env["REBIND_PLATFORM__SECRET"]["valueFrom"]
+    assert not [m for m in base if m["kind"] == "Secret"]
+
+
+def test_overlay_patches_target_the_base(base: list[Manifest]) -> None:
+    data = kustomization(KUSTOMIZE_OVERLAY)
+    names = {(m["kind"], m["metadata"]["name"]) for m in base}
+    for patch in data["patches"]:
+        for doc in load_manifests(KUSTOMIZE_OVERLAY / patch["path"]):
+            assert (doc["kind"], doc["metadata"]["name"]) in names
+            # a strategic-merge patch of the container must name an existing container
+            patched = {c["name"] for c in doc["spec"]["template"]["spec"]["containers"]}
+            target = next(
+                m
+                for m in base
+                if (m["kind"], m["metadata"]["name"]) == (doc["kind"], doc["metadata"]["name"])
+            )
+            assert patched <= {c["name"] for c in target["spec"]["template"]["spec"]["containers"]}
+    for replica in data.get("replicas", []):
+        assert any(name == replica["name"] for _, name in names)
+    pod = workload(base)["spec"]["template"]["spec"]
+    images = {c["image"].split(":")[0] for c in pod["containers"]}
+    assert {i["name"] for i in data["images"]} <= images
