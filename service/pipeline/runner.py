@@ -64,6 +64,11 @@ class _Waiting:
     timer: asyncio.TimerHandle | None = None
 
 
+SUPERSEDE_HEADER = "rebind-retry-supersede"
+SUPERSEDED_BY_HEADER = "rebind-retry-superseded-by"
+_MAX_SUPERSEDED = 100_000
+
+
 class FatalPipelineError(Exception):
     """The instance must stop: e.g. a newer instance with the same transactional id fenced it."""
 
@@ -159,6 +164,11 @@ class Pipeline:
         # Input partitions held back until their retry partition was read to where it ended at
         # assignment: waiting swaps must be known before newer swaps of their devices arrive.
         self._gated: dict[int, int] = {}
+        # Devices whose latest deferral has not ended yet: device -> swap id. A newer swap of such
+        # a device writes a supersede marker into the retry topic, so the older swap is answered
+        # SUPERSEDED when it is read back, even after a crash.
+        self._outstanding: dict[str, str] = {}
+        self._superseded: dict[str, str] = {}  # older swap id -> newer swap id, bounded
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -289,6 +299,9 @@ class Pipeline:
             meta = RecordMeta(tp.topic, tp.partition, record.offset, record.timestamp, record.key)
             tracker.start(record.offset, None if is_retry else record.timestamp)
             headers = list(record.headers or ())
+            if is_retry and self._marker(record, headers):
+                tracker.finish(record.offset)
+                continue
             try:
                 retry = RetryState.from_headers(headers) if is_retry else None
                 swap = decode_swap(
@@ -318,7 +331,10 @@ class Pipeline:
             ):  # a newer swap of the device replaces the waiting one
                 del self._waiting[device]
                 self._supersede(waiting, swap.id)
-            if retry is not None and retry.due_ms > time.time() * 1000:
+            if retry is not None and (newer := self._superseded.pop(swap.id, None)):
+                self._supersede(_Waiting(tp, tracker, work, meta), newer)
+            elif retry is not None and retry.due_ms > time.time() * 1000:
+                self._outstanding[device] = swap.id
                 self._wait(_Waiting(tp, tracker, work, meta))
             else:
                 self._scheduler.submit(device, self._job(tp, tracker, work, meta))
@@ -344,7 +360,29 @@ class Pipeline:
 
         waiting.timer = loop.call_later(delay, due)
 
+    def _marker(self, record: Any, headers: list[tuple[str, bytes]]) -> bool:
+        """Apply a supersede marker read from the retry topic; False if the record is none."""
+        found = dict(headers)
+        older = found.get(SUPERSEDE_HEADER)
+        if older is None:
+            return False
+        older_id = older.decode(errors="replace")
+        newer_id = found.get(SUPERSEDED_BY_HEADER, b"").decode(errors="replace")
+        device = (record.key or b"").decode(errors="replace")
+        waiting = self._waiting.get(device)
+        if waiting is not None and waiting.work.swap.id == older_id:
+            del self._waiting[device]
+            self._supersede(waiting, newer_id)
+        else:  # not read back yet (or already ended): answer it when it comes
+            self._superseded[older_id] = newer_id
+            while len(self._superseded) > _MAX_SUPERSEDED:
+                del self._superseded[next(iter(self._superseded))]
+        return True
+
     def _supersede(self, waiting: _Waiting, newer_event_id: str) -> None:
+        device = waiting.work.swap.data.device_id
+        if self._outstanding.get(device) == waiting.work.swap.id:
+            del self._outstanding[device]
         if waiting.timer is not None:
             waiting.timer.cancel()
         if self._trackers.get(waiting.tp) is waiting.tracker:
@@ -412,6 +450,25 @@ class Pipeline:
             for o in await self._handler.handle(work)
         ]
         outputs.append(self._dedupe.record(partition, work.swap.id, outputs))
+        device = work.swap.data.device_id
+        older = self._outstanding.get(device)
+        if work.retry is None and older is not None and older != work.swap.id:
+            outputs.append(
+                Output(
+                    self._topics.retry,
+                    device.encode(),
+                    None,
+                    [
+                        (SUPERSEDE_HEADER, older.encode()),
+                        (SUPERSEDED_BY_HEADER, work.swap.id.encode()),
+                    ],
+                    partition=partition,
+                )
+            )
+        if any(o.topic == self._topics.retry and o.value is not None for o in outputs):
+            self._outstanding[device] = work.swap.id
+        elif device in self._outstanding and self._outstanding[device] in (work.swap.id, older):
+            del self._outstanding[device]
         return outputs
 
     async def _duplicate(self, partition: int, seen: Seen) -> list[Output]:

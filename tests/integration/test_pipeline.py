@@ -7,6 +7,7 @@ import pytest
 from service.events import parse_outcome
 from tests.fixtures.service import Harness
 from tests.support.events import swap_event
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -118,3 +119,34 @@ async def test_duplicates_are_recognised_after_a_restart(harness: Harness) -> No
     assert [o.json()["id"] for o in outs] == [first.json()["id"]] * 2
     assert outs[1].value == first.value
     assert len(await control.calls(operation="refresh_key", device_id="dev-4")) == 1
+
+
+async def test_a_newer_swap_supersedes_a_deferral_not_yet_read_back(harness: Harness) -> None:
+    """B succeeds while A's re-deferral is on its way through the retry topic: A must end as
+    SUPERSEDED when it comes back, never overwrite B's key."""
+    control = harness.sim.control
+    await control.seed_device("dev-s", "n-orig")
+    await control.inject_error(400, "100611", operation="refresh_key", device_id="dev-s")
+    # A's retry: held for a while on the platform, then "online" again.
+    await control.inject_fault(
+        "error", operation="refresh_key", device_id="dev-s", status=400, code="100611", delay=2
+    )
+    await harness.start_service(online_retry_initial_seconds=0.3)
+    await harness.produce([(b"dev-s", swap_event("dev-s", "n-A", event_id="evt-A"))])
+
+    async def retry_in_flight() -> bool:
+        return len(await control.calls(operation="refresh_key", device_id="dev-s")) >= 2
+
+    await wait_until(retry_in_flight, timeout=30, what="A's retry reaches the platform")
+    await harness.produce([(b"dev-s", swap_event("dev-s", "n-B", event_id="evt-B"))])
+
+    outs = await harness.read(2)
+
+    by_event = {o.data["swapEventId"]: o for o in outs}
+    assert by_event["evt-B"].topic == harness.topics.credential_updated
+    assert by_event["evt-A"].topic == harness.topics.rebind_failed
+    assert by_event["evt-A"].data["errorCode"] == "SUPERSEDED"
+    device = await control.device("dev-s")
+    assert device["node_id"] == "n-B"
+    applied = [h["node_id"] for h in device["history"]]
+    assert "n-A" not in applied
