@@ -6,6 +6,7 @@ with contextvars by the pipeline, so every line about an event carries it.
 
 from __future__ import annotations
 
+import io
 import logging
 import sys
 from typing import Any
@@ -40,6 +41,10 @@ def _orjson_dumps(obj: Any, default: Any = None) -> bytes:
     return orjson.dumps(obj, default=default)
 
 
+def _orjson_dumps_str(obj: Any, default: Any = None) -> str:
+    return orjson.dumps(obj, default=default).decode()
+
+
 def configure(settings: LogSettings, *, stream: Any = None) -> None:
     level = logging.getLevelName(settings.level)
     out: Any = stream if stream is not None else sys.stdout
@@ -56,13 +61,21 @@ def configure(settings: LogSettings, *, stream: Any = None) -> None:
             structlog.dev.ConsoleRenderer(colors=out.isatty() if hasattr(out, "isatty") else False),
         ]
         factory: Any = structlog.PrintLoggerFactory(out)
-    else:
+    elif hasattr(out, "buffer") or not isinstance(out, io.TextIOBase):  # bytes underneath
         processors = [
             *shared,
             structlog.processors.dict_tracebacks,
             structlog.processors.JSONRenderer(serializer=_orjson_dumps),
         ]
         factory = structlog.BytesLoggerFactory(out.buffer if hasattr(out, "buffer") else out)
+    else:  # a text stream with no binary buffer underneath (io.StringIO): write str
+        processors = [
+            *shared,
+            structlog.processors.dict_tracebacks,
+            structlog.processors.JSONRenderer(serializer=_orjson_dumps_str),
+        ]
+        text_out: Any = out
+        factory = structlog.WriteLoggerFactory(text_out)
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(level),

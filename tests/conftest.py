@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.fixtures.kafka",
     "tests.fixtures.simulator",
     "tests.fixtures.service",
+    "tests.fixtures.prometheus",
 ]
