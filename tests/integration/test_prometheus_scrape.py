@@ -21,7 +21,7 @@ SCRAPE_DEADLINE = 60.0
 
 async def test_prometheus_sees_throttle_rejections(
     harness: Harness,
-    prometheus_for: PrometheusFactory,  # noqa: F811
+    prometheus_for: PrometheusFactory,
 ) -> None:
     control = harness.sim.control
     devices = [f"dev-prom-{i}" for i in range(6)]
