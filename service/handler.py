@@ -212,12 +212,22 @@ class RebindHandler:
             ]
         if isinstance(result, Failed):
             first = first_ms / 1000 if first_ms is not None else result.first_attempt_at
+            # A deferred swap whose deadline passed before this try made a call (e.g. the
+            # service was down): the last platform code is the one of its earlier tries.
+            earlier_code = (
+                retry.last_code
+                if retry is not None
+                and result.attempts == 0
+                and result.error_code == DEADLINE_EXCEEDED
+                else None
+            )
             return [
                 self._failed(
                     work,
                     replace(
                         result, attempts=prior_attempts + result.attempts, first_attempt_at=first
                     ),
+                    last_code=earlier_code,
                 )
             ]
         return [self._defer(work, result, prior_attempts, first_ms, event_deadline)]
