@@ -183,7 +183,7 @@ class LogSettings(_Section):
         return value.upper() if isinstance(value, str) else value
 
 
-class Settings(BaseSettings):
+class _FromEnvironment(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
         env_nested_delimiter=ENV_NESTED_DELIMITER,
@@ -191,6 +191,8 @@ class Settings(BaseSettings):
         frozen=True,
     )
 
+
+class Settings(_FromEnvironment):
     kafka: KafkaSettings = KafkaSettings()
     topics: TopicSettings = TopicSettings()
     platform: PlatformSettings
@@ -207,15 +209,8 @@ def _variable_name(loc: tuple[int | str, ...]) -> str:
     return ENV_PREFIX + ENV_NESTED_DELIMITER.join(p.upper() for p in parts)
 
 
-class KafkaOnlySettings(BaseSettings):
+class KafkaOnlySettings(_FromEnvironment):
     """What the tools that only touch Kafka (``replay``) need: no platform credentials."""
-
-    model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX,
-        env_nested_delimiter=ENV_NESTED_DELIMITER,
-        extra="ignore",
-        frozen=True,
-    )
 
     kafka: KafkaSettings = KafkaSettings()
     topics: TopicSettings = TopicSettings()

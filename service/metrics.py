@@ -19,6 +19,9 @@ from service import __version__
 # The *_created series only double the scrape size.
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
+THROTTLE_CODE = "1010009"  # the platform's flow control
+DEVICE_ONLINE_CODE = "100611"  # "device is online"
+
 OUTCOMES = ("credential_updated", "rebind_failed", "dead_lettered", "deferred", "duplicate")
 OPERATIONS = ("refresh_device_key", "login", "refresh_token", "query_device")
 
@@ -107,6 +110,21 @@ class Metrics:
             self.outcomes.labels(outcome=outcome)
         for operation in OPERATIONS:
             self.throttle_rejections.labels(operation=operation)
+
+    def platform_call(
+        self, operation: str, http_status: int | None, error_code: str | None, seconds: float
+    ) -> None:
+        """Count one platform call and its answer; 1010009 and 100611 have counters of their own."""
+        self.platform_requests.labels(
+            operation=operation,
+            http_status=str(http_status) if http_status is not None else "none",
+            error_code=error_code or "none",
+        ).inc()
+        self.platform_request_duration.labels(operation=operation).observe(max(0.0, seconds))
+        if error_code == THROTTLE_CODE:
+            self.throttle_rejections.labels(operation=operation).inc()
+        elif error_code == DEVICE_ONLINE_CODE:
+            self.device_online_rejections.inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

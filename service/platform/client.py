@@ -23,7 +23,6 @@ from service.metrics import Metrics
 from service.platform.budget import PRIORITY_FRESH, RateBudget
 from service.platform.errors import (
     CONNECTION_ERROR,
-    DEVICE_ONLINE_CODE,
     THROTTLE_CODE,
     TIMEOUT,
     TOKEN_INVALID_CODE,
@@ -331,16 +330,4 @@ class PlatformClient:
         )
 
     def _count(self, operation: str, status: int | None, code: str | None, started: float) -> None:
-        m = self._metrics
-        m.platform_requests.labels(
-            operation=operation,
-            http_status=str(status) if status is not None else "none",
-            error_code=code or "none",
-        ).inc()
-        m.platform_request_duration.labels(operation=operation).observe(
-            max(0.0, self._clock() - started)
-        )
-        if code == THROTTLE_CODE:
-            m.throttle_rejections.labels(operation=operation).inc()
-        if code == DEVICE_ONLINE_CODE:
-            m.device_online_rejections.inc()
+        self._metrics.platform_call(operation, status, code, self._clock() - started)

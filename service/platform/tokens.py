@@ -264,14 +264,4 @@ class TokenManager:
         )
 
     def _count(self, operation: str, status: int | None, code: str | None, sent_at: float) -> None:
-        m = self._metrics
-        m.platform_requests.labels(
-            operation=operation,
-            http_status=str(status) if status is not None else "none",
-            error_code=code or "none",
-        ).inc()
-        m.platform_request_duration.labels(operation=operation).observe(
-            max(0.0, self._clock() - sent_at)
-        )
-        if code == THROTTLE_CODE:
-            m.throttle_rejections.labels(operation=operation).inc()
+        self._metrics.platform_call(operation, status, code, self._clock() - sent_at)
