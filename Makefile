@@ -58,6 +58,10 @@ test-kafka39: deps ## the integration suite against an Apache Kafka 3.9 broker
 demo: venv kafka ## start broker, simulator and service; play a story of swaps; print outcomes
 	PYTHONPATH=. $(BIN)/python deploy/local/demo.py
 
+.PHONY: bench
+bench: venv kafka ## measure the real service on this machine (broker, simulator, baseline): < 15 min
+	PYTHONPATH=. $(BIN)/python -m bench $(BENCH_ARGS)
+
 .PHONY: fmt
 fmt: venv ## format and auto-fix
 	$(BIN)/ruff format .
