@@ -93,30 +93,37 @@ class DedupeStore:
         found = self._reader.partitions_for_topic(self.topic)
         return None if found is None else len(found)
 
-    async def load(self, partition: int) -> int:
-        """Index the tail of one partition; return how many records were read."""
+    async def load(self, partitions: list[int]) -> int:
+        """Index the tail of each partition, all in one pass; return how many records were read."""
         async with self._reading:
-            return await self._load(partition)
+            return await self._load(partitions)
 
-    async def _load(self, partition: int) -> int:
+    async def _load(self, partitions: list[int]) -> int:
         reader = self._reader
         assert reader is not None
-        tp = TopicPartition(self.topic, partition)
-        index = _PartitionIndex(self._max_entries)
-        reader.assign([tp])
-        start = (await reader.beginning_offsets([tp]))[tp]
-        end = (await reader.end_offsets([tp]))[tp]
-        reader.seek(tp, max(start, end - self._max_entries))
+        tps = [TopicPartition(self.topic, p) for p in partitions]
+        if not tps:
+            return 0
+        indexes = {tp: _PartitionIndex(self._max_entries) for tp in tps}
+        reader.assign(tps)
+        starts = await reader.beginning_offsets(tps)
+        ends = await reader.end_offsets(tps)
+        for tp in tps:
+            reader.seek(tp, max(starts[tp], ends[tp] - self._max_entries))
         loaded = 0
-        while end > 0 and await reader.position(tp) < end:
-            batch = await reader.getmany(tp, timeout_ms=500, max_records=5000)
-            for record in batch.get(tp, ()):
-                if record.key is not None:
-                    index.add(id_hash(record.key.decode("utf-8", "replace")), record.offset)
-                    loaded += 1
-            if not batch and await reader.position(tp) >= end:
-                break
-        self._index[partition] = index
+        remaining = {tp for tp in tps if ends[tp] > starts[tp]}
+        while remaining:
+            batch = await reader.getmany(*remaining, timeout_ms=500, max_records=5000)
+            for tp, records in batch.items():
+                for record in records:
+                    if record.key is not None:
+                        indexes[tp].add(
+                            id_hash(record.key.decode("utf-8", "replace")), record.offset
+                        )
+                        loaded += 1
+            remaining = {tp for tp in remaining if await reader.position(tp) < ends[tp]}
+        for tp, index in indexes.items():
+            self._index[tp.partition] = index
         return loaded
 
     def drop(self, partition: int) -> None:

@@ -200,6 +200,9 @@ class Pipeline:
             # member, so the state of a device lives in one place.
             partition_assignment_strategy=(RangePartitionAssignor,),
             heartbeat_interval_ms=max(1000, self._kafka.session_timeout_ms // 10),
+            # Bounded prefetch: memory must not grow with the backlog behind the buffer.
+            fetch_max_bytes=4 * 1024 * 1024,
+            max_partition_fetch_bytes=512 * 1024,
         )
         # The producer first: initialising its transactional id fences a zombie predecessor
         # before this instance reads anything.
@@ -255,6 +258,8 @@ class Pipeline:
                 )
                 for tp, records in batches.items():
                     self._accept(tp, records)
+            if self._fatal is not None:  # the committer sets it together with the stop flag
+                raise FatalPipelineError(str(self._fatal)) from self._fatal
         finally:
             lag.cancel()
             await self._shutdown(committer)
@@ -275,7 +280,10 @@ class Pipeline:
         if not drained:
             log.warning("drain timed out; unfinished work is left for redelivery")
             await self._scheduler.cancel_all()
-        committer.cancel()
+        # Never cancel a transaction half way: the committer may be between producing a batch
+        # and clearing it, and the final commit below would produce that batch a second time.
+        async with self._commit_lock:
+            committer.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await committer
         if self._fatal is None:
@@ -486,7 +494,8 @@ class Pipeline:
         return republished
 
     def _inflight(self) -> int:
-        return sum(t.unfinished for t in self._trackers.values())
+        """Events being worked on: read and unfinished, less the deferred ones waiting."""
+        return sum(t.unfinished for t in self._trackers.values()) - len(self._waiting)
 
     def _pending_outputs(self) -> int:
         return sum(t.finished_waiting for t in self._trackers.values())
@@ -608,9 +617,9 @@ class Pipeline:
             ends = await consumer.end_offsets(
                 [TopicPartition(self._topics.retry, tp.partition) for tp in inputs]
             )
+        loaded = await self._dedupe.load([tp.partition for tp in inputs])
+        log.info("dedupe memory loaded", partitions=len(inputs), entries=loaded)
         for tp in inputs:
-            loaded = await self._dedupe.load(tp.partition)
-            log.info("dedupe memory loaded", partition=tp.partition, entries=loaded)
             if tp.partition in retries:
                 self._gated[tp.partition] = ends[TopicPartition(self._topics.retry, tp.partition)]
             else:
@@ -641,7 +650,11 @@ class Pipeline:
                 parked[waiting.tp] += 1
         self._metrics.deferred_events.set(len(self._waiting))
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._drain_timeout
+        # The group waits for this member's rejoin only for the rebalance timeout (= the session
+        # timeout: the consumer sets no other). A member that drains longer is dropped from the
+        # group while it still commits (TxnOffsetCommit v0 carries no generation), and the new
+        # owner redoes the same records: duplicated outcomes. Keep two thirds for the commit.
+        deadline = loop.time() + min(self._drain_timeout, self._kafka.session_timeout_ms / 3000)
         while any(self._trackers[tp].unfinished > parked[tp] for tp in ours):
             remaining = deadline - loop.time()
             if remaining <= 0:
@@ -671,6 +684,12 @@ class Pipeline:
             if tp.partition in self._lag_partitions and tp.topic == self._topics.device_swapped:
                 self._metrics.consumer_lag.remove(str(tp.partition))
                 self._lag_partitions.discard(tp.partition)
+        if not self._trackers:
+            # Everything moved (the eager protocol revokes all): stop the work still running, so
+            # a retry of an older swap cannot reach the platform after the new owner applied a
+            # newer swap of the same device. The new owner redoes it.
+            await self._scheduler.cancel_all()
+            self._metrics.inflight_events.set(0)
         log.info("partitions revoked", partitions=sorted(f"{t.topic}:{t.partition}" for t in ours))
 
     async def _lag_loop(self) -> None:

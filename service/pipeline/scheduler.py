@@ -77,6 +77,17 @@ class KeyedScheduler:
 
     async def cancel_all(self) -> None:
         tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
+        # On Python 3.11 a cancellation can be swallowed (``asyncio.wait_for`` returns an inner
+        # result that is ready at the same moment, gh-86296): a job would go on retrying. Repeat
+        # the request until every task has ended.
+        pending = tasks
+        while pending:
+            for task in pending:
+                task.cancel()
+            await asyncio.wait(pending, timeout=0.1)
+            pending = [task for task in pending if not task.done()]
+            if pending:
+                log.warning(
+                    "jobs still running after cancellation; cancelling again", jobs=len(pending)
+                )
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -8,6 +8,8 @@ answer reports the token as invalid (one re-login for all callers) and repeats t
 
 from __future__ import annotations
 
+import itertools
+import math
 import ssl
 import time
 from collections.abc import Callable
@@ -42,6 +44,7 @@ REFRESH_KEY_PATH: Final = "/iocm/app/reg/v1.1.0/deviceCredentials/{device_id}"
 QUERY_DEVICE_PATH: Final = "/iocm/app/dm/v1.4.0/devices/{device_id}"
 CONNECT_TIMEOUT_MAX_SECONDS: Final = 5.0
 KEEPALIVE_EXPIRY_SECONDS: Final = 30.0
+CONNECTIONS_PER_POOL: Final = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,22 +117,33 @@ class PlatformClient:
             settings.request_timeout_seconds,
             connect=min(settings.request_timeout_seconds, CONNECT_TIMEOUT_MAX_SECONDS),
         )
-        pool = settings.max_concurrency + 2  # + a login and a query beside the refreshes
-        self._http = httpx.AsyncClient(
-            base_url=str(settings.base_url).rstrip("/"),
-            transport=transport,
-            verify=build_ssl_context(settings),
-            timeout=timeout,
-            limits=httpx.Limits(
-                max_connections=pool,
-                max_keepalive_connections=pool,
-                keepalive_expiry=KEEPALIVE_EXPIRY_SECONDS,
-            ),
-            http1=True,
-            http2=False,
-            follow_redirects=False,
-            trust_env=False,
-        )
+        # Several small connection pools instead of one large one: httpcore scans its whole pool
+        # on every request and every release, which made one 66-connection pool the service's
+        # hottest code (docs/benchmarks.md). Calls are spread round-robin.
+        connections = settings.max_concurrency + 2  # + a login and a query beside the refreshes
+        shards = max(1, math.ceil(connections / CONNECTIONS_PER_POOL))
+        per_pool = math.ceil(connections / shards)
+        tls = build_ssl_context(settings)
+        self._pools = [
+            httpx.AsyncClient(
+                base_url=str(settings.base_url).rstrip("/"),
+                transport=transport,
+                verify=tls,
+                timeout=timeout,
+                limits=httpx.Limits(
+                    max_connections=per_pool,
+                    max_keepalive_connections=per_pool,
+                    keepalive_expiry=KEEPALIVE_EXPIRY_SECONDS,
+                ),
+                http1=True,
+                http2=False,
+                follow_redirects=False,
+                trust_env=False,
+            )
+            for _ in range(shards)
+        ]
+        self._next_pool = itertools.cycle(self._pools)
+        self._http = self._pools[0]
         self.tokens: TokenProvider = (
             tokens
             if tokens is not None
@@ -137,7 +151,8 @@ class PlatformClient:
         )
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        for pool in self._pools:
+            await pool.aclose()
 
     async def __aenter__(self) -> PlatformClient:
         return self
@@ -253,7 +268,7 @@ class PlatformClient:
         headers = {"app_key": self._settings.app_id, "Authorization": f"Bearer {token}"}
         started = self._clock()
         try:
-            resp = await self._http.request(
+            resp = await next(self._next_pool).request(
                 method, path, params=params or None, json=json, headers=headers
             )
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:

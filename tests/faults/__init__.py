@@ -1,0 +1,1 @@
+"""Fault tests: crashes, broker restarts, platform outages, rebalances, poison input."""

@@ -1,0 +1,98 @@
+"""Order per device, bounded concurrency across devices, bounded buffering under a backlog."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+import pytest
+
+from tests.faults.conftest import FaultKit
+from tests.support.accounting import produce_inputs
+from tests.support.events import swap_event
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.mark.timeout(120)
+async def test_swaps_of_one_device_are_applied_in_the_order_produced(fault_kit: FaultKit) -> None:
+    devices = await fault_kit.seed(12, prefix="ord")
+    await fault_kit.control.inject_latency(0.02, operation="refresh_key", times=-1)
+    reader = await fault_kit.start_reader()
+    await fault_kit.start_in_process(instance="o0", max_concurrency=16)
+    records: list[tuple[bytes | None, bytes | None, list[tuple[str, bytes]], Any]] = []
+    for n in range(1, 6):  # interleaved: n1 of every device, then n2, ...
+        for d in devices:
+            event_id = str(uuid.uuid4())
+            node = f"{d}-n{n}"
+            records.append((d.encode(), swap_event(d, node, event_id=event_id), [], None))
+    await produce_inputs(
+        fault_kit.harness.bootstrap, fault_kit.harness.topics.device_swapped, records
+    )
+    await reader.wait_for(len(records), timeout=60)
+
+    for d in devices:
+        history = [h["node_id"] for h in (await fault_kit.control.device(d))["history"]]
+        assert history == [f"{d}-n{n}" for n in range(1, 6)], f"{d}: applied {history}"
+    outcomes = [r.data["nodeId"] for r in reader.records if r.key == devices[0].encode()]
+    assert outcomes == [f"{devices[0]}-n{n}" for n in range(1, 6)]
+
+
+@pytest.mark.timeout(120)
+async def test_concurrency_across_devices_is_bounded_by_max_concurrency(
+    fault_kit: FaultKit,
+) -> None:
+    latency, bound, count = 0.3, 4, 40
+    devices = await fault_kit.seed(count, prefix="conc")
+    await fault_kit.control.inject_latency(latency, operation="refresh_key", times=-1)
+    reader = await fault_kit.start_reader()
+    await fault_kit.start_in_process(instance="c0", max_concurrency=bound)
+    inputs = await fault_kit.produce_swaps(devices)
+    await reader.wait_for(len(inputs), timeout=60)
+
+    # Every PUT is held ``latency`` s after it arrives, so calls arriving within one window of
+    # ``latency`` s were all in flight at the same moment.
+    starts = sorted(c["time"] for c in await fault_kit.control.calls(operation="refresh_key"))
+    peak = max(sum(1 for t in starts[i:] if t < start + latency) for i, start in enumerate(starts))
+    print(f"\nconcurrency: peak {peak} PUTs in flight, bound {bound}, {len(starts)} PUTs")
+    assert len(starts) == count
+    assert 2 <= peak <= bound
+
+
+@pytest.mark.timeout(120)
+async def test_a_large_backlog_with_a_slow_platform_keeps_the_buffer_bounded(
+    fault_kit: FaultKit,
+) -> None:
+    concurrency, poll = 4, 50
+    bound = max(concurrency * 8, poll * 2) + poll  # the pause threshold plus one fetch
+    devices = await fault_kit.seed(2000, prefix="bp")
+    await fault_kit.control.inject_latency(0.1, operation="refresh_key", times=-1)
+    await fault_kit.produce_swaps(devices)  # the backlog is there before the service starts
+    member = await fault_kit.start_in_process(
+        instance="bp0", max_concurrency=concurrency, kafka_overrides={"max_poll_records": poll}
+    )
+    pipeline = member.service.pipeline
+    gauge = member.service.metrics.registry
+    peak_buffered = peak_gauge = 0
+    paused_seen = 0
+    deadline = time.monotonic() + 6
+    while time.monotonic() < deadline:
+        buffered = sum(len(t) for t in pipeline._trackers.values())
+        peak_buffered = max(peak_buffered, buffered, pipeline._inflight())
+        peak_gauge = max(peak_gauge, int(gauge.get_sample_value("rebind_inflight_events") or 0))
+        consumer = pipeline._consumer
+        if consumer is not None and consumer.paused():
+            paused_seen += 1
+        await asyncio.sleep(0.02)  # the sampling rate of the observation, not a synchronisation
+    puts = len(await fault_kit.control.calls(operation="refresh_key"))
+    print(
+        f"\nbackpressure: peak buffered {peak_buffered}, peak inflight gauge {peak_gauge}, "
+        f"bound {bound}, samples paused {paused_seen}, PUTs so far {puts} of 2000"
+    )
+    assert 0 < peak_buffered <= bound
+    assert peak_gauge <= bound
+    assert paused_seen > 0, "the partitions were never paused"
+    assert puts < 1000, "the backlog was not a backlog"
+    await fault_kit.control.clear_faults()  # let the drain at the end be quick

@@ -1,0 +1,79 @@
+"""SIGKILL at random moments: the restarted process (same instance id) loses nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+
+import pytest
+
+from tests.faults.conftest import FaultKit
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+SWAPS = 1200
+KILLS = 3
+
+
+@pytest.mark.timeout(300)
+async def test_sigkill_at_random_moments_loses_and_duplicates_nothing(
+    fault_kit: FaultKit, process_logs: None
+) -> None:
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    print(f"\nsigkill: random seed {seed}")
+    devices = await fault_kit.seed(SWAPS)
+    # Some platform latency so the run is long enough to be interrupted in the middle.
+    await fault_kit.control.inject_latency(0.05, operation="refresh_key", times=-1)
+    service = fault_kit.process(instance="k0", max_concurrency=32)
+    reader = await fault_kit.start_reader()
+    await service.start_ready()
+    inputs = await fault_kit.produce_swaps(devices)
+
+    killed_at: list[int] = []
+    for k in range(KILLS):
+        # The kill moment: after a random share of the outcomes is committed, plus a random
+        # short delay (it picks the moment; nothing waits on it).
+        share = (k + 1) / (KILLS + 1) + rng.uniform(-0.08, 0.08)
+        await reader.wait_for(int(SWAPS * share * 0.8), timeout=120)
+        await asyncio.sleep(rng.uniform(0.0, 0.4))
+        await service.kill()
+        killed_at.append(reader.count)
+        print(f"sigkill: kill #{k + 1} after {reader.count} committed outcomes")
+        await service.start_ready()
+
+    await reader.wait_for(len(inputs), timeout=180)
+    accounting = await fault_kit.finish("sigkill", inputs)
+    print(f"sigkill: kills at committed={killed_at}, starts={service.starts}")
+    assert killed_at[0] < len(inputs), "the first kill came after all the work was done"
+    accounting.assert_clean()
+
+
+@pytest.mark.timeout(300)
+async def test_a_frozen_zombie_is_fenced_by_its_replacement(
+    fault_kit: FaultKit, process_logs: None
+) -> None:
+    """SIGSTOP freezes the process mid-run (a zombie: alive, with work and a transaction open);
+    a replacement with the same instance id fences it. Woken up, the zombie must not commit."""
+    devices = await fault_kit.seed(SWAPS // 2)
+    await fault_kit.control.inject_latency(0.05, operation="refresh_key", times=-1)
+    zombie = fault_kit.process(instance="f0", max_concurrency=32)
+    replacement = fault_kit.process(instance="f0", max_concurrency=32)
+    reader = await fault_kit.start_reader()
+    await zombie.start_ready()
+    inputs = await fault_kit.produce_swaps(devices)
+    await reader.wait_for(len(inputs) // 4, timeout=120)
+    zombie.signal(signal.SIGSTOP)
+    frozen_at = reader.count
+    await replacement.start_ready()
+    await reader.wait_for(frozen_at + 50, timeout=60)
+    zombie.signal(signal.SIGCONT)
+    code = await zombie.wait_exit(60)
+    print(f"\nzombie: frozen after {frozen_at} outcomes; woken, it exited with {code}")
+    assert code == 1, zombie.log_tail()
+    assert "producer fenced" in zombie.log_text()
+
+    await reader.wait_for(len(inputs), timeout=120)
+    accounting = await fault_kit.finish("zombie-fenced", inputs)
+    accounting.assert_clean()
