@@ -67,6 +67,7 @@ class _Waiting:
 SUPERSEDE_HEADER = "rebind-retry-supersede"
 SUPERSEDED_BY_HEADER = "rebind-retry-superseded-by"
 _MAX_SUPERSEDED = 100_000
+_MAX_COMMIT_FAILURES = 30
 
 
 class FatalPipelineError(Exception):
@@ -276,6 +277,9 @@ class Pipeline:
             if waiting.timer is not None:
                 waiting.timer.cancel()
         self._waiting.clear()
+        # Finish what is running; what is queued has not touched the platform and is redone
+        # after the restart, so stopping does not wait for a whole buffer of work.
+        self._scheduler.close()
         drained = await self._scheduler.join(self._drain_timeout)
         if not drained:
             log.warning("drain timed out; unfinished work is left for redelivery")
@@ -532,19 +536,32 @@ class Pipeline:
 
     async def _commit_loop(self) -> None:
         interval = self._kafka.commit_interval_ms / 1000
+        failures = 0
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._flush_now.wait(), interval)
             self._flush_now.clear()
             try:
                 await self._commit()
+                failures = 0
             except FatalPipelineError as exc:
-                self._fatal = exc
-                self._stopping.set()
+                self._fail(exc)
                 return
-            except Exception:
+            except Exception as exc:
+                failures += 1
+                if failures >= _MAX_COMMIT_FAILURES:
+                    # The producer is in a state it does not leave (e.g. fenced mid-commit):
+                    # stop, so the orchestrator restarts a clean instance; nothing is lost.
+                    self._fail(
+                        FatalPipelineError(f"{failures} transactions in a row failed: {exc}")
+                    )
+                    return
                 log.exception("transaction failed; retrying with the next commit")
                 await asyncio.sleep(min(5.0, interval * 5))
+
+    def _fail(self, exc: FatalPipelineError) -> None:
+        self._fatal = exc
+        self._stopping.set()
 
     async def _commit(self) -> None:
         """Produce the outputs of every finished prefix and commit its offsets, atomically."""
@@ -634,14 +651,10 @@ class Pipeline:
             if result is not None:
                 await result
 
-    async def partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        """Settle the revoked partitions' work before they move: finish, or leave uncommitted."""
-        ours = [tp for tp in revoked if tp in self._trackers]
-        if not ours:
-            return
-        # Deferred swaps waiting for their due time stay uncommitted: the next owner reads them
-        # again from the retry topic.
-        parked = dict.fromkeys(ours, 0)
+    def _unpark(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
+        """Forget the deferred swaps of moving partitions; they stay uncommitted and the next
+        owner reads them again from the retry topic. Returns how many per partition."""
+        parked = dict.fromkeys(partitions, 0)
         for device, waiting in list(self._waiting.items()):
             if waiting.tp in parked:
                 if waiting.timer is not None:
@@ -649,6 +662,14 @@ class Pipeline:
                 del self._waiting[device]
                 parked[waiting.tp] += 1
         self._metrics.deferred_events.set(len(self._waiting))
+        return parked
+
+    async def partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        """Settle the revoked partitions' work before they move: finish, or leave uncommitted."""
+        ours = [tp for tp in revoked if tp in self._trackers]
+        if not ours:
+            return
+        parked = self._unpark(ours)
         loop = asyncio.get_running_loop()
         # The group waits for this member's rejoin only for the rebalance timeout (= the session
         # timeout: the consumer sets no other). A member that drains longer is dropped from the
@@ -664,6 +685,8 @@ class Pipeline:
                 await asyncio.wait_for(self._progress.wait(), remaining)
         try:
             await self._commit()
+        except FatalPipelineError as exc:
+            self._fail(exc)
         except Exception:
             log.exception("commit at revocation failed; the new owner redoes the work")
             self._carry_offsets = {}

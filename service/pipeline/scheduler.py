@@ -26,6 +26,11 @@ class KeyedScheduler:
         self._queues: dict[str, deque[Job]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._running = 0
+        self._closing = False
+
+    def close(self) -> None:
+        """Start no new job: those running finish, those queued are left (never started)."""
+        self._closing = True
 
     def submit(self, key: str, job: Job) -> None:
         queue = self._queues.get(key)
@@ -40,16 +45,18 @@ class KeyedScheduler:
     async def _drain(self, key: str) -> None:
         queue = self._queues[key]
         try:
-            while queue:
+            while queue and not self._closing:
                 job = queue[0]
                 async with self._slots:
+                    if self._closing:
+                        break
                     self._running += 1
                     try:
                         await job()
                     except asyncio.CancelledError:
                         raise
                     except Exception:  # a job reports its own failures; never stop the key
-                        log.exception("job failed", key_hash=hash(key) & 0xFFFF)
+                        log.exception("job failed", key=key)
                     finally:
                         self._running -= 1
                 queue.popleft()
