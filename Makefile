@@ -26,8 +26,9 @@ kafka: ## resolve the Apache Kafka broker jars with Maven (cached in .cache/kafk
 	bash deploy/local/kafka.sh fetch
 
 .PHONY: tools
-tools: ## build helm and install promtool/prometheus (cached)
+tools: ## build helm and docker-compose from the Go module proxy, install promtool/prometheus (cached)
 	bash scripts/install-helm.sh
+	bash scripts/install-compose.sh
 	bash scripts/install-prometheus.sh
 
 .PHONY: deps

@@ -16,6 +16,7 @@ from service.httpserver import OpsServer
 from service.metrics import Metrics
 from service.pipeline.runner import FatalPipelineError, Pipeline
 from service.platform import PlatformClient, RateBudget, TokenManager
+from service.platform.shared_token import SharedTokenProvider
 
 log = structlog.get_logger(__name__)
 
@@ -28,7 +29,11 @@ class Service:
         self.metrics = metrics or Metrics()
         p = settings.platform
         self.budget = RateBudget(p.rate_limit_per_minute, metrics=self.metrics)
-        self.client = PlatformClient(p, self.metrics, self.budget)
+        # One token holder per application (docs/tokens.md): the owner of input partition 0.
+        self.tokens = SharedTokenProvider(
+            p, settings.kafka, settings.topics.token, self.metrics, self.budget
+        )
+        self.client = PlatformClient(p, self.metrics, self.budget, tokens=self.tokens)
         self.handler = RebindHandler(settings, self.client, self.metrics)
         self.pipeline = Pipeline(
             settings.kafka,
@@ -51,6 +56,10 @@ class Service:
         share = max(mine / total, 1e-6) if total else 1.0
         self.budget.set_share(share)
         log.info("rate budget share", partitions=mine, of=total, share=round(share, 3))
+        input_topic = self.settings.topics.device_swapped
+        self.tokens.set_holder(
+            any(tp.topic == input_topic and tp.partition == 0 for tp in self.pipeline.assigned())
+        )
 
     def alive(self) -> bool:
         return time.monotonic() - self._heartbeat < 30
@@ -61,7 +70,7 @@ class Service:
         if not self._assigned_once:
             return False, "kafka: waiting for the consumer group to assign partitions"
         tokens = self.client.tokens
-        if isinstance(tokens, TokenManager) and not tokens.healthy():
+        if isinstance(tokens, TokenManager | SharedTokenProvider) and not tokens.healthy():
             return False, "platform: no valid token and the last login failed"
         return True, "ready"
 
@@ -74,9 +83,11 @@ class Service:
         beat = asyncio.create_task(self._beat(), name="heartbeat")
         await self.ops.start()
         try:
+            await self.tokens.start()
             await self.pipeline.run()
         finally:
             beat.cancel()
+            await self.tokens.aclose()
             await self.client.aclose()
             await self.budget.aclose()
             await self.ops.stop()

@@ -1,0 +1,312 @@
+"""SharedTokenProvider without Kafka: the record codec, followers that never log in, the holder."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import pytest
+from pydantic import SecretStr
+from structlog.testing import capture_logs
+
+from service.config import KafkaSettings, PlatformSettings
+from service.metrics import Metrics
+from service.platform.budget import RateBudget
+from service.platform.shared_token import (
+    InvalidRecordError,
+    SharedToken,
+    SharedTokenProvider,
+    TokenCodec,
+    fingerprint,
+)
+from service.platform.tokens import TokenError
+from tests.support.waiting import wait_until
+
+APP = "app-1"
+SECRET = "s3cret-value"
+KEY = b"group-1/app-1"
+
+
+def _token(
+    access: str = "tok-A", *, ttl: float = 3600, renew_in: float | None = None
+) -> SharedToken:
+    now = time.time()
+    return SharedToken(
+        access=access,
+        refresh="refresh-A",
+        issued_at=now,
+        expires_at=now + ttl,
+        renew_at=now + (renew_in if renew_in is not None else ttl - 300),
+        holder="i9",
+    )
+
+
+# ---------------------------------------------------------------------- codec
+def test_codec_roundtrip_and_a_fresh_nonce_per_record() -> None:
+    codec = TokenCodec(APP, SECRET)
+    tok = _token()
+    one, two = codec.encode_token(tok, KEY), codec.encode_token(tok, KEY)
+    assert one != two  # random nonce
+    assert tok.access.encode() not in one
+    assert SECRET.encode() not in one
+    assert codec.decode_token(one, KEY) == tok
+    assert "tok-A" not in repr(tok)
+
+
+@pytest.mark.parametrize(
+    "reader",
+    [
+        TokenCodec(APP, "another-secret"),  # wrong secret: wrong key
+        TokenCodec("app-2", SECRET),  # another application
+    ],
+)
+def test_a_record_under_another_key_fails_closed(reader: TokenCodec) -> None:
+    value = TokenCodec(APP, SECRET).encode_token(_token(), KEY)
+    with pytest.raises(InvalidRecordError):
+        reader.decode_token(value, KEY)
+
+
+def test_a_record_moved_to_another_record_key_or_tampered_fails_closed() -> None:
+    codec = TokenCodec(APP, SECRET)
+    value = codec.encode_token(_token(), KEY)
+    with pytest.raises(InvalidRecordError):
+        codec.decode_token(value, b"group-2/app-1")
+    tampered = value[:-1] + bytes([value[-1] ^ 1])
+    with pytest.raises(InvalidRecordError):
+        codec.decode_token(tampered, KEY)
+    for bad in (None, b"", b"\x02" + value[1:], b"\x01short"):
+        with pytest.raises(InvalidRecordError):
+            codec.decode_token(bad, KEY)
+
+
+# ---------------------------------------------------------------------- provider
+@dataclass
+class FakePlatform:
+    """Counts login/refreshToken calls; answers with numbered tokens."""
+
+    ttl: int = 3600
+    calls: list[str] = field(default_factory=list)
+
+    def handler(self, request: httpx.Request) -> httpx.Response:
+        op = "login" if request.url.path.endswith("/login") else "refresh_token"
+        self.calls.append(op)
+        n = len(self.calls)
+        return httpx.Response(
+            200,
+            json={
+                "accessToken": f"access-{n}",
+                "refreshToken": f"refresh-{n}",
+                "expiresIn": self.ttl,
+                "tokenType": "bearer",
+            },
+        )
+
+
+@dataclass
+class Rig:
+    platform: FakePlatform
+    published: list[tuple[bytes, bytes]]
+    metrics: Metrics
+    make: Callable[..., SharedTokenProvider]
+    codec: TokenCodec
+
+
+@pytest.fixture
+async def rig() -> AsyncIterator[Rig]:
+    platform = FakePlatform()
+    published: list[tuple[bytes, bytes]] = []
+    metrics = Metrics()
+    budget = RateBudget(100_000, metrics=metrics)
+    providers: list[SharedTokenProvider] = []
+    clients: list[httpx.AsyncClient] = []
+
+    async def publish(key: bytes, value: bytes) -> None:
+        published.append((key, value))
+
+    def make(
+        instance: str = "i0", *, wait: float = 0.3, takeover: float = 600, **extra: Any
+    ) -> SharedTokenProvider:
+        settings = PlatformSettings(
+            base_url="https://iot.invalid:8743",
+            app_id=APP,
+            secret=SecretStr(SECRET),
+            token_takeover_seconds=takeover,
+            **extra,
+        )
+        http = httpx.AsyncClient(
+            base_url="https://iot.invalid:8743", transport=httpx.MockTransport(platform.handler)
+        )
+        clients.append(http)
+        provider = SharedTokenProvider(
+            settings,
+            KafkaSettings(group_id="group-1", instance_id=instance),
+            "token-topic",
+            metrics,
+            budget,
+            http=http,
+            wait_seconds=wait,
+            publish=publish,
+        )
+        providers.append(provider)
+        return provider
+
+    yield Rig(platform, published, metrics, make, TokenCodec(APP, SECRET))
+    for provider in providers:
+        await provider.aclose()
+    for http in clients:
+        await http.aclose()
+    await budget.aclose()
+
+
+def _gauge(metrics: Metrics) -> float | None:
+    return metrics.registry.get_sample_value("rebind_platform_token_valid")
+
+
+async def test_a_follower_uses_the_shared_token_and_never_logs_in(rig: Rig) -> None:
+    follower = rig.make()
+    with pytest.raises(TokenError):  # nothing shared yet: it waits, then gives up (no login)
+        await follower.get()
+    assert _gauge(rig.metrics) == 0.0
+    follower.receive(KEY, rig.codec.encode_token(_token("tok-A"), KEY))
+    assert await follower.get() == "tok-A"
+    assert _gauge(rig.metrics) == 1.0
+
+    # refused: it tells the holder (a fingerprint, not the token) and waits for another token
+    waiter = asyncio.create_task(follower.invalidated("tok-A"))
+    await asyncio.sleep(0.05)
+    assert not waiter.done()
+    follower.receive(KEY, rig.codec.encode_token(_token("tok-B"), KEY))
+    assert await waiter == "tok-B"
+    assert {k for k, _ in rig.published} == {KEY + b"/need", KEY + b"/refused"}
+    [(key, value)] = [(k, v) for k, v in rig.published if k.endswith(b"/refused")]
+    assert b"tok-A" not in value
+    assert rig.codec.decrypt(value, key)["fingerprint"] == fingerprint("tok-A")
+
+    with pytest.raises(TokenError):  # refused and nothing newer: still no login
+        await follower.invalidated("tok-B")
+    assert rig.platform.calls == []
+
+
+async def test_a_record_under_another_secret_is_ignored_and_logged_without_contents(
+    rig: Rig,
+) -> None:
+    follower = rig.make()
+    follower.receive(KEY, rig.codec.encode_token(_token("tok-A"), KEY))
+    forged = TokenCodec(APP, "not-the-secret").encode_token(_token("tok-EVIL"), KEY)
+    with capture_logs() as logs:
+        follower.receive(KEY, forged, offset=7)
+        follower.receive(b"group-2/app-1", forged, offset=8)  # another group's: skipped quietly
+    assert await follower.get() == "tok-A"
+    [entry] = logs
+    assert entry["event"] == "token_record_ignored"
+    assert entry["offset"] == 7
+    assert "tok" not in json.dumps(entry, default=str).replace("token_record", "")
+
+
+async def test_a_follower_pauses_at_renew_time_then_falls_back_to_the_old_token(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("service.platform.shared_token.HANDOVER_WAIT_SECONDS", 0.2)
+    follower = rig.make(wait=2)
+    follower.receive(KEY, rig.codec.encode_token(_token("tok-A", renew_in=0), KEY))
+    started = time.monotonic()
+    waiter = asyncio.create_task(follower.get())
+    await asyncio.sleep(0.05)
+    follower.receive(KEY, rig.codec.encode_token(_token("tok-B"), KEY))
+    assert await waiter == "tok-B"  # the holder's renewal arrived while it paused
+
+    follower.receive(KEY, rig.codec.encode_token(_token("tok-C", renew_in=0), KEY))
+    assert await follower.get() == "tok-C"  # no renewal came: the unexpired token is used
+    assert time.monotonic() - started < 1.5
+    assert rig.platform.calls == []
+
+
+async def test_the_holder_logs_in_once_and_publishes_the_token_encrypted(rig: Rig) -> None:
+    holder = rig.make()
+    holder.set_holder(True)
+    tokens = await asyncio.gather(*(holder.get() for _ in range(20)))
+    assert set(tokens) == {"access-1"}
+    assert rig.platform.calls == ["login"]
+    assert _gauge(rig.metrics) == 1.0
+    await _until(lambda: len(rig.published) == 1)
+    key, value = rig.published[0]
+    assert key == KEY
+    assert b"access-1" not in value
+    shared = rig.codec.decode_token(value, KEY)
+    assert (shared.access, shared.refresh, shared.holder) == ("access-1", "refresh-1", "i0")
+    assert shared.renew_at == pytest.approx(shared.expires_at - 300, abs=1)
+
+    # a follower refused the holder's current token: one login, published
+    holder.receive(
+        KEY + b"/refused",
+        rig.codec.encrypt({"fingerprint": fingerprint("access-1")}, KEY + b"/refused"),
+    )
+    await _until(lambda: len(rig.published) == 2)
+    assert rig.platform.calls == ["login", "login"]
+    assert rig.codec.decode_token(rig.published[1][1], KEY).access == "access-2"
+
+
+async def test_a_new_holder_adopts_a_valid_token_and_claims_it_without_logging_in(
+    rig: Rig,
+) -> None:
+    provider = rig.make()
+    provider.receive(KEY, rig.codec.encode_token(_token("tok-A"), KEY))
+    provider.set_holder(True)
+    assert await provider.get() == "tok-A"
+    await _until(lambda: len(rig.published) == 1)
+    claim = rig.codec.decode_token(rig.published[0][1], KEY)
+    assert (claim.access, claim.holder) == ("tok-A", "i0")
+    assert rig.platform.calls == []
+
+
+async def test_a_new_holder_renews_an_expired_token_with_its_refresh_token(rig: Rig) -> None:
+    provider = rig.make()
+    provider.receive(KEY, rig.codec.encode_token(_token("tok-A", ttl=-5, renew_in=-10), KEY))
+    provider.set_holder(True)
+    assert await provider.get() == "access-1"
+    assert rig.platform.calls == ["refresh_token"]
+
+
+async def test_a_starving_follower_takes_over_once_and_steps_back_for_a_holder(rig: Rig) -> None:
+    follower = rig.make(wait=5, takeover=1)
+    results = await asyncio.gather(*(follower.get() for _ in range(10)))
+    assert set(results) == {"access-1"}
+    assert rig.platform.calls == ["login"]
+    assert follower.takeovers == 1
+    assert follower.is_holder
+    # another replica publishes: the acting holder goes back to following
+    follower.receive(KEY, rig.codec.encode_token(_token("tok-H"), KEY))
+    assert not follower.is_holder
+    assert await follower.get() == "tok-H"
+    assert rig.platform.calls == ["login"]
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    await wait_until(condition, timeout=3, what="the token to be published")
+
+
+async def test_a_cancelled_waiter_is_not_left_running(rig: Rig) -> None:
+    follower = rig.make(wait=30)
+    waiter = asyncio.create_task(follower.get())
+    await asyncio.sleep(0.05)
+    # the token arrives in the same loop turn as the cancellation: the cancellation still wins
+    follower.receive(KEY, rig.codec.encode_token(_token("tok-A"), KEY))
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(waiter, 2)
+
+
+async def test_a_holder_without_a_token_logs_in_only_when_someone_needs_one(rig: Rig) -> None:
+    holder = rig.make()
+    holder.set_holder(True)
+    await asyncio.sleep(0.1)
+    assert rig.platform.calls == []  # nobody asked: a wrong secret shows at the first swap
+    holder.receive(KEY + b"/need", rig.codec.encrypt({"by": "i1"}, KEY + b"/need"))
+    await _until(lambda: len(rig.published) == 1)
+    assert rig.platform.calls == ["login"]
+    assert rig.codec.decode_token(rig.published[0][1], KEY).access == "access-1"
