@@ -61,8 +61,16 @@ async def test_sigterm_drains_commits_and_exits_and_a_second_signal_exits_at_onc
     assert committed == reader.count > 0
 
     await fault_kit.start_reader()  # the reader above was stopped by read_to_end
+    # Slow calls now, so the drain of the first signal is still going when the second comes.
+    await control.clear_faults()
+    await control.inject_latency(8, operation="refresh_key", times=-1)
+    before = len(await control.calls(operation="refresh_key"))
     await service.start_ready()
-    await wait_until(window_full, 30, "PUTs in flight again")
+
+    async def slow_calls_in_flight() -> bool:
+        return len(await control.calls(operation="refresh_key")) >= before + 8
+
+    await wait_until(slow_calls_in_flight, 30, "slow PUTs in flight")
     service.signal(signal.SIGTERM)
     # The second signal once the first is handled (two signals sent back to back can reach the
     # process as one: the kernel does not queue standard signals).
