@@ -44,7 +44,7 @@ REFRESH_KEY_PATH: Final = "/iocm/app/reg/v1.1.0/deviceCredentials/{device_id}"
 QUERY_DEVICE_PATH: Final = "/iocm/app/dm/v1.4.0/devices/{device_id}"
 CONNECT_TIMEOUT_MAX_SECONDS: Final = 5.0
 KEEPALIVE_EXPIRY_SECONDS: Final = 30.0
-CONNECTIONS_PER_POOL: Final = 8
+CONNECTIONS_PER_POOL: Final = 4
 
 
 @dataclass(frozen=True, slots=True)
