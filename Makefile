@@ -30,6 +30,7 @@ tools: ## build helm and docker-compose from the Go module proxy, install promto
 	bash scripts/install-helm.sh
 	bash scripts/install-compose.sh
 	bash scripts/install-prometheus.sh
+	bash scripts/install-shellcheck.sh
 
 .PHONY: deps
 deps: venv kafka tools ## everything the tests and the demo need

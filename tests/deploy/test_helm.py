@@ -310,8 +310,6 @@ def test_prometheus_rule_embeds_the_alerts_file(all_features: list[Manifest]) ->
 
 
 def test_alerts_copy_matches_source() -> None:
-    if not ALERTS_SOURCE.exists():
-        pytest.skip(f"{ALERTS_SOURCE.relative_to(REPO)} does not exist yet (placeholder in use)")
     assert ALERTS_COPY.read_bytes() == ALERTS_SOURCE.read_bytes(), (
         f"copy {ALERTS_SOURCE.relative_to(REPO)} to {ALERTS_COPY.relative_to(REPO)}"
     )

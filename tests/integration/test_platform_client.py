@@ -31,6 +31,7 @@ from service.platform import (
     rebind,
 )
 from tests.fixtures.simulator import SimulatorHandle
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -185,7 +186,7 @@ async def test_token_refreshed_ahead_of_expiry(make_harness: Factory, sim: Simul
     while time.monotonic() < stop:
         i += 1
         assert isinstance(await h.swap("r-1", f"N-{i}"), Succeeded)
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.2)  # pacing the calls over several token lifetimes, not waiting
     calls = await sim.control.calls()
     assert not [c for c in calls if c["error_code"] == "1010005"]
     stats = await sim.control.stats()
@@ -455,9 +456,13 @@ async def test_read_timeout_is_reconciled_and_the_repeat_is_the_same_call(
     assert isinstance(res, Succeeded)
     assert res.attempts == 2  # timed out (query: not yet applied), then the same call again
     assert h.requests("refresh_device_key", "none", "TIMEOUT") == 1
-    await asyncio.sleep(1.2)  # the slow first call lands too: the same pair, one credential
-    dev = await sim.control.device("lat-1")
-    assert dev["applied_pairs"] == [["NEW", "NEW"]]
+
+    async def both_applied() -> dict[str, Any]:  # the slow first call lands too
+        dev = await sim.control.device("lat-1")
+        return dev if len(dev["history"]) >= 2 else {}
+
+    dev = await wait_until(both_applied, timeout=10, what="the slow first call applied")
+    assert dev["applied_pairs"] == [["NEW", "NEW"]]  # the same pair: one credential
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ import pytest
 
 from tests.fixtures.simulator import SimulatorHandle, client_ssl_context
 from tests.simulator import SimulatorControl, SimulatorProcess
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -634,9 +635,12 @@ async def test_online_goes_offline_after_delay(
     await sim.control.go_offline_after("d1", 0.3)
     status = (await http.get(f"{DEVICES}/d1", headers=hdrs)).json()["deviceInfo"]["status"]
     assert status == "ONLINE"
-    await asyncio.sleep(0.4)
-    status = (await http.get(f"{DEVICES}/d1", headers=hdrs)).json()["deviceInfo"]["status"]
-    assert status == "OFFLINE"
+
+    async def offline() -> bool:
+        got = (await http.get(f"{DEVICES}/d1", headers=hdrs)).json()["deviceInfo"]["status"]
+        return bool(got == "OFFLINE")
+
+    await wait_until(offline, timeout=5, what="d1 offline after 0.3 s")
     assert (await put_key(http, "d1", {"nodeId": "N2"}, hdrs)).status_code == 200
     # the simulator clock works too
     await sim.control.go_online_after("d1", 600)
