@@ -12,6 +12,7 @@ import pytest
 
 from tests.fixtures.simulator import SimulatorHandle, client_ssl_context
 from tests.simulator import SimulatorControl, SimulatorProcess
+from tests.support.reference import REFRESH_ROWS
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
@@ -410,24 +411,7 @@ async def test_refresh_key_error_rows(sim: Sim, http: Http, row: Row) -> None:
 
 
 async def test_all_sixteen_table_rows_are_covered() -> None:
-    table = {
-        (200, "100217"),
-        (400, "100003"),
-        (400, "100007"),
-        (400, "100426"),
-        (400, "100610"),
-        (400, "100611"),
-        (400, "50400"),
-        (401, "100025"),
-        (403, "100203"),
-        (403, "100217"),
-        (403, "1010009"),
-        (403, "1010005"),
-        (404, "100403"),
-        (404, "100418"),
-        (500, "100203"),
-        (500, "50252"),
-    }
+    table = set(REFRESH_ROWS)
     assert {(r.status, r.code) for r in ROWS} == table
 
 

@@ -17,28 +17,10 @@ from service.platform.errors import (
     classify,
     parse_error_body,
 )
+from tests.support.reference import REFRESH_ROWS
 
 CONTRACT_CATEGORIES = {c.value for c in Category}
 
-# (HTTP status, code) of every row of the refresh call in the reference: all 16.
-REFRESH_ROWS = [
-    (200, "100217"),
-    (400, "100003"),
-    (400, "100007"),
-    (400, "100426"),
-    (400, "100610"),
-    (400, "100611"),
-    (400, "50400"),
-    (401, "100025"),
-    (403, "100203"),
-    (403, "100217"),
-    (403, "1010009"),
-    (403, "1010005"),
-    (404, "100403"),
-    (404, "100418"),
-    (500, "100203"),
-    (500, "50252"),
-]
 LOGIN_ROWS = [(400, "100247"), (400, "102202"), (401, "100208"), (500, "50252")]
 REFRESH_TOKEN_ROWS = [
     (400, "100247"),
