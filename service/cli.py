@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from datetime import datetime
 
-from service import __version__
+from service import __version__, logs
 from service.config import ConfigError, load_kafka_settings, load_settings, masked
 from service.events import parse_rfc3339
 
@@ -90,6 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"device-rebind: {exc}", file=sys.stderr)
         return 2
+    logs.register_settings_secrets(settings)  # masked in every log line from now on
     if command == "check-config":
         effective = masked(settings)
         if args.format == "json":

@@ -2,39 +2,165 @@
 
 Context about the event being worked on (topic, partition, offset, device_id, event_id) is bound
 with contextvars by the pipeline, so every line about an event carries it.
+
+Secrets never reach a log line. The code never passes one to a logger; exceptions are rendered
+without frame locals (a traceback's locals hold the app secret, httpx's form data and the
+``Authorization`` header); and, as a second line of defence, every rendered line goes through
+:func:`redact`, which masks the values registered with :func:`register_secret` (the settings'
+secrets, every access and refresh token the service obtains) wherever they appear, ``Bearer <x>``,
+``secret=<x>`` / ``"secret": "<x>"`` and the like, and the values of secret-named keys.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import re
 import sys
-from typing import Any
+import threading
+from collections.abc import Mapping, MutableMapping
+from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 import structlog
+from pydantic import SecretStr
+from structlog.tracebacks import ExceptionDictTransformer
 
 from service.config import LogSettings
 
-# Keys whose values are secrets wherever they appear; a last line of defence, not the plan:
-# the code never passes secrets to a logger in the first place.
-_SECRET_KEYS = frozenset(
+if TYPE_CHECKING:
+    from service.config import Settings
+
+MASK: Final = "**********"
+
+# Keys whose values are secrets wherever they appear (compared case-insensitively).
+_SECRET_KEYS: Final = frozenset(
     {
         "secret",
         "password",
+        "passwd",
         "token",
         "access_token",
+        "accesstoken",
         "refresh_token",
+        "refreshtoken",
         "authorization",
+        "proxy-authorization",
         "sasl_password",
+        "sasl_plain_password",
     }
 )
 
+MIN_SECRET_CHARS: Final = 8
+"""Shorter values are not registered: masking them everywhere would garble every line."""
+MAX_REGISTERED_SECRETS: Final = 256
+"""The registry keeps this many values, dropping the oldest (tokens are renewed every hour)."""
 
-def _redact(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
-    for key in event_dict.keys() & _SECRET_KEYS:
-        event_dict[key] = "**********"
+_MAX_DEPTH: Final = 32
+
+_registry: dict[str, None] = {}  # insertion-ordered set
+_registry_lock = threading.Lock()
+_registry_pattern: re.Pattern[str] | None = None
+
+_BEARER: Final = re.compile(r"(?i)\b(bearer\s+)[^\s\"',;)\]}]+")
+_KEY_NAMES: Final = (
+    r"(?:sasl_)?pass(?:word|wd)|secret|(?:access|refresh)[_-]?token|token|"
+    r"(?:proxy-)?authorization|x-auth-token"
+)
+# ``secret=<x>`` (forms, query strings, reprs), ``"secret": "<x>"`` (JSON, dict reprs). The value
+# is a quoted string or runs to the next separator.
+_KEY_VALUE: Final = re.compile(
+    r"(?i)(?<![A-Za-z0-9])([\"']?(?:" + _KEY_NAMES + r")[\"']?\s*[:=]\s*)"
+    r"(\"(?:[^\"\\]|\\.)*\"|'(?:[^'\\]|\\.)*'|[^\s&,;\"')\]}]+)"
+)
+
+
+def register_secret(value: str | SecretStr | None) -> None:
+    """Mask ``value`` wherever it appears in a log line from now on.
+
+    Values shorter than :data:`MIN_SECRET_CHARS` are ignored; at most
+    :data:`MAX_REGISTERED_SECRETS` values are kept (the oldest are forgotten first).
+    """
+    global _registry_pattern  # noqa: PLW0603 - the process-wide registry
+    text = value.get_secret_value() if isinstance(value, SecretStr) else value
+    if not text or len(text) < MIN_SECRET_CHARS:
+        return
+    with _registry_lock:
+        if text in _registry:
+            return
+        _registry[text] = None
+        while len(_registry) > MAX_REGISTERED_SECRETS:
+            del _registry[next(iter(_registry))]
+        ordered = sorted(_registry, key=len, reverse=True)  # the longest first
+        _registry_pattern = re.compile("|".join(re.escape(v) for v in ordered))
+
+
+def register_settings_secrets(settings: Settings) -> None:
+    """Register every secret of the configuration (app secret, SASL password)."""
+    register_secret(settings.platform.secret)
+    register_secret(settings.kafka.sasl_password)
+
+
+def _forget_secrets() -> None:
+    """Empty the registry (tests)."""
+    global _registry_pattern  # noqa: PLW0603 - the process-wide registry
+    with _registry_lock:
+        _registry.clear()
+        _registry_pattern = None
+
+
+def _mask_key_value(match: re.Match[str]) -> str:
+    value = match.group(2)
+    quote = value[0] if value[0] in "\"'" else ""
+    return f"{match.group(1)}{quote}{MASK}{quote}"
+
+
+def redact_text(text: str) -> str:
+    """``text`` with registered secrets and secret-looking assignments masked."""
+    pattern = _registry_pattern
+    if pattern is not None:
+        text = pattern.sub(MASK, text)
+    if "earer" in text or "EARER" in text:
+        text = _BEARER.sub(lambda m: m.group(1) + MASK, text)
+    return _KEY_VALUE.sub(_mask_key_value, text)
+
+
+def _redact_value(value: Any, depth: int = 0) -> Any:  # noqa: PLR0911 - one case per type
+    if isinstance(value, str):
+        return redact_text(value)
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    if depth > _MAX_DEPTH:  # a pathological structure: keep nothing of it
+        return MASK
+    if isinstance(value, Mapping):
+        return {
+            k: (MASK if _is_secret_key(k) and v else _redact_value(v, depth + 1))
+            for k, v in value.items()
+        }
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_redact_value(v, depth + 1) for v in value]
+    if isinstance(value, bytes | bytearray):
+        return redact_text(bytes(value).decode("utf-8", "replace"))
+    text = repr(value)  # what the renderer falls back on for unknown types
+    masked = redact_text(text)
+    return value if masked == text else masked
+
+
+def _is_secret_key(key: object) -> bool:
+    return isinstance(key, str) and key.lower() in _SECRET_KEYS
+
+
+def redact(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """structlog processor: the last step before rendering (after exceptions are rendered)."""
+    for key, value in event_dict.items():
+        event_dict[key] = MASK if _is_secret_key(key) and value else _redact_value(value)
     return event_dict
+
+
+# Tracebacks without frame locals (structlog's default shows them).
+_dict_tracebacks: Final = structlog.processors.ExceptionRenderer(
+    ExceptionDictTransformer(show_locals=False)
+)
 
 
 def _orjson_dumps(obj: Any, default: Any = None) -> bytes:
@@ -45,52 +171,59 @@ def _orjson_dumps_str(obj: Any, default: Any = None) -> str:
     return orjson.dumps(obj, default=default).decode()
 
 
-def configure(settings: LogSettings, *, stream: Any = None) -> None:
-    level = logging.getLevelName(settings.level)
+def configure(
+    settings: LogSettings | Settings, *, stream: Any = None, secrets: Settings | None = None
+) -> None:
+    """Set up structlog and the standard library's logging.
+
+    Given the whole :class:`~service.config.Settings` (as ``settings`` or ``secrets``), its
+    secrets are registered for redaction first.
+    """
+    if isinstance(settings, LogSettings):
+        log_settings = settings
+    else:
+        log_settings = settings.log
+        register_settings_secrets(settings)
+    if secrets is not None:
+        register_settings_secrets(secrets)
+    level = logging.getLevelName(log_settings.level)
     out: Any = stream if stream is not None else sys.stdout
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
-        _redact,
     ]
-    if settings.format == "console":
-        processors = [
-            *shared,
-            structlog.processors.format_exc_info,
-            structlog.dev.ConsoleRenderer(colors=out.isatty() if hasattr(out, "isatty") else False),
-        ]
+    console = log_settings.format == "console"
+    exceptions: Any = structlog.processors.format_exc_info if console else _dict_tracebacks
+    if console:
+        renderer: Any = structlog.dev.ConsoleRenderer(
+            colors=out.isatty() if hasattr(out, "isatty") else False
+        )
         factory: Any = structlog.PrintLoggerFactory(out)
     elif hasattr(out, "buffer") or not isinstance(out, io.TextIOBase):  # bytes underneath
-        processors = [
-            *shared,
-            structlog.processors.dict_tracebacks,
-            structlog.processors.JSONRenderer(serializer=_orjson_dumps),
-        ]
+        renderer = structlog.processors.JSONRenderer(serializer=_orjson_dumps)
         factory = structlog.BytesLoggerFactory(out.buffer if hasattr(out, "buffer") else out)
     else:  # a text stream with no binary buffer underneath (io.StringIO): write str
-        processors = [
-            *shared,
-            structlog.processors.dict_tracebacks,
-            structlog.processors.JSONRenderer(serializer=_orjson_dumps_str),
-        ]
+        renderer = structlog.processors.JSONRenderer(serializer=_orjson_dumps_str)
         text_out: Any = out
         factory = structlog.WriteLoggerFactory(text_out)
     structlog.configure(
-        processors=processors,
+        processors=[*shared, exceptions, redact, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=factory,
         cache_logger_on_first_use=True,
     )
     # Libraries log through the standard library: keep them quiet unless something is wrong,
-    # and send them through the same renderer.
+    # and send them through the same steps (exceptions without locals, redaction).
     handler = logging.StreamHandler(out)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                exceptions,
+                redact,
                 structlog.processors.JSONRenderer()
-                if settings.format == "json"
+                if not console
                 else structlog.dev.ConsoleRenderer(colors=False),
             ],
             foreign_pre_chain=[

@@ -49,6 +49,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from service import logs
 from service.config import KafkaSettings, PlatformSettings
 from service.metrics import Metrics
 from service.pipeline.runner import FatalPipelineError, kafka_client_options
@@ -118,6 +119,11 @@ class SharedToken:
 
     def __repr__(self) -> str:  # never print the token
         return f"SharedToken(holder={self.holder!r}, expires_at={self.expires_at:.0f})"
+
+    def __post_init__(self) -> None:
+        # A token read from the topic is masked in the logs like one obtained here.
+        logs.register_secret(self.access)
+        logs.register_secret(self.refresh)
 
 
 class InvalidRecordError(Exception):

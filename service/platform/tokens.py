@@ -17,12 +17,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final, Protocol, runtime_checkable
 
 import httpx
 import structlog
 
+from service import logs
 from service.config import PlatformSettings
 from service.metrics import Metrics
 from service.platform.budget import PRIORITY_URGENT, RateBudget
@@ -83,11 +84,16 @@ class TokenError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class _Token:
-    access: str
-    refresh: str | None
+    access: str = field(repr=False)
+    refresh: str | None = field(repr=False)
     obtained_at: float
     expires_at: float
     renew_at: float
+
+    def __post_init__(self) -> None:
+        # Every token the service holds is masked in the logs from the moment it exists.
+        logs.register_secret(self.access)
+        logs.register_secret(self.refresh)
 
 
 class TokenManager:
@@ -106,6 +112,7 @@ class TokenManager:
         self._metrics = metrics
         self._budget = budget
         self._http = http
+        logs.register_secret(settings.secret)
         self._clock = clock
         self._token: _Token | None = None
         self._inflight: asyncio.Future[_Token] | None = None

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Iterator
 from datetime import datetime
+from typing import Literal
 
 import orjson
 import pytest
 import structlog
+from pydantic import SecretStr
 
 from service import logs
-from service.config import LogSettings
+from service.config import KafkaSettings, LogSettings, PlatformSettings, Settings
 from tests.support.logcapture import captured_logs
 
 EVENT_KEYS = ("topic", "partition", "offset", "device_id", "event_id")
@@ -149,3 +152,138 @@ def test_json_to_a_text_stream_with_a_buffer_writes_bytes_underneath() -> None:
     finally:
         structlog.reset_defaults()
         root.handlers[:], root.level = saved[0], saved[1]
+
+
+# ------------------------------------------------------------------ secrets (issue 11, item 1)
+
+
+@pytest.fixture
+def registry() -> Iterator[None]:
+    logs._forget_secrets()
+    try:
+        yield
+    finally:
+        logs._forget_secrets()
+
+
+def _raise_with_a_secret_local() -> None:
+    secret = "local-secret-value-123"
+    form = {"appId": "app", "secret": secret}
+    raise ValueError(f"cannot send {len(form)} fields")
+
+
+@pytest.mark.parametrize("fmt", ["json", "console"])
+def test_tracebacks_carry_no_frame_locals(fmt: Literal["json", "console"]) -> None:
+    with captured_logs(fmt=fmt) as cap:
+        try:
+            _raise_with_a_secret_local()
+        except ValueError:
+            structlog.get_logger("test").exception("failed")
+        try:
+            _raise_with_a_secret_local()
+        except ValueError as exc:
+            logging.getLogger("some.library").error("library failed", exc_info=exc)
+    assert "local-secret-value-123" not in cap.text
+    assert "_raise_with_a_secret_local" in cap.text  # the traceback itself is there
+    if fmt == "json":
+        lines = cap.lines()
+        assert [line["event"] for line in lines] == ["failed", "library failed"]
+        for line in lines:
+            [rendered] = line["exception"]
+            assert rendered["exc_type"] == "ValueError"
+            assert rendered["frames"]
+            assert all("locals" not in frame for frame in rendered["frames"])
+
+
+@pytest.mark.usefixtures("registry")
+@pytest.mark.parametrize("fmt", ["json", "console"])
+def test_registered_secrets_are_masked_wherever_they_appear(
+    fmt: Literal["json", "console"],
+) -> None:
+    logs.register_secret("Reg1stered-Secret-abc")
+    logs.register_secret(SecretStr("Reg1stered-SASL-pw"))
+    logs.register_secret("short")  # too short to be masked everywhere: ignored
+    with captured_logs(fmt=fmt) as cap:
+        log = structlog.get_logger("test")
+        log.info("in the event Reg1stered-Secret-abc", detail="x Reg1stered-SASL-pw y")
+        log.info("nested", ctx={"a": ["Reg1stered-Secret-abc", {"b": "Reg1stered-SASL-pw"}]})
+        try:
+            raise RuntimeError("login with Reg1stered-Secret-abc refused")
+        except RuntimeError:
+            log.exception("failed")
+        logging.getLogger("some.library").warning("library saw %s", "Reg1stered-SASL-pw")
+        log.info("a short word stays", word="short")
+    text = cap.text
+    assert "Reg1stered-Secret-abc" not in text
+    assert "Reg1stered-SASL-pw" not in text
+    assert text.count(logs.MASK) >= 6
+    assert "short" in text
+
+
+@pytest.mark.parametrize(
+    ("raw", "gone"),
+    [
+        ("Authorization: Bearer abc.DEF-123_x", "abc.DEF-123_x"),
+        ("{'authorization': 'Bearer tok123456'}", "tok123456"),
+        ("appId=app-1&secret=s3cr3t%21x&other=1", "s3cr3t%21x"),
+        ('{"appId": "a", "secret": "json-s3cret", "refreshToken": "rt-123"}', "json-s3cret"),
+        ('{"appId": "a", "secret": "json-s3cret", "refreshToken": "rt-123"}', "rt-123"),
+        ("{'secret': 'repr-s3cret', 'x': 1}", "repr-s3cret"),
+        ("access_token=at-999 refresh_token=rt-999", "at-999"),
+        ("access_token=at-999 refresh_token=rt-999", "rt-999"),
+        ("password: hunter2hunter2", "hunter2hunter2"),
+        ('"accessToken":"a-b-c-d"', "a-b-c-d"),
+    ],
+)
+def test_secret_looking_assignments_are_masked(raw: str, gone: str) -> None:
+    masked = logs.redact_text(raw)
+    assert gone not in masked
+    assert logs.MASK in masked
+
+
+@pytest.mark.parametrize(
+    "kept",
+    [
+        "platform_token_obtained expires_in=3600",
+        "token_fp=abc123 error_code=100208",
+        "The app id or secret is wrong; fix the configuration.",
+        "tokens: 3",
+    ],
+)
+def test_ordinary_text_is_left_alone(kept: str) -> None:
+    assert logs.redact_text(kept) == kept
+
+
+@pytest.mark.usefixtures("registry")
+def test_the_registry_is_bounded_and_forgets_the_oldest() -> None:
+    values = [f"token-value-{i:05d}" for i in range(logs.MAX_REGISTERED_SECRETS + 10)]
+    for value in values:
+        logs.register_secret(value)
+    assert logs.redact_text(values[-1]) == logs.MASK
+    assert logs.redact_text(values[0]) == values[0]  # forgotten: the oldest goes first
+
+
+@pytest.mark.usefixtures("registry")
+def test_configure_with_the_settings_registers_their_secrets(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = Settings(
+        platform=PlatformSettings(
+            base_url="https://iot.example.com:8743", app_id="app-1", secret="Settings-S3cret-1"
+        ),
+        kafka=KafkaSettings(sasl_username="u", sasl_password="Settings-SASL-pw"),
+    )
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    stream = io.StringIO()
+    try:
+        logs.configure(settings, stream=stream)
+        structlog.configure(cache_logger_on_first_use=False)
+        structlog.get_logger("test").info("x Settings-S3cret-1 y Settings-SASL-pw z")
+    finally:
+        structlog.reset_defaults()
+        root.handlers[:], root.level = saved[0], saved[1]
+    text = stream.getvalue()
+    assert "Settings-S3cret-1" not in text
+    assert "Settings-SASL-pw" not in text
+    assert orjson.loads(text)["event"] == f"x {logs.MASK} y {logs.MASK} z"
