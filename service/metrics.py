@@ -5,6 +5,7 @@ One ``Metrics`` object per process (tests may build their own on a private regis
 
 from __future__ import annotations
 
+import structlog
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -15,6 +16,8 @@ from prometheus_client import (
 )
 
 from service import __version__
+
+log = structlog.get_logger(__name__)
 
 # The *_created series only double the scrape size.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -28,6 +31,20 @@ OPERATIONS = ("refresh_device_key", "login", "refresh_token", "query_device")
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _WAIT_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _E2E_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0)
+
+
+_RAW_CODE_MAX = 64
+"""Characters of an unlisted error code kept in its log line."""
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _status_label(http_status: int | None) -> str:
+    if http_status is None:
+        return "none"
+    return str(http_status) if 100 <= http_status <= 599 else "other"
 
 
 class Metrics:
@@ -114,11 +131,27 @@ class Metrics:
     def platform_call(
         self, operation: str, http_status: int | None, error_code: str | None, seconds: float
     ) -> None:
-        """Count one platform call and its answer; 1010009 and 100611 have counters of their own."""
+        """Count one platform call and its answer; 1010009 and 100611 have counters of their own.
+
+        The ``error_code`` label is bounded: a code that is neither in the error table nor one of
+        the service's own counts as ``other`` (its raw value is logged at WARNING instead).
+        """
+        # service.platform imports this module: the table is looked up when first needed.
+        from service.platform.errors import OTHER_CODE, metric_code  # noqa: PLC0415
+
+        code_label = metric_code(error_code or None)
+        if code_label == OTHER_CODE:
+            log.warning(
+                "platform_error_code_unlisted",
+                operation=operation,
+                http_status=http_status,
+                error_code=_clip(str(error_code), _RAW_CODE_MAX),
+                label=OTHER_CODE,
+            )
         self.platform_requests.labels(
             operation=operation,
-            http_status=str(http_status) if http_status is not None else "none",
-            error_code=error_code or "none",
+            http_status=_status_label(http_status),
+            error_code=code_label,
         ).inc()
         self.platform_request_duration.labels(operation=operation).observe(max(0.0, seconds))
         if error_code == THROTTLE_CODE:

@@ -24,6 +24,7 @@ from service.config import PlatformSettings
 from service.metrics import Metrics
 from service.platform.budget import PRIORITY_FRESH, RateBudget
 from service.platform.errors import (
+    BAD_SUCCESS_BODY,
     CONNECTION_ERROR,
     THROTTLE_CODE,
     TIMEOUT,
@@ -32,6 +33,7 @@ from service.platform.errors import (
     classify,
     parse_error_body,
     parse_json_object,
+    snippet,
 )
 from service.platform.tokens import TokenError, TokenManager, TokenProvider
 
@@ -180,6 +182,7 @@ class PlatformClient:
             params=self._app_param(req.app_id),
             json=body,
             priority=priority,
+            success_field="verifyCode",
         )
         if not result.ok or result.body is None:
             return result
@@ -229,7 +232,11 @@ class PlatformClient:
         params: dict[str, str],
         json: dict[str, Any] | None,
         priority: int,
+        success_field: str | None = None,
     ) -> CallResult:
+        """One call (after at most one token repeat). ``success_field``: a 2xx counts as success
+        only when its body is a JSON object with this field as a non-empty string; any other 2xx
+        is ambiguous (``BAD_SUCCESS_BODY``, outcome unknown)."""
         stale: str | None = None
         while True:
             await self.budget.acquire(priority)
@@ -248,7 +255,13 @@ class PlatformClient:
                     spec=exc.spec,
                 )
             result = await self._send(
-                operation, method=method, path=path, params=params, json=json, token=token
+                operation,
+                method=method,
+                path=path,
+                params=params,
+                json=json,
+                token=token,
+                success_field=success_field,
             )
             if result.error_code == TOKEN_INVALID_CODE and stale is None:
                 stale = token
@@ -264,6 +277,7 @@ class PlatformClient:
         params: dict[str, str],
         json: dict[str, Any] | None,
         token: str,
+        success_field: str | None = None,
     ) -> CallResult:
         headers = {"app_key": self._settings.app_id, "Authorization": f"Bearer {token}"}
         started = self._clock()
@@ -286,6 +300,11 @@ class PlatformClient:
         status = resp.status_code
         code, desc = parse_error_body(status, resp.content, resp.headers.get("content-type"))
         ok = code is None and 200 <= status < 300
+        body = parse_json_object(resp.content) if ok else None
+        if ok and success_field is not None:
+            value = body.get(success_field) if body is not None else None
+            if not isinstance(value, str) or not value:
+                return self._bad_success(operation, status, resp.content, success_field, started)
         spec = None if ok else classify(operation, status, code)
         self._count(operation, status, code, started)
         if code == THROTTLE_CODE:
@@ -298,7 +317,7 @@ class PlatformClient:
                 error_code=None,
                 error_desc=None,
                 spec=None,
-                body=parse_json_object(resp.content),
+                body=body,
             )
         assert spec is not None
         log.info(
@@ -315,6 +334,33 @@ class PlatformClient:
             error_code=code,
             error_desc=desc if desc is not None else spec.description,
             spec=spec,
+        )
+
+    def _bad_success(
+        self, operation: str, status: int, content: bytes, field: str, started: float
+    ) -> CallResult:
+        """A 2xx without the JSON object a success carries: the call may or may not have been
+        applied (a proxy or WAF may have answered), so the outcome is unknown."""
+        self._count(operation, status, BAD_SUCCESS_BODY, started)
+        excerpt = snippet(content) if content.strip() else None
+        desc = f"HTTP {status} without a JSON object carrying {field}: " + (
+            repr(excerpt) if excerpt is not None else "empty body"
+        )
+        log.warning(
+            "platform_call_ambiguous_success",
+            operation=operation,
+            http_status=status,
+            error_code=BAD_SUCCESS_BODY,
+            detail=desc,
+            outcome_unknown=True,
+        )
+        return CallResult(
+            ok=False,
+            http_status=status,
+            error_code=BAD_SUCCESS_BODY,
+            error_desc=desc,
+            spec=classify(operation, status, BAD_SUCCESS_BODY),
+            outcome_unknown=True,
         )
 
     def _transport_failure(

@@ -74,8 +74,19 @@ SUPERSEDED: Final = "SUPERSEDED"
 ATTEMPTS_EXHAUSTED: Final = "ATTEMPTS_EXHAUSTED"
 HTTP_ERROR: Final = "HTTP_ERROR"
 """An HTTP error answer that carried no platform error code (e.g. an HTML 502 page)."""
+BAD_SUCCESS_BODY: Final = "BAD_SUCCESS_BODY"
+"""A 2xx refresh answer that is not a JSON object carrying ``verifyCode`` (an HTML page from a
+proxy, a 204 without a body, ``[]``, ``{}``): the key may or may not have changed."""
 SERVICE_CODES: Final = frozenset(
-    {TIMEOUT, CONNECTION_ERROR, DEADLINE_EXCEEDED, SUPERSEDED, ATTEMPTS_EXHAUSTED, HTTP_ERROR}
+    {
+        TIMEOUT,
+        CONNECTION_ERROR,
+        DEADLINE_EXCEEDED,
+        SUPERSEDED,
+        ATTEMPTS_EXHAUSTED,
+        HTTP_ERROR,
+        BAD_SUCCESS_BODY,
+    }
 )
 
 # Platform codes the client reacts to itself.
@@ -409,7 +420,31 @@ ERROR_TABLE: Final[tuple[ErrorSpec, ...]] = (
         Action.FAIL,
         "The platform kept failing; replay the swap once it is healthy.",
     ),
+    ErrorSpec(
+        BAD_SUCCESS_BODY,
+        None,
+        _ANY,
+        "A 2xx answer without a JSON object carrying verifyCode.",
+        Category.PLATFORM_ERROR,
+        Action.RETRY,
+        "Something between the service and the platform (a proxy, a WAF) answered instead of "
+        "the platform; the device is queried to learn whether the key changed, and the call is "
+        "repeated when it did not. Check the proxies on the way if it lasts.",
+    ),
 )
+
+OTHER_CODE: Final = "other"
+"""The metric label of an error code that is neither in the table nor one of the service's."""
+KNOWN_CODES: Final[frozenset[str]] = frozenset(spec.code for spec in ERROR_TABLE) | SERVICE_CODES
+"""Every code a metric label may carry (plus ``none`` and :data:`OTHER_CODE`)."""
+
+
+def metric_code(error_code: str | None) -> str:
+    """The bounded ``error_code`` label of a code: itself when known, else ``other``."""
+    if error_code is None:
+        return "none"
+    return error_code if error_code in KNOWN_CODES else OTHER_CODE
+
 
 _BY_KEY: Final[dict[tuple[str, int | None, str], ErrorSpec]] = {
     (spec.operation, spec.http_status, spec.code): spec for spec in ERROR_TABLE

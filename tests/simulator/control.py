@@ -14,7 +14,9 @@ ErrorShapeName = Literal["documented", "gateway", "mixed"]
 RepeatPutModeName = Literal["ok", "duplicate"]
 StatusName = Literal["ONLINE", "OFFLINE", "INACTIVE", "ABNORMAL"]
 OperationName = Literal["login", "refresh_token", "refresh_key", "get_device", "get_credentials"]
-FaultActionName = Literal["error", "html", "latency", "drop_after_apply", "refuse"]
+FaultActionName = Literal[
+    "error", "html", "latency", "drop_after_apply", "refuse", "answer_after_apply"
+]
 
 
 class SimulatorControlError(RuntimeError):
@@ -206,9 +208,12 @@ class SimulatorControl:
         desc: str | None = None,
         shape: ErrorShapeName | None = None,
         delay: float = 0.0,
+        answer: str | None = None,
     ) -> dict[str, Any]:
-        """Answer the next ``times`` matching calls (negative = forever) with the fault."""
-        body = {
+        """Answer the next ``times`` matching calls (negative = forever) with the fault.
+
+        ``answer``: the raw body of an ``answer_after_apply`` fault."""
+        rule = {
             "action": action,
             "operation": operation,
             "device_id": device_id,
@@ -219,8 +224,9 @@ class SimulatorControl:
             "desc": desc,
             "shape": shape,
             "delay": delay,
+            "body": answer,
         }
-        return cast(dict[str, Any], await self._call("POST", "/faults", body))
+        return cast(dict[str, Any], await self._call("POST", "/faults", rule))
 
     async def inject_error(
         self,
@@ -275,6 +281,26 @@ class SimulatorControl:
     ) -> dict[str, Any]:
         return await self.inject_fault(
             "drop_after_apply", operation=operation, device_id=device_id, times=times
+        )
+
+    async def inject_answer_after_apply(
+        self,
+        status: int = 200,
+        body: str = "",
+        *,
+        operation: OperationName | None = "refresh_key",
+        device_id: str | None = None,
+        times: int = 1,
+    ) -> dict[str, Any]:
+        """Apply the call, then answer ``status`` with the raw ``body`` instead of the platform's
+        answer (a proxy or WAF rewriting a success: an HTML page, a 204, ``[]``, ``{}``)."""
+        return await self.inject_fault(
+            "answer_after_apply",
+            operation=operation,
+            device_id=device_id,
+            times=times,
+            status=status,
+            answer=body,
         )
 
     async def inject_refuse(

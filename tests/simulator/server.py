@@ -58,6 +58,14 @@ def _json(payload: Any, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(payload), status=status, content_type=JSON)
 
 
+def _raw_answer(status: int, body: str) -> web.Response:
+    """An answer as a proxy might send it: HTML, JSON or nothing (always nothing for a 204)."""
+    if status in (204, 304) or not body:
+        return web.Response(status=status)
+    ctype = "text/html" if body.lstrip().startswith("<") else JSON
+    return web.Response(text=body, status=status, content_type=ctype)
+
+
 def _bad_control(exc: Exception) -> web.Response:
     return _json({"error": str(exc)}, status=400)
 
@@ -201,6 +209,9 @@ class Simulator:
             resp = self._error(exc)
         if drop:
             _abort(request)
+        if fault is not None and fault.action == "answer_after_apply":
+            rec.status = fault.status
+            return _raw_answer(fault.status, fault.body)
         return resp
 
     # ------------------------------------------------------------------ northbound API

@@ -19,7 +19,9 @@ from typing import Any, Literal, get_args
 ErrorShape = Literal["documented", "gateway", "mixed"]
 RepeatPutMode = Literal["ok", "duplicate"]
 DeviceStatus = Literal["ONLINE", "OFFLINE", "INACTIVE", "ABNORMAL"]
-FaultAction = Literal["error", "html", "latency", "drop_after_apply", "refuse"]
+FaultAction = Literal[
+    "error", "html", "latency", "drop_after_apply", "refuse", "answer_after_apply"
+]
 Operation = Literal["login", "refresh_token", "refresh_key", "get_device", "get_credentials"]
 
 ERROR_SHAPES: tuple[str, ...] = get_args(ErrorShape)
@@ -225,6 +227,8 @@ class FaultRule:
     shape: ErrorShape | None = None
     delay: float = 0.0
     """Seconds to wait before acting (the whole action for ``latency``)."""
+    body: str = ""
+    """``answer_after_apply``: the raw body sent with ``status`` once the call has been applied."""
     rule_id: int = 0
     hits: int = 0
 
@@ -439,6 +443,7 @@ class PlatformState:
             desc=data.get("desc"),
             shape=shape,
             delay=float(data.get("delay", 0.0)),
+            body=str(data.get("body") or ""),
             rule_id=self._fault_seq,
         )
         self.faults.append(rule)
