@@ -34,6 +34,7 @@ Decisions beyond the contract page (also in ``schemas/README.md``):
 from __future__ import annotations
 
 import re
+import unicodedata
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ from typing import Annotated, Any, Final, Literal, get_args
 
 import orjson
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -78,6 +80,7 @@ __all__ = [
     "credential_updated",
     "dead_letter_headers",
     "decode_swap",
+    "device_id_problem",
     "outcome_id",
     "parse_outcome",
     "parse_rfc3339",
@@ -122,7 +125,12 @@ InvalidReason = Literal[
     "unsupported_specversion",
     "wrong_type",
     "invalid_data",
+    "invalid_device_id",
+    "key_mismatch",
 ]
+"""``invalid_device_id``: a deviceId that cannot stay one URL path segment (see
+:func:`device_id_problem`). ``key_mismatch``: the record's Kafka key differs from
+``data.deviceId`` (given by the pipeline, which sees the key)."""
 INVALID_REASONS: Final[frozenset[str]] = frozenset(get_args(InvalidReason))
 
 
@@ -210,6 +218,41 @@ def _to_int(value: Any) -> Any:
     return value
 
 
+# Unicode White_Space (the controls among them are refused as controls anyway).
+_WHITESPACE: Final = frozenset(
+    "\t\n\x0b\x0c\r \x85\xa0\u1680\u2028\u2029\u202f\u205f\u3000"
+    + "".join(chr(c) for c in range(0x2000, 0x200B))
+)
+_PATH_CHARS: Final = frozenset("/\\?#%")
+
+
+def device_id_problem(device_id: str) -> str | None:
+    """Why ``device_id`` cannot be a deviceId, or None.
+
+    The id becomes one segment of the platform's URL paths (percent-encoded), so it must not
+    be a dot segment (``.``, ``..``: URL normalisation removes them), contain ``/``, a
+    backslash, ``?``, ``#`` or ``%`` (separators, or escapes that proxies decode), a control
+    character (Unicode Cc), or consist of whitespace only.
+    """
+    if device_id in (".", ".."):
+        return "must not be a dot segment ('.' or '..')"
+    for ch in device_id:
+        if ch in _PATH_CHARS:
+            return f"must not contain {ch!r}"
+        if unicodedata.category(ch) == "Cc":
+            return f"must not contain a control character (U+{ord(ch):04X})"
+    if all(ch in _WHITESPACE for ch in device_id):
+        return "must not be whitespace only"
+    return None
+
+
+def _check_device_id(value: str) -> str:
+    problem = device_id_problem(value)
+    if problem is not None:
+        raise PydanticCustomError("invalid_device_id", problem)
+    return value
+
+
 Rfc3339 = Annotated[datetime, BeforeValidator(_to_datetime)]
 StrictInt = Annotated[int, BeforeValidator(_to_int)]
 Id256 = Annotated[str, Field(min_length=1, max_length=256)]
@@ -242,7 +285,7 @@ class SwapData(BaseModel):
 
     model_config = ConfigDict(strict=True, frozen=True, extra="allow")
 
-    device_id: Id256 = Field(alias="deviceId")
+    device_id: Annotated[Id256, AfterValidator(_check_device_id)] = Field(alias="deviceId")
     node_id: Id256 = Field(alias="nodeId")
     previous_node_id: Id256 | None = Field(default=None, alias="previousNodeId")
     app_id: Id256 | None = Field(default=None, alias="appId")
@@ -312,14 +355,16 @@ def _summarise(exc: ValidationError) -> str:
 
 
 def _reason_for(exc: ValidationError) -> InvalidReason:
+    device_id = False
     for err in exc.errors(include_url=False, include_input=False, include_context=False):
         loc = err["loc"]
         if loc and loc[0] == "data":
+            device_id = device_id or err["type"] == "invalid_device_id"
             continue
         if not loc and err["type"] in ("subject_mismatch",):
             continue
         return "not_cloudevent"
-    return "invalid_data"
+    return "invalid_device_id" if device_id else "invalid_data"
 
 
 def _media_type(raw: str) -> str:

@@ -49,6 +49,16 @@ KEEPALIVE_EXPIRY_SECONDS: Final = 30.0
 CONNECTIONS_PER_POOL: Final = 4
 
 
+def refresh_key_path(device_id: str) -> str:
+    """The refresh call's path: the deviceId percent-encoded into one segment (intake refuses
+    the ids no encoding keeps in one segment, see ``service.events.device_id_problem``)."""
+    return REFRESH_KEY_PATH.format(device_id=quote(device_id, safe=""))
+
+
+def query_device_path(device_id: str) -> str:
+    return QUERY_DEVICE_PATH.format(device_id=quote(device_id, safe=""))
+
+
 @dataclass(frozen=True, slots=True)
 class CallResult:
     """The outcome of one platform call (after at most one token repeat)."""
@@ -178,7 +188,7 @@ class PlatformClient:
         result = await self._call(
             "refresh_device_key",
             "PUT",
-            REFRESH_KEY_PATH.format(device_id=quote(req.device_id, safe="")),
+            refresh_key_path(req.device_id),
             params=self._app_param(req.app_id),
             json=body,
             priority=priority,
@@ -205,7 +215,7 @@ class PlatformClient:
         result = await self._call(
             "query_device",
             "GET",
-            QUERY_DEVICE_PATH.format(device_id=quote(device_id, safe="")),
+            query_device_path(device_id),
             params=self._app_param(app_id),
             json=None,
             priority=priority,

@@ -292,6 +292,8 @@ REASON_CASES: list[tuple[str, bytes | None, list[tuple[str, bytes]] | None]] = [
     ),
     ("invalid_data", orjson.dumps(_event(verifyCode="")), None),
     ("invalid_data", orjson.dumps(_event(appId=42)), None),
+    ("invalid_device_id", orjson.dumps({**_event(deviceId=".."), "subject": ".."}), None),
+    ("invalid_device_id", orjson.dumps({**_event(deviceId="a/b"), "subject": None}), None),
 ]
 
 
@@ -306,7 +308,77 @@ def test_invalid_reason(reason: str, value: bytes | None,
 
 
 def test_every_reason_is_exercised() -> None:
-    assert {case[0] for case in REASON_CASES} == INVALID_REASONS
+    # key_mismatch is the pipeline's (it compares the Kafka key with data.deviceId)
+    assert {case[0] for case in REASON_CASES} | {"key_mismatch"} == INVALID_REASONS
+
+
+BAD_DEVICE_IDS = [
+    ".",
+    "..",
+    "a/b",
+    "/",
+    "dev/../x",
+    "a\\b",
+    "a?b",
+    "?",
+    "a#b",
+    "a%2Fb",
+    "%2e%2e",
+    "%",
+    "a\x00b",
+    "line\nbreak",
+    "tab\there",
+    "del\x7f",
+    "c1\x85",
+    "c1\x9f",
+    " ",
+    "   ",
+    "\t",
+    "\u00a0",
+    "\u2003\u3000",
+    "\u2028",
+]
+GOOD_DEVICE_IDS = [
+    "dev-1",
+    "...",
+    ".a",
+    "a.",
+    "a..b",
+    " dev ",
+    "a b",
+    "dévice-ü-設備",
+    "a;b,c=d&e+f@g:h",
+    "\u200b",  # zero-width space: a format character, not whitespace or a control
+    "d" * 256,
+]
+
+
+@pytest.mark.parametrize("device_id", BAD_DEVICE_IDS, ids=repr)
+def test_device_ids_that_leave_their_path_segment_are_refused(device_id: str) -> None:
+    structured = orjson.dumps({**_event(deviceId=device_id), "subject": device_id})
+    assert _reason(structured) == "invalid_device_id"
+    assert _reason(orjson.dumps({**_event(deviceId=device_id), "subject": None})) == (
+        "invalid_device_id"
+    )
+    binary = orjson.dumps(_event(deviceId=device_id)["data"])
+    assert _reason(binary, _binary_headers(ce_subject=None)) == "invalid_device_id"
+    with pytest.raises(InvalidEvent) as info:
+        decode_swap(structured, CE_JSON)
+    assert info.value.detail.startswith("data.deviceId: ")
+
+
+@pytest.mark.parametrize("device_id", GOOD_DEVICE_IDS, ids=repr)
+def test_other_device_ids_are_accepted(device_id: str) -> None:
+    swap = decode_swap(orjson.dumps({**_event(deviceId=device_id), "subject": device_id}), CE_JSON)
+    assert swap.data.device_id == device_id
+
+
+def test_a_bad_device_id_among_other_data_errors_is_still_named() -> None:
+    raw = orjson.dumps({**_event(deviceId="..", nodeId=""), "subject": None})
+    assert _reason(raw) == "invalid_device_id"
+    # a structural problem outside data still wins
+    raw = orjson.dumps({**_event(deviceId=".."), "subject": None, "id": 5})
+    assert _reason(raw) == "not_cloudevent"
 
 
 def test_too_large_is_configurable() -> None:
