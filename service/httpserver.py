@@ -1,12 +1,38 @@
-"""The operations port: /metrics, /healthz, /readyz. A few lines of asyncio, no framework."""
+"""The operations port: /metrics, /healthz, /readyz, served by aiohttp.web.
+
+``/metrics`` is prometheus-client's aiohttp handler (it negotiates the OpenMetrics format and gzip).
+Anything else than ``GET``/``HEAD`` answers 405, any other path 404.
+
+The port faces the cluster network, so it keeps its own resources bounded:
+
+* request line and header fields at most :data:`MAX_LINE_BYTES` bytes (larger: 400), at most
+  :data:`MAX_HEADERS` headers, bodies at most :data:`MAX_BODY_BYTES`;
+* one request per connection (``Connection: close``), and a deadline per connection: the request
+  must be complete :data:`REQUEST_DEADLINE_SECONDS` after the connection was accepted (a client
+  that sends its headers slowly is dropped then), the answer written
+  :data:`CONNECTION_LIFETIME_SECONDS` after it;
+* at most :data:`MAX_CONNECTIONS` connections: a new connection beyond that closes the oldest
+  one that has not sent a complete request yet, so idle connections can never keep a probe or a
+  scrape out.
+
+aiohttp has no deadline for a request's headers (its timeouts cover keep-alive and bodies), so the
+deadlines and the cap are a thin wrapper around its protocol (:class:`_GuardedConnection`).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from typing import Final
 
 import structlog
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from prometheus_client.aiohttp import make_aiohttp_handler
 
 from service.metrics import Metrics
 
@@ -15,8 +41,34 @@ log = structlog.get_logger(__name__)
 ReadinessCheck = Callable[[], tuple[bool, str]]
 LivenessCheck = Callable[[], bool]
 
-_REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
-_PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
+MAX_LINE_BYTES: Final = 8190
+"""Longest request line or header field (aiohttp answers 400 beyond it)."""
+MAX_HEADERS: Final = 64
+MAX_BODY_BYTES: Final = 1024
+"""The ops endpoints take no body."""
+REQUEST_DEADLINE_SECONDS: Final = 5.0
+"""A connection must have sent a complete request this long after it was accepted."""
+CONNECTION_LIFETIME_SECONDS: Final = 30.0
+"""A connection is closed this long after it was accepted, whatever it is doing."""
+MAX_CONNECTIONS: Final = 128
+"""Open connections; a new one beyond this closes the oldest that has not sent a request."""
+_ALLOWED_METHODS: Final = frozenset({"GET", "HEAD"})
+
+
+class _ClientErrorFilter(logging.Filter):
+    """aiohttp logs a malformed request (line or header too long, too many headers, not HTTP) as
+    an error with a traceback; it is the client's fault, answered 400: a DEBUG line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            log.debug("ops_bad_request", status=exc.code, reason=str(exc.message)[:200])
+            return False
+        return True
+
+
+_server_log = logging.getLogger("service.httpserver.aiohttp")
+_server_log.addFilter(_ClientErrorFilter())
 
 
 class OpsServer:
@@ -33,54 +85,197 @@ class OpsServer:
         self._metrics = metrics
         self._ready = ready
         self._alive = alive
+        self._runner: web.AppRunner | None = None
         self._server: asyncio.Server | None = None
+        self._guard = _ConnectionGuard()
+        self._prometheus = make_aiohttp_handler(metrics.registry)
 
     @property
     def port(self) -> int:
         assert self._server is not None
         return int(self._server.sockets[0].getsockname()[1])
 
+    @property
+    def connections(self) -> int:
+        """Connections open now (for tests and debugging)."""
+        return len(self._guard.open)
+
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, self._host, self._port)
+        app = web.Application(
+            client_max_size=MAX_BODY_BYTES,
+            middlewares=[self._methods],
+        )
+        app.router.add_get("/metrics", self._metrics_endpoint)
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        runner = web.AppRunner(
+            app,
+            handle_signals=False,
+            access_log=None,
+            keepalive_timeout=REQUEST_DEADLINE_SECONDS,
+            max_line_size=MAX_LINE_BYTES,
+            max_field_size=MAX_LINE_BYTES,
+            max_headers=MAX_HEADERS,
+            lingering_time=1.0,
+            logger=_server_log,
+            shutdown_timeout=2.0,
+        )
+        await runner.setup()
+        self._runner = runner
+        factory = runner.server
+        assert factory is not None
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _GuardedConnection(factory(), self._guard),
+            self._host,
+            self._port,
+            backlog=MAX_CONNECTIONS,
+            reuse_address=True,
+        )
 
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
+            self._guard.close_all()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 2)
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            request_line = await asyncio.wait_for(reader.readline(), 5)
-            while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
-                pass
-            parts = request_line.decode("latin-1").split()
-            method, path = (parts[0], parts[1].split("?", 1)[0]) if len(parts) >= 2 else ("", "")
-            status, ctype, body = self._route(method, path)
-            head = (
-                f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: {ctype}\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-            )
-            writer.write(head.encode("latin-1") + (body if method != "HEAD" else b""))
-            await writer.drain()
-        except (TimeoutError, ConnectionError, UnicodeError):
-            pass
-        finally:
-            writer.close()
+        if self._runner is not None:
             with contextlib.suppress(Exception):
-                await writer.wait_closed()
+                await asyncio.wait_for(self._runner.cleanup(), 3)
+            self._runner = None
 
-    def _route(self, method: str, path: str) -> tuple[int, str, bytes]:
-        if method not in ("GET", "HEAD"):
-            return 405, "text/plain", b"method not allowed\n"
-        if path == "/metrics":
-            self._metrics.ready.set(1 if self._ready()[0] else 0)
-            return 200, _PROMETHEUS_TEXT, self._metrics.render()
-        if path == "/healthz":
-            ok = self._alive()
-            return (200 if ok else 503), "text/plain", b"ok\n" if ok else b"event loop stalled\n"
-        if path == "/readyz":
-            ok, why = self._ready()
-            self._metrics.ready.set(1 if ok else 0)
-            return (200 if ok else 503), "text/plain", (why + "\n").encode()
-        return 404, "text/plain", b"not found\n"
+    # ------------------------------------------------------------------ handlers
+    @web.middleware
+    async def _methods(
+        self,
+        request: web.Request,
+        handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    ) -> web.StreamResponse:
+        self._guard.request_started(request.transport)
+        if request.method not in _ALLOWED_METHODS:
+            response: web.StreamResponse = _text(405, "method not allowed")
+            response.headers["Allow"] = "GET, HEAD"
+        else:
+            try:
+                response = await handler(request)
+            except web.HTTPNotFound:
+                response = _text(404, "not found")
+        response.force_close()  # one request per connection
+        return response
+
+    async def _metrics_endpoint(self, request: web.Request) -> web.StreamResponse:
+        self._metrics.ready.set(1 if self._ready()[0] else 0)
+        return await self._prometheus(request)
+
+    async def _healthz(self, _: web.Request) -> web.StreamResponse:
+        if self._alive():
+            return _text(200, "ok")
+        return _text(503, "event loop stalled")
+
+    async def _readyz(self, _: web.Request) -> web.StreamResponse:
+        ok, why = self._ready()
+        self._metrics.ready.set(1 if ok else 0)
+        return _text(200 if ok else 503, why)
+
+
+def _text(status: int, body: str) -> web.Response:
+    return web.Response(status=status, text=body + "\n", content_type="text/plain")
+
+
+class _ConnectionGuard:
+    """Deadlines and the connection cap, shared by the connections of one server."""
+
+    def __init__(self) -> None:
+        self.open: OrderedDict[_GuardedConnection, None] = OrderedDict()
+        """Connections in the order they were accepted (the oldest first)."""
+        self._by_transport: dict[int, _GuardedConnection] = {}
+
+    def accepted(self, conn: _GuardedConnection) -> None:
+        self.open[conn] = None
+        if conn.transport is not None:
+            self._by_transport[id(conn.transport)] = conn
+        if len(self.open) > MAX_CONNECTIONS:
+            idle = next((c for c in self.open if not c.requested and c is not conn), None)
+            if idle is not None:
+                idle.drop("connection cap: the oldest connection without a request is closed")
+
+    def request_started(self, transport: asyncio.BaseTransport | None) -> None:
+        conn = self._by_transport.get(id(transport)) if transport is not None else None
+        if conn is not None:
+            conn.request_started()
+
+    def closed(self, conn: _GuardedConnection) -> None:
+        self.open.pop(conn, None)
+        if conn.transport is not None:
+            self._by_transport.pop(id(conn.transport), None)
+
+    def close_all(self) -> None:
+        for conn in list(self.open):
+            conn.drop(None)
+
+
+class _GuardedConnection(asyncio.Protocol):
+    """aiohttp's protocol for one connection, with a deadline and a place under the cap."""
+
+    def __init__(self, inner: asyncio.Protocol, guard: _ConnectionGuard) -> None:
+        self._inner = inner
+        self._guard = guard
+        self.transport: asyncio.Transport | None = None
+        self.requested = False
+        self._accepted_at = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+
+    # asyncio.Protocol, delegated
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self._accepted_at = time.monotonic()
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(
+            REQUEST_DEADLINE_SECONDS,
+            self.drop,
+            f"no complete request within {REQUEST_DEADLINE_SECONDS:g} s",
+        )
+        self._inner.connection_made(transport)
+        self._guard.accepted(self)
+
+    def data_received(self, data: bytes) -> None:
+        self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._guard.closed(self)
+        self._inner.connection_lost(exc)
+
+    # the guard's side
+    def request_started(self) -> None:
+        """A complete request arrived: from now on only the connection's lifetime bounds it."""
+        if self.requested:
+            return
+        self.requested = True
+        if self._timer is not None:
+            self._timer.cancel()
+        remaining = max(0.0, self._accepted_at + CONNECTION_LIFETIME_SECONDS - time.monotonic())
+        self._timer = asyncio.get_running_loop().call_later(
+            remaining, self.drop, f"connection open for {CONNECTION_LIFETIME_SECONDS:g} s"
+        )
+
+    def drop(self, reason: str | None) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if reason is not None:
+            log.debug("ops_connection_dropped", reason=reason)
+        transport.abort()  # connection_lost follows later: leave the cap's count at once
+        self._guard.closed(self)
