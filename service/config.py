@@ -73,6 +73,12 @@ class KafkaSettings(_Section):
     commit_batch_size: int = Field(
         default=500, ge=1, le=100_000, description="Outcomes per transaction at most."
     )
+    stuck_partition_seconds: float = Field(
+        default=900.0,
+        gt=0,
+        description="A partition whose oldest unfinished record is older than this makes "
+        "/readyz answer 503.",
+    )
 
     @model_validator(mode="after")
     def _sasl_complete(self) -> KafkaSettings:
@@ -101,12 +107,32 @@ class TopicSettings(_Section):
     )
     rebind_failed: str = Field(default="iot.rebind-failed.v1", min_length=1, max_length=249)
     dead_letter: str = Field(default="asset.device-swapped.v1.dlq", min_length=1, max_length=249)
-    retry: str = Field(default="device-rebind.retry.v1", min_length=1, max_length=249)
+    retry: str = Field(
+        default="device-rebind.retry.v1",
+        min_length=1,
+        max_length=249,
+        description="No longer used: waiting swaps live in the ledger topic. Accepted so that "
+        "existing configurations keep starting.",
+    )
+    ledger: str = Field(
+        default="device-rebind.ledger.v1",
+        min_length=1,
+        max_length=249,
+        description="Compacted, co-partitioned with the input: the latest swap of every device "
+        "and where it stands (service-owned).",
+    )
     token: str = Field(
         default="device-rebind.token.v1",
         min_length=1,
         max_length=249,
         description="Compacted, one partition: the shared access token, encrypted (service-owned).",
+    )
+    budget: str = Field(
+        default="device-rebind.budget.v1",
+        min_length=1,
+        max_length=249,
+        description="Compacted, one partition: every replica's recent platform calls, read at "
+        "each rebalance so the replicas together never overrun the budget (service-owned).",
     )
     dedupe: str = Field(default="device-rebind.dedupe.v1", min_length=1, max_length=249)
 
@@ -144,6 +170,12 @@ class PlatformSettings(_Section):
     )
     online_retry_max_seconds: float = Field(
         default=900.0, gt=0, description="Longest wait between two tries of a deferred swap."
+    )
+    inline_backoff_max_seconds: float = Field(
+        default=2.0,
+        ge=0,
+        description="A transient retry that must wait longer than this waits in the ledger "
+        "instead, so it holds no concurrency slot and no partition.",
     )
     online_retry_deadline_seconds: float = Field(
         default=86_400.0, gt=0, description="How long a swap waits for an online device."

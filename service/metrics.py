@@ -103,6 +103,18 @@ class Metrics:
         self.consumer_lag = Gauge(
             "rebind_consumer_lag", "Records behind the partition's end.", ["partition"], registry=r
         )
+        self.oldest_unfinished = Gauge(
+            "rebind_partition_oldest_unfinished_seconds",
+            "Age of the oldest input record of the partition read and not finished yet.",
+            ["partition"],
+            registry=r,
+        )
+        self.redeliveries_skipped = Counter(
+            "rebind_redeliveries_skipped",
+            "Records read again after a crash or rebalance whose outcome was already published: "
+            "finished without any work.",
+            registry=r,
+        )
         self.event_latency = Histogram(
             "rebind_event_latency_seconds",
             "Time from an input event's Kafka timestamp to its outcome being committed.",

@@ -33,7 +33,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from service.config import KafkaOnlySettings, KafkaSettings
 from service.events import DLQ_DETAIL_HEADER, DLQ_REASON_HEADER, RebindFailedEvent, parse_outcome
 from service.handler import SOURCE_OFFSET_HEADER, SOURCE_PARTITION_HEADER, SOURCE_TOPIC_HEADER
-from service.pipeline.runner import kafka_client_options, partition_counts
+from service.kafka import kafka_client_options, partition_counts
 
 REPLAY_NAMESPACE = uuid.UUID("2f7d4c1e-5b8a-4f63-9a0e-7c1d2b3a4e5f")
 REPLAY_OF_HEADER = "rebind-replay-of"
@@ -70,6 +70,9 @@ class Planned:
     code: str
     origin: str
     note: str
+    timestamp_ms: int | None = None
+    """The original record's timestamp, kept: a swap without a ``time`` attribute is ordered by
+    it, so a replayed old swap never counts as newer than the swaps that came after it."""
 
 
 def replay_id(failure_id: str) -> str:
@@ -147,7 +150,9 @@ def _rebuilt(event: RebindFailedEvent, new_id: str) -> bytes:
             "id": new_id,
             "source": "/device-rebind/replay",
             "type": "com.iot.asset.device.swapped.v1",
-            "time": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+            # The failure's own time: the original swap is gone, and a replay must not count
+            # as newer than the swaps that came after the failure.
+            "time": event.time.astimezone(UTC).isoformat().replace("+00:00", "Z"),
             "subject": d.device_id,
             "datacontenttype": "application/json",
             "data": data,
@@ -207,6 +212,7 @@ def _plan_dead_letter(
         reason,
         origin,
         "as it was",
+        record.timestamp,
     )
 
 
@@ -235,10 +241,12 @@ async def _plan_failure(
             original.value, list(original.headers or ()), new_id, d.swap_event_id
         )
         note = "original event"
+        timestamp_ms = original.timestamp
     else:
         value = _rebuilt(event, new_id)
         out_headers = [(REPLAY_OF_HEADER, d.swap_event_id.encode())]
         note = "rebuilt from the outcome"
+        timestamp_ms = record.timestamp
     return Planned(
         d.device_id.encode(),
         value,
@@ -247,6 +255,7 @@ async def _plan_failure(
         d.error_code,
         f"{record.topic}:{record.partition}:{record.offset}",
         note,
+        timestamp_ms,
     )
 
 
@@ -258,7 +267,11 @@ async def send(settings: KafkaOnlySettings, planned: Sequence[Planned]) -> None:
     try:
         futures = [
             await producer.send(
-                settings.topics.device_swapped, p.value, key=p.key, headers=p.headers
+                settings.topics.device_swapped,
+                p.value,
+                key=p.key,
+                headers=p.headers,
+                timestamp_ms=p.timestamp_ms,
             )
             for p in planned
         ]

@@ -64,6 +64,7 @@ class Category(StrEnum):
     DEADLINE_EXCEEDED = "deadline_exceeded"
     TRANSPORT = "transport"
     SUPERSEDED = "superseded"
+    INTERNAL = "internal"
 
 
 # Service-own codes: failures that carry no platform code.
@@ -71,6 +72,8 @@ TIMEOUT: Final = "TIMEOUT"
 CONNECTION_ERROR: Final = "CONNECTION_ERROR"
 DEADLINE_EXCEEDED: Final = "DEADLINE_EXCEEDED"
 SUPERSEDED: Final = "SUPERSEDED"
+INTERNAL_ERROR: Final = "INTERNAL_ERROR"
+"""An unexpected failure inside the service while handling the swap (a bug, not an answer)."""
 ATTEMPTS_EXHAUSTED: Final = "ATTEMPTS_EXHAUSTED"
 HTTP_ERROR: Final = "HTTP_ERROR"
 """An HTTP error answer that carried no platform error code (e.g. an HTML 502 page)."""
@@ -83,6 +86,7 @@ SERVICE_CODES: Final = frozenset(
         CONNECTION_ERROR,
         DEADLINE_EXCEEDED,
         SUPERSEDED,
+        INTERNAL_ERROR,
         ATTEMPTS_EXHAUSTED,
         HTTP_ERROR,
         BAD_SUCCESS_BODY,
@@ -401,6 +405,16 @@ ERROR_TABLE: Final[tuple[ErrorSpec, ...]] = (
         Category.DEADLINE_EXCEEDED,
         Action.FAIL,
         "Look at the last error; replay the swap once the cause is fixed.",
+    ),
+    ErrorSpec(
+        INTERNAL_ERROR,
+        None,
+        _ANY,
+        "An unexpected failure inside the service while handling the swap.",
+        Category.INTERNAL,
+        Action.FAIL,
+        "A defect of the service: report it with the log line of this swap; the device was "
+        "queried first, so the key was not changed by this swap. Replay it once fixed.",
     ),
     ErrorSpec(
         SUPERSEDED,

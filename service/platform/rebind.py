@@ -45,6 +45,7 @@ from service.platform.errors import (
 )
 
 DEFERRAL_REASON_DEVICE_ONLINE: Final = "device_online"
+DEFERRAL_REASON_TRANSIENT: Final = "transient"
 _OPERATION: Final = "refresh_device_key"
 _MAX_EXPONENT: Final = 62
 
@@ -85,6 +86,9 @@ class RebindPolicy:
     online_retry_initial_seconds: float = 30.0
     """First ``retry_after_seconds`` of a deferred (device online) swap; doubled per deferral."""
     online_retry_max_seconds: float = 900.0
+    inline_backoff_max_seconds: float = 2.0
+    """A transient retry that must wait longer than this is handed back as a ``transient``
+    :class:`Deferred`, so the swap waits in the ledger instead of holding its partition."""
 
     @classmethod
     def from_settings(cls, settings: PlatformSettings) -> RebindPolicy:
@@ -94,6 +98,7 @@ class RebindPolicy:
             backoff_max_seconds=settings.retry_backoff_max_seconds,
             online_retry_initial_seconds=settings.online_retry_initial_seconds,
             online_retry_max_seconds=settings.online_retry_max_seconds,
+            inline_backoff_max_seconds=settings.inline_backoff_max_seconds,
         )
 
 
@@ -121,6 +126,8 @@ class Failed:
 @dataclass(frozen=True, slots=True)
 class Deferred:
     reason: str
+    """``device_online`` (100611), or ``transient``: a retry whose backoff is longer than
+    ``inline_backoff_max_seconds`` (the caller keeps the try's deadline)."""
     last_code: str
     attempts: int
     retry_after_seconds: float
@@ -169,6 +176,7 @@ async def rebind(
     wall_clock: Callable[[], float] = time.time,
     deferrals: int = 0,
     priority: int = PRIORITY_FRESH,
+    prior_attempts: int = 0,
 ) -> RebindResult:
     """Refresh one device's key; see the module documentation for the policy.
 
@@ -177,6 +185,8 @@ async def rebind(
     throttling and budget waits); the online-deferral deadline of the swap is the caller's.
     ``deferrals``: how often this swap was deferred already (scales ``retry_after_seconds``).
     ``priority``: the budget class of the calls (``PRIORITY_DEFERRED`` for deferred retries).
+    ``prior_attempts``: attempts made by earlier tries of this swap (counted in ``max_attempts``
+    and in the backoff's growth); the result's ``attempts`` counts this call's only.
     """
     run = _Rebind(
         req,
@@ -190,6 +200,7 @@ async def rebind(
         wall_clock=wall_clock,
         deferrals=deferrals,
         priority=priority,
+        prior_attempts=prior_attempts,
     )
     return await run.run()
 
@@ -211,7 +222,9 @@ class _Rebind:
         wall_clock: Callable[[], float],
         deferrals: int,
         priority: int,
+        prior_attempts: int = 0,
     ) -> None:
+        self.prior_attempts = prior_attempts
         self.req = req
         self.client = client
         self.policy = policy
@@ -249,7 +262,8 @@ class _Rebind:
             spec = res.spec if res.spec is not None else classify(_OPERATION, None, None)
             if spec.action is Action.THROTTLED:  # not an attempt; bounded by the deadline
                 self.throttles += 1
-                await self.pause(self.throttles)
+                if (deferred := await self.pause(self.throttles, res)) is not None:
+                    return deferred
                 continue
             self.attempts += 1
             if res.outcome_unknown:
@@ -258,9 +272,10 @@ class _Rebind:
             if settled is not None:
                 return settled
             # RETRY, a REAUTH the client's one repeat did not cure, or an unsettled reconciliation
-            if self.attempts >= self.policy.max_attempts:
+            if self.prior_attempts + self.attempts >= self.policy.max_attempts:
                 return self.failed(res, spec, exhausted=True)
-            await self.pause(self.attempts)
+            if (deferred := await self.pause(self.prior_attempts + self.attempts, res)) is not None:
+                return deferred
 
     async def settle(self, res: CallResult, spec: ErrorSpec) -> RebindResult | None:
         """The result an error answer settles the swap with, or None to retry."""
@@ -296,11 +311,22 @@ class _Rebind:
             return "unknown"
         return "match" if query.node_id == self.req.node_id else "mismatch"
 
-    async def pause(self, attempt: int) -> None:
+    async def pause(self, attempt: int, res: CallResult) -> Deferred | None:
+        """Wait before the next try; a wait longer than the inline maximum is handed back as a
+        ``transient`` deferral instead (when the deadline leaves room for it)."""
         delay = backoff_delay(
             attempt, self.policy.backoff_initial_seconds, self.policy.backoff_max_seconds, self.rng
         )
-        await self.sleep(max(0.0, min(delay, self.deadline - self.clock())))
+        remaining = self.deadline - self.clock()
+        if delay > self.policy.inline_backoff_max_seconds and delay < remaining:
+            return Deferred(
+                reason=DEFERRAL_REASON_TRANSIENT,
+                last_code=res.error_code or (str(res.http_status) if res.http_status else ""),
+                attempts=self.attempts,
+                retry_after_seconds=delay,
+            )
+        await self.sleep(max(0.0, min(delay, remaining)))
+        return None
 
     def failed(
         self,

@@ -51,8 +51,8 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from service import logs
 from service.config import KafkaSettings, PlatformSettings
+from service.kafka import FatalPipelineError, kafka_client_options
 from service.metrics import Metrics
-from service.pipeline.runner import FatalPipelineError, kafka_client_options
 from service.platform.budget import RateBudget
 from service.platform.client import CONNECT_TIMEOUT_MAX_SECONDS, build_ssl_context
 from service.platform.errors import TIMEOUT, classify

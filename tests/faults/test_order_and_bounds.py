@@ -79,8 +79,7 @@ async def test_a_large_backlog_with_a_slow_platform_keeps_the_buffer_bounded(
     paused_seen = 0
     deadline = time.monotonic() + 6
     while time.monotonic() < deadline:
-        buffered = sum(len(t) for t in pipeline._trackers.values())
-        peak_buffered = max(peak_buffered, buffered, pipeline._inflight())
+        peak_buffered = max(peak_buffered, pipeline.buffered(), pipeline.inflight())
         peak_gauge = max(peak_gauge, int(gauge.get_sample_value("rebind_inflight_events") or 0))
         consumer = pipeline._consumer
         if consumer is not None and consumer.paused():

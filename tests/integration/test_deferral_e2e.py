@@ -14,6 +14,7 @@ import pytest
 from service.app import Service
 from tests.fixtures.service import Harness
 from tests.support.events import Received, swap_event
+from tests.support.ledger import entry, waits
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
@@ -60,13 +61,13 @@ async def test_an_online_device_is_deferred_then_updated_when_it_goes_offline(
     assert set(answers[:-1]) == {"100611"}
     assert len(answers) >= 2
     assert out.data["attempts"] == len(answers)
-    # Each deferral went through the retry topic (durably), with its state in headers.
-    deferrals = await harness.read(len(answers) - 1, topics=[harness.topics.retry])
-    assert [d.header("rebind-retry-deferrals") for d in deferrals] == [
-        str(i) for i in range(1, len(answers))
-    ]
-    assert {d.header("rebind-retry-last-code") for d in deferrals} == {"100611"}
-    assert all(d.key == b"dev-on" for d in deferrals)
+    # Each deferral went through the ledger (durably), with its state, then the swap was done.
+    records = await harness.read(len(answers), topics=[harness.topics.ledger])
+    assert [w["deferrals"] for w in waits(records)] == list(range(1, len(answers)))
+    assert {w["lastCode"] for w in waits(records)} == {"100611"}
+    assert all(r.key == b"dev-on" for r in records)
+    assert entry(records[-1])["state"] == "done"
+    assert entry(records[-1])["outcome"] == "credential_updated"
     # Every 100611 answer was counted, in the registry and on /metrics.
     assert _online_rejections(service) == len(answers) - 1
     assert f"rebind_platform_device_online_rejections_total {len(answers) - 1}.0" in (
@@ -104,8 +105,8 @@ async def test_a_deferred_swap_survives_a_restart(harness: Harness) -> None:
     await control.seed_device("dev-rs", "old-rs", status="ONLINE")
     first = await harness.start_service(instance="a", online_retry_initial_seconds=6)
     await harness.produce([(b"dev-rs", swap_event("dev-rs", "new-rs", event_id="evt-rs"))])
-    [deferral] = await harness.read(1, topics=[harness.topics.retry])
-    assert deferral.header("rebind-retry-last-code") == "100611"
+    [deferral] = await harness.read(1, topics=[harness.topics.ledger])
+    assert waits([deferral])[0]["lastCode"] == "100611"
     await wait_until(
         lambda: first.metrics.deferred_events._value.get() == 1,
         timeout=10,
@@ -129,7 +130,7 @@ async def test_a_newer_swap_supersedes_a_waiting_older_one(harness: Harness) -> 
     await control.seed_device("dev-sup", "old-sup", status="ONLINE")
     service = await harness.start_service(online_retry_initial_seconds=30)
     await harness.produce([(b"dev-sup", swap_event("dev-sup", "node-older", event_id="older"))])
-    await harness.read(1, topics=[harness.topics.retry])
+    await harness.read(1, topics=[harness.topics.ledger])
     await wait_until(
         lambda: service.metrics.deferred_events._value.get() == 1,
         timeout=10,
@@ -190,9 +191,9 @@ async def test_a_deadline_that_passes_while_the_service_is_down_carries_the_last
         instance="a", online_retry_initial_seconds=2, online_retry_deadline_seconds=4
     )
     await harness.produce([(b"dev-down", swap_event("dev-down", "new-down"))])
-    [deferral] = await harness.read(1, topics=[harness.topics.retry])
+    [deferral] = await harness.read(1, topics=[harness.topics.ledger])
     await harness.stop_all()  # down while the swap waits, until after its deadline
-    deadline = int(deferral.header("rebind-retry-deadline") or "0") / 1000
+    deadline = waits([deferral])[0]["deadlineMs"] / 1000
     await wait_until(lambda: time.time() > deadline, timeout=10, what="the deadline passed")
 
     await harness.start_service(instance="b", online_retry_initial_seconds=2)

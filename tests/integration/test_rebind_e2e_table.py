@@ -22,6 +22,7 @@ from tests.fixtures.service import Harness
 from tests.fixtures.simulator import SimulatorHandle
 from tests.support.events import Received, swap_event
 from tests.support.kafka_broker import KafkaBroker, create_topics
+from tests.support.ledger import entry
 
 pytestmark = pytest.mark.integration
 
@@ -151,11 +152,12 @@ async def walk(kafka_broker: KafkaBroker, simulator: SimulatorHandle) -> AsyncIt
         await kafka_broker.astart()
     topics = Topics.unique()
     counts = topics.partitions()
+    compacted = (topics.dedupe, topics.ledger)
     await create_topics(
-        kafka_broker.bootstrap, [n for n in topics.names() if n != topics.dedupe], counts
+        kafka_broker.bootstrap, [n for n in topics.names() if n not in compacted], counts
     )
     await create_topics(
-        kafka_broker.bootstrap, [topics.dedupe], counts, configs={"cleanup.policy": "compact"}
+        kafka_broker.bootstrap, list(compacted), counts, configs={"cleanup.policy": "compact"}
     )
     await simulator.control.reset()
     control = simulator.control
@@ -189,12 +191,14 @@ async def walk(kafka_broker: KafkaBroker, simulator: SimulatorHandle) -> AsyncIt
         outputs: dict[str, list[Received]] = {}
         for r in got:
             outputs.setdefault(r.data["deviceId"], []).append(r)
-        retried = await harness.read(
-            sum(c.expect == "deferred" for c in CASES), topics=[topics.retry]
+        # every swap's ledger record when it ended, and one more per deferral
+        ledger = await harness.read(
+            len(CASES) + sum(c.expect == "deferred" for c in CASES), topics=[topics.ledger]
         )
         retries: dict[str, list[Received]] = {}
-        for r in retried:
-            retries.setdefault((r.key or b"").decode(), []).append(r)
+        for r in ledger:
+            if entry(r)["state"] == "waiting":
+                retries.setdefault((r.key or b"").decode(), []).append(r)
         # Calls that met a genuine 1010005 are left out: the re-logins of the injected 1010005
         # cases replace the token other calls of the batch are using at that moment, and those
         # calls are repeated once with the new token (not an attempt).
@@ -252,8 +256,8 @@ async def test_outcome_of_each_answer(walk: Walk, case: Case) -> None:
     assert device["node_id"] == f"new-{case.device}"
     if case.expect == "deferred":
         [deferral] = walk.retries[case.device]
-        assert deferral.header("rebind-retry-last-code") == "100611"
-        assert deferral.header("rebind-retry-attempts") == "1"
+        assert entry(deferral)["wait"]["lastCode"] == "100611"
+        assert entry(deferral)["wait"]["attempts"] == 1
 
 
 def test_every_refresh_row_of_the_table_is_walked() -> None:

@@ -1,4 +1,4 @@
-"""Secrets stay secret: not in logs, /metrics, output events, dead letters or retry records.
+"""Secrets stay secret: not in logs, /metrics, outputs, dead letters, ledger or dedupe records.
 
 The secrets are known: a distinctive application secret (the simulator's home app is given it),
 every access and refresh token the simulator issues (captured from its in-process state, and
@@ -174,7 +174,10 @@ async def test_no_secret_leaks_from_a_running_service(
                 ]
             )
             outputs = await harness.read(4, topics=[*harness.output_topics])
-            retries = await harness.read(1, topics=[topics.retry])
+            # the service's own records: the ledger (a waiting swap carries the whole event) and
+            # the duplicate memory (a copy of each outcome)
+            retries = await harness.read(3, topics=[topics.ledger])
+            retries += await harness.read(2, topics=[topics.dedupe])
             metrics = (await scrape(port)).text
         finally:
             os.kill(os.getpid(), signal.SIGTERM)  # app.run's own handler: drain and stop

@@ -15,7 +15,14 @@ RepeatPutModeName = Literal["ok", "duplicate"]
 StatusName = Literal["ONLINE", "OFFLINE", "INACTIVE", "ABNORMAL"]
 OperationName = Literal["login", "refresh_token", "refresh_key", "get_device", "get_credentials"]
 FaultActionName = Literal[
-    "error", "html", "latency", "drop_after_apply", "refuse", "answer_after_apply"
+    "error",
+    "html",
+    "latency",
+    "drop_after_apply",
+    "refuse",
+    "answer_after_apply",
+    "corrupt",
+    "corrupt_after_apply",
 ]
 
 

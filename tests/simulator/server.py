@@ -66,6 +66,15 @@ def _raw_answer(status: int, body: str) -> web.Response:
     return web.Response(text=body, status=status, content_type=ctype)
 
 
+def _corrupt_gzip() -> web.Response:
+    """A 200 that claims a gzip body and is not one: the client fails while decoding it."""
+    return web.Response(
+        body=b"\x1f\x8bthis is not gzip",
+        status=200,
+        headers={"Content-Encoding": "gzip", "Content-Type": JSON},
+    )
+
+
 def _bad_control(exc: Exception) -> web.Response:
     return _json({"error": str(exc)}, status=400)
 
@@ -154,7 +163,7 @@ class Simulator:
             payload = {"error_code": exc.code, "error_desc": exc.desc}
         return _json(payload, exc.status)
 
-    async def _serve(
+    async def _serve(  # noqa: PLR0911 - one return per fault action
         self,
         request: web.Request,
         operation: str,
@@ -195,6 +204,9 @@ class Simulator:
                 rec.status = fault.status
                 html = "<html><body><h1>Service Unavailable</h1></body></html>"
                 return web.Response(text=html, status=fault.status, content_type="text/html")
+            if fault.action == "corrupt":  # a body the client cannot decode, nothing applied
+                rec.status = 200
+                return _corrupt_gzip()
             if fault.action == "error":
                 code = fault.code or "50252"
                 rec.status, rec.error_code = fault.status, code
@@ -209,6 +221,8 @@ class Simulator:
             resp = self._error(exc)
         if drop:
             _abort(request)
+        if fault is not None and fault.action == "corrupt_after_apply":
+            return _corrupt_gzip()
         if fault is not None and fault.action == "answer_after_apply":
             rec.status = fault.status
             return _raw_answer(fault.status, fault.body)

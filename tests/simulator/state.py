@@ -20,7 +20,14 @@ ErrorShape = Literal["documented", "gateway", "mixed"]
 RepeatPutMode = Literal["ok", "duplicate"]
 DeviceStatus = Literal["ONLINE", "OFFLINE", "INACTIVE", "ABNORMAL"]
 FaultAction = Literal[
-    "error", "html", "latency", "drop_after_apply", "refuse", "answer_after_apply"
+    "error",
+    "html",
+    "latency",
+    "drop_after_apply",
+    "refuse",
+    "answer_after_apply",
+    "corrupt",
+    "corrupt_after_apply",
 ]
 Operation = Literal["login", "refresh_token", "refresh_key", "get_device", "get_credentials"]
 

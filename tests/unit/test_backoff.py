@@ -127,17 +127,36 @@ class Time:
 
 
 REQ = build_request("dev", "node-1", None, None, None, 0)
-POLICY = RebindPolicy(max_attempts=4, backoff_initial_seconds=1.0, backoff_max_seconds=8.0)
+# Every backoff waits inline here; the hand-back of long waits is tested with SHORT_INLINE.
+POLICY = RebindPolicy(
+    max_attempts=4,
+    backoff_initial_seconds=1.0,
+    backoff_max_seconds=8.0,
+    inline_backoff_max_seconds=1e9,
+)
+SHORT_INLINE = RebindPolicy(
+    max_attempts=6,
+    backoff_initial_seconds=1.0,
+    backoff_max_seconds=60.0,
+    inline_backoff_max_seconds=2.0,
+)
 
 
 async def run(
-    client: ScriptedClient, *, is_repeat: bool = False, deadline: float = 1e9, t: Time | None = None
+    client: ScriptedClient,
+    *,
+    is_repeat: bool = False,
+    deadline: float = 1e9,
+    t: Time | None = None,
+    policy: RebindPolicy = POLICY,
+    prior_attempts: int = 0,
 ) -> object:
     t = t or Time()
     return await rebind(
         REQ,
         client,
-        POLICY,
+        policy,
+        prior_attempts=prior_attempts,
         is_repeat=is_repeat,
         deadline=deadline,
         clock=t,
@@ -274,3 +293,34 @@ async def test_deadline_already_passed() -> None:
     res = await run(ScriptedClient([]), deadline=5.0, t=t)
     assert isinstance(res, Failed)
     assert (res.error_code, res.attempts, res.first_attempt_at) == (DEADLINE_EXCEEDED, 0, None)
+
+
+async def test_a_backoff_longer_than_the_inline_maximum_is_handed_back_as_transient() -> None:
+    """A sick device must not hold its slot and its partition: past a few seconds the wait
+    happens in the ledger. Short waits stay inline; the hand-back carries the last code."""
+    t = Time()
+    client = ScriptedClient([err(500, "50252")] * 10)
+    res = await run(client, t=t, policy=SHORT_INLINE)
+    assert isinstance(res, Deferred)
+    assert res.reason == "transient"
+    assert res.last_code == "50252"
+    assert res.retry_after_seconds > 2.0
+    assert all(s <= 2.0 for s in t.slept)  # every inline wait was short
+    assert res.attempts == len(t.slept) + 1
+
+
+async def test_prior_attempts_count_toward_the_maximum() -> None:
+    """A swap that already made attempts before it waited fails once the total reaches it."""
+    client = ScriptedClient([err(500, "50252")] * 10)
+    res = await run(client, policy=SHORT_INLINE, prior_attempts=5)
+    assert isinstance(res, Failed)
+    assert res.error_code == "50252"
+    assert res.attempts == 1  # this try's own attempts; the caller adds the earlier ones
+
+
+async def test_a_long_wait_is_inline_when_the_deadline_leaves_no_room_for_it() -> None:
+    t = Time()
+    client = ScriptedClient([err(500, "50252")] * 10)
+    res = await run(client, t=t, policy=SHORT_INLINE, deadline=3.0)
+    assert isinstance(res, Failed)
+    assert res.error_code == DEADLINE_EXCEEDED

@@ -1,0 +1,121 @@
+"""Transactions, one producer per input partition.
+
+Each input partition p has its own transactional producer, ``transactional.id =
+<prefix>-<group>-<input topic>-<p>`` (Kafka Streams' "exactly-once alpha" before KIP-447). The
+owner of p starts it when p is assigned, which fences any earlier owner of p (its open
+transaction is aborted, its later commits fail): a member dropped from the group, paused or cut
+off, can no longer publish an outcome or move an offset of p, whatever it believes. aiokafka's
+TxnOffsetCommit carries no group generation, so this is the fence that makes zombies harmless.
+
+One transaction of p writes the outputs decided since the previous one (outcomes, dead letters,
+duplicate-memory and ledger records) and commits p's offset with its metadata (the records
+finished beyond it, :mod:`service.pipeline.progress`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import structlog
+from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError, ProducerFenced
+from aiokafka.structs import OffsetAndMetadata
+
+from service.config import KafkaSettings
+from service.kafka import client_options
+from service.metrics import Metrics
+from service.pipeline.partition import Commit, PartitionCore
+
+log = structlog.get_logger(__name__)
+
+
+class PartitionFencedError(Exception):
+    """Another member owns the partition now: this one must drop it."""
+
+
+def transactional_id(kafka: KafkaSettings, topic: str, partition: int) -> str:
+    return f"{kafka.transactional_id_prefix}-{kafka.group_id}-{topic}-{partition}"
+
+
+class PartitionCommitter:
+    """The transactional producer of one input partition."""
+
+    def __init__(self, kafka: KafkaSettings, topic: str, partition: int, metrics: Metrics) -> None:
+        self._kafka = kafka
+        self.topic = topic
+        self.partition = partition
+        self.core: PartitionCore | None = None  # set once the partition's state is loaded
+        self._metrics = metrics
+        self.transactional_id = transactional_id(kafka, topic, partition)
+        self._producer = AIOKafkaProducer(
+            **client_options(kafka),
+            transactional_id=self.transactional_id,
+            enable_idempotence=True,
+            acks="all",
+            linger_ms=5,
+        )
+        self._lock = asyncio.Lock()
+        self.failures = 0
+
+    async def start(self) -> None:
+        """Initialise the transactional id: fences the partition's earlier owner."""
+        await self._producer.start()
+
+    async def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._producer.stop()
+
+    async def commit(self) -> None:
+        """Write what the partition decided since the last transaction; raises on failure (the
+        outputs stay for the next try) and :class:`PartitionFencedError` when fenced."""
+        core = self.core
+        if core is None:
+            return
+        async with self._lock:
+            commit = core.take_commit()
+            if commit is None:
+                return
+            try:
+                written = await self._transact(commit)
+            except BaseException:
+                core.restore(commit)
+                raise
+            core.committed(commit, written)
+            self.failures = 0
+            now_ms = time.time() * 1000
+            for stamp in commit.stamps:
+                self._metrics.event_latency.observe(max(0.0, (now_ms - stamp) / 1000))
+            for kind in commit.counts:
+                self._metrics.outcomes.labels(outcome=kind.value).inc()
+
+    async def _transact(self, commit: Commit) -> list[int]:
+        producer = self._producer
+        try:
+            async with producer.transaction():
+                futures = [
+                    await producer.send(
+                        o.topic, o.value, key=o.key, headers=o.headers, partition=o.partition
+                    )
+                    for o in commit.outputs
+                ]
+                if commit.offset is not None:
+                    tp = TopicPartition(self.topic, self.partition)
+                    await producer.send_offsets_to_transaction(
+                        {tp: OffsetAndMetadata(commit.offset, commit.metadata)},
+                        self._kafka.group_id,
+                    )
+                written = [m.offset for m in await asyncio.gather(*futures)] if futures else []
+        except ProducerFenced as exc:
+            self._metrics.transactions.labels(result="aborted").inc()
+            raise PartitionFencedError(
+                f"partition {self.partition} fenced: a newer owner uses "
+                f"transactional id {self.transactional_id}"
+            ) from exc
+        except KafkaError:
+            self._metrics.transactions.labels(result="aborted").inc()
+            self.failures += 1
+            raise
+        self._metrics.transactions.labels(result="committed").inc()
+        return written

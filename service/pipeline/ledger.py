@@ -1,0 +1,321 @@
+"""The per-device ledger: the latest swap of every device, and where it stands.
+
+It is what keeps "the latest swap of a device always wins" true across arrival orders, restarts
+and rebalances. Durably, it is a compacted topic (``REBIND_TOPICS__LEDGER``) keyed by deviceId and
+co-partitioned with the input: partition p of the ledger holds the devices of input partition p,
+and its records are written in the same transactions as the outcomes and offsets of that input
+partition. In memory, the owner of a partition holds one small entry per device of it, loaded from
+the ledger when the partition is assigned.
+
+Which swap is the latest: the one with the later CloudEvent ``time`` (the record's timestamp when
+the event has none); of two with the same time, the one read later from the input. So a swap
+replayed from an old failure, or produced late by another inventory system, never rolls a device
+back to an older nodeId.
+
+An entry is ``pending`` (accepted, its outcome not decided yet), ``waiting`` (deferred: the device
+was online, or a transient error asked for a pause longer than a few seconds; the swap itself is
+kept in the record, with its due time and history) or ``done``. Waiting swaps cost an entry and a
+place in one heap ordered by due time: no timer, no buffer slot, no task.
+
+Decisions (all pure, no I/O):
+
+* :meth:`admit` a swap read from the input: run it, skip it (its outcome is already on Kafka), or
+  answer it at once as superseded (an older swap), or as a duplicate; a waiting older swap that
+  the new one replaces is handed back to be answered ``SUPERSEDED``.
+* :meth:`claim` when its job runs: still the latest? (a newer swap may have arrived meanwhile.)
+* :meth:`done` / :meth:`wait` when it is decided, :meth:`record` the ledger record to write.
+"""
+
+from __future__ import annotations
+
+import base64
+import heapq
+from dataclasses import dataclass, field
+from enum import Enum, StrEnum
+from typing import Any, Final
+
+import orjson
+
+from service.pipeline.records import Output
+from service.pipeline.work import WaitState, Work
+
+RECORD_VERSION: Final = 1
+
+
+class State(StrEnum):
+    PENDING = "pending"
+    WAITING = "waiting"
+    DONE = "done"
+
+
+@dataclass(slots=True)
+class Entry:
+    """The latest swap accepted for one device."""
+
+    event_id: str
+    source: str
+    order: tuple[int, int]
+    node_id: str
+    state: State
+    outcome: str | None = None
+    wait: WaitState | None = None
+    value: bytes | None = None  # the swap itself, kept while it waits
+    headers: list[tuple[str, bytes]] = field(default_factory=list)
+
+    def same_event(self, work: Work) -> bool:
+        return self.event_id == work.swap.id and self.source == work.swap.source
+
+
+class Verdict(Enum):
+    RUN = "run"  # the latest swap: work on it
+    SKIP = "skip"  # already decided by an earlier owner (waiting or done): nothing to do
+    DUPLICATE = "duplicate"  # the same event again, read at another offset
+    OLDER = "older"  # a newer swap of the device is known: answer SUPERSEDED
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    verdict: Verdict
+    newer_event_id: str | None = None  # with OLDER
+    replaced: Entry | None = None  # a waiting swap the admitted one supersedes
+    repeat: bool = False  # with RUN: an earlier owner may have called the platform already
+
+
+class Claim(Enum):
+    CLAIMED = "claimed"  # still the latest: call the platform
+    SUPERSEDED = "superseded"  # a newer swap arrived since: answer SUPERSEDED, no call
+    GONE = "gone"  # already answered (a waiting swap superseded at admission): drop it
+
+
+class DeviceLedger:
+    """The ledger of one input partition."""
+
+    def __init__(self, topic: str, partition: int) -> None:
+        self.topic = topic
+        self.partition = partition
+        self._entries: dict[str, Entry] = {}
+        self._due: list[tuple[int, int, str]] = []  # (due_ms, sequence, device), lazily cleaned
+        self._sequence = 0
+        self._waiting = 0
+
+    # ---- loading ---------------------------------------------------------------------------
+
+    def load(self, key: bytes | None, value: bytes | None) -> None:
+        """Apply one ledger record read back from the topic (the last one of a key wins)."""
+        if key is None:
+            return
+        device = key.decode("utf-8", "replace")
+        old = self._entries.pop(device, None)
+        if old is not None and old.state is State.WAITING:
+            self._waiting -= 1
+        if not value:
+            return  # a tombstone
+        entry = decode_entry(value)
+        if entry is None:
+            return
+        self._put(device, entry)
+
+    def _put(self, device: str, entry: Entry) -> None:
+        old = self._entries.get(device)
+        if old is not None and old.state is State.WAITING:
+            self._waiting -= 1
+        self._entries[device] = entry
+        if entry.state is State.WAITING and entry.wait is not None:
+            self._waiting += 1
+            self._sequence += 1
+            heapq.heappush(self._due, (entry.wait.due_ms, self._sequence, device))
+
+    # ---- decisions -------------------------------------------------------------------------
+
+    def get(self, device: str) -> Entry | None:
+        return self._entries.get(device)
+
+    def admit(self, work: Work) -> Admission:
+        """A swap read from the input: what to do with it."""
+        entry = self._entries.get(work.device)
+        if entry is not None and entry.same_event(work):
+            if entry.order[1] != work.order[1]:
+                return Admission(Verdict.DUPLICATE)
+            if entry.state is State.PENDING:  # accepted before a crash, never decided
+                return Admission(Verdict.RUN, repeat=True)
+            return Admission(Verdict.SKIP)
+        if entry is not None and work.order < entry.order:
+            return Admission(Verdict.OLDER, newer_event_id=entry.event_id)
+        replaced = entry if entry is not None and entry.state is State.WAITING else None
+        self._put(
+            work.device,
+            Entry(
+                work.swap.id, work.swap.source, work.order, work.swap.data.node_id, State.PENDING
+            ),
+        )
+        return Admission(Verdict.RUN, replaced=replaced)
+
+    def claim(self, work: Work) -> tuple[Claim, str | None]:
+        """When a job starts: is its swap still the one to apply? (and the newer event id)."""
+        entry = self._entries.get(work.device)
+        if entry is None:
+            return Claim.GONE, None
+        if entry.same_event(work) and entry.order == work.order:
+            if work.offset is None and entry.state is not State.WAITING:
+                return Claim.GONE, None  # a woken swap that was answered meanwhile
+            if entry.state is State.WAITING:
+                self._put(work.device, _replace_state(entry, State.PENDING))
+            return Claim.CLAIMED, None
+        if work.offset is None:
+            return Claim.GONE, None  # a woken swap superseded at admission was answered then
+        return Claim.SUPERSEDED, entry.event_id
+
+    def is_latest(self, work: Work) -> bool:
+        entry = self._entries.get(work.device)
+        return entry is not None and entry.same_event(work) and entry.order == work.order
+
+    def done(self, work: Work, outcome: str) -> bool:
+        """The swap's outcome is decided; False when it is no longer the device's latest (its
+        outcome stands, the ledger keeps the newer swap)."""
+        if not self.is_latest(work):
+            return False
+        entry = self._entries[work.device]
+        self._put(work.device, _replace_state(entry, State.DONE, outcome=outcome))
+        return True
+
+    def wait(self, work: Work, state: WaitState) -> bool:
+        """The swap waits for its next try; False when a newer swap replaced it meanwhile."""
+        if not self.is_latest(work):
+            return False
+        entry = self._entries[work.device]
+        waiting = _replace_state(entry, State.WAITING, wait=state)
+        waiting.value = work.raw_value
+        waiting.headers = list(work.raw_headers)
+        self._put(work.device, waiting)
+        return True
+
+    # ---- waiting swaps ---------------------------------------------------------------------
+
+    @property
+    def waiting(self) -> int:
+        return self._waiting
+
+    def next_due_ms(self) -> int | None:
+        self._clean()
+        return self._due[0][0] if self._due else None
+
+    def pop_due(self, now_ms: int, limit: int) -> list[tuple[str, Entry]]:
+        """Up to ``limit`` waiting swaps whose time has come (they stay ``waiting`` until their
+        job claims them, so a crash in between loses nothing)."""
+        found: list[tuple[str, Entry]] = []
+        while len(found) < limit:
+            self._clean()
+            if not self._due or self._due[0][0] > now_ms:
+                break
+            _, _, device = heapq.heappop(self._due)
+            found.append((device, self._entries[device]))
+        return found
+
+    def _clean(self) -> None:
+        """Drop heap items whose device no longer waits for that due time."""
+        while self._due:
+            due_ms, _, device = self._due[0]
+            entry = self._entries.get(device)
+            if (
+                entry is not None
+                and entry.state is State.WAITING
+                and entry.wait is not None
+                and entry.wait.due_ms == due_ms
+            ):
+                return
+            heapq.heappop(self._due)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    # ---- records ---------------------------------------------------------------------------
+
+    def record(self, device: str) -> Output:
+        """The ledger record of ``device`` as it stands now."""
+        entry = self._entries[device]
+        return Output(self.topic, device.encode(), encode_entry(entry), partition=self.partition)
+
+
+def _replace_state(
+    entry: Entry, state: State, *, outcome: str | None = None, wait: WaitState | None = None
+) -> Entry:
+    return Entry(
+        entry.event_id,
+        entry.source,
+        entry.order,
+        entry.node_id,
+        state,
+        outcome=outcome,
+        wait=wait,
+    )
+
+
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode()
+
+
+def encode_entry(entry: Entry) -> bytes:
+    doc: dict[str, Any] = {
+        "v": RECORD_VERSION,
+        "eventId": entry.event_id,
+        "source": entry.source,
+        "timeMs": entry.order[0],
+        "offset": entry.order[1],
+        "nodeId": entry.node_id,
+        "state": entry.state.value,
+    }
+    if entry.outcome is not None:
+        doc["outcome"] = entry.outcome
+    if entry.wait is not None:
+        w = entry.wait
+        doc["wait"] = {
+            "dueMs": w.due_ms,
+            "deadlineMs": w.deadline_ms,
+            "deferrals": w.deferrals,
+            "attempts": w.attempts,
+            "firstAttemptMs": w.first_attempt_ms,
+            "lastCode": w.last_code,
+            "reason": w.reason,
+            "attemptDeadlineMs": w.attempt_deadline_ms,
+        }
+        doc["value"] = _b64(entry.value or b"")
+        doc["headers"] = [[k, _b64(v)] for k, v in entry.headers]
+    return orjson.dumps(doc)
+
+
+def decode_entry(value: bytes) -> Entry | None:
+    """An entry from its record; None for a record this version cannot read."""
+    try:
+        doc = orjson.loads(value)
+        wait = None
+        if "wait" in doc:
+            w = doc["wait"]
+            wait = WaitState(
+                due_ms=int(w["dueMs"]),
+                deadline_ms=int(w["deadlineMs"]),
+                deferrals=int(w["deferrals"]),
+                attempts=int(w["attempts"]),
+                first_attempt_ms=None if w["firstAttemptMs"] is None else int(w["firstAttemptMs"]),
+                last_code=str(w["lastCode"]),
+                reason=str(w["reason"]),
+                attempt_deadline_ms=(
+                    None if w.get("attemptDeadlineMs") is None else int(w["attemptDeadlineMs"])
+                ),
+            )
+        entry = Entry(
+            str(doc["eventId"]),
+            str(doc["source"]),
+            (int(doc["timeMs"]), int(doc["offset"])),
+            str(doc["nodeId"]),
+            State(doc["state"]),
+            outcome=doc.get("outcome"),
+            wait=wait,
+        )
+        if entry.state is State.WAITING:
+            if wait is None:
+                return None
+            entry.value = base64.b64decode(doc["value"])
+            entry.headers = [(str(k), base64.b64decode(v)) for k, v in doc["headers"]]
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None
+    return entry

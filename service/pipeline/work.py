@@ -1,0 +1,75 @@
+"""One swap to work on, where it came from, and where it stands if it waited before."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from service.events import SwapEvent
+from service.pipeline.records import OutcomeKind, Output
+
+
+@dataclass(frozen=True, slots=True)
+class WaitState:
+    """A swap waiting in the ledger for its next try. Times are epoch milliseconds."""
+
+    due_ms: int
+    deadline_ms: int
+    deferrals: int  # how often the device was online
+    attempts: int  # platform attempts so far
+    first_attempt_ms: int | None
+    last_code: str
+    reason: str  # "device_online" or "transient"
+    attempt_deadline_ms: int | None = None  # with "transient": when this try must end
+
+
+@dataclass(frozen=True, slots=True)
+class Work:
+    """One swap to handle.
+
+    ``offset`` is its input record (None when the ledger wakes a waiting swap up: that record was
+    committed when the swap started to wait). ``order`` decides which of two swaps of a device is
+    the latest: the CloudEvent ``time`` (else the record's timestamp) in ms, then the offset.
+    ``wait`` is set when the swap waited before (so the call may already have been applied);
+    ``repeat`` is set when an earlier owner may have called the platform for it already.
+    """
+
+    swap: SwapEvent
+    raw_value: bytes | None
+    raw_headers: list[tuple[str, bytes]]
+    topic: str
+    partition: int
+    origin_offset: int
+    order: tuple[int, int]
+    offset: int | None = None
+    wait: WaitState | None = None
+    repeat: bool = False
+
+    @property
+    def device(self) -> str:
+        return self.swap.data.device_id
+
+    @property
+    def origin(self) -> str:
+        return f"{self.topic}:{self.partition}:{self.origin_offset}"
+
+    @property
+    def may_be_applied(self) -> bool:
+        return self.repeat or self.wait is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """A swap's final answer: ``credential-updated`` or ``rebind-failed``."""
+
+    kind: OutcomeKind
+    record: Output
+
+
+@dataclass(frozen=True, slots=True)
+class Deferral:
+    """The swap waits in the ledger until ``state.due_ms``."""
+
+    state: WaitState
+
+
+HandlerResult = Outcome | Deferral
