@@ -33,9 +33,9 @@ TOPICS = {
     "ok": "iot.credential-updated.v1",
     "failed": "iot.rebind-failed.v1",
     "dlq": "asset.device-swapped.v1.dlq",
-    "retry": "device-rebind.retry.v1",
 }
-DEDUPE_TOPIC = "device-rebind.dedupe.v1"
+LEDGER_TOPIC = "device-rebind.ledger.v1"  # compacted, co-partitioned with the input
+DEDUPE_TOPIC = "device-rebind.dedupe.v1"  # compacted, co-partitioned with the input
 PLATFORM_LIMIT = 15  # calls per minute the simulated platform allows this application
 BURST = 16
 BOLD, DIM, GREEN, RED, YELLOW, RESET = (
@@ -213,7 +213,8 @@ async def play(bootstrap: str, sim_url: str, work: Path) -> int:
     await control.seed_device("meter-0002", "864475040000100", status="ONLINE")
     for i in range(BURST):
         await control.seed_device(f"burst-{i:02d}", f"86447504001{i:04d}")
-    await create_topics(bootstrap, list(TOPICS.values()), {TOPICS["in"]: 3, TOPICS["retry"]: 3})
+    await create_topics(bootstrap, list(TOPICS.values()), {TOPICS["in"]: 3})
+    await create_topics(bootstrap, [LEDGER_TOPIC], 3, configs={"cleanup.policy": "compact"})
     await create_topics(bootstrap, [DEDUPE_TOPIC], 3, configs={"cleanup.policy": "compact,delete"})
 
     http_port = free_port()

@@ -12,6 +12,9 @@ from typing import Any
 import jsonschema
 import kubernetes_validate
 import yaml
+from pydantic import BaseModel
+
+from service.config import ENV_NESTED_DELIMITER, ENV_PREFIX, Settings
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "device-rebind"
@@ -159,3 +162,16 @@ def secretish_plaintext(node: Any, path: str = "") -> list[str]:
         for index, item in enumerate(node):
             found += secretish_plaintext(item, f"{path}[{index}]")
     return found
+
+
+def settings_variables(
+    model: type[BaseModel] = Settings, prefix: str = ENV_PREFIX
+) -> Iterator[tuple[str, Any]]:
+    """(REBIND_ variable, field annotation) for every leaf field of the settings model."""
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        variable = prefix + name.upper()
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            yield from settings_variables(annotation, variable + ENV_NESTED_DELIMITER)
+        else:
+            yield variable, annotation

@@ -10,9 +10,9 @@ from typing import Any, get_args
 
 import pytest
 import yaml
-from pydantic import BaseModel, SecretStr
+from pydantic import SecretStr
 
-from service.config import ENV_NESTED_DELIMITER, ENV_PREFIX, Settings, load_settings
+from service.config import ENV_NESTED_DELIMITER, ENV_PREFIX, load_settings
 from tests.deploy.helpers import (
     ALL_FEATURES,
     CHART,
@@ -26,6 +26,7 @@ from tests.deploy.helpers import (
     helm_template,
     run_helm,
     secretish_plaintext,
+    settings_variables,
     validate_strict,
     workload,
 )
@@ -50,19 +51,6 @@ RENDER_CASES: dict[str, dict[str, Any]] = {
     "all-features": {"values_files": (ALL_FEATURES,)},
     "deployment": {"values_files": (ALL_FEATURES,), "sets": {"workload.kind": "Deployment"}},
 }
-
-
-def settings_variables(
-    model: type[BaseModel] = Settings, prefix: str = ENV_PREFIX
-) -> Iterator[tuple[str, Any]]:
-    """(REBIND_ variable, field annotation) for every leaf field of the settings model."""
-    for name, field in model.model_fields.items():
-        annotation = field.annotation
-        variable = prefix + name.upper()
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            yield from settings_variables(annotation, variable + ENV_NESTED_DELIMITER)
-        else:
-            yield variable, annotation
 
 
 def camel(snake: str) -> str:
@@ -236,6 +224,9 @@ def test_rendered_configuration_is_accepted_by_the_service(
     assert settings.platform.request_timeout_seconds == 7.5
     assert settings.platform.verify_tls is False
     assert settings.topics.device_swapped == "SENTINEL.in"
+    assert settings.topics.ledger == "SENTINEL.ledger"
+    assert settings.kafka.stuck_partition_seconds == 600
+    assert settings.platform.inline_backoff_max_seconds == 1.5
     assert str(settings.platform.client_cert).endswith("/tls.crt")
     assert settings.http.port == 8080
 
@@ -356,4 +347,5 @@ def test_notes_render(helm: Path, tmp_path: Path) -> None:
     )
     assert "WARNING" not in configured
     assert "pod names (the Kafka instance id) change on every restart" in configured
+    assert "Exactly-once is as safe" in configured
     assert "1000000 calls/minute" in configured

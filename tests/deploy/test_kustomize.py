@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
+from service.config import ENV_PREFIX
 from tests.deploy.helpers import (
     KUBE_VERSIONS,
     KUSTOMIZE_BASE,
@@ -21,6 +22,7 @@ from tests.deploy.helpers import (
     assert_secure_pod,
     env_of,
     load_manifests,
+    settings_variables,
     validate_strict,
     workload,
 )
@@ -81,6 +83,18 @@ def test_base_pod_is_locked_down(base: list[Manifest]) -> None:
     assert env["REBIND_KAFKA__INSTANCE_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
     assert "secretKeyRef" in env["REBIND_PLATFORM__SECRET"]["valueFrom"]
     assert not [m for m in base if m["kind"] == "Secret"]
+
+
+def test_every_variable_is_a_setting_of_the_service(base: list[Manifest]) -> None:
+    """A misspelt REBIND_ variable would be ignored silently by the service."""
+    known = {name for name, _ in settings_variables()}
+    containers = list(workload(base)["spec"]["template"]["spec"]["containers"])
+    for patch in kustomization(KUSTOMIZE_OVERLAY)["patches"]:
+        for doc in load_manifests(KUSTOMIZE_OVERLAY / patch["path"]):
+            containers += doc["spec"]["template"]["spec"]["containers"]
+    names = {name for c in containers for name in env_of(c) if name.startswith(ENV_PREFIX)}
+    assert "REBIND_TOPICS__LEDGER" in names
+    assert names - known == set()
 
 
 def test_overlay_patches_target_the_base(base: list[Manifest]) -> None:
