@@ -51,13 +51,14 @@ class KafkaSettings(_Section):
     transactional_id_prefix: str = Field(
         default="device-rebind",
         min_length=1,
-        description="Prefix of the producer's transactional id; the instance id is appended.",
+        description="Prefix of the transactional ids: <prefix>-<group>-<input topic>-<partition>, "
+        "one per input partition.",
     )
     instance_id: str = Field(
         default_factory=socket.gethostname,
         min_length=1,
         description="Stable identity of this replica (pod name in Kubernetes). "
-        "A restarted instance with the same id fences its predecessor.",
+        "Names the replica in logs and in the budget exchange.",
     )
     max_poll_records: int = Field(default=500, ge=1, le=100_000)
     session_timeout_ms: int = Field(default=30_000, ge=1_000)
