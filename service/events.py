@@ -515,9 +515,15 @@ class OutcomeEvent:
     )
 
 
-def outcome_id(kind: Literal["credential-updated", "rebind-failed"], input_id: str) -> str:
-    """The deterministic id of the outcome of kind ``kind`` for the input event ``input_id``."""
-    return str(uuid.uuid5(OUTCOME_ID_NAMESPACE, f"{kind}:{input_id}"))
+def outcome_id(
+    kind: Literal["credential-updated", "rebind-failed"], input_source: str, input_id: str
+) -> str:
+    """The deterministic id of the outcome of kind ``kind`` for the input event identified by
+    ``input_source`` and ``input_id`` (CloudEvents: an event is its source and id together, so
+    two events with the same id from two sources get two outcome ids). The source is
+    length-prefixed, so no (source, id) pair can spell another."""
+    name = f"{kind}:{len(input_source)}:{input_source}:{input_id}"
+    return str(uuid.uuid5(OUTCOME_ID_NAMESPACE, name))
 
 
 def _utc(name: str, value: datetime) -> datetime:
@@ -540,7 +546,7 @@ def _envelope(
 ) -> OutcomeEvent:
     if not source:
         raise ValueError("source must not be empty")
-    event_id = outcome_id(kind, swap.id)
+    event_id = outcome_id(kind, swap.source, swap.id)
     device_id = swap.data.device_id
     body = {
         "specversion": "1.0",

@@ -571,17 +571,26 @@ def test_rebind_failed_event() -> None:
 def test_outcome_ids_are_deterministic() -> None:
     swap = _decode(_event())
     first, again = _updated(swap), _updated(swap, time=NOW + timedelta(minutes=5), attempts=9)
-    assert first.id == again.id == outcome_id("credential-updated", swap.id)
+    assert first.id == again.id == outcome_id("credential-updated", swap.source, swap.id)
     assert uuid.UUID(first.id).version == 5
     failed = _failed(swap)
-    assert failed.id == _failed(swap, attempts=1).id == outcome_id("rebind-failed", swap.id)
+    assert failed.id == _failed(swap, attempts=1).id
+    assert failed.id == outcome_id("rebind-failed", swap.source, swap.id)
     assert failed.id != first.id
     other = _decode({**_event(), "id": "another-input"})
     assert _updated(other).id != first.id
+    # CloudEvents: an event is its source and id together; the same id from another source is
+    # another event, with another outcome id
+    elsewhere = _decode({**_event(), "source": "/inventory/elsewhere"})
+    assert _updated(elsewhere).id != first.id
+    assert outcome_id("credential-updated", "a:b", "c") != outcome_id(
+        "credential-updated", "a", "b:c"
+    )
     # Pinned: a change of namespace or name would silently break downstream deduplication.
-    assert outcome_id("credential-updated", "4f7f1c3e-0b7a-4c55-9d3c-2f0c6f1d9a10") == str(
+    pinned = "4f7f1c3e-0b7a-4c55-9d3c-2f0c6f1d9a10"
+    assert outcome_id("credential-updated", "/inventory/x", pinned) == str(
         uuid.uuid5(uuid.uuid5(uuid.NAMESPACE_URL, "urn:device-rebind:outcome"),
-                   "credential-updated:4f7f1c3e-0b7a-4c55-9d3c-2f0c6f1d9a10")
+                   f"credential-updated:12:/inventory/x:{pinned}")
     )  # fmt: skip
 
 
