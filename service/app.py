@@ -10,6 +10,7 @@ import time
 import structlog
 
 from service import logs
+from service.budget_exchange import BudgetExchange
 from service.config import Settings
 from service.handler import RebindHandler
 from service.httpserver import OpsServer
@@ -29,6 +30,8 @@ class Service:
         self.metrics = metrics or Metrics()
         p = settings.platform
         self.budget = RateBudget(p.rate_limit_per_minute, metrics=self.metrics)
+        # Every replica's recent calls, through Kafka, so rebalances never overrun the budget.
+        self.budget_exchange = BudgetExchange.from_settings(settings, self.budget, self.metrics)
         # One token holder per application (docs/tokens.md): the owner of input partition 0.
         self.tokens = SharedTokenProvider(
             p, settings.kafka, settings.topics.token, self.metrics, self.budget
@@ -42,6 +45,7 @@ class Service:
             self.metrics,
             concurrency=p.max_concurrency,
             on_assignment=self._share_budget,
+            on_revocation=self._before_revocation,
         )
         self.ops = OpsServer(
             settings.http.host, settings.http.port, self.metrics, self.readiness, self.alive
@@ -49,17 +53,23 @@ class Service:
         self._assigned_once = False
         self._heartbeat = time.monotonic()
 
-    def _share_budget(self, mine: int, total: int) -> None:
-        """Each replica spends the application's budget in proportion to its partitions."""
+    async def _share_budget(self, mine: int, total: int) -> None:
+        """Each replica spends the application's budget in proportion to its partitions, minus
+        what every replica spent in the last window (docs/budget.md)."""
         self._assigned_once = True
         # A replica without input partitions still needs a sliver (a login, a deferred retry).
         share = max(mine / total, 1e-6) if total else 1.0
-        self.budget.set_share(share)
         log.info("rate budget share", partitions=mine, of=total, share=round(share, 3))
         input_topic = self.settings.topics.device_swapped
         self.tokens.set_holder(
             any(tp.topic == input_topic and tp.partition == 0 for tp in self.pipeline.assigned())
         )
+        await self.budget_exchange.on_assigned(share)
+
+    async def _before_revocation(self) -> None:
+        """The pipeline's revocation is settled: stop calling and publish our calls before the
+        member re-joins (every live replica's record is then read at the assignment)."""
+        await self.budget_exchange.on_revoked()
 
     def alive(self) -> bool:
         return time.monotonic() - self._heartbeat < 30
@@ -84,11 +94,13 @@ class Service:
         await self.ops.start()
         try:
             await self.tokens.start()
+            await self.budget_exchange.start()
             await self.pipeline.run()
         finally:
             beat.cancel()
             await self.tokens.aclose()
             await self.client.aclose()
+            await self.budget_exchange.stop()  # a final record: our calls still count
             await self.budget.aclose()
             await self.ops.stop()
 

@@ -26,6 +26,23 @@ Flow control. :meth:`penalize` is called on every 1010009 answer: grants stop un
 grant in the window has aged out (or for the given seconds), and for one window the limit is capped
 at the number of grants we then had in the window: something else is spending the application's
 budget, and we adapt to what the platform actually allows.
+
+Rebalances (docs/budget.md). A replica that gains share at a rebalance must not start from an
+empty window while the platform still counts the calls the other replicas (or a killed previous
+incarnation) made in the last minute. :meth:`rebalance` therefore *replaces* the window's content
+by the application's global call log (every replica's :meth:`grant_log`, exchanged through Kafka
+by :class:`service.budget_exchange.BudgetExchange`), each of those calls weighing ``share`` of a
+call, while this replica's own grants from then on weigh 1. A grant needs ``weight in window + 1
+<= limit``. Summed over the replicas, the weighted preloads are exactly the application's calls in
+the window, and each replica's new grants stay within ``limit - share * G``: together at most
+``N - G``. As the old calls age out, the allowance grows back to the whole share.
+
+:meth:`hold` stops every grant until the next :meth:`rebalance` or :meth:`release` (the exchange
+holds between a revocation and the next assignment, so the log it published stays complete), and
+:meth:`renew_lease` lets grants happen only until a given time (the exchange renews it after each
+acknowledged publication, so a replica that can no longer publish stops calling soon after).
+Decisions use the monotonic clock; the log travels as wall-clock epoch seconds, converted with an
+offset fixed at construction.
 """
 
 from __future__ import annotations
@@ -35,7 +52,7 @@ import contextlib
 import math
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Final
 
 from service.metrics import Metrics
@@ -47,6 +64,10 @@ PRIORITY_DEFERRED: Final = 1
 WINDOW_SECONDS: Final = 60.0
 DEFAULT_SAFETY_MARGIN_SECONDS: Final = 1.0
 MIN_PENALTY_SECONDS: Final = 1.0
+EPSILON: Final = 1e-6
+"""Tolerance of the weighted comparisons (weights are fractions such as 1/3)."""
+RECHECK_SECONDS: Final = 1.0
+"""While held or without a lease, the dispatcher looks again this often (a change wakes it)."""
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
@@ -64,6 +85,7 @@ class RateBudget:
         window_seconds: float = WINDOW_SECONDS,
         safety_margin_seconds: float = DEFAULT_SAFETY_MARGIN_SECONDS,
         deferred_reserve: float = 0.2,
+        wall_offset: float | None = None,
     ) -> None:
         if rate_limit_per_minute < 1:
             raise ValueError("rate_limit_per_minute must be >= 1")
@@ -76,13 +98,21 @@ class RateBudget:
         self._sleep = sleep
         self._span = window_seconds + safety_margin_seconds
         self._reserve = deferred_reserve
-        self._grants: deque[tuple[float, bool]] = deque()  # (time, deferred?)
+        self._grants: deque[tuple[float, bool]] = deque()  # (time, deferred?) since rebalance
         self._deferred_in_window = 0
+        self._own: deque[float] = deque()  # every own grant in the window, for grant_log()
+        self._preload: deque[tuple[float, int]] = deque()  # (time, calls) of the global log
+        self._preload_calls = 0
+        self._preload_weight = 0.0
+        self._wall_offset = time.time() - clock() if wall_offset is None else wall_offset
+        self._counted_since = clock()
+        self._held = False
+        self._lease_until: float | None = None
         self._urgent: deque[asyncio.Future[None]] = deque()
         self._fresh: deque[asyncio.Future[None]] = deque()
         self._deferred: deque[asyncio.Future[None]] = deque()
         self._paused_until = 0.0
-        self._ceiling: int | None = None
+        self._ceiling: float | None = None
         self._ceiling_until = 0.0
         self._changed = asyncio.Event()
         self._pump: asyncio.Task[None] | None = None
@@ -99,12 +129,39 @@ class RateBudget:
     def share(self) -> float:
         return self._share
 
+    @property
+    def total(self) -> int:
+        """The application's whole budget (calls per window, all replicas together)."""
+        return self._total
+
+    @property
+    def held(self) -> bool:
+        return self._held
+
+    def now(self) -> float:
+        """The budget's (monotonic) clock."""
+        return self._clock()
+
+    def wall_now(self) -> float:
+        """The budget's clock as epoch seconds (the fixed offset of :meth:`grant_log`)."""
+        return self._clock() + self._wall_offset
+
+    def to_wall(self, monotonic: float) -> float:
+        return monotonic + self._wall_offset
+
     def set_share(self, fraction: float) -> None:
         """This replica's fraction of the application's budget (0 < fraction <= 1)."""
+        self._share = self._check_share(fraction)
+        self._apply_limit(self._limit_for(fraction))
+
+    @staticmethod
+    def _check_share(fraction: float) -> float:
         if not 0.0 < fraction <= 1.0:
             raise ValueError("share must be in (0, 1]")
-        self._share = fraction
-        self._apply_limit(max(1, math.floor(fraction * self._total + 1e-9)))
+        return fraction
+
+    def _limit_for(self, fraction: float) -> int:
+        return max(1, math.floor(fraction * self._total + 1e-9))
 
     def set_limit(self, n: int) -> None:
         """Set this replica's calls per window directly."""
@@ -126,27 +183,108 @@ class RateBudget:
             self._metrics.rate_limit_per_minute.set(n)
         self._changed.set()
 
+    def rebalance(self, share: float, global_log: Iterable[float]) -> None:
+        """A new share, and the window's content replaced by the application's call log.
+
+        ``global_log`` holds the epoch seconds of the calls of *every* replica of the application
+        (this one's included, plus phantom calls for replicas that may have called unseen). Each
+        counts ``share`` of a call in this replica's window until it ages out; this replica's
+        grants from now on count 1. Ends a :meth:`hold`.
+        """
+        self._share = self._check_share(share)
+        now = self._clock()
+        horizon = now - self._span
+        times = sorted(t - self._wall_offset for t in global_log)
+        preload: deque[tuple[float, int]] = deque()
+        for t in times:
+            if t <= horizon:
+                continue
+            if preload and preload[-1][0] == t:
+                preload[-1] = (t, preload[-1][1] + 1)
+            else:
+                preload.append((t, 1))
+        self._preload = preload
+        self._preload_calls = sum(n for _, n in preload)
+        self._preload_weight = share
+        self._grants.clear()
+        self._deferred_in_window = 0
+        self._counted_since = now
+        self._held = False
+        self._apply_limit(self._limit_for(share))
+
+    def hold(self) -> None:
+        """Grant nothing until :meth:`rebalance` or :meth:`release`."""
+        self._held = True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._changed.set()
+
+    def lease_until(self) -> float:
+        """Grants stop at this time (budget clock) unless the lease is renewed; inf: no lease."""
+        return math.inf if self._lease_until is None else self._lease_until
+
+    def renew_lease(self, until: float | None) -> None:
+        """Grant only before ``until`` (budget clock); None: no lease (the default)."""
+        expired = self._lease_until is not None and self._lease_until <= self._clock()
+        self._lease_until = until
+        if expired or until is None:
+            self._changed.set()
+
     def penalize(self, seconds: float | None = None) -> None:
         """The platform answered 1010009: stop granting for a while and cap the limit."""
         now = self._clock()
         self._prune(now)
         if seconds is None:
-            oldest = self._grants[0][0] if self._grants else now
+            oldest = self._oldest(now)
             seconds = max(MIN_PENALTY_SECONDS, oldest + self._span - now)
         self._paused_until = max(self._paused_until, now + seconds)
-        self._ceiling = max(1, min(self._effective_limit(now), len(self._grants)))
+        self._ceiling = max(1.0, min(self._effective_limit(now), self._weighted()))
         self._ceiling_until = now + self._span
         self._changed.set()
 
     # ------------------------------------------------------------------ state
     def in_window(self) -> int:
-        """Grants within the current window."""
+        """This replica's own grants within the current window."""
         self._prune(self._clock())
-        return len(self._grants)
+        return len(self._own)
+
+    def weighted_in_window(self) -> float:
+        """What the window holds: own grants since the last rebalance + the weighted preload."""
+        self._prune(self._clock())
+        return self._weighted()
+
+    def allowance(self) -> float:
+        """Grants possible right now (ignoring a hold, a pause or the lease); may be < 0."""
+        now = self._clock()
+        self._prune(now)
+        return self._effective_limit(now) - self._weighted()
+
+    def grant_log(self) -> list[float]:
+        """Epoch seconds of this replica's own grants still within the window (+ margin)."""
+        self._prune(self._clock())
+        return [t + self._wall_offset for t in self._own]
+
+    def counted_since(self) -> float:
+        """Epoch seconds of the last :meth:`rebalance` (or construction): own grants made since
+        count 1 in the window; earlier ones are part of the preload."""
+        return self._counted_since + self._wall_offset
 
     def waiting(self) -> int:
         queues = (self._urgent, self._fresh, self._deferred)
         return sum(not f.done() for q in queues for f in q)
+
+    def _weighted(self) -> float:
+        return len(self._grants) + self._preload_weight * self._preload_calls
+
+    def _oldest(self, now: float) -> float:
+        oldest = now
+        if self._grants:
+            oldest = min(oldest, self._grants[0][0])
+        if self._preload:
+            oldest = min(oldest, self._preload[0][0])
+        return oldest
 
     def _prune(self, now: float) -> None:
         horizon = now - self._span
@@ -154,33 +292,81 @@ class RateBudget:
             _, deferred = self._grants.popleft()
             if deferred:
                 self._deferred_in_window -= 1
+        while self._own and self._own[0] <= horizon:
+            self._own.popleft()
+        while self._preload and self._preload[0][0] <= horizon:
+            self._preload_calls -= self._preload.popleft()[1]
 
-    def _effective_limit(self, now: float) -> int:
+    def _effective_limit(self, now: float) -> float:
         if self._ceiling is not None and now < self._ceiling_until:
             return min(self._limit, self._ceiling)
         self._ceiling = None
         return self._limit
 
+    def _lease_ok(self, now: float) -> bool:
+        return self._lease_until is None or now < self._lease_until
+
     def _can_grant(self, now: float) -> bool:
         self._prune(now)
-        return now >= self._paused_until and len(self._grants) < self._effective_limit(now)
+        return (
+            not self._held
+            and now >= self._paused_until
+            and self._lease_ok(now)
+            and self._weighted() + 1.0 <= self._effective_limit(now) + EPSILON
+        )
 
     def _next_free_at(self, now: float) -> float:
         at = self._paused_until
-        excess = len(self._grants) - self._effective_limit(now)
-        if excess >= 0:
-            at = max(at, self._grants[excess][0] + self._span)
+        if self._held or not self._lease_ok(now):
+            at = max(at, now + RECHECK_SECONDS)  # or earlier: release/renew_lease wake us
+        excess = self._weighted() + 1.0 - self._effective_limit(now)
+        if excess > EPSILON:
+            at = max(at, self._frees_at(excess) + self._span)
         if self._ceiling is not None:
             # the ceiling lifts before the window frees: look again then
             at = min(at, max(self._ceiling_until, self._paused_until))
         return max(at, now)
 
+    def _frees_at(self, excess: float) -> float:
+        """The time of the entry whose ageing out frees ``excess`` weight (oldest first)."""
+        grants, preload, weight = self._grants, self._preload, self._preload_weight
+        i = j = 0
+        freed = 0.0
+        at = 0.0
+        while freed < excess - EPSILON and (i < len(grants) or j < len(preload)):
+            if j >= len(preload) or (i < len(grants) and grants[i][0] <= preload[j][0]):
+                at = grants[i][0]
+                freed += 1.0
+                i += 1
+            else:
+                at, calls = preload[j]
+                freed += weight * calls
+                j += 1
+        return at
+
+    def next_free_at(self) -> float:
+        """When the next grant could happen (budget clock), if nothing changes meanwhile."""
+        now = self._clock()
+        if self._can_grant(now):
+            return now
+        return self._next_free_at(now)
+
     def _record(self, now: float, deferred: bool) -> None:
         self._grants.append((now, deferred))
+        self._own.append(now)
         if deferred:
             self._deferred_in_window += 1
 
     # ------------------------------------------------------------------ acquire
+    def try_acquire(self, priority: int = PRIORITY_FRESH) -> bool:
+        """Take one call's worth of budget now if nobody waits and it is free (no waiting)."""
+        now = self._clock()
+        if self.waiting() or not self._can_grant(now):
+            return False
+        self._record(now, priority > PRIORITY_FRESH)
+        self._observe(0.0)
+        return True
+
     async def acquire(self, priority: int = PRIORITY_FRESH) -> float:
         """Wait for one call's worth of budget; return the seconds waited."""
         deferred = priority > PRIORITY_FRESH
