@@ -60,6 +60,8 @@ from service.metrics import Metrics
 PRIORITY_URGENT: Final = -1
 PRIORITY_FRESH: Final = 0
 PRIORITY_DEFERRED: Final = 1
+PRIORITY_POLL: Final = 2
+"""Bind-watch polls (activation queries): the lowest class."""
 
 WINDOW_SECONDS: Final = 60.0
 DEFAULT_SAFETY_MARGIN_SECONDS: Final = 1.0
@@ -111,6 +113,11 @@ class RateBudget:
         self._urgent: deque[asyncio.Future[None]] = deque()
         self._fresh: deque[asyncio.Future[None]] = deque()
         self._deferred: deque[asyncio.Future[None]] = deque()
+        # Bind-watch polls: the lowest class, served only when nobody else waits, and never
+        # more than ``poll_share`` of the limit within the window.
+        self._poll: deque[asyncio.Future[None]] = deque()
+        self._poll_times: deque[float] = deque()
+        self._poll_share = 0.2
         self._paused_until = 0.0
         self._ceiling: float | None = None
         self._ceiling_until = 0.0
@@ -271,8 +278,26 @@ class RateBudget:
         count 1 in the window; earlier ones are part of the preload."""
         return self._counted_since + self._wall_offset
 
+    def set_poll_share(self, fraction: float) -> None:
+        """The largest share of the limit that polls (``PRIORITY_POLL``) may use in a window."""
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError("poll share must be in (0, 1]")
+        self._poll_share = fraction
+        self._changed.set()
+
+    def polls_in_window(self) -> int:
+        self._prune(self._clock())
+        return len(self._poll_times)
+
+    def _poll_allowed(self, now: float) -> bool:
+        horizon = now - self._span
+        while self._poll_times and self._poll_times[0] <= horizon:
+            self._poll_times.popleft()
+        cap = max(1, math.floor(self._poll_share * self._limit + EPSILON))
+        return len(self._poll_times) < cap
+
     def waiting(self) -> int:
-        queues = (self._urgent, self._fresh, self._deferred)
+        queues = (self._urgent, self._fresh, self._deferred, self._poll)
         return sum(not f.done() for q in queues for f in q)
 
     def _weighted(self) -> float:
@@ -351,7 +376,9 @@ class RateBudget:
             return now
         return self._next_free_at(now)
 
-    def _record(self, now: float, deferred: bool) -> None:
+    def _record(self, now: float, deferred: bool, *, poll: bool = False) -> None:
+        if poll:
+            self._poll_times.append(now)
         self._grants.append((now, deferred))
         self._own.append(now)
         if deferred:
@@ -361,25 +388,35 @@ class RateBudget:
     def try_acquire(self, priority: int = PRIORITY_FRESH) -> bool:
         """Take one call's worth of budget now if nobody waits and it is free (no waiting)."""
         now = self._clock()
-        if self.waiting() or not self._can_grant(now):
+        poll = priority >= PRIORITY_POLL
+        if self.waiting() or not self._can_grant(now) or (poll and not self._poll_allowed(now)):
             return False
-        self._record(now, priority > PRIORITY_FRESH)
+        self._record(now, priority > PRIORITY_FRESH, poll=poll)
         self._observe(0.0)
         return True
 
     async def acquire(self, priority: int = PRIORITY_FRESH) -> float:
         """Wait for one call's worth of budget; return the seconds waited."""
         deferred = priority > PRIORITY_FRESH
+        poll = priority >= PRIORITY_POLL
         start = self._clock()
-        if not self._urgent and not self._fresh and not self._deferred and self._can_grant(start):
-            self._record(start, deferred)
+        if (
+            not self.waiting()
+            and self._can_grant(start)
+            and (not poll or self._poll_allowed(start))
+        ):
+            self._record(start, deferred, poll=poll)
             self._observe(0.0)
             return 0.0
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if priority < PRIORITY_FRESH:
             self._urgent.append(fut)
+        elif poll:
+            self._poll.append(fut)
         else:
             (self._deferred if deferred else self._fresh).append(fut)
+        if not poll and self._poll:
+            self._changed.set()  # the pump may be sleeping until a poll may go: look again
         self._ensure_pump()
         # A caller cancelled while waiting leaves a cancelled future that the dispatcher skips;
         # one cancelled just after its grant has spent it (conservative: budget is never lent).
@@ -405,9 +442,12 @@ class RateBudget:
         self._drop_done(self._urgent)
         self._drop_done(self._fresh)
         self._drop_done(self._deferred)
+        self._drop_done(self._poll)
         if self._urgent:
             return self._urgent, False
         if not self._fresh and not self._deferred:
+            if self._poll and self._poll_allowed(self._clock()):
+                return self._poll, True
             return None
         if not self._deferred:
             return self._fresh, False
@@ -423,11 +463,15 @@ class RateBudget:
             now = self._clock()
             picked = self._pick()
             if picked is None:
+                if self._poll and self._poll_times:  # polls wait for their share to free
+                    self._changed.clear()
+                    await self._wait(max(self._poll_times[0] + self._span - now, 1e-3))
+                    continue
                 return
             if self._can_grant(now):
                 queue, deferred = picked
                 fut = queue.popleft()
-                self._record(now, deferred)
+                self._record(now, deferred, poll=queue is self._poll)
                 fut.set_result(None)
                 await asyncio.sleep(0)  # let the granted caller run
                 continue
@@ -455,7 +499,7 @@ class RateBudget:
             pump.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await pump
-        for queue in (self._urgent, self._fresh, self._deferred):
+        for queue in (self._urgent, self._fresh, self._deferred, self._poll):
             while queue:
                 fut = queue.popleft()
                 if not fut.done():

@@ -13,6 +13,7 @@ from service.metrics import Metrics
 from service.platform.budget import (
     PRIORITY_DEFERRED,
     PRIORITY_FRESH,
+    PRIORITY_POLL,
     PRIORITY_URGENT,
     RateBudget,
 )
@@ -277,4 +278,58 @@ async def test_urgent_calls_jump_the_queue() -> None:
         grab("login", PRIORITY_URGENT),
     )
     assert order[0] == "login"
+    await budget.aclose()
+
+
+async def test_polls_take_only_what_refreshes_leave_and_never_more_than_their_share() -> None:
+    """Bind-watch polls are the lowest class: behind every refresh, and capped at their share of
+    the limit in any window even when nothing else waits."""
+    clock = FakeClock()
+    budget = _budget(clock, 10)
+    budget.set_poll_share(0.2)  # at most 2 polls in any window
+    fresh: list[float] = []
+    polls: list[float] = []
+    await clock.run(
+        *(_grab(budget, clock, polls, PRIORITY_POLL) for _ in range(10)),
+        *(_grab(budget, clock, fresh, PRIORITY_FRESH) for _ in range(30)),
+    )
+    assert len(polls) == 10
+    assert len(fresh) == 30
+    assert max_in_any_window(polls) <= 2
+    assert max_in_any_window(fresh + polls) <= 10
+    # the polls that arrived first took their share at once; after that, while refreshes
+    # waited, polls got nothing
+    assert sorted(polls)[2] >= max(fresh) - 1e-9
+    await budget.aclose()
+
+
+async def test_polls_alone_are_still_capped_at_their_share() -> None:
+    clock = FakeClock()
+    budget = _budget(clock, 10)
+    budget.set_poll_share(0.3)
+    polls: list[float] = []
+    await clock.run(*(_grab(budget, clock, polls, PRIORITY_POLL) for _ in range(12)))
+    assert max_in_any_window(polls) <= 3
+    # 12 polls at 3 per ~61 s need four windows
+    assert clock.now - 1_000.0 >= 3 * 60.0
+    await budget.aclose()
+
+
+async def test_a_refresh_does_not_wait_behind_capped_polls() -> None:
+    clock = FakeClock()
+    budget = _budget(clock, 10)
+    budget.set_poll_share(0.1)  # one poll per window
+    polls: list[float] = []
+    fresh: list[float] = []
+    start = clock.now
+
+    async def refresh_later() -> None:
+        await clock.sleep(1.0)  # virtual time: arrives while two polls wait for their share
+        await _grab(budget, clock, fresh, PRIORITY_FRESH)
+
+    await clock.run(
+        *(_grab(budget, clock, polls, PRIORITY_POLL) for _ in range(3)), refresh_later()
+    )
+    assert fresh == [start + 1.0]  # granted at once, not when the next poll may go
+    assert sorted(polls)[1] >= start + 60.0
     await budget.aclose()
