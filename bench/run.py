@@ -11,10 +11,16 @@ the machine is shared and noisy. Sections:
    replicas: busiest 60 s window / N, and the 1010009 answers;
 3. backlog memory: peak RSS (``VmHWM``) working a 10k and a 200k backlog;
 4. latency: a steady producer at half the configured budget, production to committed outcome;
-5. start (process start to ``/readyz`` 200) and stop (SIGTERM to exit, 64 calls in flight).
+5. start (process start to ``/readyz`` 200) and stop (SIGTERM to exit, 64 calls in flight);
+6. under budget saturation: platform answer to outcome visible ``read_committed`` (p50, p99);
+7. under budget saturation: refresh calls redone after one SIGKILL, against those on the wire;
+8. under budget saturation: budget use and 1010009 answers through replicas 1 -> 3 -> 1;
+9. fresh-input throughput with 10,000 deferred swaps against 0 (sections 6-9:
+   ``bench/saturation.py``).
 
 ``python -m bench`` (or ``python bench/run.py``); ``--quick`` shrinks every size for a smoke run;
-``--markdown PATH`` also writes the table as Markdown.
+``--only 1,3`` runs some sections, ``--skip 7,8`` leaves some out; ``--markdown PATH`` also
+writes the table as Markdown.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ if __package__ in (None, ""):  # `python bench/run.py`
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from service.config import TopicSettings
 from tests.simulator.control import SimulatorControl
 from tests.simulator.process import SimulatorProcess
 from tests.simulator.state import HOME_APP_ID, HOME_SECRET
@@ -75,6 +82,17 @@ class Sizes:
     latency_budget: int = 6_000
     latency_seconds: float = 30.0
     stop_latency: float = 0.5
+    saturation_limit: int = 600
+    """Sections 6-8: calls per minute, enforced by the simulator and configured in the service."""
+    saturation_swaps: int = 900
+    """Sections 6-7: backlog (1.5 windows)."""
+    kill_latency: float = 0.3
+    churn_swaps: int = 2_000
+    """Section 8: backlog; more than the measured period can use (3 windows if bursty)."""
+    churn_step: float = 40.0
+    churn_measured: float = 120.0
+    deferred_devices: int = 10_000
+    fresh_swaps: int = 10_000
 
 
 QUICK = Sizes(
@@ -87,6 +105,11 @@ QUICK = Sizes(
     memory_work=1_500,
     latency_budget=1_200,
     latency_seconds=10.0,
+    saturation_limit=120,
+    saturation_swaps=180,
+    churn_swaps=400,
+    deferred_devices=2_000,
+    fresh_swaps=2_000,
 )
 
 
@@ -143,6 +166,10 @@ class Topics:
         return f"{self.prefix}.dedupe"
 
     @property
+    def ledger(self) -> str:
+        return f"{self.prefix}.ledger"
+
+    @property
     def baseline_out(self) -> str:
         return f"{self.prefix}.baseline-out"
 
@@ -158,6 +185,25 @@ class Topics:
         await create_topics(
             bootstrap, [self.dedupe], PARTITIONS, configs={"cleanup.policy": "compact,delete"}
         )
+        # the per-device ledger: co-partitioned with the input, compacted
+        await create_topics(
+            bootstrap, [self.ledger], PARTITIONS, configs={"cleanup.policy": "compact"}
+        )
+
+    def env(self) -> dict[str, str]:
+        """``REBIND_TOPICS__*`` for every topic setting this service version has."""
+        names = {
+            "device_swapped": self.input,
+            "credential_updated": self.ok,
+            "rebind_failed": self.failed,
+            "dead_letter": self.dlq,
+            "retry": self.retry,
+            "dedupe": self.dedupe,
+            "ledger": self.ledger,
+            "token": f"{self.prefix}.token",  # created by the service
+        }
+        known = TopicSettings.model_fields
+        return {f"REBIND_TOPICS__{k.upper()}": v for k, v in names.items() if k in known}
 
 
 def device_id(i: int) -> str:
@@ -434,6 +480,7 @@ class Bench:
         rate: int,
         instance: str = "bench-0",
         group: str | None = None,
+        extra_env: dict[str, str] | None = None,
     ) -> ServiceProc:
         port = free_port()
         env = {
@@ -443,13 +490,7 @@ class Bench:
             "REBIND_KAFKA__GROUP_ID": group or f"{topics.prefix}-group",
             "REBIND_KAFKA__INSTANCE_ID": instance,
             "REBIND_KAFKA__TRANSACTIONAL_ID_PREFIX": f"{topics.prefix}-tx",
-            "REBIND_TOPICS__DEVICE_SWAPPED": topics.input,
-            "REBIND_TOPICS__CREDENTIAL_UPDATED": topics.ok,
-            "REBIND_TOPICS__REBIND_FAILED": topics.failed,
-            "REBIND_TOPICS__DEAD_LETTER": topics.dlq,
-            "REBIND_TOPICS__RETRY": topics.retry,
-            "REBIND_TOPICS__DEDUPE": topics.dedupe,
-            "REBIND_TOPICS__TOKEN": f"{topics.prefix}.token",  # created by the service
+            **topics.env(),
             "REBIND_PLATFORM__BASE_URL": sim_url,
             "REBIND_PLATFORM__APP_ID": HOME_APP_ID,
             "REBIND_PLATFORM__SECRET": HOME_SECRET,
@@ -457,6 +498,7 @@ class Bench:
             "REBIND_PLATFORM__MAX_CONCURRENCY": str(CONCURRENCY),
             "REBIND_HTTP__HOST": "127.0.0.1",
             "REBIND_HTTP__PORT": str(port),
+            **(extra_env or {}),
         }
         log_path = self.work / f"{topics.prefix}-{instance}.log"
         with log_path.open("wb") as log_file:
@@ -998,7 +1040,11 @@ def add_start_stop(rep: Report, r: StartStopResult) -> None:
     )
 
 
-async def run_all(b: Bench, rep: Report, only: set[str]) -> None:
+async def run_all(b: Bench, rep: Report, only: set[str], skip: set[str] | None = None) -> None:
+    from bench import saturation  # noqa: PLC0415 - sections 6-9; it imports this module
+
+    skip = skip or set()
+
     async def s1() -> None:
         add_throughput(rep, await bench_throughput(b))
 
@@ -1017,6 +1063,18 @@ async def run_all(b: Bench, rep: Report, only: set[str]) -> None:
     async def s5() -> None:
         add_start_stop(rep, await bench_start_stop(b))
 
+    async def s6() -> None:
+        saturation.add_answer_delay(rep, await saturation.bench_answer_delay(b))
+
+    async def s7() -> None:
+        saturation.add_sigkill_redo(rep, await saturation.bench_sigkill_redo(b))
+
+    async def s8() -> None:
+        saturation.add_budget_churn(rep, await saturation.bench_budget_churn(b))
+
+    async def s9() -> None:
+        saturation.add_deferred_load(rep, *await saturation.bench_deferred_load(b))
+
     # (section, run, longest it may take: a guard so one stuck section cannot eat the run)
     steps = [
         ("1", s1, 480.0),
@@ -1024,9 +1082,13 @@ async def run_all(b: Bench, rep: Report, only: set[str]) -> None:
         ("4", s4, 120.0),
         ("3", s3, 360.0),
         ("2", s2, 260.0),
+        ("6", s6, 240.0),
+        ("7", s7, 300.0),
+        ("8", s8, 300.0),
+        ("9", s9, 600.0),
     ]
     for name, step, limit in steps:
-        if only and name not in only:
+        if (only and name not in only) or name in skip:
             continue
         try:
             await asyncio.wait_for(step(), limit)
@@ -1040,6 +1102,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     p.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
     p.add_argument("--only", default="", help="comma-separated sections to run, e.g. 1,3")
+    p.add_argument(
+        "--skip",
+        default="",
+        help="comma-separated sections to leave out, e.g. 7,8 (6: answer -> visible, 7: SIGKILL "
+        "redo, 8: 1 -> 3 -> 1 budget, 9: deferred load; each is one figure of the table)",
+    )
     p.add_argument("--markdown", type=Path, default=None, help="also write the table here")
     p.add_argument("--py-spy", default=None, help="py-spy binary: profile section 1's processes")
     args = p.parse_args(argv)
@@ -1065,7 +1133,8 @@ def main(argv: list[str] | None = None) -> int:
     b.bootstrap = broker.start()
     try:
         only = {s.strip() for s in args.only.split(",") if s.strip()}
-        asyncio.run(run_all(b, rep, only))
+        skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+        asyncio.run(run_all(b, rep, only, skip))
     finally:
         b.kill_leftovers()
         broker.stop()

@@ -144,6 +144,24 @@ class OutcomeReader:
             what=what or f"{count} committed outcomes (have {self.count})",
         )
 
+    def answered(self) -> set[str]:
+        """The distinct input event ids (``data.swapEventId``) the outcomes read so far answer."""
+        ids: set[str] = set()
+        for rec in self.records:
+            with contextlib.suppress(orjson.JSONDecodeError, KeyError, TypeError):
+                ids.add(str(orjson.loads(rec.value or b"")["data"]["swapEventId"]))
+        return ids
+
+    async def wait_answered(self, inputs: Inputs, timeout: float) -> None:
+        """Wait until every good input has at least one committed outcome (duplicates do not
+        count twice, unlike :meth:`wait_for`)."""
+        wanted = {r.event_id for r in inputs.good if r.event_id is not None}
+
+        def done() -> bool:
+            return wanted <= self.answered()
+
+        await wait_until(done, timeout, f"outcomes for all {len(wanted)} inputs")
+
     async def read_to_end(self, timeout: float = 60) -> list[Received]:
         """Stop the background loop and read every partition up to its current end.
 
@@ -203,6 +221,11 @@ class Accounting:
             f"duplicated={self.duplicated} distinct_key_violations={self.distinct_key_violations}"
         )
 
+    def line_with(self, **figures: object) -> str:
+        """The accounting line followed by a test's own figures (``name=value`` each)."""
+        extra = " ".join(f"{k}={_figure(v)}" for k, v in figures.items())
+        return f"{self.line()} {extra}".rstrip()
+
     def assert_clean(self) -> None:
         assert self.lost == 0, f"{self.line()}: lost inputs {self.details.get('lost_sample')}"
         assert self.duplicated == 0, (
@@ -215,6 +238,22 @@ class Accounting:
             f"{self.line()}: outputs answering no input {self.details.get('unmatched_sample')}"
         )
         assert self.outputs == self.inputs, self.line()
+
+
+def _figure(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value).replace(" ", "")
+
+
+def duplicate_outcome_ids(outcomes: Iterable[Received]) -> list[str]:
+    """Outcome event ids (the CloudEvent ``id`` of credential-updated / rebind-failed records)
+    that were committed more than once."""
+    ids: Counter[str] = Counter()
+    for rec in outcomes:
+        with contextlib.suppress(orjson.JSONDecodeError, KeyError, TypeError):
+            ids[str(orjson.loads(rec.value or b"")["id"])] += 1
+    return sorted(i for i, n in ids.items() if n > 1)
 
 
 def outcome_input(rec: Received, dead_letter_topic: str, by_event: dict[str, InputKey]) -> Any:

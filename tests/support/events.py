@@ -17,15 +17,16 @@ def swap_event(
     *,
     event_id: str | None = None,
     source: str = "/inventory/test",
+    ce_time: str = "2026-11-25T09:30:00Z",
     **data: Any,
 ) -> bytes:
-    """A structured-mode ``device.swapped`` CloudEvent."""
+    """A structured-mode ``device.swapped`` CloudEvent (``ce_time``: its ``time`` attribute)."""
     body = {
         "specversion": "1.0",
         "id": event_id or str(uuid.uuid4()),
         "source": source,
         "type": SWAPPED_TYPE,
-        "time": "2026-11-25T09:30:00Z",
+        "time": ce_time,
         "subject": device_id,
         "datacontenttype": "application/json",
         "data": {"deviceId": device_id, "nodeId": node_id, **data},
