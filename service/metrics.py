@@ -26,7 +26,14 @@ THROTTLE_CODE = "1010009"  # the platform's flow control
 DEVICE_ONLINE_CODE = "100611"  # "device is online"
 
 OUTCOMES = ("credential_updated", "rebind_failed", "dead_lettered", "deferred", "duplicate")
-OPERATIONS = ("refresh_device_key", "login", "refresh_token", "query_device")
+OPERATIONS = (
+    "refresh_device_key",
+    "login",
+    "refresh_token",
+    "query_device",
+    "query_activation",
+    "subscribe",
+)
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _WAIT_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)

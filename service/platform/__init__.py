@@ -6,10 +6,17 @@ Knows nothing of Kafka; the pipeline calls :func:`rebind` with a :class:`Platfor
 from service.platform.budget import (
     PRIORITY_DEFERRED,
     PRIORITY_FRESH,
+    PRIORITY_POLL,
     PRIORITY_URGENT,
     RateBudget,
 )
-from service.platform.client import CallResult, DeviceQuery, PlatformClient, build_ssl_context
+from service.platform.client import (
+    ActivationQuery,
+    CallResult,
+    DeviceQuery,
+    PlatformClient,
+    build_ssl_context,
+)
 from service.platform.errors import (
     ATTEMPTS_EXHAUSTED,
     CONNECTION_ERROR,
@@ -48,10 +55,12 @@ __all__ = [
     "HTTP_ERROR",
     "PRIORITY_DEFERRED",
     "PRIORITY_FRESH",
+    "PRIORITY_POLL",
     "PRIORITY_URGENT",
     "SUPERSEDED",
     "TIMEOUT",
     "Action",
+    "ActivationQuery",
     "CallResult",
     "Category",
     "Deferred",

@@ -44,6 +44,9 @@ log = structlog.get_logger(__name__)
 
 REFRESH_KEY_PATH: Final = "/iocm/app/reg/v1.1.0/deviceCredentials/{device_id}"
 QUERY_DEVICE_PATH: Final = "/iocm/app/dm/v1.4.0/devices/{device_id}"
+QUERY_ACTIVATION_PATH: Final = REFRESH_KEY_PATH
+"""The activation status is a GET of the refresh call's resource."""
+SUBSCRIBE_PATH: Final = "/iocm/app/sub/v1.2.0/subscriptions"
 CONNECT_TIMEOUT_MAX_SECONDS: Final = 5.0
 KEEPALIVE_EXPIRY_SECONDS: Final = 30.0
 CONNECTIONS_PER_POOL: Final = 4
@@ -57,6 +60,10 @@ def refresh_key_path(device_id: str) -> str:
 
 def query_device_path(device_id: str) -> str:
     return QUERY_DEVICE_PATH.format(device_id=quote(device_id, safe=""))
+
+
+def query_activation_path(device_id: str) -> str:
+    return QUERY_ACTIVATION_PATH.format(device_id=quote(device_id, safe=""))
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +93,19 @@ class DeviceQuery:
     result: CallResult
     node_id: str | None = None
     status: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.result.ok
+
+
+@dataclass(frozen=True, slots=True)
+class ActivationQuery:
+    """The answer of the activation-status query: has the device (its new hardware) bound?"""
+
+    result: CallResult
+    activated: bool | None = None
+    """None when the call failed (or its answer carried no boolean ``activated``)."""
 
     @property
     def ok(self) -> bool:
@@ -231,6 +251,57 @@ class PlatformClient:
             result=result,
             node_id=node_id if isinstance(node_id, str) else None,
             status=status if isinstance(status, str) else None,
+        )
+
+    async def query_activation(
+        self, device_id: str, app_id: str | None, *, priority: int
+    ) -> ActivationQuery:
+        """``GET deviceCredentials/{deviceId}``: ``{"deviceId", "activated", "name"}``.
+
+        ``activated`` turns true when the device binds (after a key refresh: when the new
+        hardware connected with the new verifyCode). A 2xx without a boolean ``activated`` is
+        no answer (``ok`` False, nothing can be concluded), like a device query without
+        ``deviceInfo``.
+        """
+        result = await self._call(
+            "query_activation",
+            "GET",
+            query_activation_path(device_id),
+            params=self._app_param(app_id),
+            json=None,
+            priority=priority,
+        )
+        if not result.ok:
+            return ActivationQuery(result=result)
+        activated = (result.body or {}).get("activated")
+        if not isinstance(activated, bool):
+            spec = classify("query_activation", result.http_status, None)
+            failed = CallResult(False, result.http_status, None, "no boolean activated", spec)
+            return ActivationQuery(result=failed)
+        return ActivationQuery(result=result, activated=activated)
+
+    async def subscribe(
+        self,
+        notify_type: str,
+        callback_url: str,
+        app_id: str | None,
+        *,
+        owner_flag: bool | None = None,
+        priority: int,
+    ) -> CallResult:
+        """``POST subscriptions``: have the platform push ``notify_type`` notifications (e.g.
+        ``bindDevice``) to ``callback_url``. Repeating it is harmless; success is any 2xx
+        (``body`` holds the answer's JSON object, if any: ``subscriptionId``, ...).
+
+        ``app_id``: sent in the body only for another (authorized) application, as for every
+        call. ``owner_flag``: the ``ownerFlag`` query parameter (False: the callback belongs to
+        the authorizing application, True: to the authorized one), left out when None.
+        """
+        body: dict[str, Any] = {"notifyType": notify_type, "callbackUrl": callback_url}
+        body.update(self._app_param(app_id))
+        params = {} if owner_flag is None else {"ownerFlag": "true" if owner_flag else "false"}
+        return await self._call(
+            "subscribe", "POST", SUBSCRIBE_PATH, params=params, json=body, priority=priority
         )
 
     async def _call(

@@ -31,7 +31,15 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Final, Literal
 
-Operation = Literal["refresh_device_key", "login", "refresh_token", "query_device", "any"]
+Operation = Literal[
+    "refresh_device_key",
+    "login",
+    "refresh_token",
+    "query_device",
+    "query_activation",
+    "subscribe",
+    "any",
+]
 
 
 class Action(StrEnum):
@@ -65,6 +73,8 @@ class Category(StrEnum):
     TRANSPORT = "transport"
     SUPERSEDED = "superseded"
     INTERNAL = "internal"
+    BIND_EXPIRED = "bind_expired"
+    BIND_UNCONFIRMED = "bind_unconfirmed"
 
 
 # Service-own codes: failures that carry no platform code.
@@ -80,6 +90,11 @@ HTTP_ERROR: Final = "HTTP_ERROR"
 BAD_SUCCESS_BODY: Final = "BAD_SUCCESS_BODY"
 """A 2xx refresh answer that is not a JSON object carrying ``verifyCode`` (an HTML page from a
 proxy, a 204 without a body, ``[]``, ``{}``): the key may or may not have changed."""
+BIND_EXPIRED: Final = "BIND_EXPIRED"
+"""The key was refreshed with a non-zero timeout and the new device did not bind within it: the
+platform deleted the device's registration."""
+BIND_NOT_CONFIRMED: Final = "BIND_NOT_CONFIRMED"
+"""The key was refreshed, but no bind was seen before the watch's deadline."""
 SERVICE_CODES: Final = frozenset(
     {
         TIMEOUT,
@@ -90,6 +105,8 @@ SERVICE_CODES: Final = frozenset(
         ATTEMPTS_EXHAUSTED,
         HTTP_ERROR,
         BAD_SUCCESS_BODY,
+        BIND_EXPIRED,
+        BIND_NOT_CONFIRMED,
     }
 )
 
@@ -118,6 +135,7 @@ class ErrorSpec:
 _REFRESH: Final = "refresh_device_key"
 _LOGIN: Final = "login"
 _REFRESH_TOKEN: Final = "refresh_token"  # noqa: S105 - an operation name
+_SUBSCRIBE: Final = "subscribe"
 _ANY: Final = "any"
 
 _UNAUTHORIZED_HANDLING = (
@@ -358,6 +376,19 @@ ERROR_TABLE: Final[tuple[ErrorSpec, ...]] = (
         Action.RETRY,
         "A fault inside the platform; retried.",
     ),
+    # ---- POST subscriptions (bindDevice pushes); other codes follow the refresh call's rows ----
+    ErrorSpec(
+        "100222",
+        400,
+        _SUBSCRIBE,
+        "The callback URL is invalid.",
+        Category.INVALID_REQUEST,
+        Action.FAIL,
+        "The platform refused the callback URL of the bindDevice subscription: it must be an "
+        "https URL (http only for commissioning) that names its port, e.g. "
+        "https://rebind.example.com:8443/path, and that the platform can reach. Fix the "
+        "configured callback URL.",
+    ),
     # ---- gateway codes any call can meet (flow control covers every call) ----
     ErrorSpec(
         "1010009",
@@ -426,6 +457,29 @@ ERROR_TABLE: Final[tuple[ErrorSpec, ...]] = (
         "Nothing to do: the newer swap is applied instead.",
     ),
     ErrorSpec(
+        BIND_EXPIRED,
+        None,
+        _ANY,
+        "The new device did not bind within the verifyCode's timeout.",
+        Category.BIND_EXPIRED,
+        Action.FAIL,
+        "The key was refreshed with a non-zero timeout and the new device did not bind within "
+        "it, so the platform deleted the device's registration: the deviceId no longer exists. "
+        "Register the device again (a new deviceId), then bind the new hardware with it.",
+    ),
+    ErrorSpec(
+        BIND_NOT_CONFIRMED,
+        None,
+        _ANY,
+        "No bind of the new device was seen before the watch's deadline.",
+        Category.BIND_UNCONFIRMED,
+        Action.FAIL,
+        "The key was refreshed, but the service saw no bind before its watch deadline (no push "
+        "arrived and polling did not see the device activated). Check the device in the field "
+        "(powered, connected, configured with the new verifyCode) and query the device on the "
+        "platform to learn whether it bound.",
+    ),
+    ErrorSpec(
         ATTEMPTS_EXHAUSTED,
         None,
         _ANY,
@@ -467,8 +521,13 @@ _BY_CODE: Final[dict[tuple[str, str], ErrorSpec]] = {}
 for _spec in ERROR_TABLE:  # first row of a code per operation wins
     _BY_CODE.setdefault((_spec.operation, _spec.code), _spec)
 
-_TABLE_ALIASES: Final[dict[str, str]] = {"query_device": _REFRESH}
-"""The device query answers with the refresh call's codes (iocm-northbound.md section 4)."""
+_TABLE_ALIASES: Final[dict[str, str]] = {
+    "query_device": _REFRESH,
+    "query_activation": _REFRESH,
+    _SUBSCRIBE: _REFRESH,
+}
+"""Calls whose other codes are the refresh call's: the device query and the activation query
+(same device resource), and the subscription (the common table)."""
 
 
 def lookup(operation: str, http_status: int | None, error_code: str) -> ErrorSpec | None:
