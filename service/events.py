@@ -1,4 +1,4 @@
-"""Event contracts: the device-swapped input, the two outcome events and the dead-letter headers.
+"""Event contracts: the device-swapped input, the outcome events and the dead-letter headers.
 
 Everything that crosses the Kafka boundary as bytes is turned into a model here, and back.
 The rules are those of ``/work/shared/design/contracts.md``; the JSON Schemas in ``schemas/``
@@ -33,6 +33,7 @@ Decisions beyond the contract page (also in ``schemas/README.md``):
 
 from __future__ import annotations
 
+import math
 import re
 import unicodedata
 import uuid
@@ -66,13 +67,17 @@ __all__ = [
     "MAX_CONTEXT_DEPTH",
     "MAX_DETAIL_CHARS",
     "OUTCOME_ID_NAMESPACE",
+    "REBOUND_TYPE",
     "SWAPPED_TYPE",
     "UPDATED_TYPE",
     "CredentialUpdatedData",
     "CredentialUpdatedEvent",
+    "DeviceReboundData",
+    "DeviceReboundEvent",
     "InvalidEvent",
     "InvalidReason",
     "OutcomeEvent",
+    "OutcomeKind",
     "RebindFailedData",
     "RebindFailedEvent",
     "SwapData",
@@ -81,6 +86,7 @@ __all__ = [
     "dead_letter_headers",
     "decode_swap",
     "device_id_problem",
+    "device_rebound",
     "outcome_id",
     "parse_outcome",
     "parse_rfc3339",
@@ -90,6 +96,7 @@ __all__ = [
 SWAPPED_TYPE: Final = "com.iot.asset.device.swapped.v1"
 UPDATED_TYPE: Final = "com.iot.device.credential-updated.v1"
 FAILED_TYPE: Final = "com.iot.device.rebind-failed.v1"
+REBOUND_TYPE: Final = "com.iot.device.rebound.v1"
 CONTENT_TYPE: Final = "application/cloudevents+json"
 DATA_CONTENT_TYPE: Final = "application/json"
 
@@ -498,7 +505,7 @@ def _validate(event: Any) -> SwapEvent:
 
 
 # --------------------------------------------------------------------------------------------
-# Output: credential-updated and rebind-failed
+# Output: credential-updated, rebind-failed and device-rebound
 # --------------------------------------------------------------------------------------------
 
 
@@ -515,9 +522,11 @@ class OutcomeEvent:
     )
 
 
-def outcome_id(
-    kind: Literal["credential-updated", "rebind-failed"], input_source: str, input_id: str
-) -> str:
+OutcomeKind = Literal["credential-updated", "rebind-failed", "device-rebound"]
+"""The outcome kinds: the prefix of the name an outcome's id is derived from."""
+
+
+def outcome_id(kind: OutcomeKind, input_source: str, input_id: str) -> str:
     """The deterministic id of the outcome of kind ``kind`` for the input event identified by
     ``input_source`` and ``input_id`` (CloudEvents: an event is its source and id together, so
     two events with the same id from two sources get two outcome ids). The source is
@@ -536,7 +545,7 @@ _DUMP_OPTS: Final = orjson.OPT_UTC_Z
 
 
 def _envelope(
-    kind: Literal["credential-updated", "rebind-failed"],
+    kind: OutcomeKind,
     event_type: str,
     swap: SwapEvent,
     *,
@@ -637,6 +646,43 @@ def rebind_failed(
     return _envelope("rebind-failed", FAILED_TYPE, swap, source=source, time=time, data=data)
 
 
+def device_rebound(
+    swap: SwapEvent,
+    *,
+    bound_at: datetime,
+    via: Literal["push", "poll"],
+    seconds_to_bind: float,
+    source: str,
+    time: datetime,
+) -> OutcomeEvent:
+    """The device-rebound event for ``swap``: its new hardware bound at ``bound_at``.
+
+    ``via``: how the bind was learned (the platform's ``bindDevice`` push, or polling);
+    ``seconds_to_bind``: from the key refresh to the bind, >= 0 (kept to the millisecond).
+    """
+    if via not in ("push", "poll"):
+        raise ValueError("via must be 'push' or 'poll'")
+    if (
+        isinstance(seconds_to_bind, bool)
+        or not isinstance(seconds_to_bind, int | float)
+        or not math.isfinite(seconds_to_bind)
+        or seconds_to_bind < 0
+    ):
+        raise ValueError("seconds_to_bind must be a finite number >= 0")
+    d = swap.data
+    data = {
+        "deviceId": d.device_id,
+        "nodeId": d.node_id,
+        "appId": d.app_id,
+        "swapEventId": swap.id,
+        "boundAt": _utc("bound_at", bound_at),
+        "via": via,
+        "secondsToBind": round(float(seconds_to_bind), 3),
+        "context": swap.context,
+    }
+    return _envelope("device-rebound", REBOUND_TYPE, swap, source=source, time=time, data=data)
+
+
 class _OutcomeData(BaseModel):
     model_config = ConfigDict(strict=True, frozen=True, extra="forbid")
 
@@ -666,6 +712,14 @@ class RebindFailedData(_OutcomeData):
     last_attempt_at: Rfc3339 | None = Field(alias="lastAttemptAt")
 
 
+class DeviceReboundData(_OutcomeData):
+    bound_at: Rfc3339 = Field(alias="boundAt")
+    via: Literal["push", "poll"]
+    seconds_to_bind: Annotated[float, Field(ge=0, allow_inf_nan=False)] = Field(
+        alias="secondsToBind"
+    )
+
+
 class _OutcomeEnvelope(BaseModel):
     model_config = ConfigDict(strict=True, frozen=True, extra="ignore")
 
@@ -687,7 +741,12 @@ class RebindFailedEvent(_OutcomeEnvelope):
     data: RebindFailedData
 
 
-def parse_outcome(value: bytes) -> CredentialUpdatedEvent | RebindFailedEvent:
+class DeviceReboundEvent(_OutcomeEnvelope):
+    type: Literal["com.iot.device.rebound.v1"]
+    data: DeviceReboundData
+
+
+def parse_outcome(value: bytes) -> CredentialUpdatedEvent | RebindFailedEvent | DeviceReboundEvent:
     """Read an outcome event back (tests, replay). Raises ``ValueError`` when it is not one
     (``pydantic.ValidationError`` and ``orjson.JSONDecodeError`` are both ``ValueError``)."""
     event = orjson.loads(value)
@@ -696,6 +755,8 @@ def parse_outcome(value: bytes) -> CredentialUpdatedEvent | RebindFailedEvent:
         return CredentialUpdatedEvent.model_validate(event)
     if etype == FAILED_TYPE:
         return RebindFailedEvent.model_validate(event)
+    if etype == REBOUND_TYPE:
+        return DeviceReboundEvent.model_validate(event)
     raise ValueError(f"not an outcome type: {_show(etype)}")
 
 

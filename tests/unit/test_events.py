@@ -20,9 +20,11 @@ from service.events import (
     FAILED_TYPE,
     INVALID_REASONS,
     MAX_CONTEXT_DEPTH,
+    REBOUND_TYPE,
     SWAPPED_TYPE,
     UPDATED_TYPE,
     CredentialUpdatedEvent,
+    DeviceReboundEvent,
     InvalidEvent,
     OutcomeEvent,
     RebindFailedEvent,
@@ -30,6 +32,7 @@ from service.events import (
     credential_updated,
     dead_letter_headers,
     decode_swap,
+    device_rebound,
     outcome_id,
     parse_outcome,
     parse_rfc3339,
@@ -615,6 +618,101 @@ def test_builders_reject_bad_arguments() -> None:
         _updated(swap, source="")
     with pytest.raises(ValueError, match="http_status"):
         _failed(swap, http_status=42)
+
+
+def _rebound(swap: SwapEvent, **kw: Any) -> OutcomeEvent:
+    args: dict[str, Any] = {
+        "bound_at": NOW + timedelta(seconds=70),
+        "via": "push",
+        "seconds_to_bind": 71.0,
+        "source": "/device-rebind",
+        "time": NOW + timedelta(seconds=71),
+    }
+    args.update(kw)
+    return device_rebound(swap, **args)
+
+
+def test_device_rebound_event() -> None:
+    swap = _decode(_event(appId="app-7"))
+    out = _rebound(
+        swap, bound_at=datetime(2026, 11, 25, 11, 31, 11, tzinfo=timezone(timedelta(hours=2)))
+    )
+    assert out.type == REBOUND_TYPE
+    assert out.key == DEVICE.encode()
+    assert out.headers == [("content-type", b"application/cloudevents+json")]
+    doc = orjson.loads(out.value)
+    assert doc == {
+        "specversion": "1.0",
+        "id": out.id,
+        "source": "/device-rebind",
+        "type": REBOUND_TYPE,
+        "time": "2026-11-25T09:31:12Z",
+        "subject": DEVICE,
+        "datacontenttype": "application/json",
+        "data": {
+            "deviceId": DEVICE,
+            "nodeId": "864475040000123",
+            "appId": "app-7",
+            "swapEventId": swap.id,
+            "boundAt": "2026-11-25T09:31:11Z",  # written in UTC
+            "via": "push",
+            "secondsToBind": 71.0,
+            "context": {"previousNodeId": "864475040000099", "workOrderId": "WO-2026-11-0042"},
+        },
+    }
+    parsed = parse_outcome(out.value)
+    assert isinstance(parsed, DeviceReboundEvent)
+    assert parsed.data.via == "push"
+    assert parsed.data.seconds_to_bind == 71.0
+    assert parsed.data.bound_at == datetime(2026, 11, 25, 9, 31, 11, tzinfo=UTC)
+    assert parsed.subject == DEVICE
+
+    polled = orjson.loads(_rebound(swap, via="poll", seconds_to_bind=0.0004).value)["data"]
+    assert (polled["via"], polled["secondsToBind"]) == ("poll", 0.0)  # kept to the millisecond
+    whole = orjson.loads(_rebound(swap, seconds_to_bind=42).value)["data"]
+    assert whole["secondsToBind"] == 42.0
+
+
+def test_device_rebound_id_is_deterministic_and_its_own() -> None:
+    swap = _decode(_event())
+    first = _rebound(swap)
+    again = _rebound(swap, time=NOW + timedelta(hours=3), via="poll", seconds_to_bind=9.5)
+    assert first.id == again.id
+    assert uuid.UUID(first.id).version == 5
+    # derived from the swap like the other outcomes, under its own kind
+    assert first.id not in (_updated(swap).id, _failed(swap).id)
+    other = _decode({**_event(), "id": "another-input"})
+    assert _rebound(other).id != first.id
+
+
+def test_device_rebound_rejects_bad_arguments() -> None:
+    swap = _decode(_event())
+    with pytest.raises(ValueError, match="via"):
+        _rebound(swap, via="sms")
+    for bad in (-0.001, float("nan"), float("inf"), True, "12"):
+        with pytest.raises(ValueError, match="seconds_to_bind"):
+            _rebound(swap, seconds_to_bind=bad)
+    with pytest.raises(ValueError, match="timezone-aware"):
+        _rebound(swap, bound_at=datetime(2026, 11, 25, 9, 31))
+    with pytest.raises(ValueError, match="source"):
+        _rebound(swap, source="")
+
+
+def test_device_rebound_model_rejects_what_the_schema_rejects() -> None:
+    doc = orjson.loads(_rebound(_decode(_event())).value)
+    for field_name, bad in (
+        ("via", "sms"),
+        ("secondsToBind", -1),
+        ("secondsToBind", True),
+        ("secondsToBind", "71"),
+        ("boundAt", "2026-11-25 09:31:11Z"),
+    ):
+        broken = {**doc, "data": {**doc["data"], field_name: bad}}
+        with pytest.raises(ValueError, match="validation error"):
+            parse_outcome(orjson.dumps(broken))
+    extra = {**doc, "data": {**doc["data"], "verifyCode": "x"}}
+    with pytest.raises(ValueError, match="validation error"):
+        parse_outcome(orjson.dumps(extra))
 
 
 def test_error_desc_is_clipped() -> None:

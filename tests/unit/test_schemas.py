@@ -19,14 +19,25 @@ from jsonschema import Draft202012Validator, FormatChecker
 from service.events import (
     FAILED_TYPE,
     INVALID_REASONS,
+    REBOUND_TYPE,
     UPDATED_TYPE,
     CredentialUpdatedEvent,
+    DeviceReboundEvent,
     InvalidEvent,
     RebindFailedEvent,
     credential_updated,
     dead_letter_headers,
     decode_swap,
+    device_rebound,
     rebind_failed,
+)
+from service.platform.errors import (
+    BIND_EXPIRED,
+    BIND_NOT_CONFIRMED,
+    ERROR_TABLE,
+    SERVICE_CODES,
+    Category,
+    classify,
 )
 
 SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
@@ -63,6 +74,7 @@ def _validator(name: str) -> Draft202012Validator:
 SWAPPED = _validator("device-swapped.v1.schema.json")
 UPDATED = _validator("credential-updated.v1.schema.json")
 FAILED = _validator("rebind-failed.v1.schema.json")
+REBOUND = _validator("device-rebound.v1.schema.json")
 DLQ = _validator("dead-letter-headers.schema.json")
 SWAPPED_DATA = Draft202012Validator(
     orjson.loads((SCHEMAS / "device-swapped.v1.schema.json").read_bytes())["properties"]["data"],
@@ -94,7 +106,7 @@ def test_every_schema_has_an_urn_id() -> None:
 
 
 def test_there_are_enough_examples() -> None:
-    for prefix in ("device-swapped", "credential-updated", "rebind-failed"):
+    for prefix in ("device-swapped", "credential-updated", "rebind-failed", "device-rebound"):
         assert len(_files("valid", prefix)) >= 2, prefix
         assert len(_files("invalid", prefix)) >= 3, prefix
     assert len(list((EXAMPLES / "binary").glob("*.json"))) >= 6
@@ -168,9 +180,10 @@ def test_binary_example(path: Path) -> None:
 OUTPUT_MODELS: dict[str, tuple[Draft202012Validator, type[Any]]] = {
     "credential-updated": (UPDATED, CredentialUpdatedEvent),
     "rebind-failed": (FAILED, RebindFailedEvent),
+    "device-rebound": (REBOUND, DeviceReboundEvent),
 }
-OUTPUT_VALID = _files("valid", "credential-updated") + _files("valid", "rebind-failed")
-OUTPUT_INVALID = _files("invalid", "credential-updated") + _files("invalid", "rebind-failed")
+OUTPUT_VALID = [p for kind in OUTPUT_MODELS for p in _files("valid", kind)]
+OUTPUT_INVALID = [p for kind in OUTPUT_MODELS for p in _files("invalid", kind)]
 
 
 @pytest.mark.parametrize("path", OUTPUT_VALID, ids=_ids(OUTPUT_VALID))
@@ -233,14 +246,64 @@ def test_builder_outputs_are_schema_valid(path: Path) -> None:
         source="/device-rebind",
         time=now,
     )
+    bound = device_rebound(
+        swap,
+        bound_at=now,
+        via="push",
+        seconds_to_bind=71.25,
+        source="/device-rebind",
+        time=now,
+    )
+    polled = device_rebound(
+        swap, bound_at=now, via="poll", seconds_to_bind=0, source="/device-rebind", time=now
+    )
+    bind_failures = [
+        rebind_failed(
+            swap,
+            error_code=spec.code,
+            error_desc=spec.description,
+            http_status=None,
+            category=spec.category,
+            recommended_handling=spec.recommended_handling,
+            attempts=1,
+            first_attempt_at=now,
+            last_attempt_at=now,
+            source="/device-rebind",
+            time=now,
+        )
+        for spec in (classify("any", None, BIND_EXPIRED), classify("any", None, BIND_NOT_CONFIRMED))
+    ]
     for outcome, validator, event_type in (
         (ok, UPDATED, UPDATED_TYPE),
         (failed, FAILED, FAILED_TYPE),
         (never, FAILED, FAILED_TYPE),
+        (bound, REBOUND, REBOUND_TYPE),
+        (polled, REBOUND, REBOUND_TYPE),
+        *((f, FAILED, FAILED_TYPE) for f in bind_failures),
     ):
         doc = orjson.loads(outcome.value)
         assert [e.message for e in validator.iter_errors(doc)] == []
         assert doc["type"] == event_type == outcome.type
+
+
+def test_rebind_failed_schema_documents_every_code_and_category() -> None:
+    schema = orjson.loads((SCHEMAS / "rebind-failed.v1.schema.json").read_bytes())
+    data = schema["properties"]["data"]["properties"]
+    documented_codes = data["errorCode"]["description"]
+    documented_categories = data["category"]["description"]
+    for code in sorted(SERVICE_CODES):
+        assert code in documented_codes, code
+    for category in Category:
+        assert category.value in documented_categories, category
+    # the bind codes are rows of the error table, terminal, with their own categories
+    for code, category in (
+        (BIND_EXPIRED, Category.BIND_EXPIRED),
+        (BIND_NOT_CONFIRMED, Category.BIND_UNCONFIRMED),
+    ):
+        [row] = [spec for spec in ERROR_TABLE if spec.code == code]
+        assert row.terminal
+        assert row.category == category
+        assert classify("refresh_device_key", None, code) is row
 
 
 def test_dead_letter_headers_match_their_schema() -> None:
@@ -288,10 +351,19 @@ def test_asyncapi_document() -> None:
         "iot.rebind-failed.v1",
         "asset.device-swapped.v1.dlq",
         "device-rebind.retry.v1",
+        "iot.device-rebound.v1",
+        "device-rebind.bind-notify.v1",
     }
     actions = {op["action"] for op in doc["operations"].values()}
     assert actions == {"send", "receive"}
     assert "service-owned" in doc["channels"]["retry"]["title"]
+    assert "service-owned" in doc["channels"]["bindNotify"]["title"]
+    sent = {
+        op["channel"]["$ref"].rsplit("/", 1)[-1]
+        for op in doc["operations"].values()
+        if op["action"] == "send"
+    }
+    assert {"deviceRebound", "bindNotify"} <= sent
     referenced_files = set()
     for ref in _refs(doc):
         target, _, fragment = ref.partition("#")
@@ -306,5 +378,6 @@ def test_asyncapi_document() -> None:
         "device-swapped.v1.schema.json",
         "credential-updated.v1.schema.json",
         "rebind-failed.v1.schema.json",
+        "device-rebound.v1.schema.json",
         "dead-letter-headers.schema.json",
     }
