@@ -18,6 +18,8 @@ from service.config import PlatformSettings
 from service.metrics import Metrics
 from service.platform import (
     CONNECTION_ERROR,
+    PRIORITY_FRESH,
+    PRIORITY_POLL,
     TIMEOUT,
     Deferred,
     Failed,
@@ -544,3 +546,45 @@ async def test_tls_verification_off_is_loud(sim: SimulatorHandle) -> None:
     warnings = [e for e in logs if e["log_level"] == "warning"]
     assert [e["event"] for e in warnings] == ["platform_tls_verification_disabled"]
     assert sim.secret not in repr(logs)
+
+
+# --------------------------------------------------------------------------- bind watch calls
+
+
+async def test_query_activation_follows_the_bind(h: Harness) -> None:
+    await h.sim.control.seed_device("dev-b1", "OLD-B1")
+    assert isinstance(await h.swap("dev-b1", "NEW-B1"), Succeeded)
+    waiting = await h.client.query_activation("dev-b1", None, priority=PRIORITY_POLL)
+    assert (waiting.ok, waiting.activated) == (True, False)
+    await h.sim.control.connect("dev-b1")
+    bound = await h.client.query_activation("dev-b1", None, priority=PRIORITY_POLL)
+    assert (bound.ok, bound.activated) == (True, True)
+    gone = await h.client.query_activation("dev-ghost", None, priority=PRIORITY_POLL)
+    assert (gone.ok, gone.activated, gone.result.error_code) == (False, None, "100403")
+    assert h.requests("query_activation", "200") == 2
+    assert h.requests("query_activation", "404", "100403") == 1
+    calls = await h.sim.control.calls(operation="query_activation")
+    assert [c["device_id"] for c in calls] == ["dev-b1", "dev-b1", "dev-ghost"]
+
+
+async def test_subscribe_against_the_simulator(h: Harness) -> None:
+    url = "https://rebind.example.com:8443/bind/secret"
+    first = await h.client.subscribe("bindDevice", url, None, priority=PRIORITY_FRESH)
+    again = await h.client.subscribe("bindDevice", url, None, priority=PRIORITY_FRESH)
+    assert first.ok
+    assert again.ok
+    assert first.http_status == 201
+    assert first.body is not None
+    assert first.body == again.body
+    assert first.body["callbackUrl"] == url
+    [stored] = await h.sim.control.subscriptions(h.sim.app_id)
+    assert stored["requests"] == 2
+    refused = await h.client.subscribe(
+        "bindDevice", "https://rebind.example.com/bind", None, priority=PRIORITY_FRESH
+    )
+    assert (refused.ok, refused.http_status, refused.error_code) == (False, 400, "100222")
+    assert refused.spec is not None
+    assert refused.spec.terminal
+    assert refused.spec.category == "invalid_request"
+    assert h.requests("subscribe", "201") == 2
+    assert h.requests("subscribe", "400", "100222") == 1

@@ -625,7 +625,8 @@ async def test_online_goes_offline_after_delay(
         return bool(got == "OFFLINE")
 
     await wait_until(offline, timeout=5, what="d1 offline after 0.3 s")
-    assert (await put_key(http, "d1", {"nodeId": "N2"}, hdrs)).status_code == 200
+    # timeout 0: the registration never expires while the new hardware is awaited
+    assert (await put_key(http, "d1", {"nodeId": "N2", "timeout": 0}, hdrs)).status_code == 200
     # the simulator clock works too
     await sim.control.go_online_after("d1", 600)
     await sim.control.advance_clock(601)

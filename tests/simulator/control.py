@@ -13,7 +13,9 @@ from tests.simulator.state import HOME_APP_ID
 ErrorShapeName = Literal["documented", "gateway", "mixed"]
 RepeatPutModeName = Literal["ok", "duplicate"]
 StatusName = Literal["ONLINE", "OFFLINE", "INACTIVE", "ABNORMAL"]
-OperationName = Literal["login", "refresh_token", "refresh_key", "get_device", "get_credentials"]
+OperationName = Literal[
+    "login", "refresh_token", "refresh_key", "get_device", "query_activation", "subscribe"
+]
 FaultActionName = Literal[
     "error",
     "html",
@@ -102,6 +104,9 @@ class SimulatorControl:
         app_unknown_status: Literal[403, 500] | None = None,
         default_timeout: int | None = None,
         clock_offset: float | None = None,
+        push_max_attempts: int | None = None,
+        push_retry_delay_seconds: float | None = None,
+        push_timeout_seconds: float | None = None,
     ) -> dict[str, Any]:
         values = {k: v for k, v in locals().items() if k != "self" and v is not None}
         return cast(dict[str, Any], await self._call("POST", "/config", values))
@@ -157,7 +162,11 @@ class SimulatorControl:
         name: str | None = None,
         device_data_missing: bool = False,
         repeat_put_mode: RepeatPutModeName | None = None,
+        connect_after_refresh: float | None = None,
     ) -> dict[str, Any]:
+        """``connect_after_refresh``: the device's default behaviour, its new hardware connects
+        (binds) this many seconds after each successful key refresh (0 = at once); None = it
+        never connects by itself (use :meth:`connect`)."""
         item: dict[str, Any] = {
             "device_id": device_id,
             "node_id": node_id,
@@ -166,6 +175,7 @@ class SimulatorControl:
             "nb_iot": nb_iot,
             "device_data_missing": device_data_missing,
             "repeat_put_mode": repeat_put_mode,
+            "connect_after_refresh": connect_after_refresh,
         }
         if activated is not None:
             item["activated"] = activated
@@ -182,7 +192,10 @@ class SimulatorControl:
 
     async def update_device(self, device_id: str, **changes: Any) -> dict[str, Any]:
         """Keys: status, go_offline_after, go_online_after, go_online_after_success, activated,
-        nb_iot, device_data_missing, repeat_put_mode, name."""
+        nb_iot, device_data_missing, repeat_put_mode, name, connect_after_refresh.
+
+        While a refreshed device waits for its bind, anything that brings it ONLINE (``status``,
+        ``go_online_after``) is its new hardware connecting: it binds."""
         return cast(dict[str, Any], await self._call("PATCH", f"/devices/{device_id}", changes))
 
     async def set_status(self, device_id: str, status: StatusName) -> dict[str, Any]:
@@ -200,6 +213,78 @@ class SimulatorControl:
 
     async def delete_device(self, device_id: str) -> None:
         await self._call("DELETE", f"/devices/{device_id}")
+
+    # ------------------------------------------------------------------ binding and pushes
+    async def connect(self, device_id: str, *, after: float | None = 0.0) -> dict[str, Any]:
+        """The refreshed device's new hardware connects: now (``after=0``), ``after`` seconds
+        from now (simulator clock), or never (``after=None``, cancels a planned connection).
+
+        It then binds: activation status ``activated``, status ONLINE, and a ``bindDevice``
+        ``succeeded`` push to every subscribed callback of its application. Fails (409) when
+        the device is not waiting for a bind (no key refresh since its last bind)."""
+        return cast(
+            dict[str, Any],
+            await self._call("POST", f"/devices/{device_id}/connect", {"after": after}),
+        )
+
+    async def never_connect(self, device_id: str) -> dict[str, Any]:
+        return await self.connect(device_id, after=None)
+
+    async def subscriptions(self, app_id: str | None = None) -> list[dict[str, Any]]:
+        """Stored subscriptions: subscription_id, app_id, notify_type, callback_url, owner_flag,
+        created_by, created_at, requests (how often it was asked for)."""
+        params: dict[str, str | int] | None = None if app_id is None else {"app_id": app_id}
+        return cast(list[dict[str, Any]], await self._call("GET", "/subscriptions", params=params))
+
+    async def clear_subscriptions(self) -> None:
+        await self._call("DELETE", "/subscriptions")
+
+    async def notifications(
+        self, *, device_id: str | None = None, since: int = 0
+    ) -> list[dict[str, Any]]:
+        """Every notification the platform sent (also those without a subscriber): seq, time,
+        app_id, device_id, notify_type, result_code, body, targets, injected."""
+        params: dict[str, str | int] = {"since": since}
+        if device_id is not None:
+            params["device_id"] = device_id
+        return cast(list[dict[str, Any]], await self._call("GET", "/notifications", params=params))
+
+    async def send_notification(
+        self, body: Any, *, app_id: str = HOME_APP_ID, notify_type: str | None = None
+    ) -> dict[str, Any]:
+        """Push an arbitrary body to the app's subscribers (a stale, reordered or malformed
+        push), through the same delivery path (drops, copies, retries) as the real ones."""
+        request: dict[str, Any] = {"body": body, "app_id": app_id}
+        if notify_type is not None:
+            request["notify_type"] = notify_type
+        return cast(dict[str, Any], await self._call("POST", "/notifications", request))
+
+    async def pushes(self, *, device_id: str | None = None, since: int = 0) -> list[dict[str, Any]]:
+        """Every delivery attempt: seq, notification, time, url, device_id, result_code, copy,
+        attempt (0 for a dropped push), status (None: no answer), answer (excerpt), error,
+        delivered (2xx), dropped."""
+        params: dict[str, str | int] = {"since": since}
+        if device_id is not None:
+            params["device_id"] = device_id
+        return cast(list[dict[str, Any]], await self._call("GET", "/pushes", params=params))
+
+    async def push_behaviour(
+        self, *, drop_next: int | None = None, copies: int | None = None
+    ) -> dict[str, Any]:
+        """Drop the next ``drop_next`` pushes (never sent, logged as dropped) and/or deliver
+        every push ``copies`` times (1 = normal, 2 = each push arrives twice, ...). Returns
+        the current behaviour; with no argument only reads it."""
+        if drop_next is None and copies is None:
+            return cast(dict[str, Any], await self._call("GET", "/push-behaviour"))
+        body = {"drop_next": drop_next, "copies": copies}
+        return cast(dict[str, Any], await self._call("POST", "/push-behaviour", body))
+
+    async def drop_pushes(self, count: int) -> dict[str, Any]:
+        return await self.push_behaviour(drop_next=count)
+
+    async def repeat_pushes(self, copies: int) -> dict[str, Any]:
+        """Every push is delivered ``copies`` times (duplicate delivery)."""
+        return await self.push_behaviour(copies=copies)
 
     # ------------------------------------------------------------------ faults
     async def inject_fault(

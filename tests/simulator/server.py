@@ -1,4 +1,10 @@
-"""aiohttp server of the simulated IoT platform: northbound API + ``/_sim/`` control endpoints."""
+"""aiohttp server of the simulated IoT platform: northbound API + ``/_sim/`` control endpoints.
+
+It also plays the platform's side of notifications: a dispatcher task applies planned binds and
+deadlines when they come due and POSTs every queued notification (``bindDevice`` pushes) to the
+subscribed callback URLs with an aiohttp client, retrying an attempt that got no 2xx a few times,
+and logging every attempt and its answer (``GET /_sim/pushes``).
+"""
 
 from __future__ import annotations
 
@@ -7,17 +13,21 @@ import contextlib
 import secrets
 import ssl
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
+import aiohttp
 import orjson
 from aiohttp import web
 
 from tests.simulator.state import (
     GATEWAY_CODES,
+    HOME_APP_ID,
+    NOTIFY_TYPES,
     OPERATIONS,
     PARTNER_APP_ID,
     App,
@@ -25,15 +35,27 @@ from tests.simulator.state import (
     Change,
     Device,
     ErrorShape,
+    Notification,
     PlatformError,
     PlatformState,
     SimConfig,
+    callback_url_problem,
     fingerprint,
 )
 
 JSON = "application/json"
 _SECRET_KEYS = frozenset({"secret", "refreshToken"})
 _MAX_INT = 2_147_483_647
+_ANSWER_SNIPPET = 200
+_DISPATCH_IDLE_S = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Created:
+    """An operation's answer that is ``201 Created`` rather than ``200``."""
+
+    body: Any
+
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -90,15 +112,22 @@ class Simulator:
         config: SimConfig | None = None,
         ssl_context: ssl.SSLContext | None = None,
         seed_demo: bool = False,
+        push_ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.host = host
         self.port = port
         self.ssl_context = ssl_context
+        self.push_ssl_context = push_ssl_context
+        """Verifies https callback URLs; None: their certificates are not verified."""
         self.state = PlatformState(config)
         self.seed_demo = seed_demo
         if seed_demo:
             seed_demo_devices(self.state)
         self._runner: web.AppRunner | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._wake: asyncio.Event | None = None
+        self._dispatcher: asyncio.Task[None] | None = None
+        self._deliveries: set[asyncio.Task[None]] = set()
         self.url = ""
 
     # ------------------------------------------------------------------ lifecycle
@@ -113,6 +142,7 @@ class Simulator:
         r.add_put(f"{api}/reg/v1.1.0/deviceCredentials/", self.h_refresh_key)
         r.add_get(f"{api}/reg/v1.1.0/deviceCredentials/{{deviceId}}", self.h_get_credentials)
         r.add_get(f"{api}/dm/v1.4.0/devices/{{deviceId}}", self.h_get_device)
+        r.add_post(f"{api}/sub/v1.2.0/subscriptions", self.h_subscribe)
         r.add_get("/_sim/health", self.c_health)
         r.add_post("/_sim/reset", self.c_reset)
         r.add_get("/_sim/config", self.c_get_config)
@@ -126,6 +156,14 @@ class Simulator:
         r.add_get("/_sim/devices/{deviceId}", self.c_device)
         r.add_patch("/_sim/devices/{deviceId}", self.c_update_device)
         r.add_delete("/_sim/devices/{deviceId}", self.c_delete_device)
+        r.add_post("/_sim/devices/{deviceId}/connect", self.c_connect)
+        r.add_get("/_sim/subscriptions", self.c_subscriptions)
+        r.add_delete("/_sim/subscriptions", self.c_clear_subscriptions)
+        r.add_get("/_sim/notifications", self.c_notifications)
+        r.add_post("/_sim/notifications", self.c_send_notification)
+        r.add_get("/_sim/pushes", self.c_pushes)
+        r.add_get("/_sim/push-behaviour", self.c_push_behaviour)
+        r.add_post("/_sim/push-behaviour", self.c_push_behaviour)
         r.add_post("/_sim/faults", self.c_add_fault)
         r.add_get("/_sim/faults", self.c_faults)
         r.add_delete("/_sim/faults", self.c_clear_faults)
@@ -135,6 +173,15 @@ class Simulator:
         return app
 
     async def start(self) -> str:
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(
+                ssl=self.push_ssl_context if self.push_ssl_context is not None else False,
+                limit=100,
+            ),
+        )
+        self._wake = asyncio.Event()
+        self.state.on_change = self._wake.set
+        self._dispatcher = asyncio.create_task(self._dispatch(), name="sim-push-dispatcher")
         self._runner = web.AppRunner(self.build_app(), access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(
@@ -148,9 +195,94 @@ class Simulator:
         return self.url
 
     async def stop(self) -> None:
+        self.state.on_change = None
+        tasks = [*self._deliveries]
+        if self._dispatcher is not None:
+            tasks.append(self._dispatcher)
+            self._dispatcher = None
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # ------------------------------------------------------------------ notifications
+    async def _dispatch(self) -> None:
+        """Apply due binds and deadlines; hand every queued notification to its deliveries."""
+        st = self.state
+        wake = self._wake
+        assert wake is not None
+        while True:
+            wake.clear()
+            st.run_due()
+            while st.outbox:
+                note = st.outbox.popleft()
+                for url in note.targets:
+                    self._spawn(self._deliver(note, url, st.reset_epoch))
+            due = st.next_due()
+            timeout = _DISPATCH_IDLE_S if due is None else min(_DISPATCH_IDLE_S, due - st.now())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), max(0.0, timeout))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._deliveries.add(task)
+        task.add_done_callback(self._deliveries.discard)
+
+    async def _deliver(self, note: Notification, url: str, epoch: int) -> None:
+        """One notification to one URL: dropped, or each copy retried until answered 2xx."""
+        st = self.state
+        if st.take_push_drop():
+            st.record_push(note, url, copy=1, attempt=0, dropped=True, error="dropped")
+            return
+        copies = st.push_copies
+        for copy in range(1, copies + 1):
+            attempts = st.config.push_max_attempts
+            for attempt in range(1, attempts + 1):
+                status, answer, error = await self._post(url, note.body)
+                if st.reset_epoch != epoch:
+                    return  # the simulator was reset meanwhile
+                delivered = status is not None and 200 <= status < 300
+                st.record_push(
+                    note,
+                    url,
+                    copy=copy,
+                    attempt=attempt,
+                    status=status,
+                    answer=answer,
+                    error=error,
+                    delivered=delivered,
+                )
+                if delivered:
+                    break
+                if attempt < attempts:
+                    await asyncio.sleep(st.config.push_retry_delay_seconds)
+
+    async def _post(self, url: str, body: Any) -> tuple[int | None, str, str | None]:
+        """(status, answer excerpt, error) of one POST; status None when no answer came."""
+        session = self._session
+        assert session is not None
+        timeout = aiohttp.ClientTimeout(total=self.state.config.push_timeout_seconds)
+        try:
+            async with session.post(
+                url,
+                data=orjson.dumps(body),
+                headers={"Content-Type": JSON},
+                timeout=timeout,
+                allow_redirects=False,
+            ) as resp:
+                raw = await resp.content.read(_ANSWER_SNIPPET)
+                return resp.status, raw.decode("utf-8", "replace"), None
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+            return None, "", f"{type(exc).__name__}: {exc}"[:_ANSWER_SNIPPET]
+
+    def _cancel_deliveries(self) -> None:
+        for task in [*self._deliveries]:
+            task.cancel()
 
     # ------------------------------------------------------------------ responses
     def _error(self, exc: PlatformError, shape: ErrorShape | None = None) -> web.Response:
@@ -214,8 +346,12 @@ class Simulator:
             drop = fault.action == "drop_after_apply"
         try:
             payload = work()
-            resp = _json(payload)
-            rec.status = 200
+            if isinstance(payload, _Created):
+                resp = _json(payload.body, 201)
+                rec.status = 201
+            else:
+                resp = _json(payload)
+                rec.status = 200
         except PlatformError as exc:
             rec.status, rec.error_code = exc.status, exc.code
             resp = self._error(exc)
@@ -302,8 +438,9 @@ class Simulator:
         app.token_refreshes += 1
         return st.issue_tokens(app)
 
-    def _authorize(self, request: web.Request) -> App:
-        """app_key -> flow control -> token -> ``appId`` query; returns the devices' owner app."""
+    def _authorize(self, request: web.Request, target_app: str | None = None) -> App:
+        """app_key -> flow control -> token -> ``appId`` (the query's, or ``target_app``);
+        returns the devices' owner app."""
         st = self.state
         app_key = request.headers.get("app_key")
         app = st.apps.get(app_key) if app_key else None
@@ -311,7 +448,7 @@ class Simulator:
             raise PlatformError(401, "100025")
         st.admit(app)
         st.check_token(app, request.headers.get("Authorization"))
-        query_app = request.query.get("appId")
+        query_app = request.query.get("appId") if target_app is None else target_app
         if not query_app or query_app == app.app_id:
             return app
         target = st.apps.get(query_app)
@@ -322,6 +459,7 @@ class Simulator:
         return target
 
     def _device(self, owner: App, device_id: str) -> Device:
+        self.state.run_due()  # a device whose verifyCode expired is gone
         dev = self.state.devices.get(device_id)
         if dev is None or dev.app_id != owner.app_id:
             raise PlatformError(404, "100403")
@@ -398,13 +536,7 @@ class Simulator:
             dev.node_id = node_id
         dev.history.append(Change(dev.node_id, code, effective_timeout, now))
         dev.last_modified_time = now
-        if dev.online_after_success is not None:
-            if dev.online_after_success <= 0:
-                dev.status = "ONLINE"
-                dev.status_next, dev.status_at = None, None
-            else:
-                dev.status_next, dev.status_at = "ONLINE", now + dev.online_after_success
-            dev.online_after_success = None
+        st.after_refresh(dev, now, effective_timeout)  # may bind at once (connect delay 0)
         return {"verifyCode": code, "timeout": effective_timeout}
 
     async def h_get_device(self, request: web.Request) -> web.StreamResponse:
@@ -443,7 +575,7 @@ class Simulator:
         device_id = request.match_info["deviceId"]
         return await self._serve(
             request,
-            "get_credentials",
+            "query_activation",
             device_id=device_id,
             identity=request.headers.get("app_key"),
             body=None,
@@ -451,8 +583,56 @@ class Simulator:
         )
 
     def op_get_credentials(self, request: web.Request, device_id: str) -> dict[str, Any]:
+        """Activation status: false while a refreshed device's new hardware has not bound."""
         dev = self._device(self._authorize(request), device_id)
-        return {"deviceId": dev.device_id, "activated": dev.activated, "name": dev.name}
+        activated = dev.activated and not dev.awaiting_bind
+        return {"deviceId": dev.device_id, "activated": activated, "name": dev.name}
+
+    async def h_subscribe(self, request: web.Request) -> web.StreamResponse:
+        raw = await request.read()
+        body: Any
+        bad_json = False
+        try:
+            body = orjson.loads(raw) if raw.strip() else None
+        except orjson.JSONDecodeError:
+            bad_json = True
+            body = raw.decode("utf-8", "replace")[:512]
+        return await self._serve(
+            request,
+            "subscribe",
+            device_id=None,
+            identity=request.headers.get("app_key"),
+            body=body,
+            work=lambda: self.op_subscribe(request, body, bad_json),
+        )
+
+    def op_subscribe(self, request: web.Request, body: Any, bad_json: bool) -> _Created:
+        """Subscribe an application's notifications of one type to a callback URL (idempotent)."""
+        st = self.state
+        named = body.get("appId") if isinstance(body, dict) else None
+        owner = self._authorize(request, named if isinstance(named, str) else "")
+        if bad_json or not isinstance(body, dict):
+            raise PlatformError(400, "100007")
+        if named is not None and not isinstance(named, str):
+            raise PlatformError(400, "50400")
+        flag = request.query.get("ownerFlag")
+        if flag is not None and flag not in ("true", "false"):
+            raise PlatformError(400, "50400")
+        notify_type = body.get("notifyType")
+        if not isinstance(notify_type, str) or notify_type not in NOTIFY_TYPES:
+            raise PlatformError(400, "50400")
+        callback = body.get("callbackUrl")
+        if callback_url_problem(callback) is not None:
+            raise PlatformError(400, "100222")
+        assert isinstance(callback, str)
+        sub = st.subscribe(
+            owner.app_id,
+            notify_type,
+            callback,
+            owner_flag=None if flag is None else flag == "true",
+            created_by=request.headers.get("app_key", ""),
+        )
+        return _Created(sub.answer())
 
     # ------------------------------------------------------------------ control API
     @staticmethod
@@ -465,6 +645,7 @@ class Simulator:
 
     async def c_reset(self, request: web.Request) -> web.Response:
         body = await self._body(request)
+        self._cancel_deliveries()
         self.state.reset()
         if body.get("seed_demo", False):
             seed_demo_devices(self.state)
@@ -480,6 +661,7 @@ class Simulator:
             body = await self._body(request)
             if "clock_offset" in body:
                 self.state.clock_offset = float(body.pop("clock_offset"))
+                self.state.changed()
             return _json(self.state.configure(body))
         except (ValueError, TypeError) as exc:
             return _bad_control(exc)
@@ -490,6 +672,7 @@ class Simulator:
             self.state.clock_offset = float(body["offset"])
         if "advance" in body:
             self.state.clock_offset += float(body["advance"])
+        self.state.changed()
         return _json({"offset": self.state.clock_offset, "now": self.state.now()})
 
     async def c_apps(self, request: web.Request) -> web.Response:
@@ -525,11 +708,13 @@ class Simulator:
         return _json([d.public() for d in devs])
 
     async def c_devices(self, request: web.Request) -> web.Response:
+        self.state.run_due()
         for dev in self.state.devices.values():
             self.state.settle(dev)
         return _json([d.public() for d in self.state.devices.values()])
 
     async def c_device(self, request: web.Request) -> web.Response:
+        self.state.run_due()
         dev = self.state.devices.get(request.match_info["deviceId"])
         if dev is None:
             return _json({"error": "unknown device"}, 404)
@@ -537,6 +722,7 @@ class Simulator:
         return _json(dev.public())
 
     async def c_update_device(self, request: web.Request) -> web.Response:
+        self.state.run_due()
         device_id = request.match_info["deviceId"]
         if device_id not in self.state.devices:
             return _json({"error": "unknown device"}, 404)
@@ -547,11 +733,115 @@ class Simulator:
         return _json(dev.public())
 
     async def c_delete_device(self, request: web.Request) -> web.Response:
+        self.state.run_due()
         device_id = request.match_info["deviceId"]
         if device_id not in self.state.devices:
             return _json({"error": "unknown device"}, 404)
         self.state.delete_device(device_id)
         return _json({"ok": True})
+
+    async def c_connect(self, request: web.Request) -> web.Response:
+        """``{"after": seconds | null}``: the waiting device's new hardware connects now (0),
+        after that many seconds (simulator clock), or never (null)."""
+        device_id = request.match_info["deviceId"]
+        try:
+            body = await self._body(request)
+            after = body.get("after", 0.0)
+            if after is not None and (
+                isinstance(after, bool) or not isinstance(after, int | float)
+            ):
+                raise TypeError("after must be a number of seconds or null (never)")
+            dev = self.state.connect(device_id, after)
+        except KeyError:
+            return _json({"error": "unknown device"}, 404)
+        except ValueError as exc:
+            return _json({"error": str(exc)}, 409)
+        except TypeError as exc:
+            return _bad_control(exc)
+        return _json(dev.public())
+
+    async def c_subscriptions(self, request: web.Request) -> web.Response:
+        app_id = request.query.get("app_id")
+        subs = [
+            sub.public()
+            for owner, by_key in self.state.subscriptions.items()
+            if app_id is None or owner == app_id
+            for sub in by_key.values()
+        ]
+        return _json(subs)
+
+    async def c_clear_subscriptions(self, request: web.Request) -> web.Response:
+        self.state.subscriptions.clear()
+        return _json({"ok": True})
+
+    async def c_notifications(self, request: web.Request) -> web.Response:
+        q = request.query
+        device_id = q.get("device_id")
+        since = int(q.get("since", "0"))
+        out = [
+            n.public()
+            for n in self.state.notifications
+            if n.seq > since and (device_id is None or n.device_id == device_id)
+        ]
+        return _json(out)
+
+    async def c_send_notification(self, request: web.Request) -> web.Response:
+        """Send an arbitrary notification body to the subscribers of an app (``app_id``,
+        default the home app) for ``notifyType`` (default the body's, else bindDevice)."""
+        try:
+            body = await self._body(request)
+            payload = body["body"]
+            app_id = str(body.get("app_id") or HOME_APP_ID)
+            if app_id not in self.state.apps:
+                raise ValueError(f"unknown app {app_id!r}")
+            fallback = payload.get("notifyType") if isinstance(payload, dict) else None
+            notify_type = str(body.get("notify_type") or fallback or "bindDevice")
+        except (KeyError, ValueError, TypeError, AttributeError) as exc:
+            return _bad_control(exc)
+        device_id = payload.get("deviceId") if isinstance(payload, dict) else None
+        result = payload.get("resultCode") if isinstance(payload, dict) else None
+        note = self.state.notify(
+            app_id,
+            payload,
+            device_id=device_id if isinstance(device_id, str) else None,
+            notify_type=notify_type,
+            result_code=result if isinstance(result, str) else None,
+            injected=True,
+        )
+        return _json(note.public())
+
+    async def c_pushes(self, request: web.Request) -> web.Response:
+        q = request.query
+        device_id = q.get("device_id")
+        since = int(q.get("since", "0"))
+        out = [
+            p.public()
+            for p in self.state.pushes
+            if p.seq > since and (device_id is None or p.device_id == device_id)
+        ]
+        return _json(out)
+
+    async def c_push_behaviour(self, request: web.Request) -> web.Response:
+        """``{"drop_next": N, "copies": K}``: drop the next N pushes (never sent); deliver each
+        push K times (1 = once, 2 = a duplicate delivery, ...)."""
+        st = self.state
+        if request.method == "POST":
+            try:
+                body = await self._body(request)
+                drop = body.get("drop_next")
+                copies = body.get("copies")
+                for name, value, low in (("drop_next", drop, 0), ("copies", copies, 1)):
+                    if value is not None and (
+                        isinstance(value, bool) or not isinstance(value, int) or value < low
+                    ):
+                        raise ValueError(f"{name} must be an integer >= {low}")
+            except (ValueError, TypeError) as exc:
+                return _bad_control(exc)
+            if drop is not None:
+                st.push_drop_next = drop
+            if copies is not None:
+                st.push_copies = copies
+        return _json({"drop_next": st.push_drop_next, "copies": st.push_copies})
 
     async def c_add_fault(self, request: web.Request) -> web.Response:
         try:

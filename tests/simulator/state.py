@@ -4,17 +4,32 @@ Everything here is plain synchronous Python driven by the aiohttp handlers in ``
 runs on one event loop, so no locking is needed. All times come from :meth:`PlatformState.now`,
 which is the wall clock plus a settable offset, so tests can jump over the 60 s flow-control
 window, token expiry and delayed status changes without waiting.
+
+Binding. A successful key refresh leaves the device *waiting for a bind*: its activation status
+reads ``activated: false`` and it stays OFFLINE until its new hardware connects. When that
+happens (a control call, or the device's default behaviour after each refresh, or any change
+that brings it ONLINE) it is bound: activated, ONLINE, and a ``bindDevice`` ``succeeded``
+notification is queued for every subscribed callback of its application. A refresh with a
+non-zero ``timeout`` also sets a deadline: a device still waiting then gets an ``expired``
+notification and is deleted (every later call for it answers 100403). Timed binds and deadlines
+sit in a heap on the simulator clock; :meth:`PlatformState.run_due` applies those that are due
+(the server calls it before every device access and from its dispatcher task). The server's
+dispatcher delivers the queued notifications (``outbox``) and records every attempt (``pushes``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import heapq
+import math
 import secrets
 import time
 from bisect import bisect_left
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, get_args
+from urllib.parse import urlsplit
 
 ErrorShape = Literal["documented", "gateway", "mixed"]
 RepeatPutMode = Literal["ok", "duplicate"]
@@ -29,7 +44,10 @@ FaultAction = Literal[
     "corrupt",
     "corrupt_after_apply",
 ]
-Operation = Literal["login", "refresh_token", "refresh_key", "get_device", "get_credentials"]
+Operation = Literal[
+    "login", "refresh_token", "refresh_key", "get_device", "query_activation", "subscribe"
+]
+BindResult = Literal["succeeded", "expired"]
 
 ERROR_SHAPES: tuple[str, ...] = get_args(ErrorShape)
 REPEAT_PUT_MODES: tuple[str, ...] = get_args(RepeatPutMode)
@@ -38,6 +56,29 @@ FAULT_ACTIONS: tuple[str, ...] = get_args(FaultAction)
 OPERATIONS: tuple[str, ...] = get_args(Operation)
 
 FLOW_WINDOW_S = 60.0
+NOTIFICATION_LOG_MAX = 10_000
+PUSH_LOG_MAX = 100_000
+
+NOTIFY_TYPES: frozenset[str] = frozenset(
+    {
+        "bindDevice",
+        "deviceAdded",
+        "deviceInfoChanged",
+        "deviceDataChanged",
+        "deviceDatasChanged",
+        "deviceDeleted",
+        "serviceInfoChanged",
+        "messageConfirm",
+        "commandRsp",
+        "deviceEvent",
+        "ruleEvent",
+        "deviceModelAdded",
+        "deviceModelDeleted",
+        "deviceDesiredPropertiesModifyStatusChanged",
+    }
+)
+"""Notification types a subscription may name; the simulator itself only sends ``bindDevice``."""
+BIND_DEVICE = "bindDevice"
 
 HOME_APP_ID = "rebind-home-app"
 HOME_SECRET = "home-secret-0001"
@@ -66,6 +107,7 @@ ERROR_DESCS: dict[str, str] = {
     "102202": "Required Parameter is null or empty.",
     "100208": "AppId or secret is not right.",
     "100247": "The application is frozen.",
+    "100222": "The callback url is invalid.",
 }
 GATEWAY_CODES = frozenset({"1010005", "1010009"})
 
@@ -101,6 +143,12 @@ class SimConfig:
     """HTTP status of 100203 (unknown ``appId``): 403 or 500."""
     default_timeout: int = 180
     call_log_max: int = 100_000
+    push_max_attempts: int = 3
+    """Deliveries of one push tried until one is answered 2xx."""
+    push_retry_delay_seconds: float = 0.2
+    """Real seconds between two attempts of one push."""
+    push_timeout_seconds: float = 5.0
+    """Real seconds one attempt may take."""
 
     def update(self, values: dict[str, Any]) -> None:
         for key, value in values.items():
@@ -124,6 +172,15 @@ class SimConfig:
                 "call_log_max",
             ) and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
                 raise ValueError(f"{key} must be a non-negative integer")
+            if key == "push_max_attempts" and (
+                not isinstance(value, int) or isinstance(value, bool) or value < 1
+            ):
+                raise ValueError("push_max_attempts must be an integer >= 1")
+            if key in ("push_retry_delay_seconds", "push_timeout_seconds"):
+                if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
+                    raise ValueError(f"{key} must be a non-negative number")
+                setattr(self, key, float(value))
+                continue
             setattr(self, key, value)
 
     def as_dict(self) -> dict[str, Any]:
@@ -191,6 +248,19 @@ class Device:
     status_at: float | None = None
     status_next: DeviceStatus | None = None
     online_after_success: float | None = None
+    """One shot: the new hardware connects this long after the next successful refresh."""
+    connect_after_refresh: float | None = None
+    """Default behaviour: the new hardware connects this long after each successful refresh
+    (0 = at once); None = it never connects by itself."""
+    awaiting_bind: bool = False
+    """Refreshed, and its new hardware has not connected (bound) yet."""
+    bind_at: float | None = None
+    """While waiting: when the new hardware connects (sim clock); None = not planned."""
+    bind_deadline: float | None = None
+    """While waiting: when the registration expires (refresh time + a non-zero timeout)."""
+    bind_epoch: int = 0
+    """Which refresh the planned bind and deadline belong to (unique per refresh)."""
+    bound_at: float | None = None
     history: list[Change] = field(default_factory=list)
 
     def public(self) -> dict[str, Any]:
@@ -214,6 +284,11 @@ class Device:
             "pending_status": self.status_next,
             "pending_status_at": self.status_at,
             "online_after_success": self.online_after_success,
+            "connect_after_refresh": self.connect_after_refresh,
+            "awaiting_bind": self.awaiting_bind,
+            "bind_at": self.bind_at,
+            "bind_deadline": self.bind_deadline,
+            "bound_at": self.bound_at,
             "last_modified_time": self.last_modified_time,
             "history": [asdict(ch) for ch in self.history],
             "applied_pairs": distinct,
@@ -275,6 +350,97 @@ class CallRecord:
         return asdict(self)
 
 
+@dataclass
+class Subscription:
+    subscription_id: str
+    app_id: str
+    """The application whose devices' notifications it receives."""
+    notify_type: str
+    callback_url: str
+    owner_flag: bool | None
+    created_by: str
+    """The ``app_key`` of the call that created it."""
+    created_at: float
+    requests: int = 1
+    """How often it was asked for (repeating a subscription is harmless)."""
+
+    def answer(self) -> dict[str, Any]:
+        return {
+            "subscriptionId": self.subscription_id,
+            "notifyType": self.notify_type,
+            "callbackUrl": self.callback_url,
+        }
+
+    def public(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Notification:
+    """One notification the platform sends (to every target), e.g. a ``bindDevice`` push."""
+
+    seq: int
+    time: float
+    app_id: str
+    device_id: str | None
+    notify_type: str
+    result_code: str | None
+    body: Any
+    targets: list[str]
+    injected: bool = False
+    """Sent through the control API rather than caused by a device."""
+
+    def public(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(slots=True)
+class PushAttempt:
+    """One delivery attempt of a notification to one callback URL, and its answer."""
+
+    seq: int
+    notification: int
+    time: float
+    url: str
+    device_id: str | None
+    result_code: str | None
+    copy: int
+    """Which copy of a repeated push (1 = the first delivery)."""
+    attempt: int
+    """1, 2, ... for the retries of one copy; 0 for a dropped push (never sent)."""
+    status: int | None = None
+    answer: str = ""
+    error: str | None = None
+    delivered: bool = False
+    dropped: bool = False
+
+    def public(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def callback_url_problem(url: object) -> str | None:  # noqa: PLR0911 - one return per rule
+    """Why ``url`` cannot be a callback URL (100222), or None: an http(s) URL with a host and an
+    explicit port, without spaces or control characters."""
+    if not isinstance(url, str) or not url:
+        return "callbackUrl must be a non-empty string"
+    if len(url) > 1024:
+        return "callbackUrl is longer than 1024 characters"
+    if any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in url):
+        return "callbackUrl contains a space or a control character"
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return "callbackUrl is not a URL"
+    if parts.scheme not in ("http", "https"):
+        return "callbackUrl must be http or https"
+    if not parts.hostname:
+        return "callbackUrl has no host"
+    if port is None:
+        return "callbackUrl must carry its port"
+    return None
+
+
 class PlatformState:
     """The whole simulated platform."""
 
@@ -289,6 +455,22 @@ class PlatformState:
         self.calls: deque[CallRecord] = deque(maxlen=self.config.call_log_max)
         self._seq = 0
         self._fault_seq = 0
+        self.on_change: Callable[[], None] | None = None
+        """Called when a timer or a notification is added or the clock moves (the server's
+        dispatcher wakes up); kept across resets."""
+        self.reset_epoch = 0
+        self.subscriptions: dict[str, dict[tuple[str, str], Subscription]] = {}
+        self.notifications: deque[Notification] = deque(maxlen=NOTIFICATION_LOG_MAX)
+        self.outbox: deque[Notification] = deque()
+        self.pushes: deque[PushAttempt] = deque(maxlen=PUSH_LOG_MAX)
+        self.push_drop_next = 0
+        self.push_copies = 1
+        self.expired: dict[str, float] = {}
+        self._timers: list[tuple[float, int, int, str, int]] = []
+        self._timer_seq = 0
+        self._bind_seq = 0
+        self._notification_seq = 0
+        self._push_seq = 0
         self.reset()
 
     # ------------------------------------------------------------------ clock
@@ -305,6 +487,15 @@ class PlatformState:
         self.faults = []
         self.calls = deque(maxlen=self.config.call_log_max)
         self._seq = 0
+        self.reset_epoch += 1
+        self.subscriptions = {}
+        self.notifications = deque(maxlen=NOTIFICATION_LOG_MAX)
+        self.outbox = deque()
+        self.pushes = deque(maxlen=PUSH_LOG_MAX)
+        self.push_drop_next = 0
+        self.push_copies = 1
+        self.expired = {}
+        self._timers = []
         self.upsert_app(HOME_APP_ID, HOME_SECRET, can_act_for=[PARTNER_APP_ID])
         self.upsert_app(PARTNER_APP_ID, PARTNER_SECRET)
         self.upsert_app(OTHER_APP_ID, OTHER_SECRET)
@@ -372,9 +563,11 @@ class PlatformState:
             gateway_id=str(data.get("gateway_id", device_id)),
             create_time=now,
             last_modified_time=now,
+            connect_after_refresh=_delay_or_none(data.get("connect_after_refresh")),
         )
         self.devices[device_id] = dev
         self.node_index[node_id] = device_id
+        self.expired.pop(device_id, None)
         return dev
 
     def delete_device(self, device_id: str) -> None:
@@ -389,6 +582,8 @@ class PlatformState:
         if "status" in data:
             if data["status"] not in DEVICE_STATUSES:
                 raise ValueError(f"status must be one of {DEVICE_STATUSES}")
+            if data["status"] == "ONLINE" and dev.awaiting_bind:
+                self.bind(dev, now)  # ONLINE while waiting: the new hardware connected
             dev.status = data["status"]
             if dev.status in ("ONLINE", "OFFLINE"):
                 dev.activated = True
@@ -396,8 +591,13 @@ class PlatformState:
             dev.status_next = None
         for key in ("go_offline_after", "go_online_after"):
             if data.get(key) is not None:
+                if key == "go_online_after" and dev.awaiting_bind:
+                    self.plan_bind(dev, now + float(data[key]))
+                    continue
                 dev.status_at = now + float(data[key])
                 dev.status_next = "OFFLINE" if key == "go_offline_after" else "ONLINE"
+        if "connect_after_refresh" in data:
+            dev.connect_after_refresh = _delay_or_none(data["connect_after_refresh"])
         if "go_online_after_success" in data:
             value = data["go_online_after_success"]
             if value is None or value is False:
@@ -421,10 +621,207 @@ class PlatformState:
         """Apply a pending (delayed) status change whose time has come."""
         at = dev.status_at
         if dev.status_next is not None and at is not None and self.now() >= at:
+            if dev.status_next == "ONLINE" and dev.awaiting_bind:
+                self.bind(dev, at)  # ONLINE while waiting: the new hardware connected
+                return
             dev.status = dev.status_next
             dev.activated = dev.activated or dev.status in ("ONLINE", "OFFLINE")
             dev.status_next = None
             dev.status_at = None
+
+    # ------------------------------------------------------------------ binding
+    def changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
+
+    def _schedule(self, when: float, rank: int, dev: Device) -> None:
+        self._timer_seq += 1
+        heapq.heappush(self._timers, (when, rank, self._timer_seq, dev.device_id, dev.bind_epoch))
+        self.changed()
+
+    def after_refresh(self, dev: Device, now: float, timeout: int) -> None:
+        """A successful key refresh: the device waits for its new hardware to bind."""
+        self._bind_seq += 1
+        dev.bind_epoch = self._bind_seq
+        dev.awaiting_bind = True
+        dev.bound_at = None
+        dev.bind_at = None
+        dev.bind_deadline = now + timeout if timeout > 0 else None
+        if dev.bind_deadline is not None:
+            self._schedule(dev.bind_deadline, 1, dev)
+        delay = dev.online_after_success
+        dev.online_after_success = None
+        if delay is None:
+            delay = dev.connect_after_refresh
+        if delay is not None:
+            self.plan_bind(dev, now + max(0.0, delay))
+
+    def plan_bind(self, dev: Device, when: float | None) -> None:
+        """The waiting device's new hardware connects at ``when`` (None: never)."""
+        dev.bind_at = when
+        if when is None:
+            return
+        if when <= self.now():
+            self.bind(dev, when)
+        else:
+            self._schedule(when, 0, dev)
+
+    def connect(self, device_id: str, after: float | None) -> Device:
+        """The control API's "connect now / after ``after`` seconds / never (None)".
+
+        Raises KeyError for an unknown device and ValueError when it is not waiting for a bind.
+        """
+        self.run_due()
+        dev = self.devices[device_id]
+        self.settle(dev)
+        if not dev.awaiting_bind:
+            raise ValueError(
+                f"device {device_id!r} is not waiting for a bind (no key refresh since its last "
+                "bind); set connect_after_refresh or go_online_after_success to plan one"
+            )
+        self.plan_bind(dev, None if after is None else self.now() + max(0.0, float(after)))
+        return dev
+
+    def bind(self, dev: Device, at: float) -> None:
+        """The new hardware connected with the new verifyCode: activated, ONLINE, pushed."""
+        dev.awaiting_bind = False
+        dev.bind_at = None
+        dev.bind_deadline = None
+        dev.status = "ONLINE"
+        dev.status_next, dev.status_at = None, None
+        dev.activated = True
+        dev.bound_at = at
+        dev.last_modified_time = at
+        self.notify_bind(dev, "succeeded", at)
+
+    def expire(self, dev: Device, at: float) -> None:
+        """The timeout passed without a bind: the platform deletes the registration."""
+        self.notify_bind(dev, "expired", at)
+        self.delete_device(dev.device_id)
+        self.expired[dev.device_id] = at
+
+    def run_due(self) -> None:
+        """Apply every planned bind and deadline whose time has come, in time order."""
+        timers = self._timers
+        now = self.now()
+        while timers and timers[0][0] <= now:
+            when, rank, _, device_id, epoch = heapq.heappop(timers)
+            dev = self.devices.get(device_id)
+            if dev is None or not dev.awaiting_bind or dev.bind_epoch != epoch:
+                continue
+            if rank == 0 and dev.bind_at == when:
+                self.bind(dev, when)
+            elif rank == 1 and dev.bind_deadline == when:
+                self.expire(dev, when)
+
+    def next_due(self) -> float | None:
+        return self._timers[0][0] if self._timers else None
+
+    # ------------------------------------------------------------------ notifications
+    def subscribe(
+        self,
+        app_id: str,
+        notify_type: str,
+        callback_url: str,
+        *,
+        owner_flag: bool | None,
+        created_by: str,
+    ) -> Subscription:
+        """Store a subscription; the same (type, URL) again returns the existing one."""
+        subs = self.subscriptions.setdefault(app_id, {})
+        key = (notify_type, callback_url)
+        sub = subs.get(key)
+        if sub is not None:
+            sub.requests += 1
+            sub.owner_flag = owner_flag
+            return sub
+        sub = Subscription(
+            subscription_id=secrets.token_hex(16),
+            app_id=app_id,
+            notify_type=notify_type,
+            callback_url=callback_url,
+            owner_flag=owner_flag,
+            created_by=created_by,
+            created_at=self.now(),
+        )
+        subs[key] = sub
+        return sub
+
+    def targets(self, app_id: str, notify_type: str) -> list[str]:
+        return [
+            sub.callback_url
+            for sub in self.subscriptions.get(app_id, {}).values()
+            if sub.notify_type == notify_type
+        ]
+
+    def notify(
+        self,
+        app_id: str,
+        body: Any,
+        *,
+        device_id: str | None = None,
+        notify_type: str = BIND_DEVICE,
+        result_code: str | None = None,
+        at: float | None = None,
+        injected: bool = False,
+    ) -> Notification:
+        """Queue a notification for every subscribed callback of ``app_id`` (logged even when
+        there is none)."""
+        self._notification_seq += 1
+        note = Notification(
+            seq=self._notification_seq,
+            time=self.now() if at is None else at,
+            app_id=app_id,
+            device_id=device_id,
+            notify_type=notify_type,
+            result_code=result_code,
+            body=body,
+            targets=self.targets(app_id, notify_type),
+            injected=injected,
+        )
+        self.notifications.append(note)
+        if note.targets:
+            self.outbox.append(note)
+            self.changed()
+        return note
+
+    def notify_bind(self, dev: Device, result: BindResult, at: float) -> Notification:
+        body = {
+            "notifyType": BIND_DEVICE,
+            "deviceId": dev.device_id,
+            "resultCode": result,
+            "deviceInfo": {
+                "nodeId": dev.node_id,
+                "name": dev.name,
+                "manufacturerId": dev.manufacturer_id,
+                "manufacturerName": dev.manufacturer_id,
+                "deviceType": dev.device_type,
+                "model": dev.model,
+                "status": dev.status,
+            },
+        }
+        return self.notify(dev.app_id, body, device_id=dev.device_id, result_code=result, at=at)
+
+    def take_push_drop(self) -> bool:
+        """True when the next push must be dropped (the control API asked for it)."""
+        if self.push_drop_next > 0:
+            self.push_drop_next -= 1
+            return True
+        return False
+
+    def record_push(self, note: Notification, url: str, **fields: Any) -> PushAttempt:
+        self._push_seq += 1
+        attempt = PushAttempt(
+            seq=self._push_seq,
+            notification=note.seq,
+            time=self.now(),
+            url=url,
+            device_id=note.device_id,
+            result_code=note.result_code,
+            **fields,
+        )
+        self.pushes.append(attempt)
+        return attempt
 
     # ------------------------------------------------------------------ faults
     def add_fault(self, data: dict[str, Any]) -> FaultRule:
@@ -553,6 +950,10 @@ class PlatformState:
             entry["logged_calls"] = len(times)
             entry["max_logged_calls_in_any_window"] = max_in_window(times, FLOW_WINDOW_S)
         return {
+            "subscriptions": sum(len(s) for s in self.subscriptions.values()),
+            "notifications": len(self.notifications),
+            "push_attempts": len(self.pushes),
+            "pushes_delivered": sum(1 for p in self.pushes if p.delivered),
             "logins": sum(a.logins for a in self.apps.values()),
             "token_refreshes": sum(a.token_refreshes for a in self.apps.values()),
             "calls": len(self.calls),
@@ -571,6 +972,17 @@ class PlatformState:
             "rejected": list(app.rejected),
             "max_calls_in_any_window": max_in_window(app.accepted, FLOW_WINDOW_S),
         }
+
+
+def _delay_or_none(value: Any) -> float | None:
+    """A delay in seconds (>= 0), or None for "never"."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError("a delay must be a number of seconds or null (never)")
+    if value < 0:
+        raise ValueError("a delay must not be negative")
+    return float(value)
 
 
 def max_in_window(times: list[float], window: float) -> int:
