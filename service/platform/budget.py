@@ -438,7 +438,7 @@ class RateBudget:
         while queue and queue[0].done():
             queue.popleft()
 
-    def _pick(self) -> tuple[deque[asyncio.Future[None]], bool] | None:
+    def _pick(self) -> tuple[deque[asyncio.Future[None]], bool] | None:  # noqa: PLR0911
         self._drop_done(self._urgent)
         self._drop_done(self._fresh)
         self._drop_done(self._deferred)
