@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -11,13 +12,16 @@ import structlog
 
 from service import logs
 from service.budget_exchange import BudgetExchange
+from service.cli import http_port_message
 from service.config import Settings
 from service.handler import RebindHandler
 from service.httpserver import OpsServer
+from service.kafka import FatalPipelineError
 from service.metrics import Metrics
-from service.pipeline.runner import FatalPipelineError, Pipeline
+from service.pipeline.runner import Pipeline
 from service.platform import PlatformClient, RateBudget, TokenManager
 from service.platform.shared_token import SharedTokenProvider
+from service.startup import StartupError, StartupSupervisor
 
 log = structlog.get_logger(__name__)
 
@@ -30,6 +34,19 @@ class Service:
         self.metrics = metrics or Metrics()
         p = settings.platform
         self.budget = RateBudget(p.rate_limit_per_minute, metrics=self.metrics)
+        self._build()
+        self.ops = OpsServer(
+            settings.http.host, settings.http.port, self.metrics, self.readiness, self.alive
+        )
+        # Kafka not reachable yet, topics not created yet: wait, retry, say why (/readyz).
+        self.startup = StartupSupervisor(settings)
+        self._assigned_once = False
+        self._heartbeat = time.monotonic()
+
+    def _build(self) -> None:
+        """The parts that hold Kafka or HTTP clients; built anew after a failed start attempt."""
+        settings = self.settings
+        p = settings.platform
         # Every replica's recent calls, through Kafka, so rebalances never overrun the budget.
         self.budget_exchange = BudgetExchange.from_settings(settings, self.budget, self.metrics)
         # One token holder per application (docs/tokens.md): the owner of input partition 0.
@@ -44,14 +61,14 @@ class Service:
             self.handler,
             self.metrics,
             concurrency=p.max_concurrency,
+            # Each buffered record needs at least one call: buffering more than about a minute
+            # of the budget only ages records before they start.
+            max_buffered=max(
+                p.max_concurrency, min(8 * p.max_concurrency, p.rate_limit_per_minute)
+            ),
             on_assignment=self._share_budget,
             on_revocation=self._before_revocation,
         )
-        self.ops = OpsServer(
-            settings.http.host, settings.http.port, self.metrics, self.readiness, self.alive
-        )
-        self._assigned_once = False
-        self._heartbeat = time.monotonic()
 
     async def _share_budget(self, mine: int, total: int) -> None:
         """Each replica spends the application's budget in proportion to its partitions, minus
@@ -76,9 +93,15 @@ class Service:
 
     def readiness(self) -> tuple[bool, str]:
         if not self.pipeline.started.is_set():
-            return False, "kafka: not connected yet"
+            return False, self.startup.reason or "kafka: not connected yet"
         if not self._assigned_once:
             return False, "kafka: waiting for the consumer group to assign partitions"
+        stuck = self.pipeline.stuck_partitions()
+        if stuck:
+            return False, (
+                f"kafka: partitions {stuck} have a record unfinished for more than "
+                f"{self.settings.kafka.stuck_partition_seconds:g} s"
+            )
         tokens = self.client.tokens
         if isinstance(tokens, TokenManager | SharedTokenProvider) and not tokens.healthy():
             return False, "platform: no valid token and the last login failed"
@@ -90,21 +113,50 @@ class Service:
             await asyncio.sleep(1)
 
     async def run(self) -> None:
+        """Serve the ops port, wait for Kafka (retrying), then consume until :meth:`stop`.
+
+        Raises :class:`StartupError` when the service cannot start (port in use, topics missing
+        after the grace period, not co-partitioned, credentials refused)."""
         beat = asyncio.create_task(self._beat(), name="heartbeat")
-        await self.ops.start()
         try:
-            await self.tokens.start()
-            await self.budget_exchange.start()
-            await self.pipeline.run()
+            await self.ops.start()
+        except OSError as exc:
+            beat.cancel()
+            raise StartupError(http_port_message(self.settings.http, exc), exit_code=2) from None
+        log.info(
+            "ops port listening",
+            host=self.settings.http.host,
+            port=self.ops.port,
+            paths="/metrics /healthz /readyz",
+        )
+        try:
+            if await self.startup.run(self._start_parts, self._rebuild):
+                await self.pipeline.run()
         finally:
             beat.cancel()
-            await self.tokens.aclose()
-            await self.client.aclose()
-            await self.budget_exchange.stop()  # a final record: our calls still count
+            await self._close_parts()
             await self.budget.aclose()
             await self.ops.stop()
 
+    async def _start_parts(self) -> None:
+        await self.tokens.start()
+        await self.budget_exchange.start()
+        await self.pipeline.start()
+
+    async def _close_parts(self) -> None:
+        await self.tokens.aclose()
+        await self.client.aclose()
+        await self.budget_exchange.stop()  # a final record: our calls still count
+
+    async def _rebuild(self) -> None:
+        """After a start attempt failed half-way: close what it opened, build fresh parts."""
+        # (Pipeline.start closes its own clients when it fails or is cancelled.)
+        with contextlib.suppress(Exception):
+            await self._close_parts()
+        self._build()
+
     def stop(self) -> None:
+        self.startup.stop()
         self.pipeline.stop()
 
 
@@ -135,6 +187,9 @@ async def run(settings: Settings) -> int:
     )
     try:
         await service.run()
+    except StartupError as exc:
+        log.error("cannot start", reason=str(exc))  # noqa: TRY400 - one line, no traceback
+        return exc.exit_code
     except FatalPipelineError as exc:
         log.exception("fatal", error=str(exc))
         return 1

@@ -1,57 +1,148 @@
-"""Command line: ``device-rebind run | check-config | replay``."""
+"""Command line: ``device-rebind run | check-config | topics | replay``."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import errno
 import json
+import logging
+import socket
 import sys
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 
 from service import __version__, logs
-from service.config import ConfigError, load_kafka_settings, load_settings, masked
-from service.events import parse_rfc3339
+from service.config import (
+    ConfigError,
+    HttpSettings,
+    KafkaOnlySettings,
+    defaults,
+    load_kafka_settings,
+    load_settings,
+    masked,
+)
+from service.events import INVALID_REASONS, parse_rfc3339
+
+PROG = "device-rebind"
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="device-rebind",
+        prog=PROG,
         description="Refreshes device keys on the IoT platform when devices are swapped.",
-        epilog="Configuration comes from REBIND_* environment variables (see the README).",
+        epilog="Configuration comes from REBIND_* environment variables: "
+        f"'{PROG} check-config --defaults' lists them all, the README explains them.",
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-V", "--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    commands.add_parser("run", help="run the service (the default)")
-    check = commands.add_parser(
-        "check-config", help="validate the configuration and print it with secrets masked"
+    commands.add_parser(
+        "run",
+        help="run the service (the default)",
+        description="Run the service: consume swaps, refresh keys, publish outcomes. It waits "
+        "(and /readyz answers 503) while Kafka cannot be reached or topics are missing, and "
+        "stops on SIGTERM after finishing in-flight work.",
     )
-    check.add_argument("--format", choices=("env", "json"), default="env")
+    check = commands.add_parser(
+        "check-config",
+        help="validate the configuration and print it with secrets masked",
+        description="Validate the REBIND_* environment as 'run' would (values, files, the HTTP "
+        "port) and print the effective configuration, secrets masked. Exit 2 with one line "
+        "naming every variable at fault.",
+    )
+    check.add_argument(
+        "--format",
+        choices=("env", "json"),
+        default="env",
+        help="env: NAME=value lines (default); json: one object",
+    )
+    check.add_argument(
+        "--defaults",
+        action="store_true",
+        help="print every setting with its default instead (no variable needs to be set)",
+    )
+    topics = commands.add_parser(
+        "topics",
+        help="plan, create or check the Kafka topics the service needs",
+        description="Compare the topics the service needs (names from REBIND_TOPICS__*) with "
+        "the cluster, using the service's own Kafka settings. 'plan' prints what 'create' "
+        "would do; 'create' creates the missing topics (co-partitioned and compacted where "
+        "needed) and never changes an existing one; 'check' exits 1 when a topic is missing "
+        "or differs in a way that breaks the service. All three are safe to repeat.",
+    )
+    topics.add_argument("action", choices=("plan", "create", "check"), help="what to do")
+    topics.add_argument(
+        "--partitions",
+        type=_positive,
+        metavar="N",
+        help="partitions of the input topic when it must be created (default: the existing "
+        "input's count, else 6); co-partitioned topics always get the input's count",
+    )
+    topics.add_argument(
+        "--replication-factor",
+        type=_positive,
+        metavar="R",
+        help="replication factor of created topics (default: the broker count, at most 3)",
+    )
+    _replay_parser(commands)
+    return parser
+
+
+def _replay_parser(commands: Any) -> None:
+    from service.platform.errors import Category  # noqa: PLC0415 - only to list the categories
+
+    categories = sorted(c.value for c in Category)
+    reasons = ", ".join(sorted(INVALID_REASONS))
     replay = commands.add_parser(
         "replay",
         help="send dead letters or failed swaps to the input topic again, after a fix",
         description="Reads the dead-letter or rebind-failed topic, keeps the records matching "
         "the filters and produces the swaps they stand for into the input topic. Replaying the "
-        "same failure twice calls the platform once.",
+        "same failure twice calls the platform once. Filters are checked before connecting.",
+        epilog=f"dead-letter reasons: {reasons}. rebind-failed categories: "
+        f"{', '.join(categories)}.",
     )
-    replay.add_argument("source", choices=("dlq", "rebind-failed"))
+    replay.add_argument(
+        "source",
+        choices=("dlq", "rebind-failed"),
+        help="dlq: the dead-letter topic (REBIND_TOPICS__DEAD_LETTER); rebind-failed: the "
+        "failure outcomes (REBIND_TOPICS__REBIND_FAILED)",
+    )
     replay.add_argument(
         "--error-code",
         action="append",
         default=[],
         metavar="CODE",
-        help="errorCode (rebind-failed) or rebind-error-reason (dlq); repeatable",
+        help="rebind-failed: the errorCode (e.g. 100403, DEADLINE_EXCEEDED); dlq: the "
+        "rebind-error-reason (one of the reasons below); repeatable",
     )
     replay.add_argument(
-        "--category", action="append", default=[], help="rebind-failed category; repeatable"
+        "--category",
+        action="append",
+        default=[],
+        choices=categories,
+        metavar="CATEGORY",
+        help="rebind-failed only: the failure's category (listed below); repeatable",
     )
     replay.add_argument("--since", type=_timestamp, help="records written at or after (RFC 3339)")
     replay.add_argument("--until", type=_timestamp, help="records written before (RFC 3339)")
-    replay.add_argument("--limit", type=int, help="at most this many records")
+    replay.add_argument("--limit", type=_positive, metavar="N", help="at most N records (N >= 1)")
     replay.add_argument(
         "--dry-run", action="store_true", help="print what would be sent, send nothing"
     )
-    return parser
+    replay.set_defaults(subparser=replay)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
 
 
 def _timestamp(text: str) -> datetime:
@@ -61,14 +152,31 @@ def _timestamp(text: str) -> datetime:
         raise argparse.ArgumentTypeError(f"not an RFC 3339 time: {text!r}") from exc
 
 
-def _replay(args: argparse.Namespace) -> int:
-    from service import replay  # noqa: PLC0415 - Kafka imports only when needed
+def _fail(message: str, code: int = 2) -> int:
+    print(f"{PROG}: {message}", file=sys.stderr)
+    return code
 
+
+def _replay(args: argparse.Namespace) -> int:
+    parser: argparse.ArgumentParser = args.subparser
+    if args.source == "dlq":
+        if args.category:
+            parser.error("--category applies to rebind-failed only (dead letters have a reason)")
+        unknown = sorted(set(args.error_code) - INVALID_REASONS)
+        if unknown:
+            parser.error(
+                f"dlq --error-code takes dead-letter reasons; unknown: {', '.join(unknown)} "
+                f"(reasons: {', '.join(sorted(INVALID_REASONS))})"
+            )
+    if args.since is not None and args.until is not None and args.since >= args.until:
+        parser.error("--since must be before --until")
     try:
         settings = load_kafka_settings()
     except ConfigError as exc:
-        print(f"device-rebind: {exc}", file=sys.stderr)
-        return 2
+        return _fail(str(exc))
+    _tool_logs(settings)
+    from service import replay  # noqa: PLC0415 - Kafka imports only when needed
+
     filters = replay.Filters(
         error_codes=frozenset(args.error_code),
         categories=frozenset(args.category),
@@ -76,29 +184,130 @@ def _replay(args: argparse.Namespace) -> int:
         until=args.until,
         limit=args.limit,
     )
-    asyncio.run(replay.replay(settings, args.source, filters, dry_run=args.dry_run, out=sys.stdout))
+    try:
+        asyncio.run(
+            replay.replay(settings, args.source, filters, dry_run=args.dry_run, out=sys.stdout)
+        )
+    except Exception as exc:  # noqa: BLE001 - one line, not a traceback
+        return _fail(f"replay: {_one_line(exc, settings.kafka.bootstrap_servers)}", 1)
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    command = args.command or "run"
-    if command == "replay":
-        return _replay(args)
+def _tool_logs(settings: KafkaOnlySettings) -> None:
+    """Logs of a command-line tool go to stderr; the Kafka client's own complaints (one per
+    connection attempt) are left out: the tool ends with one line saying what went wrong."""
+    logs.configure(settings.log, stream=sys.stderr)
+    logs.register_secret(settings.kafka.sasl_password)
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+
+
+def _one_line(exc: BaseException, bootstrap: str) -> str:
+    from aiokafka.errors import KafkaError  # noqa: PLC0415 - Kafka imports on demand
+
+    from service.kafka import classify_startup_error  # noqa: PLC0415 - Kafka imports on demand
+
+    if isinstance(exc, KafkaError | OSError | TimeoutError):
+        return classify_startup_error(exc, bootstrap=bootstrap)[1]
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _topics(args: argparse.Namespace) -> int:
+    try:
+        settings = load_kafka_settings()
+    except ConfigError as exc:
+        return _fail(str(exc))
+    _tool_logs(settings)
+    from service import topics  # noqa: PLC0415 - Kafka imports only when needed
+
+    try:
+        return asyncio.run(
+            topics.run_command(
+                settings.kafka,
+                settings.topics,
+                args.action,
+                sys.stdout,
+                partitions=args.partitions,
+                replication_factor=args.replication_factor,
+            )
+        )
+    except topics.TopicCreationError as exc:
+        return _fail(f"topics {args.action}: {exc}", 1)
+    except Exception as exc:  # noqa: BLE001 - one line, not a traceback
+        return _fail(f"topics {args.action}: {_one_line(exc, settings.kafka.bootstrap_servers)}", 1)
+
+
+def port_problem(http: HttpSettings) -> str | None:
+    """Why the ops port cannot be served here (in use, not permitted), or None."""
+    if http.port == 0:
+        return None  # any free port
+    family = socket.AF_INET6 if ":" in http.host else socket.AF_INET
+    with contextlib.closing(socket.socket(family, socket.SOCK_STREAM)) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((http.host, http.port))
+        except OSError as exc:
+            return http_port_message(http, exc)
+    return None
+
+
+def http_port_message(http: HttpSettings, exc: OSError) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        why = "is already in use (another process, or another device-rebind, listens on it)"
+    elif exc.errno == errno.EACCES:
+        why = "may not be opened by this user (ports below 1024 need privileges)"
+    elif exc.errno == errno.EADDRNOTAVAIL:
+        why = f"cannot be opened: {http.host} is not an address of this host (REBIND_HTTP__HOST)"
+    else:
+        why = f"cannot be opened: {exc.strerror or exc}"
+    return f"REBIND_HTTP__PORT: port {http.port} on {http.host} {why}"
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    if args.defaults:
+        table = defaults()
+        if args.format == "json":
+            print(json.dumps(table, indent=2))
+        else:
+            for name, value in table.items():
+                print(f"{name}={'' if value is None else _env_value(value)}")
+        return 0
     try:
         settings = load_settings()
     except ConfigError as exc:
-        print(f"device-rebind: {exc}", file=sys.stderr)
-        return 2
-    logs.register_settings_secrets(settings)  # masked in every log line from now on
+        return _fail(str(exc))
+    problem = port_problem(settings.http)
+    if problem is not None:
+        return _fail(f"invalid configuration: {problem}")
+    effective = masked(settings)
+    if args.format == "json":
+        print(json.dumps(effective, indent=2))
+    else:
+        for name, value in effective.items():
+            print(f"{name}={'' if value is None else _env_value(value)}")
+    return 0
+
+
+def _env_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    command = args.command or "run"
+    if command == "replay":
+        return _replay(args)
+    if command == "topics":
+        return _topics(args)
     if command == "check-config":
-        effective = masked(settings)
-        if args.format == "json":
-            print(json.dumps(effective, indent=2))
-        else:
-            for name, value in effective.items():
-                print(f"{name}={'' if value is None else value}")
-        return 0
+        return _check_config(args)
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        return _fail(str(exc))
+    logs.register_settings_secrets(settings)  # masked in every log line from now on
     from service.app import run  # noqa: PLC0415 - keeps check-config free of Kafka imports
 
     return asyncio.run(run(settings))

@@ -5,14 +5,20 @@ Every variable is ``REBIND_<SECTION>__<NAME>``. No other module reads the enviro
 
 from __future__ import annotations
 
+import difflib
+import os
 import socket
+import types
+from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import (
+    AfterValidator,
     AnyHttpUrl,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SecretStr,
@@ -20,6 +26,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "REBIND_"
@@ -33,12 +40,110 @@ class SecurityProtocol(StrEnum):
     SASL_SSL = "SASL_SSL"
 
 
+def _secret(value: Any) -> Any:
+    """Secrets lose surrounding whitespace (a file written by ``echo`` and mounted with
+    ``kubectl create secret --from-file`` ends with a newline) and may not be empty."""
+    if isinstance(value, SecretStr):
+        value = value.get_secret_value()
+    if isinstance(value, str):
+        value = value.strip()
+        if not value:
+            raise PydanticCustomError("empty_secret", "is empty")
+    return value
+
+
+Secret = Annotated[SecretStr, BeforeValidator(_secret)]
+"""A secret setting: stripped of surrounding whitespace, never empty, masked everywhere."""
+
+
+def _readable_file(path: Path) -> Path:
+    if not path.exists():
+        raise PydanticCustomError("file_missing", "no such file: {path}", {"path": str(path)})
+    if not path.is_file():
+        raise PydanticCustomError("not_a_file", "not a file: {path}", {"path": str(path)})
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as exc:
+        raise PydanticCustomError(
+            "file_unreadable",
+            "cannot read {path}: {reason}",
+            {"path": str(path), "reason": exc.strerror or type(exc).__name__},
+        ) from None
+    return path
+
+
+ReadableFile = Annotated[Path, AfterValidator(_readable_file)]
+"""A path setting (certificates, keys, CA bundles): must name an existing, readable file."""
+
+
+def _bootstrap_servers(value: Any) -> Any:
+    """``host:port[,host:port...]``, whitespace around entries ignored, normalised."""
+    if not isinstance(value, str):
+        return value
+    entries = [entry.strip() for entry in value.split(",") if entry.strip()]
+    if not entries:
+        raise PydanticCustomError(
+            "bootstrap_empty", "names no broker: expected host:port[,host:port...]"
+        )
+    for entry in entries:
+        host, sep, port = entry.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65_536:
+            raise PydanticCustomError(
+                "bootstrap_entry", f"{entry!r} is not host:port (e.g. kafka-0.kafka:9092)"
+            )
+    return ",".join(entries)
+
+
+def _choices(annotation: Any) -> tuple[str, ...]:
+    """The allowed words of an enum-like field (a StrEnum or a Literal of strings)."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _choices(get_args(annotation)[0])
+    if origin in (Union, types.UnionType):
+        return tuple(c for arg in get_args(annotation) for c in _choices(arg))
+    if origin is Literal:
+        return tuple(a for a in get_args(annotation) if isinstance(a, str))
+    if isinstance(annotation, type) and issubclass(annotation, StrEnum):
+        return tuple(m.value for m in annotation)
+    return ()
+
+
+def _not_above(model: BaseModel, section: str, low: str, high: str) -> None:
+    """Cross-field rule: setting ``low`` may not exceed setting ``high``."""
+    low_value, high_value = getattr(model, low), getattr(model, high)
+    if low_value > high_value:
+        name = f"{ENV_PREFIX}{section}{ENV_NESTED_DELIMITER}"
+        raise PydanticCustomError(
+            "order",
+            f"{name}{low.upper()}={low_value:g} is more than {name}{high.upper()}={high_value:g}; "
+            "lower the first or raise the second",
+        )
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _choices_ignore_case(cls, data: Any) -> Any:
+        """Every enum-like setting (protocols, mechanisms, levels, formats) ignores case."""
+        if not isinstance(data, Mapping):
+            return data
+        out = dict(data)
+        for name, info in cls.model_fields.items():
+            value = out.get(name)
+            if not isinstance(value, str):
+                continue
+            for choice in _choices(info.annotation):
+                if choice.lower() == value.strip().lower():
+                    out[name] = choice
+                    break
+        return out
+
 
 class KafkaSettings(_Section):
-    bootstrap_servers: str = Field(
+    bootstrap_servers: Annotated[str, BeforeValidator(_bootstrap_servers)] = Field(
         default="localhost:9092", min_length=1, description="Comma-separated host:port list."
     )
     group_id: str = Field(default="device-rebind", min_length=1)
@@ -46,8 +151,8 @@ class KafkaSettings(_Section):
     security_protocol: SecurityProtocol = SecurityProtocol.PLAINTEXT
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
     sasl_username: str | None = None
-    sasl_password: SecretStr | None = None
-    ssl_cafile: Path | None = None
+    sasl_password: Secret | None = None
+    ssl_cafile: ReadableFile | None = None
     transactional_id_prefix: str = Field(
         default="device-rebind",
         min_length=1,
@@ -80,6 +185,29 @@ class KafkaSettings(_Section):
         description="A partition whose oldest unfinished record is older than this makes "
         "/readyz answer 503.",
     )
+    connect_backoff_initial_seconds: float = Field(
+        default=1.0,
+        gt=0,
+        le=600,
+        description="At start, the first wait before trying to reach Kafka again (doubles).",
+    )
+    connect_backoff_max_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        le=600,
+        description="At start, the longest wait between two attempts to reach Kafka.",
+    )
+    topics_grace_seconds: float = Field(
+        default=300.0,
+        ge=0,
+        description="At start, how long missing topics are waited for (they may be being "
+        "created) before the service exits naming them.",
+    )
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> KafkaSettings:
+        _not_above(self, "KAFKA", "connect_backoff_initial_seconds", "connect_backoff_max_seconds")
+        return self
 
     @model_validator(mode="after")
     def _sasl_complete(self) -> KafkaSettings:
@@ -95,7 +223,7 @@ class KafkaSettings(_Section):
             ]
             if missing:
                 raise ValueError(
-                    f"security_protocol {self.security_protocol.value} needs "
+                    f"{ENV_PREFIX}KAFKA__SECURITY_PROTOCOL={self.security_protocol.value} needs "
                     + ", ".join(f"{ENV_PREFIX}KAFKA__{m}" for m in missing)
                 )
         return self
@@ -141,10 +269,10 @@ class TopicSettings(_Section):
 class PlatformSettings(_Section):
     base_url: AnyHttpUrl = Field(description="e.g. https://iot.example.com:8743")
     app_id: str = Field(min_length=1, max_length=256)
-    secret: SecretStr
-    client_cert: Path | None = None
-    client_key: Path | None = None
-    ca_bundle: Path | None = None
+    secret: Secret
+    client_cert: ReadableFile | None = None
+    client_key: ReadableFile | None = None
+    ca_bundle: ReadableFile | None = None
     verify_tls: bool = Field(
         default=True, description="Turning this off is logged as a warning at every start."
     )
@@ -190,6 +318,17 @@ class PlatformSettings(_Section):
         description="A follower without a usable shared token for this long (plus up to 50% "
         "jitter) logs in itself and renews until a holder publishes again.",
     )
+
+    @model_validator(mode="after")
+    def _orders(self) -> PlatformSettings:
+        for low, high in (
+            ("retry_backoff_initial_seconds", "retry_backoff_max_seconds"),
+            ("online_retry_initial_seconds", "online_retry_max_seconds"),
+            ("online_retry_initial_seconds", "online_retry_deadline_seconds"),
+            ("request_timeout_seconds", "attempt_deadline_seconds"),
+        ):
+            _not_above(self, "PLATFORM", low, high)
+        return self
 
     @model_validator(mode="after")
     def _tls_pair(self) -> PlatformSettings:
@@ -251,21 +390,105 @@ class KafkaOnlySettings(_FromEnvironment):
 
 
 def load_kafka_settings(**overrides: Any) -> KafkaOnlySettings:
+    """The Kafka side of the environment (``replay``, ``topics``); raise ConfigError naming
+    every bad variable, unknown ``REBIND_`` names included."""
+    unknown = unknown_variables(os.environ)
     try:
-        return KafkaOnlySettings(**overrides)
+        settings = KafkaOnlySettings(**overrides)
     except ValidationError as exc:
-        raise _config_error(exc) from None
+        raise _config_error(exc, unknown) from None
+    if unknown:
+        raise ConfigError("invalid configuration: " + "; ".join(unknown))
+    return settings
 
 
 def load_settings(**overrides: Any) -> Settings:
-    """Read the environment; raise ConfigError naming every bad variable."""
+    """Read the environment; raise ConfigError naming every bad variable, unknown ``REBIND_``
+    names included."""
+    unknown = unknown_variables(os.environ)
     try:
-        return Settings(**overrides)
+        settings = Settings(**overrides)
     except ValidationError as exc:
-        raise _config_error(exc) from None
+        raise _config_error(exc, unknown) from None
+    if unknown:
+        raise ConfigError("invalid configuration: " + "; ".join(unknown))
+    return settings
 
 
-def _config_error(exc: ValidationError) -> ConfigError:
+def variables() -> dict[str, tuple[type[BaseModel], str]]:
+    """Every environment variable the service reads: name -> (section model, field name)."""
+    out: dict[str, tuple[type[BaseModel], str]] = {}
+    for section, info in Settings.model_fields.items():
+        model = info.annotation
+        assert isinstance(model, type)
+        assert issubclass(model, BaseModel)
+        for name in model.model_fields:
+            variable = f"{ENV_PREFIX}{section.upper()}{ENV_NESTED_DELIMITER}{name.upper()}"
+            out[variable] = (model, name)
+    return out
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """One message per ``REBIND_`` variable that names no setting, with the nearest valid name.
+
+    A misspelt variable would otherwise be ignored silently and its default used.
+    """
+    known = set(variables())
+    sections = {f"{ENV_PREFIX}{s.upper()}" for s in Settings.model_fields}  # a whole section
+    messages = []
+    for name in sorted(environ):
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX) or upper in known or upper in sections:
+            continue
+        nearest = difflib.get_close_matches(upper, known, n=1, cutoff=0.8)
+        hint = (
+            f"did you mean {nearest[0]}?"
+            if nearest
+            else "no setting has this name (device-rebind check-config --defaults lists them)"
+        )
+        messages.append(f"{name}: unknown variable; {hint}")
+    return messages
+
+
+def _plain(err: Any) -> str:
+    """pydantic's message in plain words, for an operator who reads the variable's name."""
+    ctx = err.get("ctx") or {}
+    kind = err["type"]
+    words = {
+        "url_parsing": "is not a URL; expected e.g. https://iot.example.com:8743",
+        "url_scheme": "must start with http:// or https://",
+        "url_type": "is not a URL; expected e.g. https://iot.example.com:8743",
+        "int_parsing": "must be a whole number",
+        "int_from_float": "must be a whole number",
+        "int_type": "must be a whole number",
+        "float_parsing": "must be a number",
+        "float_type": "must be a number",
+        "bool_parsing": "must be true or false",
+        "bool_type": "must be true or false",
+        "string_type": "must be text",
+        "missing": "required, not set",
+        "greater_than_equal": "must be {ge} or more",
+        "greater_than": "must be more than {gt}",
+        "less_than_equal": "must be {le} or less",
+        "less_than": "must be less than {lt}",
+        "string_too_long": "must be at most {max_length} characters",
+        "literal_error": "must be one of {expected} (any case)",
+        "enum": "must be one of {expected} (any case)",
+        "extra_forbidden": "unknown setting",
+    }
+    if kind == "string_too_short" and ctx.get("min_length") == 1:
+        return "is empty"
+    template = words.get(kind)
+    if template is not None:
+        try:
+            return template.format(**ctx)
+        except (KeyError, IndexError):
+            pass
+    msg = str(err["msg"])
+    return msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
+
+
+def _config_error(exc: ValidationError, unknown: list[str] | None = None) -> ConfigError:
     lines: list[str] = []
     for err in exc.errors(include_url=False, include_input=False):
         loc = tuple(err["loc"])
@@ -276,8 +499,45 @@ def _config_error(exc: ValidationError) -> ConfigError:
                 if info.is_required()
             )
             continue
-        lines.append(f"{_variable_name(loc)}: {err['msg']}")
-    return ConfigError("invalid configuration: " + "; ".join(lines))
+        if err["type"] == "extra_forbidden" and any(
+            u.startswith(f"{_variable_name(loc)}:") for u in unknown or ()
+        ):
+            continue  # reported below, with the nearest valid name
+        message = _plain(err)
+        if len(loc) < 2 and message.startswith(ENV_PREFIX):
+            lines.append(message)  # a rule across settings: its message names them all
+        else:
+            lines.append(f"{_variable_name(loc)}: {message}")
+    return ConfigError("invalid configuration: " + "; ".join([*lines, *(unknown or ())]))
+
+
+def defaults() -> dict[str, Any]:
+    """Every setting with its default (``None``: unset), required ones as :data:`REQUIRED`,
+    without reading the environment."""
+    out: dict[str, Any] = {}
+    for variable, (model, name) in variables().items():
+        info = model.model_fields[name]
+        if info.is_required():
+            out[variable] = REQUIRED
+        elif info.default_factory is not None:
+            out[variable] = DYNAMIC_DEFAULTS.get(variable, "<computed at start>")
+        else:
+            out[variable] = _shown(info.default)
+    return out
+
+
+REQUIRED = "<required>"
+DYNAMIC_DEFAULTS = {f"{ENV_PREFIX}KAFKA{ENV_NESTED_DELIMITER}INSTANCE_ID": "<host name>"}
+
+
+def _shown(value: Any) -> Any:
+    if isinstance(value, SecretStr):
+        return SECRET_MASK if value.get_secret_value() else ""
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    if isinstance(value, StrEnum):
+        return value.value
+    return str(value)
 
 
 SECRET_MASK = "**********"  # noqa: S105 - the mask, not a secret
@@ -293,16 +553,8 @@ def masked(settings: Settings) -> dict[str, Any]:
             key = f"{prefix}{name.upper()}"
             if isinstance(value, BaseModel):
                 walk(key + ENV_NESTED_DELIMITER, value)
-            elif isinstance(value, SecretStr):
-                out[key] = SECRET_MASK if value.get_secret_value() else ""
-            elif value is None:
-                out[key] = None
-            elif isinstance(value, StrEnum):
-                out[key] = value.value
-            elif isinstance(value, bool | int | float):
-                out[key] = value
             else:
-                out[key] = str(value)
+                out[key] = _shown(value)
 
     walk(ENV_PREFIX, settings)
     return out

@@ -8,6 +8,7 @@ so a security setting applies to every client the service opens.
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -57,10 +58,16 @@ async def partition_counts(settings: KafkaSettings, names: Sequence[str]) -> dic
     admin = AIOKafkaAdminClient(**client_options(settings))
     await admin.start()
     try:
-        described = await admin.describe_topics(list(names))
+        # Describe only listed topics: naming a missing one in a metadata request makes a broker
+        # with auto.create.topics.enable create it with its defaults (a ledger that deletes).
+        listed = set(await admin.list_topics())
+        present = [name for name in names if name in listed]
+        described = await admin.describe_topics(present) if present else []
     finally:
         await admin.close()
-    return {t["topic"]: (len(t["partitions"]) if t["error_code"] == 0 else 0) for t in described}
+    counts = dict.fromkeys(names, 0)
+    counts.update({t["topic"]: len(t["partitions"]) for t in described if t["error_code"] == 0})
+    return counts
 
 
 def reader(settings: KafkaSettings) -> AIOKafkaConsumer:
@@ -119,3 +126,53 @@ async def committed_with_metadata(
         list(partitions)
     )
     return found
+
+
+# ---------------------------------------------------------------------------------- start-up
+
+_BOOTSTRAP = "REBIND_KAFKA__BOOTSTRAP_SERVERS"
+_CREDENTIALS = "REBIND_KAFKA__SASL_USERNAME / REBIND_KAFKA__SASL_PASSWORD"
+
+
+def classify_startup_error(  # noqa: PLR0911 - a table
+    exc: BaseException, *, bootstrap: str | None = None
+) -> tuple[bool, str]:
+    """Whether an error met while connecting at start is permanent, and one line naming its
+    cause and the variable to look at.
+
+    Permanent errors make the service exit at once (retrying cannot help: a wrong password, a
+    defect); the others are retried with a capped backoff while ``/readyz`` answers 503 with
+    the message. Extend the table here when a client option brings new errors (e.g. TLS or
+    SASL settings).
+    """
+    from aiokafka import errors  # noqa: PLC0415 - keeps the module's import light
+
+    detail = str(exc) or type(exc).__name__
+    where = f"{_BOOTSTRAP}={bootstrap}" if bootstrap else _BOOTSTRAP
+    if isinstance(exc, FatalPipelineError):
+        return True, detail
+    if isinstance(exc, errors.SaslAuthenticationFailed | errors.AuthenticationFailedError):
+        return True, f"Kafka refused the credentials ({_CREDENTIALS}): {detail}"
+    if isinstance(exc, errors.UnsupportedSaslMechanismError | errors.IllegalSaslStateError):
+        return True, f"Kafka does not accept REBIND_KAFKA__SASL_MECHANISM: {detail}"
+    if isinstance(
+        exc,
+        errors.TopicAuthorizationFailedError
+        | errors.GroupAuthorizationFailedError
+        | errors.ClusterAuthorizationFailedError
+        | errors.TransactionalIdAuthorizationFailed,
+    ):
+        return True, (
+            f"Kafka refused access ({type(exc).__name__}): grant the ACLs listed in "
+            f"docs/deploying.md to the principal of {_CREDENTIALS}"
+        )
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return True, (
+            f"the brokers' TLS certificate is not trusted (REBIND_KAFKA__SSL_CAFILE): {detail}"
+        )
+    if isinstance(exc, errors.KafkaConnectionError | ConnectionError | OSError | TimeoutError):
+        return False, f"Kafka is not reachable ({where}): {detail}"
+    if isinstance(exc, errors.KafkaError):
+        # Timeouts, no leader yet, coordinator loading, not controller: a broker starting up.
+        return False, f"Kafka is not ready ({where}): {type(exc).__name__}: {detail}"
+    return True, f"unexpected error while connecting to Kafka: {type(exc).__name__}: {detail}"

@@ -163,6 +163,23 @@ _dict_tracebacks: Final = structlog.processors.ExceptionRenderer(
 )
 
 
+class _ToStructlog(logging.Handler):
+    """A standard-library handler that re-emits each record through structlog."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            event = record.getMessage()
+        except Exception:  # noqa: BLE001 - a library's bad format string must not crash us
+            self.handleError(record)
+            return
+        level = record.levelname.lower()
+        method = level if level in ("debug", "info", "warning", "error", "critical") else "error"
+        kwargs: dict[str, Any] = {"logger": record.name}
+        if record.exc_info and record.exc_info[0] is not None:
+            kwargs["exc_info"] = record.exc_info
+        getattr(structlog.get_logger(record.name), method)(event, **kwargs)
+
+
 def _orjson_dumps(obj: Any, default: Any = None) -> bytes:
     return orjson.dumps(obj, default=default)
 
@@ -213,26 +230,10 @@ def configure(
         logger_factory=factory,
         cache_logger_on_first_use=True,
     )
-    # Libraries log through the standard library: keep them quiet unless something is wrong,
-    # and send them through the same steps (exceptions without locals, redaction).
-    handler = logging.StreamHandler(out)
-    handler.setFormatter(
-        structlog.stdlib.ProcessorFormatter(
-            processors=[
-                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-                exceptions,
-                redact,
-                structlog.processors.JSONRenderer()
-                if not console
-                else structlog.dev.ConsoleRenderer(colors=False),
-            ],
-            foreign_pre_chain=[
-                structlog.stdlib.add_logger_name,
-                structlog.processors.add_log_level,
-                structlog.processors.TimeStamper(fmt="iso", utc=True),
-            ],
-        )
-    )
+    # Libraries (aiokafka, aiohttp, asyncio) log through the standard library: keep them quiet
+    # unless something is wrong, and send their records through the very same structlog pipeline
+    # (same JSON shape, exceptions without locals, redaction), with the library's logger name.
+    handler = _ToStructlog()
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(max(level, logging.WARNING))

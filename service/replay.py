@@ -168,9 +168,9 @@ async def plan(settings: KafkaOnlySettings, source: Source, filters: Filters) ->
         enable_auto_commit=False,
         isolation_level="read_committed",
     )
-    await consumer.start()
     planned: list[Planned] = []
     try:
+        await consumer.start()
         for record in await _read_all(consumer, topic, settings.kafka):
             if filters.limit is not None and len(planned) >= filters.limit:
                 break
@@ -263,8 +263,8 @@ async def send(settings: KafkaOnlySettings, planned: Sequence[Planned]) -> None:
     producer = AIOKafkaProducer(
         **kafka_client_options(settings.kafka), enable_idempotence=True, acks="all"
     )
-    await producer.start()
     try:
+        await producer.start()
         futures = [
             await producer.send(
                 settings.topics.device_swapped,

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+import operator
 import os
 import re
 import subprocess
+import types
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Union, get_args, get_origin
 
 import jsonschema
 import kubernetes_validate
@@ -174,4 +177,14 @@ def settings_variables(
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             yield from settings_variables(annotation, variable + ENV_NESTED_DELIMITER)
         else:
-            yield variable, annotation
+            yield variable, _plain(annotation)
+
+
+def _plain(annotation: Any) -> Any:
+    """The annotation without ``Annotated``: ``Secret | None`` is ``SecretStr | None``."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _plain(get_args(annotation)[0])
+    if origin in (Union, types.UnionType):
+        return functools.reduce(operator.or_, (_plain(a) for a in get_args(annotation)))
+    return annotation

@@ -204,14 +204,20 @@ def test_values_schema_config_mirrors_the_settings_model() -> None:
 
 
 def test_rendered_configuration_is_accepted_by_the_service(
-    all_features: list[Manifest], monkeypatch: pytest.MonkeyPatch
+    all_features: list[Manifest], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """The env the chart renders, secrets filled in, loads into the service's settings."""
+    """The env the chart renders, secrets filled in, loads into the service's settings (the
+    mounted files are stand-ins of the same names: the service checks that they exist)."""
     container = workload(all_features)["spec"]["template"]["spec"]["containers"][0]
     for name, entry in env_of(container).items():
         if not name.startswith(ENV_PREFIX):
             continue
-        if "value" in entry:
+        if name in FILE_FIELDS and "value" in entry:
+            stand_in = tmp_path / name / Path(entry["value"]).name
+            stand_in.parent.mkdir()
+            stand_in.write_text("PEM")
+            monkeypatch.setenv(name, str(stand_in))
+        elif "value" in entry:
             monkeypatch.setenv(name, entry["value"])
         elif "secretKeyRef" in entry["valueFrom"]:
             monkeypatch.setenv(name, "from-a-secret")

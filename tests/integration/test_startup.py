@@ -1,0 +1,218 @@
+"""Issue 12: start-up when the world is not ready, and ``device-rebind topics``.
+
+* The service started before its broker keeps retrying (``/healthz`` 200, ``/readyz`` 503 with
+  the reason, one log line per attempt), becomes ready when the broker comes, and works.
+* Permanent problems end the start at once, with one line naming the cause and the variable.
+* ``topics plan | create | check`` against the real broker: creates what is missing,
+  co-partitioned and compacted, changes nothing that exists, and is idempotent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import socket
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from aiokafka.admin import AIOKafkaAdminClient
+
+from service import topics as topic_cli
+from service.app import Service
+from service.config import KafkaSettings, Settings, TopicSettings
+from service.startup import StartupError
+from tests.fixtures.kafka import Topics
+from tests.fixtures.service import Harness
+from tests.fixtures.simulator import SimulatorHandle
+from tests.support.events import swap_event
+from tests.support.kafka_broker import KafkaBroker, create_topics
+from tests.support.logcapture import captured_logs
+from tests.support.waiting import wait_until
+
+pytestmark = pytest.mark.integration
+
+BROKER_DELAY_SECONDS = 20.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _patient(settings: Settings, **kafka: object) -> Settings:
+    """The harness' settings with a short start-up backoff (the broker comes within seconds)."""
+    return settings.model_copy(
+        update={
+            "kafka": settings.kafka.model_copy(
+                update={
+                    "connect_backoff_initial_seconds": 0.5,
+                    "connect_backoff_max_seconds": 2.0,
+                    **kafka,
+                }
+            )
+        }
+    )
+
+
+@pytest.mark.slow
+async def test_started_before_the_broker_it_waits_then_works(
+    sim: SimulatorHandle, tmp_path: Path
+) -> None:
+    port = _free_port()
+    names = Topics.unique()
+    h = Harness(f"127.0.0.1:{port}", names, sim)
+    service = Service(_patient(h.settings()))
+    broker = KafkaBroker(tmp_path / "late-kafka", port=port)
+    started = time.monotonic()
+    with captured_logs() as cap:
+        task = asyncio.create_task(service.run(), name="early-service")
+        try:
+            await wait_until(lambda: service.startup.attempts >= 2, timeout=30, what="retries")
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{service.ops.port}") as web:
+                health = await web.get("/healthz")
+                ready = await web.get("/readyz")
+            assert health.status_code == 200
+            assert ready.status_code == 503
+            assert "Kafka is not reachable" in ready.text
+            assert f"REBIND_KAFKA__BOOTSTRAP_SERVERS=127.0.0.1:{port}" in ready.text
+
+            # The broker comes 20 s after the service; meanwhile it keeps trying.
+            await wait_until(
+                lambda: time.monotonic() - started >= BROKER_DELAY_SECONDS,
+                timeout=BROKER_DELAY_SECONDS + 5,
+                what="the broker's turn",
+            )
+            assert not task.done()
+            await broker.astart()
+            await create_topics(broker.bootstrap, names.names(), names.partitions())
+            await wait_until(
+                lambda: service.readiness()[0] or task.done(), timeout=90, what="ready"
+            )
+            assert not task.done()
+
+            await sim.control.seed_device("dev-late", "old-late")
+            await h.produce([(b"dev-late", swap_event("dev-late", "new-late"))])
+            [out] = await h.read(1, topics=[names.credential_updated, names.rebind_failed])
+            assert out.topic == names.credential_updated
+            assert out.data["deviceId"] == "dev-late"
+        finally:
+            service.stop()
+            await asyncio.wait_for(task, 60)
+            await broker.astop()
+    retries = [line for line in cap.lines() if line["event"] == "not ready: retrying"]
+    assert len(retries) >= 5  # one line per attempt, about every 2 s for 20 s
+    unreachable = [line for line in retries if "Kafka is not reachable" in line["cause"]]
+    assert len(unreachable) >= 5
+    # After the broker came and before the test created the topics, the cause said so.
+    assert all(
+        line in unreachable or "topics missing" in line["cause"] or "not ready" in line["cause"]
+        for line in retries
+    ), [line["cause"] for line in retries]
+    assert not [line for line in cap.lines() if line.get("logger", "").startswith("aiokafka")]
+    assert not [line for line in cap.lines() if line.get("level") == "error"]
+
+
+async def test_missing_topics_end_the_start_after_the_grace_period(harness: Harness) -> None:
+    settings = _patient(harness.settings(), topics_grace_seconds=2)
+    settings = settings.model_copy(
+        update={"topics": settings.topics.model_copy(update={"ledger": "no.such.ledger"})}
+    )
+    service = Service(settings)
+    with captured_logs() as cap, pytest.raises(StartupError) as info:
+        await asyncio.wait_for(service.run(), 30)
+    message = str(info.value)
+    assert "no.such.ledger (REBIND_TOPICS__LEDGER)" in message
+    assert "REBIND_KAFKA__TOPICS_GRACE_SECONDS" in message
+    assert "device-rebind topics create" in message
+    waiting = [line for line in cap.lines() if line["event"] == "not ready: retrying"]
+    assert any("no.such.ledger (REBIND_TOPICS__LEDGER)" in line["cause"] for line in waiting)
+
+
+async def test_topics_not_co_partitioned_end_the_start_at_once(
+    harness: Harness, kafka_broker: KafkaBroker
+) -> None:
+    wrong = f"{harness.topics.ledger}.wrong"
+    await create_topics(kafka_broker.bootstrap, [wrong], 1, configs={"cleanup.policy": "compact"})
+    settings = _patient(harness.settings())
+    settings = settings.model_copy(
+        update={"topics": settings.topics.model_copy(update={"ledger": wrong})}
+    )
+    started = time.monotonic()
+    with pytest.raises(StartupError) as info:
+        await asyncio.wait_for(Service(settings).run(), 30)
+    assert time.monotonic() - started < 10
+    message = str(info.value)
+    assert message.startswith("topics not co-partitioned")
+    assert f"{wrong} (REBIND_TOPICS__LEDGER) has 1" in message
+    assert "(REBIND_TOPICS__DEVICE_SWAPPED) has 3 partitions" in message
+
+
+async def test_the_ops_port_in_use_is_one_line(harness: Harness) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        settings = harness.settings()
+        settings = settings.model_copy(
+            update={"http": settings.http.model_copy(update={"port": taken.getsockname()[1]})}
+        )
+        with pytest.raises(StartupError) as info:
+            await asyncio.wait_for(Service(settings).run(), 10)
+    assert info.value.exit_code == 2
+    assert str(info.value).startswith("REBIND_HTTP__PORT: port")
+    assert "already in use" in str(info.value)
+
+
+async def test_topics_create_is_idempotent_and_changes_nothing_existing(
+    kafka_broker: KafkaBroker,
+) -> None:
+    suffix = Topics.unique().device_swapped.rsplit(".", 1)[1]
+    names = TopicSettings(
+        **{
+            field: f"{default.default}.{suffix}"
+            for field, default in TopicSettings.model_fields.items()
+        }
+    )
+    kafka = KafkaSettings(bootstrap_servers=kafka_broker.bootstrap)
+    # Someone created the input (4 partitions) and a dead-letter topic that deletes.
+    await create_topics(kafka_broker.bootstrap, [names.device_swapped], 4)
+    await create_topics(kafka_broker.bootstrap, [names.dead_letter], 2)
+
+    out = io.StringIO()
+    assert await topic_cli.run_command(kafka, names, "check", out) == 1
+    assert await topic_cli.run_command(kafka, names, "plan", out) == 0
+    plan_text = out.getvalue()
+    assert f"{names.ledger}" in plan_text
+    assert "to create" in plan_text
+
+    out = io.StringIO()
+    assert await topic_cli.run_command(kafka, names, "create", out, partitions=9) == 0
+    created = [
+        line.split()[1] for line in out.getvalue().splitlines() if line.startswith("created")
+    ]
+    assert names.device_swapped not in created
+    assert names.dead_letter not in created
+    assert names.ledger in created
+    assert "asked for 9): kept" in out.getvalue()
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_broker.bootstrap)
+    await admin.start()
+    try:
+        found = await topic_cli.describe(admin, [n for _, n in topic_cli.specs_for(names)])
+    finally:
+        await admin.close()
+    assert found[names.device_swapped].partitions == 4
+    assert found[names.ledger].partitions == 4
+    assert found[names.dedupe].partitions == 4
+    assert found[names.token].partitions == 1
+    assert found[names.dead_letter].partitions == 2  # existing: untouched
+    assert found[names.ledger].configs["cleanup.policy"] == "compact"
+    assert found[names.dedupe].configs["retention.ms"] == "604800000"
+
+    again = io.StringIO()
+    assert await topic_cli.run_command(kafka, names, "create", again) == 0
+    assert "created" not in again.getvalue()
+    assert "0 to create" in again.getvalue()
+    assert await topic_cli.run_command(kafka, names, "check", io.StringIO()) == 0
