@@ -11,15 +11,17 @@ import time
 import structlog
 
 from service import logs
+from service.bind.listener import BindListener, subscription_url
+from service.bind.watch import WatchPolicy
 from service.budget_exchange import BudgetExchange
 from service.cli import http_port_message
 from service.config import Settings
 from service.handler import RebindHandler
 from service.httpserver import OpsServer
-from service.kafka import FatalPipelineError
+from service.kafka import FatalPipelineError, client_options
 from service.metrics import Metrics
 from service.pipeline.runner import Pipeline
-from service.platform import PlatformClient, RateBudget, TokenManager
+from service.platform import PRIORITY_FRESH, PlatformClient, RateBudget, TokenManager
 from service.platform.shared_token import SharedTokenProvider
 from service.startup import StartupError, StartupSupervisor
 
@@ -34,6 +36,8 @@ class Service:
         self.metrics = metrics or Metrics()
         p = settings.platform
         self.budget = RateBudget(p.rate_limit_per_minute, metrics=self.metrics)
+        self.budget.set_poll_share(settings.bind.poll_budget_share)
+        self._subscription: asyncio.Task[None] | None = None
         self._build()
         self.ops = OpsServer(
             settings.http.host, settings.http.port, self.metrics, self.readiness, self.alive
@@ -68,6 +72,19 @@ class Service:
             ),
             on_assignment=self._share_budget,
             on_revocation=self._before_revocation,
+            watch=WatchPolicy.from_settings(settings.bind) if settings.bind.enabled else None,
+            bind_notify=settings.bind.callback_url is not None,
+        )
+        # The platform's bindDevice pushes: stored on Kafka, correlated by the device's owner.
+        self.bind_listener = (
+            BindListener(
+                settings.bind,
+                settings.topics.bind_notify,
+                client_options(settings.kafka),
+                self.metrics,
+            )
+            if settings.bind.callback_url is not None
+            else None
         )
 
     async def _share_budget(self, mine: int, total: int) -> None:
@@ -142,8 +159,36 @@ class Service:
         await self.tokens.start()
         await self.budget_exchange.start()
         await self.pipeline.start()
+        if self.bind_listener is not None:
+            await self.bind_listener.start()
+            self._subscription = asyncio.create_task(self._subscribe(), name="subscribe")
+
+    async def _subscribe(self) -> None:
+        """Subscribe the application to bindDevice pushes (repeating it is harmless), retrying
+        with a capped backoff until the platform accepts it; each try spends the budget."""
+        url = subscription_url(self.settings.bind)
+        delay = 5.0
+        while True:
+            result = await self.client.subscribe("bindDevice", url, None, priority=PRIORITY_FRESH)
+            if result.ok:
+                log.info("subscribed to bindDevice pushes")
+                return
+            log.warning(
+                "bindDevice subscription refused; retrying",
+                error_code=result.error_code,
+                http_status=result.http_status,
+                retry_in_seconds=delay,
+            )
+            await asyncio.sleep(delay)
+            delay = min(300.0, delay * 2)
 
     async def _close_parts(self) -> None:
+        if self._subscription is not None:
+            self._subscription.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._subscription
+        if self.bind_listener is not None:
+            await self.bind_listener.stop()
         await self.tokens.aclose()
         await self.client.aclose()
         await self.budget_exchange.stop()  # a final record: our calls still count

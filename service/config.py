@@ -264,6 +264,19 @@ class TopicSettings(_Section):
         "each rebalance so the replicas together never overrun the budget (service-owned).",
     )
     dedupe: str = Field(default="device-rebind.dedupe.v1", min_length=1, max_length=249)
+    bind_notify: str = Field(
+        default="device-rebind.bind-notify.v1",
+        min_length=1,
+        max_length=249,
+        description="Co-partitioned with the input: bindDevice pushes received, keyed by "
+        "deviceId (service-owned; only with REBIND_BIND__CALLBACK_URL).",
+    )
+    device_rebound: str = Field(
+        default="iot.device-rebound.v1",
+        min_length=1,
+        max_length=249,
+        description="Outcome: the new hardware bound.",
+    )
 
 
 class PlatformSettings(_Section):
@@ -340,6 +353,59 @@ class PlatformSettings(_Section):
         return self
 
 
+class BindSettings(_Section):
+    """Knowing that the new hardware bound: pushes from the platform, else polling."""
+
+    callback_url: AnyHttpUrl | None = Field(
+        default=None,
+        description="Public URL the platform pushes bindDevice notifications to (with its "
+        "port); unset = no subscription and no listener.",
+    )
+    host: str = "0.0.0.0"  # noqa: S104 - the platform's pushes must reach the pod
+    port: int = Field(default=8443, ge=0, le=65_535, description="Port of the push listener.")
+    path_secret: SecretStr | None = Field(
+        default=None,
+        description="A secret path segment appended to the callback URL's path; pushes to any "
+        "other path answer 404.",
+    )
+    tls_cert: Path | None = Field(default=None, description="Certificate of the push listener.")
+    tls_key: Path | None = Field(default=None, description="Key of the push listener.")
+    poll: bool = Field(default=True, description="Poll the activation status of refreshed devices.")
+    poll_budget_share: float = Field(
+        default=0.2,
+        gt=0,
+        le=1,
+        description="Largest share of the platform budget that polls may use.",
+    )
+    poll_initial_seconds: float = Field(default=15.0, gt=0, description="First poll interval.")
+    poll_max_seconds: float = Field(default=300.0, gt=0, description="Longest poll interval.")
+    watch_deadline_seconds: float = Field(
+        default=86_400.0,
+        gt=0,
+        description="How long a device refreshed with timeout 0 is watched before the swap "
+        "ends BIND_NOT_CONFIRMED.",
+    )
+    expiry_grace_seconds: float = Field(
+        default=30.0,
+        ge=0,
+        description="After a non-zero timeout passes, how long to wait for the platform's "
+        "'expired' push before ending the swap BIND_EXPIRED.",
+    )
+
+    @property
+    def enabled(self) -> bool:
+        """True when refreshed devices are watched until they bind."""
+        return self.callback_url is not None or self.poll
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> BindSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError(
+                f"{ENV_PREFIX}BIND__TLS_CERT and {ENV_PREFIX}BIND__TLS_KEY must be set together"
+            )
+        return self
+
+
 class HttpSettings(_Section):
     host: str = "0.0.0.0"  # noqa: S104 - the metrics/health port must be reachable in a pod
     port: int = Field(default=8080, ge=0, le=65_535)
@@ -370,6 +436,7 @@ class Settings(_FromEnvironment):
     platform: PlatformSettings
     http: HttpSettings = HttpSettings()
     log: LogSettings = LogSettings()
+    bind: BindSettings = BindSettings()
 
 
 class ConfigError(Exception):

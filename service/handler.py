@@ -23,10 +23,17 @@ from typing import Final
 import structlog
 
 from service.config import Settings
-from service.events import credential_updated, rebind_failed
+from service.events import credential_updated, device_rebound, rebind_failed
 from service.metrics import Metrics
 from service.pipeline.records import OutcomeKind, Output
-from service.pipeline.work import Deferral, HandlerResult, Outcome, WaitState, Work
+from service.pipeline.work import (
+    Deferral,
+    HandlerResult,
+    Outcome,
+    PollResult,
+    WaitState,
+    Work,
+)
 from service.platform import (
     DEADLINE_EXCEEDED,
     PRIORITY_DEFERRED,
@@ -42,10 +49,14 @@ from service.platform import (
     classify,
     rebind,
 )
+from service.platform.budget import PRIORITY_POLL
 from service.platform.errors import INTERNAL_ERROR
 from service.platform.rebind import DEFERRAL_REASON_TRANSIENT
 
 log = structlog.get_logger(__name__)
+
+DEVICE_NOT_FOUND_CODE: Final = "100403"
+"""The device does not exist (any more): after a non-zero timeout, its registration was deleted."""
 
 SOURCE_TOPIC_HEADER: Final = "rebind-source-topic"
 SOURCE_PARTITION_HEADER: Final = "rebind-source-partition"
@@ -178,6 +189,7 @@ class RebindHandler:
                 event.headers + source_headers(work),
                 OutcomeKind.CREDENTIAL_UPDATED,
             ),
+            timeout=timeout,
         )
 
     def _defer(  # noqa: PLR0917 - one swap's whole history
@@ -250,6 +262,60 @@ class RebindHandler:
                 last_attempt_at=None,
             ),
             last_code=wait.last_code if wait else None,
+        )
+
+    # ---- bind watches ----------------------------------------------------------------------
+
+    async def poll(self, work: Work) -> PollResult:
+        """Has the new hardware bound? One activation query, in the lowest budget class."""
+        d = work.swap.data
+        try:
+            answer = await self._client.query_activation(
+                d.device_id, d.app_id, priority=PRIORITY_POLL
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.warning("bind poll failed", exc_info=True)
+            return PollResult()
+        if answer.ok:
+            return PollResult(bound=answer.activated is True)
+        return PollResult(gone=answer.result.error_code == DEVICE_NOT_FOUND_CODE)
+
+    def rebound(self, work: Work, via: str, bound_at_ms: int, refreshed_ms: int) -> Output:
+        """The ``device.rebound`` event: the new hardware bound."""
+        seconds = max(0.0, (bound_at_ms - refreshed_ms) / 1000)
+        log.info("device rebound", via=via, seconds_to_bind=round(seconds, 3))
+        event = device_rebound(
+            work.swap,
+            bound_at=datetime.fromtimestamp(bound_at_ms / 1000, UTC),
+            via="push" if via == "push" else "poll",
+            seconds_to_bind=seconds,
+            source=self._source,
+            time=datetime.now(UTC),
+        )
+        return Output(
+            self._topics.device_rebound,
+            event.key,
+            event.value,
+            event.headers + source_headers(work),
+        )
+
+    def bind_failed(self, work: Work, code: str, desc: str) -> Outcome:
+        """``rebind-failed`` with BIND_EXPIRED or BIND_NOT_CONFIRMED after a refresh."""
+        spec = classify("refresh_device_key", None, code)
+        return self._failed(
+            work,
+            Failed(
+                error_code=code,
+                error_desc=desc,
+                http_status=None,
+                category=spec.category,
+                recommended_handling=spec.recommended_handling,
+                attempts=0,
+                first_attempt_at=None,
+                last_attempt_at=None,
+            ),
         )
 
     async def _internal_error(self, work: Work, exc: Exception) -> Outcome:

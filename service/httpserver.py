@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -122,16 +123,7 @@ class OpsServer:
         )
         await runner.setup()
         self._runner = runner
-        factory = runner.server
-        assert factory is not None
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: _GuardedConnection(factory(), self._guard),
-            self._host,
-            self._port,
-            backlog=MAX_CONNECTIONS,
-            reuse_address=True,
-        )
+        self._server = await serve_guarded(runner, self._guard, self._host, self._port)
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -176,6 +168,31 @@ class OpsServer:
         ok, why = self._ready()
         self._metrics.ready.set(1 if ok else 0)
         return _text(200 if ok else 503, why)
+
+
+async def serve_guarded(
+    runner: web.AppRunner,
+    guard: _ConnectionGuard,
+    host: str,
+    port: int,
+    ssl_context: ssl.SSLContext | None = None,
+) -> asyncio.Server:
+    """Serve ``runner``'s application with the deadlines and the connection cap of ``guard``."""
+    factory = runner.server
+    assert factory is not None
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(
+        lambda: _GuardedConnection(factory(), guard),
+        host,
+        port,
+        backlog=MAX_CONNECTIONS,
+        reuse_address=True,
+        ssl=ssl_context,
+    )
+
+
+def new_guard() -> _ConnectionGuard:
+    return _ConnectionGuard()
 
 
 def _text(status: int, body: str) -> web.Response:

@@ -26,6 +26,7 @@ THROTTLE_CODE = "1010009"  # the platform's flow control
 DEVICE_ONLINE_CODE = "100611"  # "device is online"
 
 OUTCOMES = ("credential_updated", "rebind_failed", "dead_lettered", "deferred", "duplicate")
+BIND_RESULTS = ("bound_push", "bound_poll", "expired", "unconfirmed")
 OPERATIONS = (
     "refresh_device_key",
     "login",
@@ -122,6 +123,36 @@ class Metrics:
             "finished without any work.",
             registry=r,
         )
+        self.bind_watches = Gauge(
+            "rebind_bind_watches",
+            "Refreshed devices watched until their new hardware binds.",
+            registry=r,
+        )
+        self.bind_near_expiry = Gauge(
+            "rebind_bind_watches_near_expiry",
+            "Watched devices refreshed with a non-zero timeout that have 20 % or less of it "
+            "left and have not bound (the platform deletes their registration at 0).",
+            registry=r,
+        )
+        self.bind_results = Counter(
+            "rebind_bind_results",
+            "Ends of bind watches, by result.",
+            ["result"],
+            registry=r,
+        )
+        self.bind_seconds = Histogram(
+            "rebind_bind_seconds",
+            "Time from a key refresh to the new hardware binding.",
+            buckets=(1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 900.0, 3600.0, 14_400.0, 86_400.0),
+            registry=r,
+        )
+        self.bind_notifications = Counter(
+            "rebind_bind_notifications",
+            "bindDevice pushes, by result (accepted: stored on Kafka; duplicate: matched no "
+            "open watch; rejected: malformed or unknown).",
+            ["result"],
+            registry=r,
+        )
         self.event_latency = Histogram(
             "rebind_event_latency_seconds",
             "Time from an input event's Kafka timestamp to its outcome being committed.",
@@ -146,6 +177,10 @@ class Metrics:
             self.outcomes.labels(outcome=outcome)
         for operation in OPERATIONS:
             self.throttle_rejections.labels(operation=operation)
+        for result in BIND_RESULTS:
+            self.bind_results.labels(result=result)
+        for result in ("accepted", "duplicate", "rejected"):
+            self.bind_notifications.labels(result=result)
 
     def platform_call(
         self, operation: str, http_status: int | None, error_code: str | None, seconds: float

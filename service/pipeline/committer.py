@@ -47,6 +47,7 @@ class PartitionCommitter:
         self.topic = topic
         self.partition = partition
         self.core: PartitionCore | None = None  # set once the partition's state is loaded
+        self.notify_topic: str | None = None  # the bind-notify topic, when pushes are read
         self._metrics = metrics
         self.transactional_id = transactional_id(kafka, topic, partition)
         self._producer = AIOKafkaProducer(
@@ -89,6 +90,10 @@ class PartitionCommitter:
                 self._metrics.event_latency.observe(max(0.0, (now_ms - stamp) / 1000))
             for kind in commit.counts:
                 self._metrics.outcomes.labels(outcome=kind.value).inc()
+            for result, seconds in commit.binds:
+                self._metrics.bind_results.labels(result=result).inc()
+                if seconds is not None:
+                    self._metrics.bind_seconds.observe(seconds)
 
     async def _transact(self, commit: Commit) -> list[int]:
         producer = self._producer
@@ -100,12 +105,15 @@ class PartitionCommitter:
                     )
                     for o in commit.outputs
                 ]
+                offsets: dict[TopicPartition, OffsetAndMetadata] = {}
                 if commit.offset is not None:
                     tp = TopicPartition(self.topic, self.partition)
-                    await producer.send_offsets_to_transaction(
-                        {tp: OffsetAndMetadata(commit.offset, commit.metadata)},
-                        self._kafka.group_id,
-                    )
+                    offsets[tp] = OffsetAndMetadata(commit.offset, commit.metadata)
+                if commit.notify_offset is not None and self.notify_topic is not None:
+                    tp = TopicPartition(self.notify_topic, self.partition)
+                    offsets[tp] = OffsetAndMetadata(commit.notify_offset, "")
+                if offsets:
+                    await producer.send_offsets_to_transaction(offsets, self._kafka.group_id)
                 written = [m.offset for m in await asyncio.gather(*futures)] if futures else []
         except ProducerFenced as exc:
             self._metrics.transactions.labels(result="aborted").inc()

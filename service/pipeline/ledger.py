@@ -37,7 +37,7 @@ from typing import Any, Final
 import orjson
 
 from service.pipeline.records import Output
-from service.pipeline.work import WaitState, Work
+from service.pipeline.work import WaitState, Watch, Work
 
 RECORD_VERSION: Final = 1
 
@@ -45,6 +45,7 @@ RECORD_VERSION: Final = 1
 class State(StrEnum):
     PENDING = "pending"
     WAITING = "waiting"
+    WATCHING = "watching"  # refreshed; waiting for the new hardware to bind
     DONE = "done"
 
 
@@ -59,8 +60,20 @@ class Entry:
     state: State
     outcome: str | None = None
     wait: WaitState | None = None
-    value: bytes | None = None  # the swap itself, kept while it waits
+    value: bytes | None = None  # the swap itself, kept while it waits or is watched
     headers: list[tuple[str, bytes]] = field(default_factory=list)
+    watch: Watch | None = None
+    early: tuple[str, int] | None = None  # a bind push (result, at ms) seen before the watch
+
+    @property
+    def due_ms(self) -> int | None:
+        """When the entry needs attention: a waiting swap's next try, a watch's next poll or
+        deadline; None otherwise."""
+        if self.state is State.WAITING and self.wait is not None:
+            return self.wait.due_ms
+        if self.state is State.WATCHING and self.watch is not None:
+            return self.watch.due_ms
+        return None
 
     def same_event(self, work: Work) -> bool:
         return self.event_id == work.swap.id and self.source == work.swap.source
@@ -77,7 +90,7 @@ class Verdict(Enum):
 class Admission:
     verdict: Verdict
     newer_event_id: str | None = None  # with OLDER
-    replaced: Entry | None = None  # a waiting swap the admitted one supersedes
+    replaced: Entry | None = None  # a waiting or watched swap the admitted one supersedes
     repeat: bool = False  # with RUN: an earlier owner may have called the platform already
 
 
@@ -97,6 +110,7 @@ class DeviceLedger:
         self._due: list[tuple[int, int, str]] = []  # (due_ms, sequence, device), lazily cleaned
         self._sequence = 0
         self._waiting = 0
+        self.watching: set[str] = set()  # devices whose new hardware has not bound yet
 
     # ---- loading ---------------------------------------------------------------------------
 
@@ -108,6 +122,7 @@ class DeviceLedger:
         old = self._entries.pop(device, None)
         if old is not None and old.state is State.WAITING:
             self._waiting -= 1
+        self.watching.discard(device)
         if not value:
             return  # a tombstone
         entry = decode_entry(value)
@@ -120,10 +135,16 @@ class DeviceLedger:
         if old is not None and old.state is State.WAITING:
             self._waiting -= 1
         self._entries[device] = entry
-        if entry.state is State.WAITING and entry.wait is not None:
+        if entry.state is State.WAITING:
             self._waiting += 1
+        if entry.state is State.WATCHING:
+            self.watching.add(device)
+        else:
+            self.watching.discard(device)
+        due = entry.due_ms
+        if due is not None:
             self._sequence += 1
-            heapq.heappush(self._due, (entry.wait.due_ms, self._sequence, device))
+            heapq.heappush(self._due, (due, self._sequence, device))
 
     # ---- decisions -------------------------------------------------------------------------
 
@@ -141,7 +162,9 @@ class DeviceLedger:
             return Admission(Verdict.SKIP)
         if entry is not None and work.order < entry.order:
             return Admission(Verdict.OLDER, newer_event_id=entry.event_id)
-        replaced = entry if entry is not None and entry.state is State.WAITING else None
+        replaced = (
+            entry if entry is not None and entry.state in (State.WAITING, State.WATCHING) else None
+        )
         self._put(
             work.device,
             Entry(
@@ -178,12 +201,54 @@ class DeviceLedger:
         self._put(work.device, _replace_state(entry, State.DONE, outcome=outcome))
         return True
 
+    def watch(self, work: Work, watch: Watch) -> Entry | None:
+        """The swap's key was refreshed: watch the device until it binds. Returns the entry
+        (whose ``early`` push, if any, settles the watch at once); None when a newer swap
+        replaced it meanwhile."""
+        if not self.is_latest(work):
+            return None
+        entry = self._entries[work.device]
+        watched = _replace_state(entry, State.WATCHING, outcome="credential_updated")
+        watched.watch = watch
+        watched.early = entry.early
+        watched.value = work.raw_value
+        watched.headers = list(work.raw_headers)
+        self._put(work.device, watched)
+        return watched
+
+    def rewatch(self, device: str, watch: Watch) -> None:
+        """The next poll of a watched device."""
+        entry = self._entries[device]
+        entry_next = _replace_state(entry, State.WATCHING, outcome=entry.outcome)
+        entry_next.watch = watch
+        entry_next.value, entry_next.headers = entry.value, entry.headers
+        self._put(device, entry_next)
+
+    def end_watch(self, device: str, result: str) -> None:
+        """The watch of ``device`` ended (bound, expired or unconfirmed)."""
+        entry = self._entries[device]
+        self._put(device, _replace_state(entry, State.DONE, outcome=result))
+
+    def note_push(self, device: str, result: str, at_ms: int) -> Entry | None:
+        """A bind push for ``device``: returns the entry when it is watched (settle it now).
+        A push that arrives while the device's swap is still running is kept in the entry
+        (``early``) and settles the watch when it starts; otherwise the push is a repeat."""
+        entry = self._entries.get(device)
+        if entry is None:
+            return None
+        if entry.state is State.WATCHING:
+            return entry
+        if entry.state in (State.PENDING, State.WAITING):
+            entry.early = (result, at_ms)
+        return None
+
     def wait(self, work: Work, state: WaitState) -> bool:
         """The swap waits for its next try; False when a newer swap replaced it meanwhile."""
         if not self.is_latest(work):
             return False
         entry = self._entries[work.device]
         waiting = _replace_state(entry, State.WAITING, wait=state)
+        waiting.early = entry.early
         waiting.value = work.raw_value
         waiting.headers = list(work.raw_headers)
         self._put(work.device, waiting)
@@ -216,12 +281,7 @@ class DeviceLedger:
         while self._due:
             due_ms, _, device = self._due[0]
             entry = self._entries.get(device)
-            if (
-                entry is not None
-                and entry.state is State.WAITING
-                and entry.wait is not None
-                and entry.wait.due_ms == due_ms
-            ):
+            if entry is not None and entry.due_ms == due_ms:
                 return
             heapq.heappop(self._due)
 
@@ -266,6 +326,20 @@ def encode_entry(entry: Entry) -> bytes:
     }
     if entry.outcome is not None:
         doc["outcome"] = entry.outcome
+    if entry.early is not None:
+        doc["early"] = {"result": entry.early[0], "atMs": entry.early[1]}
+    if entry.watch is not None:
+        v = entry.watch
+        doc["watch"] = {
+            "refreshedMs": v.refreshed_ms,
+            "deadlineMs": v.deadline_ms,
+            "expires": v.expires,
+            "expiresAtMs": v.expires_at_ms,
+            "nextPollMs": v.next_poll_ms,
+            "polls": v.polls,
+        }
+        doc["value"] = _b64(entry.value or b"")
+        doc["headers"] = [[k, _b64(v)] for k, v in entry.headers]
     if entry.wait is not None:
         w = entry.wait
         doc["wait"] = {
@@ -302,6 +376,18 @@ def decode_entry(value: bytes) -> Entry | None:
                     None if w.get("attemptDeadlineMs") is None else int(w["attemptDeadlineMs"])
                 ),
             )
+        watch = None
+        if "watch" in doc:
+            v = doc["watch"]
+            watch = Watch(
+                refreshed_ms=int(v["refreshedMs"]),
+                deadline_ms=int(v["deadlineMs"]),
+                expires=bool(v["expires"]),
+                expires_at_ms=None if v["expiresAtMs"] is None else int(v["expiresAtMs"]),
+                next_poll_ms=None if v["nextPollMs"] is None else int(v["nextPollMs"]),
+                polls=int(v["polls"]),
+            )
+        early = doc.get("early")
         entry = Entry(
             str(doc["eventId"]),
             str(doc["source"]),
@@ -310,9 +396,13 @@ def decode_entry(value: bytes) -> Entry | None:
             State(doc["state"]),
             outcome=doc.get("outcome"),
             wait=wait,
+            watch=watch,
+            early=(str(early["result"]), int(early["atMs"])) if early else None,
         )
-        if entry.state is State.WAITING:
-            if wait is None:
+        if entry.state is State.WATCHING and watch is None:
+            return None
+        if entry.state in (State.WAITING, State.WATCHING):
+            if entry.state is State.WAITING and wait is None:
                 return None
             entry.value = base64.b64decode(doc["value"])
             entry.headers = [(str(k), base64.b64decode(v)) for k, v in doc["headers"]]

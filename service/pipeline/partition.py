@@ -12,19 +12,22 @@ The model-based test drives this class through random interleavings; the Kafka s
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
+import orjson
 import structlog
 
+from service.bind.watch import WatchPolicy
 from service.events import InvalidEvent, decode_swap
 from service.pipeline.dedupe import DedupeIndex, dedupe_key
 from service.pipeline.intake import DeadLetter, read_record
-from service.pipeline.ledger import Claim, DeviceLedger, Entry, Verdict
+from service.pipeline.ledger import Claim, DeviceLedger, Entry, State, Verdict
 from service.pipeline.progress import PartitionProgress
 from service.pipeline.records import OutcomeKind, Output
-from service.pipeline.work import Deferral, HandlerResult, Outcome, Work
+from service.pipeline.work import Deferral, HandlerResult, Outcome, PollResult, Work
 
 log = structlog.get_logger(__name__)
 
@@ -33,6 +36,14 @@ class Answers(Protocol):
     """Builds the answers the partition decides without calling the platform."""
 
     def superseded(self, work: Work, newer_event_id: str) -> Outcome: ...
+
+    def rebound(self, work: Work, via: str, bound_at_ms: int, refreshed_ms: int) -> Output: ...
+
+    def bind_failed(self, work: Work, code: str, desc: str) -> Outcome: ...
+
+
+BIND_EXPIRED_CODE = "BIND_EXPIRED"
+BIND_NOT_CONFIRMED_CODE = "BIND_NOT_CONFIRMED"
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +63,10 @@ class Commit:
     metadata: str
     counts: list[OutcomeKind] = field(default_factory=list)
     stamps: list[int] = field(default_factory=list)
+    binds: list[tuple[str, float | None]] = field(default_factory=list)
+    """Ends of bind watches: (result, seconds from the refresh to the bind)."""
+    notify_offset: int | None = None
+    """The bind-notify partition's offset to commit (pushes read up to there are settled)."""
 
 
 class PartitionCore:
@@ -65,6 +80,7 @@ class PartitionCore:
         ledger: DeviceLedger,
         dedupe: DedupeIndex,
         answers: Answers,
+        watch: WatchPolicy | None = None,
     ) -> None:
         self.topic = topic
         self.partition = partition
@@ -73,6 +89,11 @@ class PartitionCore:
         self.ledger = ledger
         self.dedupe = dedupe
         self.answers = answers
+        self.watch_policy = watch
+        self.notify_offset: int | None = None  # next offset of the bind-notify partition
+        self._notify_committed: int | None = None
+        self._binds: list[tuple[str, float | None]] = []
+        self.duplicate_pushes = 0  # pushes that matched no open watch (repeats, stale)
         self.closed = False  # revoked: results of its jobs are dropped
         self.closing = False  # being revoked: its queued jobs do not start
         self.skipped = 0  # records finished by an earlier owner, skipped without any work
@@ -198,6 +219,11 @@ class PartitionCore:
             return []
         woken: list[Work] = []
         for device, entry in self.ledger.pop_due(now_ms, room):
+            if entry.state is State.WATCHING:
+                poll = self._watch_due(device, entry, now_ms)
+                if poll is not None:
+                    woken.append(poll)
+                continue
             work = self._rebuild(device, entry)
             if work is not None:
                 woken.append(work)
@@ -208,6 +234,116 @@ class PartitionCore:
     @property
     def woken(self) -> int:
         return self._woken
+
+    # ---- bind watches ----------------------------------------------------------------------
+
+    def _watch_due(self, device: str, entry: Entry, now_ms: int) -> Work | None:
+        """A watched device needs attention: a poll job, or the end of the watch."""
+        watch = entry.watch
+        assert watch is not None
+        policy = self.watch_policy
+        if policy is not None and policy.poll:
+            work = self._rebuild(device, entry)
+            return None if work is None else replace(work, wait=None, watch=watch)
+        if now_ms >= watch.deadline_ms:
+            self._end_watch(device, entry, now_ms)
+        else:  # polling was turned off since: wait for a push until the deadline
+            self.ledger.rewatch(device, replace(watch, next_poll_ms=None))
+            self._emit([self.ledger.record(device)], None)
+        return None
+
+    def polled(self, work: Work, result: PollResult) -> None:
+        """A bind-watch poll came back."""
+        self._woken -= 1
+        entry = self.ledger.get(work.device)
+        if (
+            entry is None
+            or entry.state is not State.WATCHING
+            or entry.watch is None
+            or entry.event_id != work.swap.id
+            or entry.watch.refreshed_ms != (work.watch.refreshed_ms if work.watch else None)
+        ):
+            return  # settled meanwhile (a push), or replaced by a newer swap
+        now = _now_ms()
+        if result.bound:
+            self._bound(work.device, entry, "poll", now)
+        elif result.gone or now >= entry.watch.deadline_ms:
+            self._end_watch(work.device, entry, now, gone=result.gone)
+        else:
+            assert self.watch_policy is not None
+            self.ledger.rewatch(work.device, self.watch_policy.after_poll(entry.watch, now))
+            self._emit([self.ledger.record(work.device)], None)
+
+    def notify(self, record: Any) -> None:
+        """A bindDevice push read back from the bind-notify topic."""
+        self.notify_offset = record.offset + 1
+        try:
+            doc = orjson.loads(record.value or b"")
+            device, result = str(doc["deviceId"]), str(doc["resultCode"])
+            node_id = doc.get("nodeId")
+            at_ms = int(doc["receivedAtMs"])
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            log.warning("unreadable bind notification", offset=record.offset)
+            return
+        entry = self.ledger.note_push(device, result, at_ms)
+        if entry is None:
+            early = self.ledger.get(device)
+            if early is not None and early.early == (result, at_ms):
+                log.info("bind push before the refresh's outcome: kept", device_id=device)
+                self._emit([self.ledger.record(device)], None)  # durable until the watch starts
+            else:
+                self.duplicate_pushes += 1
+            return
+        if node_id is not None and node_id != entry.node_id:
+            self.duplicate_pushes += 1  # about another (older) nodeId of the device
+            return
+        if result == "succeeded":
+            self._bound(device, entry, "push", at_ms)
+        else:
+            self._end_watch(device, entry, at_ms, pushed_expired=True)
+
+    def _bound(self, device: str, entry: Entry, via: str, at_ms: int) -> None:
+        work = self._rebuild(device, entry)
+        watch = entry.watch
+        assert watch is not None
+        self.ledger.end_watch(device, "bound")
+        if work is None:
+            return
+        record = self.answers.rebound(work, via, at_ms, watch.refreshed_ms)
+        self._emit([record, self.ledger.record(device)], None)
+        self._binds.append((f"bound_{via}", max(0.0, (at_ms - watch.refreshed_ms) / 1000)))
+
+    def _end_watch(
+        self,
+        device: str,
+        entry: Entry,
+        now_ms: int,
+        *,
+        gone: bool = False,
+        pushed_expired: bool = False,
+    ) -> None:
+        watch = entry.watch
+        assert watch is not None
+        work = self._rebuild(device, entry)
+        expired = watch.expires or gone or pushed_expired
+        self.ledger.end_watch(device, "expired" if expired else "unconfirmed")
+        if work is None:
+            return
+        if pushed_expired:
+            desc = "the platform reported that the verifyCode expired before the device bound"
+        elif gone:
+            desc = "the device no longer exists on the platform: its registration was deleted"
+        elif expired:
+            desc = f"the device did not bind within its timeout (expired at {watch.expires_at_ms})"
+        else:
+            desc = (
+                f"no bind seen within the watch deadline ({(now_ms - watch.refreshed_ms) // 1000} "
+                "s after the refresh)"
+            )
+        code = BIND_EXPIRED_CODE if expired else BIND_NOT_CONFIRMED_CODE
+        outcome = self.answers.bind_failed(work, code, desc)
+        self._emit([outcome.record, self.ledger.record(device)], None)
+        self._binds.append(("expired" if expired else "unconfirmed", None))
 
     def _rebuild(self, device: str, entry: Entry) -> Work | None:
         try:
@@ -242,6 +378,16 @@ class PartitionCore:
         old = self._rebuild(device, entry)
         if old is None:
             return
+        if entry.state is State.WATCHING:  # refreshed, not bound yet: its watch ends here
+            failed = self.answers.bind_failed(
+                old,
+                BIND_NOT_CONFIRMED_CODE,
+                f"a newer swap of the device ({newer_event_id}) replaced this one before its "
+                "new hardware was seen to bind",
+            )
+            self._emit([failed.record, self.ledger.record(device)], None)
+            self._binds.append(("unconfirmed", None))
+            return
         outcome = self.answers.superseded(old, newer_event_id)
         self._emit(
             [
@@ -257,11 +403,26 @@ class PartitionCore:
             outcome.record,
             self.dedupe.record(work.swap.source, work.swap.id, outcome.record, work.origin_offset),
         ]
-        if self.ledger.done(work, outcome.kind.value):
+        watched = None
+        if outcome.kind is OutcomeKind.CREDENTIAL_UPDATED and self.watch_policy is not None:
+            watch = self.watch_policy.start(_now_ms(), outcome.timeout or 0)
+            watched = self.ledger.watch(work, watch)
+        if watched is not None or self.ledger.done(work, outcome.kind.value):
+            outputs.append(self.ledger.record(work.device))
+        elif work.offset is None and self.ledger.get(work.device) is not None:
+            # A woken swap answered after a newer swap of the device arrived: the ledger topic
+            # still holds it as waiting, so the next owner would wake it and answer it (and
+            # call the platform for it) again. The device's record now names the newer swap.
             outputs.append(self.ledger.record(work.device))
         self._emit(outputs, outcome.kind)
         if work.offset is not None:
             self._finish(work.offset)
+        if watched is not None and watched.early is not None:  # the push came first
+            result, at_ms = watched.early
+            if result == "succeeded":
+                self._bound(work.device, watched, "push", at_ms)
+            else:
+                self._end_watch(work.device, watched, at_ms, pushed_expired=True)
 
     def _emit(self, outputs: list[Output], kind: OutcomeKind | None) -> None:
         self._outputs.extend(outputs)
@@ -282,14 +443,28 @@ class PartitionCore:
     def take_commit(self) -> Commit | None:
         """What the next transaction writes; None when there is nothing new."""
         offset, metadata = self.progress.snapshot()
-        if not self._outputs and not self._counts and (offset, metadata) == self._last:
+        if (
+            not self._outputs
+            and not self._counts
+            and (offset, metadata) == self._last
+            and self.notify_offset == self._notify_committed
+        ):
             return None
-        commit = Commit(self._outputs, offset, metadata, self._counts, self._stamps)
-        self._outputs, self._counts, self._stamps = [], [], []
+        commit = Commit(
+            self._outputs,
+            offset,
+            metadata,
+            self._counts,
+            self._stamps,
+            self._binds,
+            self.notify_offset,
+        )
+        self._outputs, self._counts, self._stamps, self._binds = [], [], [], []
         return commit
 
     def committed(self, commit: Commit, written: list[int]) -> None:
         self._last = (commit.offset, commit.metadata)
+        self._notify_committed = commit.notify_offset
         for output, offset in zip(commit.outputs, written, strict=True):
             if output.topic == self.dedupe.topic and output.key is not None:
                 self.dedupe.committed(output.key, offset)
@@ -299,7 +474,12 @@ class PartitionCore:
         self._outputs = commit.outputs + self._outputs
         self._counts = commit.counts + self._counts
         self._stamps = commit.stamps + self._stamps
+        self._binds = commit.binds + self._binds
 
 
 def _event_key(work: Work) -> str:
     return dedupe_key(work.swap.source, work.swap.id)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)

@@ -18,8 +18,10 @@ from typing import Any, Protocol
 
 import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import KafkaError
 
+from service.bind.watch import WatchPolicy, near_expiry
 from service.config import KafkaSettings, TopicSettings
 from service.kafka import (
     FatalPipelineError,
@@ -35,8 +37,9 @@ from service.pipeline.dedupe import DedupeReader
 from service.pipeline.ledger import DeviceLedger
 from service.pipeline.partition import PartitionCore, Republish
 from service.pipeline.progress import PartitionProgress
+from service.pipeline.records import Output
 from service.pipeline.scheduler import KeyedScheduler
-from service.pipeline.work import HandlerResult, Outcome, Work
+from service.pipeline.work import HandlerResult, Outcome, PollResult, Work
 
 log = structlog.get_logger(__name__)
 
@@ -52,6 +55,12 @@ class Handler(Protocol):
     async def handle(self, work: Work) -> HandlerResult: ...
 
     def superseded(self, work: Work, newer_event_id: str) -> Outcome: ...
+
+    def rebound(self, work: Work, via: str, bound_at_ms: int, refreshed_ms: int) -> Output: ...
+
+    def bind_failed(self, work: Work, code: str, desc: str) -> Outcome: ...
+
+    async def poll(self, work: Work) -> PollResult: ...
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -84,6 +93,8 @@ class Pipeline:
         drain_timeout: float = 20.0,
         on_assignment: AssignmentCallback | None = None,
         on_revocation: RevocationCallback | None = None,
+        watch: WatchPolicy | None = None,
+        bind_notify: bool = False,
     ) -> None:
         self._kafka = kafka
         self._topics = topics
@@ -95,6 +106,10 @@ class Pipeline:
         self._drain_timeout = drain_timeout
         self._on_assignment = on_assignment
         self._on_revocation = on_revocation
+        self._watch = watch
+        # Pushes arrive on the bind-notify topic, co-partitioned with the input: partition p of
+        # both goes to the same member (range assignment), whose core correlates them.
+        self._notify_topic = topics.bind_notify if bind_notify else None
         self._cores: dict[int, PartitionCore] = {}
         self._committers: dict[int, PartitionCommitter] = {}
         self._progress = asyncio.Event()
@@ -151,6 +166,9 @@ class Pipeline:
             max_poll_records=self._kafka.max_poll_records,
             session_timeout_ms=self._kafka.session_timeout_ms,
             heartbeat_interval_ms=max(1000, self._kafka.session_timeout_ms // 10),
+            # Co-partitioning: partition p of the input and of the bind-notify topic go to one
+            # member, so a device's pushes meet its ledger entry.
+            partition_assignment_strategy=(RangePartitionAssignor,),
             # Bounded prefetch: memory must not grow with the backlog behind the buffer.
             fetch_max_bytes=4 * 1024 * 1024,
             max_partition_fetch_bytes=512 * 1024,
@@ -164,7 +182,10 @@ class Pipeline:
         except BaseException:
             await self._close_clients()
             raise
-        self._consumer.subscribe([self._topics.device_swapped], listener=_Listener(self))
+        subscribed = [self._topics.device_swapped]
+        if self._notify_topic is not None:
+            subscribed.append(self._notify_topic)
+        self._consumer.subscribe(subscribed, listener=_Listener(self))
         self.started.set()
 
     async def _close_clients(self) -> None:
@@ -180,7 +201,13 @@ class Pipeline:
 
     async def _check_topics(self) -> None:
         """The service topics must exist and be co-partitioned with the input topic."""
-        names = (self._topics.device_swapped, self._topics.ledger, self._topics.dedupe)
+        names: tuple[str, ...] = (
+            self._topics.device_swapped,
+            self._topics.ledger,
+            self._topics.dedupe,
+        )
+        if self._notify_topic is not None:
+            names = (*names, self._notify_topic)
         counts = await partition_counts(self._kafka, names)
         missing = [name for name, n in counts.items() if n == 0]
         if missing:
@@ -189,7 +216,8 @@ class Pipeline:
             )
         if len(set(counts.values())) != 1:
             raise FatalPipelineError(
-                "the input, ledger and dedupe topics must have the same number of partitions "
+                "the input, ledger, dedupe (and bind-notify) topics must have the same number of "
+                "partitions "
                 f"(co-partitioned): {counts}"
             )
 
@@ -252,6 +280,16 @@ class Pipeline:
         if core is None or core.closing:  # fetched just before a revocation
             return
         self._metrics.events_consumed.labels(topic=tp.topic).inc(len(records))
+        if tp.topic == self._notify_topic:
+            duplicates = core.duplicate_pushes
+            for record in records:
+                core.notify(record)
+            if core.duplicate_pushes > duplicates:
+                self._metrics.bind_notifications.labels(result="duplicate").inc(
+                    core.duplicate_pushes - duplicates
+                )
+            self._decided()
+            return
         skipped = core.skipped
         for record in records:
             job = core.intake(record)
@@ -290,6 +328,16 @@ class Pipeline:
                 device_id=work.device,
                 event_id=work.swap.id,
             ):
+                if work.watch is not None:  # a bind-watch poll
+                    try:
+                        polled = await self._handler.poll(work)
+                    except asyncio.CancelledError:
+                        core.abandoned(work)
+                        raise
+                    if not core.closed:
+                        core.polled(work, polled)
+                        self._decided()
+                    return
                 if not core.claim(work):
                     self._decided()
                     return
@@ -386,9 +434,9 @@ class Pipeline:
         inputs = [tp for tp in assigned if tp.topic == self._topics.device_swapped]
         new = [tp for tp in inputs if tp.partition not in self._cores]
         if new:
-            consumer.pause(*new)
+            consumer.pause(*assigned)
             await self._open(new)
-            consumer.resume(*new)
+            consumer.resume(*assigned)
             self._paused = False
         log.info("partitions assigned", partitions=sorted(tp.partition for tp in inputs))
         if self._on_assignment is not None:
@@ -407,6 +455,8 @@ class Pipeline:
             tp.partition: PartitionCommitter(self._kafka, tp.topic, tp.partition, self._metrics)
             for tp in tps
         }
+        for committer in committers.values():
+            committer.notify_topic = self._notify_topic
         # Initialising each partition's transactional id aborts whatever its earlier owner left
         # open and fences it; only then is the state below final.
         await asyncio.gather(*(c.start() for c in committers.values()))
@@ -433,6 +483,7 @@ class Pipeline:
                 ledger=ledgers[tp.partition],
                 dedupe=indexes[tp.partition],
                 answers=self._handler,
+                watch=self._watch,
             )
             committers[tp.partition].core = core
             self._cores[tp.partition] = core
@@ -488,6 +539,7 @@ class Pipeline:
             self._gauged.discard(partition)
             with contextlib.suppress(KeyError):
                 self._metrics.consumer_lag.remove(str(partition))
+            with contextlib.suppress(KeyError):
                 self._metrics.oldest_unfinished.remove(str(partition))
 
     # ---- gauges ----------------------------------------------------------------------------
@@ -520,3 +572,17 @@ class Pipeline:
                 self._metrics.consumer_lag.labels(partition=label).set(max(0, behind))
             self._metrics.inflight_events.set(self.inflight())
             self._metrics.deferred_events.set(self.waiting())
+            self._gauge_watches()
+
+    def _gauge_watches(self) -> None:
+        now_ms = int(time.time() * 1000)
+        watched = near = 0
+        for core in self._cores.values():
+            ledger = core.ledger
+            watched += len(ledger.watching)
+            for device in ledger.watching:
+                entry = ledger.get(device)
+                if entry is not None and entry.watch is not None:
+                    near += near_expiry(entry.watch, now_ms)
+        self._metrics.bind_watches.set(watched)
+        self._metrics.bind_near_expiry.set(near)

@@ -23,6 +23,29 @@ class WaitState:
 
 
 @dataclass(frozen=True, slots=True)
+class Watch:
+    """A refreshed device watched until its new hardware binds. Times are epoch milliseconds.
+
+    ``expires``: the refresh set a non-zero ``timeout``, so at ``expires_at_ms`` the platform
+    deletes the registration of a device that has not bound; otherwise the watch gives up at
+    ``deadline_ms``. ``next_poll_ms`` is None when the service does not poll.
+    """
+
+    refreshed_ms: int
+    deadline_ms: int
+    expires: bool
+    expires_at_ms: int | None
+    next_poll_ms: int | None
+    polls: int = 0
+
+    @property
+    def due_ms(self) -> int:
+        if self.next_poll_ms is None:
+            return self.deadline_ms
+        return min(self.next_poll_ms, self.deadline_ms)
+
+
+@dataclass(frozen=True, slots=True)
 class Work:
     """One swap to handle.
 
@@ -43,6 +66,7 @@ class Work:
     offset: int | None = None
     wait: WaitState | None = None
     repeat: bool = False
+    watch: Watch | None = None  # set on a bind-watch poll (no refresh: only the poll is due)
 
     @property
     def device(self) -> str:
@@ -63,6 +87,7 @@ class Outcome:
 
     kind: OutcomeKind
     record: Output
+    timeout: int | None = None  # with credential-updated: the verifyCode's validity, seconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,3 +98,11 @@ class Deferral:
 
 
 HandlerResult = Outcome | Deferral
+
+
+@dataclass(frozen=True, slots=True)
+class PollResult:
+    """What a bind-watch poll learned: bound, gone (the registration was deleted), or neither."""
+
+    bound: bool = False
+    gone: bool = False

@@ -1,0 +1,183 @@
+"""The listener for the platform's ``bindDevice`` pushes.
+
+A push is answered 2xx only once it is durably on Kafka: produced (acks=all, idempotent) to the
+bind-notify topic, keyed by deviceId, so it lands in the partition of the device's swaps. The
+owner of that partition correlates it with the device's watch in the ledger, so nothing depends
+on which replica received the push, and a push acknowledged just before a crash is not lost. The
+platform may retry a push that was not answered, so the same notification can arrive several
+times: correlation makes repeats harmless.
+
+Pushes are not signed. The listener is protected by the network (an ingress with two-way TLS, a
+NetworkPolicy) and by an optional secret path segment (``REBIND_BIND__PATH_SECRET``): any other
+path answers 404. Malformed or unknown pushes answer 400 and count as ``rejected``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ssl
+import time
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+import orjson
+import structlog
+from aiohttp import web
+from aiokafka import AIOKafkaProducer
+
+from service.config import BindSettings
+from service.events import device_id_problem
+from service.httpserver import MAX_HEADERS, MAX_LINE_BYTES, new_guard, serve_guarded
+from service.metrics import Metrics
+
+log = structlog.get_logger(__name__)
+
+MAX_PUSH_BYTES: Final = 64 * 1024
+RESULTS: Final = frozenset({"succeeded", "expired"})
+
+
+class BadPushError(ValueError):
+    """A push this service cannot use."""
+
+
+def listener_path(settings: BindSettings) -> str:
+    """The path the listener serves: the callback URL's path, plus the secret segment."""
+    assert settings.callback_url is not None
+    path = (urlsplit(str(settings.callback_url)).path or "/").rstrip("/")
+    if settings.path_secret is not None:
+        path = f"{path}/{settings.path_secret.get_secret_value()}"
+    return path or "/"
+
+
+def subscription_url(settings: BindSettings) -> str:
+    """The callback URL given to the platform (with the secret segment)."""
+    assert settings.callback_url is not None
+    parts = urlsplit(str(settings.callback_url))
+    return parts._replace(path=listener_path(settings), query="", fragment="").geturl()
+
+
+def parse_push(body: bytes) -> dict[str, Any]:
+    """The notification record to produce, from a push body; raises :class:`BadPushError`."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise BadPushError("not JSON") from None
+    if not isinstance(doc, dict):
+        raise BadPushError("not a JSON object")
+    if doc.get("notifyType") != "bindDevice":
+        raise BadPushError("notifyType is not bindDevice")
+    device = doc.get("deviceId")
+    if not isinstance(device, str) or not 1 <= len(device) <= 256 or device_id_problem(device):
+        raise BadPushError("deviceId is missing or invalid")
+    result = doc.get("resultCode")
+    if result not in RESULTS:
+        raise BadPushError("resultCode is not succeeded or expired")
+    info = doc.get("deviceInfo")
+    node_id = info.get("nodeId") if isinstance(info, dict) else None
+    status = info.get("status") if isinstance(info, dict) else None
+    return {
+        "deviceId": device,
+        "resultCode": result,
+        "nodeId": node_id if isinstance(node_id, str) else None,
+        "status": status if isinstance(status, str) else None,
+        "receivedAtMs": int(time.time() * 1000),
+    }
+
+
+class BindListener:
+    """Serves ``POST <listener path>`` on its own port; each push goes to the bind-notify topic."""
+
+    def __init__(
+        self,
+        settings: BindSettings,
+        topic: str,
+        kafka_options: dict[str, Any],
+        metrics: Metrics,
+    ) -> None:
+        self._settings = settings
+        self._topic = topic
+        self._metrics = metrics
+        self._path = listener_path(settings)
+        self._producer = AIOKafkaProducer(
+            **kafka_options, enable_idempotence=True, acks="all", linger_ms=2
+        )
+        self._runner: web.AppRunner | None = None
+        self._server: Any = None
+        self._guard = new_guard()
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def start(self) -> None:
+        await self._producer.start()
+        app = web.Application(client_max_size=MAX_PUSH_BYTES)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        runner = web.AppRunner(
+            app,
+            handle_signals=False,
+            access_log=None,
+            max_line_size=MAX_LINE_BYTES,
+            max_field_size=MAX_LINE_BYTES,
+            max_headers=MAX_HEADERS,
+            shutdown_timeout=2.0,
+        )
+        await runner.setup()
+        self._runner = runner
+        context = None
+        if self._settings.tls_cert is not None and self._settings.tls_key is not None:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(str(self._settings.tls_cert), str(self._settings.tls_key))
+        self._server = await serve_guarded(
+            runner, self._guard, self._settings.host, self._settings.port, context
+        )
+        log.info("bind push listener started", port=self.port, tls=context is not None)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._guard.close_all()
+        if self._runner is not None:
+            with contextlib.suppress(Exception):
+                await self._runner.cleanup()
+            self._runner = None
+        with contextlib.suppress(Exception):
+            await self._producer.stop()
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        self._guard.request_started(request.transport)
+        if request.path.rstrip("/") != self._path.rstrip("/"):
+            return _answer(404, "not found")
+        if request.method != "POST":
+            return _answer(405, "method not allowed")
+        try:
+            body = await request.read()
+            notice = parse_push(body)
+        except web.HTTPRequestEntityTooLarge:
+            return self._rejected(413, "push too large")
+        except BadPushError as exc:
+            return self._rejected(400, str(exc))
+        try:
+            await (
+                await self._producer.send(
+                    self._topic, orjson.dumps(notice), key=notice["deviceId"].encode()
+                )
+            )
+        except Exception:
+            log.warning("could not store a bind push; answering 503", exc_info=True)
+            return _answer(503, "try again")
+        self._metrics.bind_notifications.labels(result="accepted").inc()
+        log.info("bind push stored", device_id=notice["deviceId"], result=notice["resultCode"])
+        return _answer(200, "ok")
+
+    def _rejected(self, status: int, why: str) -> web.StreamResponse:
+        self._metrics.bind_notifications.labels(result="rejected").inc()
+        log.warning("bind push rejected", reason=why)
+        return _answer(status, why)
+
+
+def _answer(status: int, text: str) -> web.StreamResponse:
+    response = web.Response(status=status, text=text + "\n", content_type="text/plain")
+    response.force_close()
+    return response

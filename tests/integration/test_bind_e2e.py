@@ -1,0 +1,294 @@
+"""Knowing that the new hardware bound (issue 13), end to end: the service, a real broker and the
+simulator, which pushes bindDevice notifications and answers activation queries."""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from aiokafka.partitioner import DefaultPartitioner
+from pydantic import SecretStr
+
+from service.config import BindSettings
+from tests.fixtures.kafka import INPUT_PARTITIONS
+from tests.fixtures.service import Harness
+from tests.support.events import Received, swap_event
+from tests.support.waiting import wait_until
+
+pytestmark = pytest.mark.integration
+
+PATH_SECRET = "p-8d1e0c5b"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def push_settings(**overrides: Any) -> BindSettings:
+    port = _free_port()
+    return BindSettings(
+        **{
+            "callback_url": f"http://127.0.0.1:{port}/platform/bind",
+            "host": "127.0.0.1",
+            "port": port,
+            "path_secret": SecretStr(PATH_SECRET),
+            "poll": False,
+            **overrides,
+        }
+    )
+
+
+def poll_settings(**overrides: Any) -> BindSettings:
+    return BindSettings(
+        **{"poll": True, "poll_initial_seconds": 0.3, "poll_max_seconds": 0.6, **overrides}
+    )
+
+
+async def _bind_outcomes(harness: Harness, count: int, timeout: float = 60) -> list[Received]:
+    return await harness.read(
+        count,
+        topics=[harness.topics.device_rebound, harness.topics.rebind_failed],
+        timeout=timeout,
+    )
+
+
+async def _subscribed(harness: Harness) -> None:
+    async def done() -> bool:
+        return bool(await harness.sim.control.subscriptions())
+
+    await wait_until(done, timeout=30, what="the bindDevice subscription")
+
+
+async def test_a_bind_is_learned_from_the_platforms_push(harness: Harness) -> None:
+    control = harness.sim.control
+    await control.seed_device("dev-push", "old-push", connect_after_refresh=0.5)
+    service = await harness.start_service(bind=push_settings())
+    await _subscribed(harness)
+    [sub] = await control.subscriptions()
+    assert sub["notify_type"] == "bindDevice"
+    assert sub["callback_url"].endswith(f"/platform/bind/{PATH_SECRET}")
+    await harness.produce([(b"dev-push", swap_event("dev-push", "new-push", event_id="e-push"))])
+
+    [updated] = await harness.read(1)
+    [rebound] = await _bind_outcomes(harness, 1)
+
+    assert updated.topic == harness.topics.credential_updated
+    assert rebound.topic == harness.topics.device_rebound
+    data = rebound.data
+    assert data["deviceId"] == "dev-push"
+    assert data["nodeId"] == "new-push"
+    assert data["swapEventId"] == "e-push"
+    assert data["via"] == "push"
+    assert 0 <= data["secondsToBind"] < 30
+    assert rebound.json()["type"] == "com.iot.device.rebound.v1"
+    assert await control.calls(operation="query_activation") == []  # no polling needed
+    metrics = service.metrics.registry
+    assert metrics.get_sample_value("rebind_bind_results_total", {"result": "bound_push"}) == 1
+    assert metrics.get_sample_value("rebind_bind_notifications_total", {"result": "accepted"}) == 1
+
+
+async def test_a_bind_is_learned_by_polling_when_no_push_can_arrive(harness: Harness) -> None:
+    control = harness.sim.control
+    await control.seed_device("dev-poll", "old-poll", connect_after_refresh=1.5)
+    await harness.start_service(bind=poll_settings())
+    await harness.produce([(b"dev-poll", swap_event("dev-poll", "new-poll", event_id="e-poll"))])
+
+    [rebound] = await _bind_outcomes(harness, 1)
+
+    assert rebound.topic == harness.topics.device_rebound
+    assert rebound.data["via"] == "poll"
+    assert rebound.data["secondsToBind"] >= 1.0
+    polls = await control.calls(operation="query_activation", device_id="dev-poll")
+    assert len(polls) >= 2  # not bound at the first poll(s), bound at the last
+    assert await control.subscriptions() == []  # no callback URL: no subscription
+
+
+async def test_a_device_that_does_not_bind_in_time_is_reported_expired(harness: Harness) -> None:
+    """With a non-zero timeout the platform deletes the registration: the swap ends with
+    BIND_EXPIRED (learned from the platform's 'expired' push), after its credential-updated."""
+    control = harness.sim.control
+    await control.seed_device("dev-exp", "old-exp")
+    await harness.start_service(bind=push_settings())
+    await _subscribed(harness)
+    await harness.produce(
+        [(b"dev-exp", swap_event("dev-exp", "new-exp", event_id="e-exp", timeout=2))]
+    )
+
+    [failed] = await _bind_outcomes(harness, 1)
+
+    assert failed.topic == harness.topics.rebind_failed
+    assert failed.data["errorCode"] == "BIND_EXPIRED"
+    assert failed.data["category"] == "bind_expired"
+    assert "regist" in failed.data["recommendedHandling"].lower()
+    outcomes = await harness.read(
+        2, topics=[harness.topics.credential_updated, harness.topics.rebind_failed]
+    )
+    assert [o.topic for o in outcomes] == [
+        harness.topics.credential_updated,
+        harness.topics.rebind_failed,
+    ]
+
+
+async def test_expiry_is_found_by_polling_too(harness: Harness) -> None:
+    control = harness.sim.control
+    await control.seed_device("dev-exp2", "old-exp2")
+    await harness.start_service(bind=poll_settings(expiry_grace_seconds=0.5))
+    await harness.produce(
+        [(b"dev-exp2", swap_event("dev-exp2", "new-exp2", event_id="e-exp2", timeout=2))]
+    )
+
+    [failed] = await _bind_outcomes(harness, 1)
+
+    assert failed.data["errorCode"] == "BIND_EXPIRED"
+
+
+async def test_a_watch_that_sees_no_bind_gives_up_as_not_confirmed(harness: Harness) -> None:
+    control = harness.sim.control
+    await control.seed_device("dev-quiet", "old-quiet")
+    await harness.start_service(bind=poll_settings(watch_deadline_seconds=2))
+    await harness.produce([(b"dev-quiet", swap_event("dev-quiet", "new-quiet", timeout=0))])
+
+    [failed] = await _bind_outcomes(harness, 1)
+
+    assert failed.data["errorCode"] == "BIND_NOT_CONFIRMED"
+    assert failed.data["category"] == "bind_unconfirmed"
+
+
+async def test_repeated_and_late_pushes_are_harmless(harness: Harness) -> None:
+    control = harness.sim.control
+    await control.seed_device("dev-rep", "old-rep", connect_after_refresh=0.3)
+    await control.push_behaviour(copies=3)  # every push arrives three times
+    service = await harness.start_service(bind=push_settings())
+    await _subscribed(harness)
+    await harness.produce([(b"dev-rep", swap_event("dev-rep", "new-rep", event_id="e-rep"))])
+    [rebound] = await _bind_outcomes(harness, 1)
+    assert rebound.data["via"] == "push"
+    # a late, out-of-order 'expired' for the same device after the bind changes nothing
+    await control.send_notification(
+        {"notifyType": "bindDevice", "deviceId": "dev-rep", "resultCode": "expired"}
+    )
+    metrics = service.metrics.registry
+
+    def duplicates() -> float:
+        value = metrics.get_sample_value("rebind_bind_notifications_total", {"result": "duplicate"})
+        return value or 0.0
+
+    await wait_until(lambda: duplicates() >= 3, timeout=30, what="repeats seen as duplicates")
+    outs = await _bind_outcomes(harness, 1)
+    assert len(outs) == 1  # still exactly one bind outcome
+    assert metrics.get_sample_value("rebind_bind_results_total", {"result": "bound_push"}) == 1
+
+
+async def test_malformed_pushes_get_a_4xx_and_a_metric(harness: Harness) -> None:
+    bind = push_settings()
+    service = await harness.start_service(bind=bind)
+    url = f"http://127.0.0.1:{bind.port}/platform/bind/{PATH_SECRET}"
+    async with httpx.AsyncClient() as client:
+        bad_json = await client.post(url, content=b"{not json")
+        wrong_type = await client.post(url, json={"notifyType": "deviceAdded", "deviceId": "d"})
+        bad_id = await client.post(
+            url, json={"notifyType": "bindDevice", "deviceId": "..", "resultCode": "succeeded"}
+        )
+        wrong_path = await client.post(
+            f"http://127.0.0.1:{bind.port}/platform/bind/guess",
+            json={"notifyType": "bindDevice", "deviceId": "d", "resultCode": "succeeded"},
+        )
+    assert [r.status_code for r in (bad_json, wrong_type, bad_id)] == [400, 400, 400]
+    assert wrong_path.status_code == 404
+    rejected = service.metrics.registry.get_sample_value(
+        "rebind_bind_notifications_total", {"result": "rejected"}
+    )
+    assert rejected == 3
+    assert service.readiness()[0]  # nothing crashed
+
+
+async def test_a_push_received_by_another_replica_reaches_the_owner_of_the_device(
+    harness: Harness,
+) -> None:
+    """Two replicas, each with its own listener: the push is sent to the one that does not own
+    the device's partition; it stores it on Kafka and the owner correlates it."""
+    control = harness.sim.control
+    await control.seed_device("dev-far", "old-far")
+    first_bind, second_bind = push_settings(), push_settings()
+    first = await harness.start_service(instance="a", bind=first_bind)
+    second = await harness.start_service(instance="b", bind=second_bind)
+    await wait_until(
+        lambda: (
+            bool(first.pipeline.assigned())
+            and bool(second.pipeline.assigned())
+            and len(first.pipeline.assigned()) + len(second.pipeline.assigned()) == 3
+        ),
+        timeout=60,
+        what="both replicas own partitions",
+    )
+    await harness.produce([(b"dev-far", swap_event("dev-far", "new-far", event_id="e-far"))])
+    await harness.read(1)
+    partition = _input_partition(b"dev-far")
+    owns = {tp.partition for tp in first.pipeline.assigned()}
+    other = second_bind if partition in owns else first_bind
+    async with httpx.AsyncClient() as client:
+        answer = await client.post(
+            f"http://127.0.0.1:{other.port}/platform/bind/{PATH_SECRET}",
+            json={
+                "notifyType": "bindDevice",
+                "deviceId": "dev-far",
+                "resultCode": "succeeded",
+                "deviceInfo": {"nodeId": "new-far", "status": "ONLINE"},
+            },
+        )
+    assert answer.status_code == 200
+
+    [rebound] = await _bind_outcomes(harness, 1)
+    assert rebound.data["deviceId"] == "dev-far"
+    assert rebound.data["via"] == "push"
+
+
+def _input_partition(key: bytes) -> int:
+    """The input partition of a key, as the producers' default partitioner chooses it."""
+    partitions = list(range(INPUT_PARTITIONS))
+    return int(DefaultPartitioner()(key, partitions, partitions))
+
+
+async def test_a_push_acknowledged_before_its_owner_reads_it_is_not_lost(
+    harness: Harness,
+) -> None:
+    """The listener answers 2xx only once the push is on Kafka: the receiving process stops
+    right after the answer, before anything correlated it; the next process does."""
+    control = harness.sim.control
+    await control.seed_device("dev-crash", "old-crash")
+    bind = push_settings()
+    service = await harness.start_service(instance="a", bind=bind)
+    await harness.produce(
+        [(b"dev-crash", swap_event("dev-crash", "new-crash", event_id="e-crash"))]
+    )
+    await harness.read(1)
+    await wait_until(
+        lambda: service.metrics.registry.get_sample_value("rebind_bind_watches") == 1,
+        timeout=30,
+        what="the device watched",
+    )
+    # The owner stops reading pushes, as if it died the moment the push was acknowledged.
+    consumer = service.pipeline._consumer
+    assert consumer is not None
+    consumer.pause(*(tp for tp in consumer.assignment() if tp.topic == harness.topics.bind_notify))
+    async with httpx.AsyncClient() as client:
+        answer = await client.post(
+            f"http://127.0.0.1:{bind.port}/platform/bind/{PATH_SECRET}",
+            content=orjson.dumps(
+                {"notifyType": "bindDevice", "deviceId": "dev-crash", "resultCode": "succeeded"}
+            ),
+            headers={"content-type": "application/json"},
+        )
+    assert answer.status_code == 200
+    assert await harness.read(0, topics=[harness.topics.device_rebound], timeout=5) == []
+    await harness.stop_all()
+
+    await harness.start_service(instance="b", bind=push_settings())
+    [rebound] = await _bind_outcomes(harness, 1)
+    assert rebound.data["deviceId"] == "dev-crash"
+    assert rebound.data["via"] == "push"
