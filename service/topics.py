@@ -85,6 +85,13 @@ SPECS: Final[tuple[TopicSpec, ...]] = (
     TopicSpec("credential_updated", Partitions.ANY, {}, "outcome: key refreshed"),
     TopicSpec("rebind_failed", Partitions.ANY, {}, "outcome: swap failed"),
     TopicSpec("dead_letter", Partitions.ANY, {}, "unreadable input, byte for byte"),
+    TopicSpec("device_rebound", Partitions.ANY, {}, "outcome: the new hardware bound"),
+    TopicSpec(
+        "bind_notify",
+        Partitions.CO_PARTITIONED,
+        {},
+        "bindDevice pushes received (read when REBIND_BIND__CALLBACK_URL is set)",
+    ),
 )
 
 # Configs whose difference breaks a promise (not a matter of taste, like a longer retention).
