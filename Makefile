@@ -64,6 +64,10 @@ demo: venv kafka ## start broker, simulator and service; play a story of swaps; 
 bench: venv kafka ## measure the real service on this machine (broker, simulator, baseline): < 15 min
 	PYTHONPATH=. $(BIN)/python -m bench $(BENCH_ARGS)
 
+.PHONY: image
+image: ## build the Dockerfile with buildah (no Docker engine) on a local Debian base; prints the size
+	bash scripts/build-image.sh
+
 .PHONY: fmt
 fmt: venv ## format and auto-fix
 	$(BIN)/ruff format .

@@ -9,8 +9,10 @@
 #   --app-only   install the package itself into an existing venv
 #   (neither)    both
 #
-# Every dependency comes from the lock with --no-deps: nothing unpinned can slip in. The package
-# is installed with --no-deps too, so its own (looser) requirements never re-resolve the lock.
+# Every dependency comes from the lock with --no-deps and --require-hashes: nothing unpinned or
+# altered can slip in. The package is installed with --no-deps too, so its own (looser)
+# requirements never re-resolve the lock. Offline builds set PIP_NO_INDEX=1 and PIP_FIND_LINKS to
+# a wheelhouse (scripts/build-image.sh does).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -30,15 +32,19 @@ PYTHON="${PYTHON:-python3}"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
 if [[ $mode != app ]]; then
-  # Refuse a lock with anything but exact pins ("name==version"; comments and blank lines aside).
-  unpinned="$(grep -Ev '^[[:space:]]*(#|$)' "$LOCK" | grep -Ev '^[A-Za-z0-9._-]+(\[[^]]*\])?==[^ =]+([[:space:]]*;.*)?([[:space:]]+\\)?$' || true)"
+  # Refuse a lock with anything but exact pins ("name==version") and their hashes (comments and
+  # blank lines aside); pip's --require-hashes then refuses a pin without a matching hash.
+  unpinned="$(grep -Ev '^[[:space:]]*(#|$)' "$LOCK" \
+    | grep -Ev '^[[:space:]]+--hash=sha256:[0-9a-f]{64}([[:space:]]+\\)?$' \
+    | grep -Ev '^[A-Za-z0-9._-]+(\[[^]]*\])?==[^ =]+([[:space:]]*;.*)?([[:space:]]+\\)?$' || true)"
   if [[ -n $unpinned ]]; then
     echo "install-app: $LOCK has entries that are not exact pins:" >&2
     echo "$unpinned" >&2
     exit 1
   fi
   "$PYTHON" -m venv "$VENV"
-  "$VENV/bin/python" -m pip install --no-deps --require-virtualenv --only-binary=:all: -r "$LOCK"
+  "$VENV/bin/python" -m pip install --no-deps --require-virtualenv --require-hashes \
+    --only-binary=:all: -r "$LOCK"
 fi
 
 if [[ $mode != deps ]]; then

@@ -60,6 +60,13 @@ def test_dockerfile_shape() -> None:
     # exec form: the process is PID 1 and gets SIGTERM itself
     assert json.loads(entry) == ["device-rebind"]
     assert json.loads(cmd) == ["run"]
+    # compose users get a health check on the ops port (Kubernetes uses the chart's probes)
+    health = next(a for w, a in runtime if w == "HEALTHCHECK")
+    assert "/healthz" in health
+    assert "REBIND_HTTP__PORT" in health
+    # the base is a build argument (make image passes a local one), the default unchanged
+    assert ins[0] == ("ARG", "PYTHON_IMAGE=python:3.11-slim-bookworm")
+    assert froms == ["${PYTHON_IMAGE} AS build", "${PYTHON_IMAGE} AS runtime"]
     # the dependency layer comes before the source is copied
     build = [(w, a) for w, a in ins[: ins.index(("FROM", runtime[0][1]))]]
     lock_install = next(i for i, (w, a) in enumerate(build) if w == "RUN" and "--deps-only" in a)
@@ -165,3 +172,22 @@ def test_entry_point_check_config(installed_venv: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "app-under-test" in result.stdout
     assert "SENTINEL-not-printed" not in result.stdout + result.stderr
+
+
+def test_runtime_lock_carries_hashes_and_install_requires_them() -> None:
+    lock = (REPO / "requirements" / "runtime.lock").read_text()
+    pins = re.findall(r"^([A-Za-z0-9._-]+)==\S+ \\$", lock, flags=re.MULTILINE)
+    assert pins, "no pins with continuation lines"
+    blocks = re.split(r"^(?=[A-Za-z0-9._-]+==)", lock, flags=re.MULTILINE)[1:]
+    assert len(blocks) == len(pins)
+    for block in blocks:
+        assert re.search(r"--hash=sha256:[0-9a-f]{64}", block), block.splitlines()[0]
+    assert "uv pip compile pyproject.toml --python-version 3.11 --generate-hashes" in lock
+    assert "--require-hashes" in (REPO / "scripts" / "install-app.sh").read_text()
+
+
+def test_license_is_apache_2() -> None:
+    text = (REPO / "LICENSE").read_text()
+    assert "Apache License" in text
+    assert "Version 2.0, January 2004" in text
+    assert 'license = { text = "Apache-2.0" }' in (REPO / "pyproject.toml").read_text()

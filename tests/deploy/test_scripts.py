@@ -11,7 +11,7 @@ import pytest
 
 from tests.deploy.helpers import REPO
 
-SCRIPTS = sorted((REPO / "scripts").glob("install-*.sh"))
+SCRIPTS = sorted((REPO / "scripts").glob("*.sh"))
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
