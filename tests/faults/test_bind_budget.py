@@ -1,0 +1,58 @@
+"""Bind-watch polls under a saturated budget (issue 13, proof): polls are the budget's lowest
+class and never take more than their share, so refresh calls keep at least 80 % of it, and the
+platform never answers 1010009. Every figure is read from the simulator's call log."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.config import BindSettings
+from tests.fixtures.service import Harness
+from tests.support.calllog import Calls, max_in_window
+from tests.support.events import swap_event
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+N = 60
+"""Calls per minute: the simulator enforces it, the service is configured with it."""
+SHARE = 0.2
+
+
+@pytest.mark.timeout(300)
+async def test_polls_never_crowd_out_refreshes_under_a_saturated_budget(harness: Harness) -> None:
+    control = harness.sim.control
+    await control.configure(rate_limit_per_minute=N)
+    first = [f"bb-a{i}" for i in range(30)]
+    second = [f"bb-b{i}" for i in range(70)]
+    await control.seed_devices([{"device_id": d, "node_id": f"old-{d}"} for d in first + second])
+    bind = BindSettings(
+        poll=True, poll_initial_seconds=1, poll_max_seconds=2, poll_budget_share=SHARE
+    )
+    await harness.start_service(bind=bind, rate_limit_per_minute=N)
+    # 30 devices refreshed and watched (their hardware never connects: they poll all along)...
+    await harness.produce([(d.encode(), swap_event(d, f"new-{d}")) for d in first])
+    await harness.read(len(first), timeout=60)
+    # ...then a backlog larger than a window arrives while they poll.
+    saturated_from = max(c["time"] for c in await control.calls())
+    await harness.produce([(d.encode(), swap_event(d, f"new-{d}")) for d in second])
+    outs = await harness.read(len(first) + len(second), timeout=240)
+    assert {o.topic for o in outs} == {harness.topics.credential_updated}
+
+    calls = await Calls.read(control)
+    refreshes = sorted(c["time"] for c in calls.of("refresh_key"))
+    polls = sorted(c["time"] for c in calls.of("query_activation"))
+    everything = sorted(c["time"] for c in calls.log)
+    saturated_to = refreshes[-1]
+    in_period = [t for t in everything if saturated_from <= t <= saturated_to]
+    refresh_share = sum(saturated_from <= t <= saturated_to for t in refreshes) / len(in_period)
+    print(
+        f"\nBIND budget: N={N}/min, poll share {SHARE}: calls={len(everything)} "
+        f"refreshes={len(refreshes)} polls={len(polls)} 1010009={len(calls.throttled)} "
+        f"busiest window={max_in_window(everything)} polls in busiest window="
+        f"{max_in_window(polls)} refresh share while saturated={refresh_share:.1%}"
+    )
+    assert not calls.throttled
+    assert max_in_window(everything) <= N
+    assert max_in_window(polls) <= SHARE * N
+    assert refresh_share >= 0.8
+    assert polls, "the watched devices were never polled"
