@@ -22,6 +22,8 @@ from service.config import ENV_NESTED_DELIMITER, ENV_PREFIX, Settings
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "device-rebind"
 ALL_FEATURES = CHART / "ci" / "all-features-values.yaml"
+REQUIRED_VALUES = CHART / "ci" / "required-values.yaml"
+"""The values the chart refuses to render without (platform URL, app id, the secret's name)."""
 KUSTOMIZE_BASE = REPO / "deploy" / "kubernetes" / "base"
 KUSTOMIZE_OVERLAY = REPO / "deploy" / "kubernetes" / "overlays" / "example"
 COMPOSE_FILE = REPO / "deploy" / "compose" / "compose.yaml"
@@ -60,9 +62,11 @@ def helm_template(
     sets: Mapping[str, str] | None = None,
     release: str = "rebind",
     namespace: str = "iot",
+    required: bool = True,
 ) -> list[Manifest]:
+    """``helm template``; with ``required`` the required values come first (other files win)."""
     args = ["template", release, str(CHART), "--namespace", namespace]
-    for values in values_files:
+    for values in ((REQUIRED_VALUES,) if required else ()) + tuple(values_files):
         args += ["-f", str(values)]
     for key, value in (sets or {}).items():
         args += ["--set", f"{key}={value}"]
@@ -99,7 +103,7 @@ def crd_schema(kind: str) -> dict[str, Any]:
     return schema
 
 
-CUSTOM_KINDS = {"ServiceMonitor", "PrometheusRule", "ScaledObject"}
+CUSTOM_KINDS = {"ServiceMonitor", "PrometheusRule", "ScaledObject", "KafkaTopic"}
 
 
 def validate_strict(manifest: Manifest, version: str) -> None:

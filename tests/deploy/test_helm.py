@@ -3,21 +3,32 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, get_args
 
+import jsonschema
 import pytest
 import yaml
 from pydantic import SecretStr
 
-from service.config import ENV_NESTED_DELIMITER, ENV_PREFIX, load_settings
+from service.config import (
+    ENV_NESTED_DELIMITER,
+    ENV_PREFIX,
+    TopicSettings,
+    load_kafka_settings,
+    load_settings,
+)
 from tests.deploy.helpers import (
     ALL_FEATURES,
     CHART,
     KUBE_VERSIONS,
     REPO,
+    REQUIRED_VALUES,
     Manifest,
     assert_probes,
     assert_secure_pod,
@@ -68,7 +79,9 @@ def all_features(helm: Path) -> list[Manifest]:
     return helm_template(helm, values_files=(ALL_FEATURES,))
 
 
-@pytest.mark.parametrize("values", [(), (ALL_FEATURES,)], ids=["defaults", "all-features"])
+@pytest.mark.parametrize(
+    "values", [(REQUIRED_VALUES,), (ALL_FEATURES,)], ids=["defaults", "all-features"]
+)
 def test_helm_lint_strict(helm: Path, values: tuple[Path, ...]) -> None:
     args = ["lint", "--strict", str(CHART)]
     for path in values:
@@ -106,8 +119,7 @@ def test_all_features_render_every_optional_object(all_features: list[Manifest])
 def test_pods_are_locked_down_and_probed(rendered: list[Manifest]) -> None:
     pod = workload(rendered)["spec"]["template"]["spec"]
     assert_secure_pod(pod)
-    for container in pod["containers"]:
-        assert_probes(container)
+    assert_probes(pod["containers"][0])  # the service; sidecars are the user's
     accounts = find(rendered, "ServiceAccount")
     assert all(sa["automountServiceAccountToken"] is False for sa in accounts)
 
@@ -336,7 +348,17 @@ def render_notes(helm: Path, tmp_path: Path, *args: str) -> str:
     (chart / "templates" / "_notes.tpl").write_text('{{- define "notes" -}}' + notes + "{{- end }}")
     (chart / "templates" / "notes.yaml").write_text('notes: {{ include "notes" . | quote }}\n')
     result = run_helm(
-        helm, "template", "rebind", str(chart), "-n", "iot", "-s", "templates/notes.yaml", *args
+        helm,
+        "template",
+        "rebind",
+        str(chart),
+        "-n",
+        "iot",
+        "-s",
+        "templates/notes.yaml",
+        "-f",
+        str(REQUIRED_VALUES),
+        *args,
     )
     assert result.returncode == 0, result.stderr
     text: str = yaml.safe_load(result.stdout)["notes"]
@@ -346,12 +368,232 @@ def render_notes(helm: Path, tmp_path: Path, *args: str) -> str:
 def test_notes_render(helm: Path, tmp_path: Path) -> None:
     default = render_notes(helm, tmp_path / "default")
     assert "as a StatefulSet" in default
-    assert "REBIND_PLATFORM__BASE_URL" in default
-    assert "secrets.platformSecret.existingSecret" in default
+    assert "helm -n iot test rebind" in default
+    assert "Topics: this release creates none" in default
+    assert "topics create" in default
     configured = render_notes(
         helm, tmp_path / "all", "-f", str(ALL_FEATURES), "--set", "workload.kind=Deployment"
     )
     assert "WARNING" not in configured
+    assert "Topics: this release creates none" not in configured
     assert "pod names (the Kafka instance id) change on every restart" in configured
     assert "Exactly-once is as safe" in configured
     assert "1000000 calls/minute" in configured
+
+
+# ---- issue 12: required values, helm test, the usual extras, topics ------------------------
+
+
+def test_required_values_fail_at_template_time_naming_each(helm: Path) -> None:
+    result = run_helm(helm, "template", "rebind", str(CHART))
+    assert result.returncode != 0
+    message = result.stderr
+    assert "required values are not set" in message
+    for value, variable in [
+        ("config.platform.baseUrl", "REBIND_PLATFORM__BASE_URL"),
+        ("config.platform.appId", "REBIND_PLATFORM__APP_ID"),
+        ("secrets.platformSecret.existingSecret", "REBIND_PLATFORM__SECRET"),
+    ]:
+        assert f"  - {value}: " in message
+        assert variable in message
+    partial = run_helm(
+        helm,
+        "template",
+        "rebind",
+        str(CHART),
+        "--set",
+        "config.platform.baseUrl=https://iot.example.com",
+        "--set",
+        "secrets.platformSecret.existingSecret=s",
+    )
+    assert partial.returncode != 0
+    assert "config.platform.appId" in partial.stderr
+    assert "config.platform.baseUrl" not in partial.stderr
+    assert "existingSecret" not in partial.stderr
+
+
+def test_the_schema_requires_the_keys_too() -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    props = schema["properties"]
+    assert {"config", "secrets"} <= set(schema["required"])
+    assert {"baseUrl", "appId"} <= set(props["config"]["properties"]["platform"]["required"])
+    assert "platformSecret" in props["secrets"]["required"]
+    assert "existingSecret" in props["secrets"]["properties"]["platformSecret"]["required"]
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    del values["config"]["platform"]["baseUrl"]
+    errors = list(jsonschema.Draft7Validator(schema).iter_errors(values))
+    assert any("'baseUrl' is a required property" in e.message for e in errors)
+
+
+def _helm_test_pod(manifests: list[Manifest]) -> Manifest:
+    pods = [
+        m for m in find(manifests, "Pod") if m["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    ]
+    assert len(pods) == 1
+    return pods[0]
+
+
+def test_helm_test_pod_checks_readyz_through_the_service(rendered: list[Manifest]) -> None:
+    pod = _helm_test_pod(rendered)
+    assert_secure_pod(pod["spec"])
+    (service,) = [s for s in find(rendered, "Service") if s["spec"].get("clusterIP") != "None"]
+    port = service["spec"]["ports"][0]["port"]
+    script = pod["spec"]["containers"][0]["command"][2]
+    assert f"http://{service['metadata']['name']}.iot.svc:{port}/readyz" in script
+    assert pod["spec"]["restartPolicy"] == "Never"
+
+
+def test_helm_test_script_waits_for_200_and_fails_otherwise(helm: Path) -> None:
+    """The rendered script, run against a local server that answers 503 twice, then 200."""
+    import http.server  # noqa: PLC0415 - this test only
+    import threading  # noqa: PLC0415
+
+    pod = _helm_test_pod(helm_template(helm, sets={"helmTest.attempts": "3"}))
+    script: str = pod["spec"]["containers"][0]["command"][2]
+    answers = [503, 503, 200]
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            status = answers.pop(0) if answers else 503
+            body = b"ready" if status == 200 else b"kafka: not connected yet"
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_: object) -> None: ...
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    local = f"http://127.0.0.1:{server.server_address[1]}/readyz"
+    script = re.sub(r"http://[^\"]+/readyz", local, script)
+    try:
+        ok = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+        )
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+        assert ok.stdout.count("503 kafka: not connected yet") == 2
+        assert ok.stdout.strip().endswith("200 ready")
+        answers[:] = [503] * 5
+        failing = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+        )
+        assert failing.returncode == 1
+    finally:
+        server.shutdown()
+
+
+def test_the_usual_extras_land_in_the_pod(all_features: list[Manifest]) -> None:
+    pod = workload(all_features)["spec"]["template"]
+    spec = pod["spec"]
+    assert pod["metadata"]["labels"]["example.com/tier"] == "backend"
+    assert spec["priorityClassName"] == "SENTINEL-priority"
+    assert spec["topologySpreadConstraints"][0]["topologyKey"] == "topology.kubernetes.io/zone"
+    assert [c["name"] for c in spec["initContainers"]] == ["wait-for-dns"]
+    assert [c["name"] for c in spec["containers"]] == ["device-rebind", "log-shipper"]
+    main = spec["containers"][0]
+    assert main["envFrom"] == [{"configMapRef": {"name": "SENTINEL-env"}}]
+    assert env_of(main)["TZ"] == {"name": "TZ", "value": "UTC"}
+    assert {"name": "SENTINEL-extra", "emptyDir": {}} in spec["volumes"]
+    assert {"name": "SENTINEL-extra", "mountPath": "/var/run/extra"} in main["volumeMounts"]
+    assert_secure_pod(spec)
+
+
+def test_topics_job_runs_topics_create_before_install_and_upgrade(
+    all_features: list[Manifest], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    (job,) = find(all_features, "Job")
+    annotations = job["metadata"]["annotations"]
+    assert annotations["helm.sh/hook"] == "pre-install,pre-upgrade"
+    assert "before-hook-creation" in annotations["helm.sh/hook-delete-policy"]
+    spec = job["spec"]["template"]["spec"]
+    assert "serviceAccountName" not in spec  # the chart's account does not exist yet
+    assert_secure_pod(spec)
+    (container,) = spec["containers"]
+    assert container["args"] == [
+        "topics", "create", "--partitions", "12", "--replication-factor", "3",
+    ]  # fmt: skip
+    env = env_of(container)
+    rebind = {name for name in env if name.startswith(ENV_PREFIX)}
+    assert rebind, "no settings"
+    assert all(n.split("__")[0] in ("REBIND_KAFKA", "REBIND_TOPICS", "REBIND_LOG") for n in rebind)
+    assert env["REBIND_KAFKA__SASL_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == (
+        "device-rebind-kafka"
+    )
+    assert "REBIND_PLATFORM__SECRET" not in env
+    assert env["REBIND_TOPICS__LEDGER"]["value"] == "SENTINEL.ledger"
+    assert container["envFrom"] == [{"configMapRef": {"name": "SENTINEL-env"}}]
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert env["REBIND_KAFKA__SSL_CAFILE"]["value"].rsplit("/", 1)[0] in mounts
+    # what the Job is given loads into the settings `topics create` reads
+    for name, entry in env.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        if name in FILE_FIELDS:
+            stand_in = tmp_path / Path(entry["value"]).name
+            stand_in.write_text("PEM")
+            monkeypatch.setenv(name, str(stand_in))
+        else:
+            monkeypatch.setenv(name, entry.get("value", "from-a-secret"))
+    settings = load_kafka_settings()
+    assert settings.topics.device_swapped == "SENTINEL.in"
+    assert settings.kafka.group_id == "SENTINEL-group"
+
+
+def test_topics_job_is_off_by_default(rendered: list[Manifest], helm: Path) -> None:
+    assert not find(helm_template(helm), "Job")
+
+
+def test_strimzi_topics_follow_the_service_topic_table(helm: Path) -> None:
+    from service.topics import SPECS, Partitions  # noqa: PLC0415
+
+    manifests = helm_template(
+        helm,
+        sets={
+            "strimzi.kafkaTopics.enabled": "true",
+            "strimzi.kafkaTopics.clusterName": "my-cluster",
+            "strimzi.kafkaTopics.partitions": "9",
+        },
+    )
+    topics = {t["spec"]["topicName"]: t for t in find(manifests, "KafkaTopic")}
+    defaults = TopicSettings()
+    assert set(topics) == {getattr(defaults, spec.setting) for spec in SPECS}
+    for spec in SPECS:
+        topic = topics[getattr(defaults, spec.setting)]
+        validate_strict(topic, KUBE_VERSIONS[-1])
+        assert topic["metadata"]["labels"]["strimzi.io/cluster"] == "my-cluster"
+        assert topic["metadata"]["namespace"] == "iot"
+        assert topic["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+        assert topic["spec"]["partitions"] == (1 if spec.partitions is Partitions.ONE else 9)
+        assert topic["spec"].get("config", {}) == dict(spec.configs), spec.setting
+        assert topic["spec"]["replicas"] == 3
+
+
+def test_strimzi_topics_take_the_configured_names_and_skips(all_features: list[Manifest]) -> None:
+    topics = {t["spec"]["topicName"]: t for t in find(all_features, "KafkaTopic")}
+    assert "SENTINEL.in" not in topics  # skip: [deviceSwapped]
+    assert topics["SENTINEL.ledger"]["metadata"]["name"] == "sentinel.ledger"
+    assert topics["SENTINEL.ledger"]["metadata"]["namespace"] == "kafka"
+    assert topics["SENTINEL.ledger"]["spec"]["partitions"] == 12
+
+
+def test_strimzi_topics_need_the_cluster_name(helm: Path) -> None:
+    result = run_helm(
+        helm,
+        "template",
+        "rebind",
+        str(CHART),
+        "-f",
+        str(REQUIRED_VALUES),
+        "--set",
+        "strimzi.kafkaTopics.enabled=true",
+    )
+    assert result.returncode != 0
+    assert "strimzi.kafkaTopics.clusterName is required" in result.stderr
+
+
+def test_chart_readme_has_a_topics_section() -> None:
+    readme = (CHART / "README.md").read_text()
+    section = readme.split("## Topics", 1)[1].split("\n## ", 1)[0]
+    for words in ("topicsJob.enabled", "strimzi.kafkaTopics.enabled", "topics create"):
+        assert words in section

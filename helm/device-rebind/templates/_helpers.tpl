@@ -112,3 +112,134 @@ platformClientKey: REBIND_PLATFORM__CLIENT_KEY
 platformCaBundle: REBIND_PLATFORM__CA_BUNDLE
 kafkaCaFile: REBIND_KAFKA__SSL_CAFILE
 {{- end }}
+
+{{/*
+Values the service cannot start without: fail at template time with a message naming the value,
+what it is and the variable it sets (values.schema.json requires the keys too).
+*/}}
+{{- define "device-rebind.validate" -}}
+{{- $missing := list }}
+{{- if not .Values.config.platform.baseUrl }}
+{{- $missing = append $missing "config.platform.baseUrl: the platform's base URL, e.g. https://iot.example.com:8743 (REBIND_PLATFORM__BASE_URL)" }}
+{{- end }}
+{{- if not .Values.config.platform.appId }}
+{{- $missing = append $missing "config.platform.appId: the application's id on the platform (REBIND_PLATFORM__APP_ID)" }}
+{{- end }}
+{{- if not .Values.secrets.platformSecret.existingSecret }}
+{{- $missing = append $missing (printf "secrets.platformSecret.existingSecret: the name of a Secret holding the application secret under the key %q, created beforehand, e.g. kubectl create secret generic device-rebind-platform --from-file=%s=./app-secret (REBIND_PLATFORM__SECRET)" .Values.secrets.platformSecret.key .Values.secrets.platformSecret.key) }}
+{{- end }}
+{{- if $missing }}
+{{- fail (printf "required values are not set:\n  - %s" (join "\n  - " $missing)) }}
+{{- end }}
+{{- end }}
+
+{{/*
+The REBIND_ environment of a container: the config sections listed in .sections, the secrets and
+the secret-backed files of those sections, then extraEnv. Used by the workload (every section) and
+by the topics Job (kafka, topics, log).
+*/}}
+{{- define "device-rebind.env" -}}
+{{- $root := .root }}
+{{- $sections := .sections }}
+{{- range $section, $fields := $root.Values.config }}
+{{- if has $section $sections }}
+{{- range $key, $value := $fields }}
+{{- if not (or (kindIs "invalid" $value) (and (kindIs "string" $value) (eq $value ""))) }}
+- name: {{ printf "REBIND_%s__%s" (upper $section) (snakecase $key | upper) }}
+  value: {{ include "device-rebind.envValue" $value | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if has "platform" $sections }}
+{{- with $root.Values.secrets.platformSecret }}
+{{- if .existingSecret }}
+- name: REBIND_PLATFORM__SECRET
+  valueFrom:
+    secretKeyRef:
+      name: {{ .existingSecret }}
+      key: {{ .key }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if has "kafka" $sections }}
+{{- with $root.Values.secrets.kafkaSaslPassword }}
+{{- if .existingSecret }}
+- name: REBIND_KAFKA__SASL_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ .existingSecret }}
+      key: {{ .key }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- range $name, $var := include "device-rebind.secretFileVars" $root | fromYaml }}
+{{- $ref := index $root.Values.secretFiles $name }}
+{{- if and $ref.existingSecret (include "device-rebind.inSections" (dict "var" $var "sections" $sections)) }}
+- name: {{ $var }}
+  value: {{ printf "%s/%s" (include "device-rebind.secretFileDir" (dict "root" $root "name" $name)) $ref.key | quote }}
+{{- end }}
+{{- end }}
+{{- with $root.Values.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+"true" when the REBIND_<SECTION>__ variable .var belongs to one of .sections, else "".
+*/}}
+{{- define "device-rebind.inSections" -}}
+{{- $var := .var }}
+{{- range .sections }}
+{{- if hasPrefix (printf "REBIND_%s__" (upper .)) $var }}true{{ end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Volume mounts and volumes of the secret-backed files of .sections.
+*/}}
+{{- define "device-rebind.secretFileMounts" -}}
+{{- $root := .root }}
+{{- range $name, $var := include "device-rebind.secretFileVars" $root | fromYaml }}
+{{- $ref := index $root.Values.secretFiles $name }}
+{{- if and $ref.existingSecret (include "device-rebind.inSections" (dict "var" $var "sections" $.sections)) }}
+- name: {{ kebabcase $name }}
+  mountPath: {{ include "device-rebind.secretFileDir" (dict "root" $root "name" $name) }}
+  readOnly: true
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "device-rebind.secretFileVolumes" -}}
+{{- $root := .root }}
+{{- range $name, $var := include "device-rebind.secretFileVars" $root | fromYaml }}
+{{- $ref := index $root.Values.secretFiles $name }}
+{{- if and $ref.existingSecret (include "device-rebind.inSections" (dict "var" $var "sections" $.sections)) }}
+- name: {{ kebabcase $name }}
+  secret:
+    secretName: {{ $ref.existingSecret }}
+    defaultMode: 0440
+    items:
+      - key: {{ $ref.key }}
+        path: {{ $ref.key }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+The topics the service needs, as service/topics.py SPECS has them (a test keeps the two equal):
+values key under config.topics, default name, partitions (input: N, coPartitioned: N, one: 1,
+any: N) and the configs that matter. Used by the Strimzi KafkaTopic resources.
+*/}}
+{{- define "device-rebind.topicSpecs" -}}
+- {key: deviceSwapped, default: asset.device-swapped.v1, partitions: input, config: {}}
+- {key: ledger, default: device-rebind.ledger.v1, partitions: coPartitioned, config: {cleanup.policy: compact}}
+- {key: dedupe, default: device-rebind.dedupe.v1, partitions: coPartitioned, config: {cleanup.policy: "compact,delete", retention.ms: "604800000"}}
+- {key: token, default: device-rebind.token.v1, partitions: one, config: {cleanup.policy: compact}}
+- {key: budget, default: device-rebind.budget.v1, partitions: one, config: {cleanup.policy: compact, segment.ms: "600000"}}
+- {key: credentialUpdated, default: iot.credential-updated.v1, partitions: any, config: {}}
+- {key: rebindFailed, default: iot.rebind-failed.v1, partitions: any, config: {}}
+- {key: deadLetter, default: asset.device-swapped.v1.dlq, partitions: any, config: {}}
+- {key: deviceRebound, default: iot.device-rebound.v1, partitions: any, config: {}}
+- {key: bindNotify, default: device-rebind.bind-notify.v1, partitions: coPartitioned, config: {}}
+{{- end }}
