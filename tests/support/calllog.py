@@ -53,7 +53,10 @@ class WindowUse:
     least: float
     """The least used of those windows, as a share of the limit."""
     windows: int
-    calls_in_period: int
+    whole_minutes: int
+    """Whole minutes from ``start`` within the period."""
+    calls_in_whole_minutes: int
+    """Calls in [start, start + whole_minutes x 60 s)."""
 
     @property
     def minutes(self) -> float:
@@ -61,15 +64,19 @@ class WindowUse:
 
     @property
     def per_minute(self) -> float:
-        """Calls in [start, end) / (limit x minutes): the plain average over the period."""
-        return self.calls_in_period / (self.limit * self.minutes) if self.minutes > 0 else 0.0
+        """Calls in the whole minutes from ``start`` / (limit x those minutes): the plain average
+        (whole minutes, so that calls bunched at the windows' starts are not counted twice)."""
+        if self.whole_minutes <= 0:
+            return 0.0
+        return self.calls_in_whole_minutes / (self.limit * self.whole_minutes)
 
     def line(self) -> str:
         return (
             f"budget N={self.limit}/min over {self.minutes:.1f} min: busiest window "
             f"{self.busiest}/{self.limit}, mean sliding-window use {self.mean:.1%} "
             f"(least {self.least:.1%}, {self.windows} windows), calls/(N x minutes) "
-            f"{self.calls_in_period}/({self.limit} x {self.minutes:.2f}) = {self.per_minute:.1%}"
+            f"{self.calls_in_whole_minutes}/({self.limit} x {self.whole_minutes}) = "
+            f"{self.per_minute:.1%}"
         )
 
 
@@ -90,7 +97,8 @@ def window_use(
         n = bisect_left(ordered, s + window) - bisect_left(ordered, s)
         shares.append(n / limit)
         s += step
-    in_period = bisect_left(ordered, end) - bisect_left(ordered, start)
+    whole = int((end - start) // window)
+    in_whole = bisect_left(ordered, start + whole * window) - bisect_left(ordered, start)
     return WindowUse(
         limit=limit,
         start=start,
@@ -99,7 +107,8 @@ def window_use(
         mean=sum(shares) / len(shares) if shares else 0.0,
         least=min(shares, default=0.0),
         windows=len(shares),
-        calls_in_period=in_period,
+        whole_minutes=whole,
+        calls_in_whole_minutes=in_whole,
     )
 
 
