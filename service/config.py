@@ -29,6 +29,8 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.events import DEFAULT_MAX_RECORD_BYTES
+
 ENV_PREFIX = "REBIND_"
 ENV_NESTED_DELIMITER = "__"
 
@@ -142,6 +144,18 @@ class _Section(BaseModel):
         return out
 
 
+def _sasl_needs(kafka: KafkaSettings) -> list[tuple[str, object]]:
+    """The settings a SASL protocol needs with the chosen mechanism: a user name and password,
+    or (OAUTHBEARER) a token file."""
+    if kafka.sasl_mechanism == "OAUTHBEARER":
+        return [("SASL_OAUTH_TOKEN_FILE", kafka.sasl_oauth_token_file)]
+    return [
+        ("SASL_MECHANISM", kafka.sasl_mechanism),
+        ("SASL_USERNAME", kafka.sasl_username),
+        ("SASL_PASSWORD", kafka.sasl_password),
+    ]
+
+
 class KafkaSettings(_Section):
     bootstrap_servers: Annotated[str, BeforeValidator(_bootstrap_servers)] = Field(
         default="localhost:9092", min_length=1, description="Comma-separated host:port list."
@@ -149,10 +163,31 @@ class KafkaSettings(_Section):
     group_id: str = Field(default="device-rebind", min_length=1)
     client_id: str = Field(default="device-rebind", min_length=1)
     security_protocol: SecurityProtocol = SecurityProtocol.PLAINTEXT
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = None
     sasl_username: str | None = None
     sasl_password: Secret | None = None
+    sasl_oauth_token_file: Path | None = Field(
+        default=None,
+        description="OAUTHBEARER: a file holding the access token (a JWT), read again for every "
+        "new connection, so a sidecar or a mounted Secret renews it without a restart.",
+    )
     ssl_cafile: ReadableFile | None = None
+    ssl_certfile: ReadableFile | None = Field(
+        default=None,
+        description="Mutual TLS: the client certificate (PEM, with its chain), read again for "
+        "every new set of clients.",
+    )
+    ssl_keyfile: ReadableFile | None = Field(
+        default=None, description="Mutual TLS: the client certificate's private key (PEM)."
+    )
+    ssl_key_password: Secret | None = Field(
+        default=None, description="Password of an encrypted REBIND_KAFKA__SSL_KEYFILE."
+    )
+    ssl_check_hostname: bool = Field(
+        default=True,
+        description="Check that the broker's certificate names the host connected to. Turn it "
+        "off only for brokers whose certificates do not name their advertised addresses.",
+    )
     transactional_id_prefix: str = Field(
         default="device-rebind",
         min_length=1,
@@ -185,6 +220,14 @@ class KafkaSettings(_Section):
         description="A partition whose oldest unfinished record is older than this makes "
         "/readyz answer 503.",
     )
+    max_input_bytes: int = Field(
+        default=DEFAULT_MAX_RECORD_BYTES,
+        ge=131_072,
+        le=DEFAULT_MAX_RECORD_BYTES,
+        description="Largest input record (key, value once decompressed, headers) worked on; "
+        "a larger one is dead-lettered too_large. No record the service writes is larger. At "
+        "most 960 KiB: the service's producers send at most 1 MiB per record.",
+    )
     connect_backoff_initial_seconds: float = Field(
         default=1.0,
         gt=0,
@@ -212,20 +255,43 @@ class KafkaSettings(_Section):
     @model_validator(mode="after")
     def _sasl_complete(self) -> KafkaSettings:
         if self.security_protocol in (SecurityProtocol.SASL_PLAINTEXT, SecurityProtocol.SASL_SSL):
-            missing = [
-                name
-                for name, value in (
-                    ("SASL_MECHANISM", self.sasl_mechanism),
-                    ("SASL_USERNAME", self.sasl_username),
-                    ("SASL_PASSWORD", self.sasl_password),
-                )
-                if not value
-            ]
+            missing = [name for name, value in _sasl_needs(self) if not value]
             if missing:
                 raise ValueError(
                     f"{ENV_PREFIX}KAFKA__SECURITY_PROTOCOL={self.security_protocol.value} needs "
                     + ", ".join(f"{ENV_PREFIX}KAFKA__{m}" for m in missing)
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _security_consistent(self) -> KafkaSettings:
+        """TLS and OAUTHBEARER settings are complete and used by the chosen protocol."""
+        var = f"{ENV_PREFIX}KAFKA__"
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ValueError(f"{var}SSL_CERTFILE and {var}SSL_KEYFILE must be set together")
+        if self.ssl_key_password is not None and self.ssl_keyfile is None:
+            raise ValueError(f"{var}SSL_KEY_PASSWORD is set without {var}SSL_KEYFILE")
+        tls = self.security_protocol in (SecurityProtocol.SSL, SecurityProtocol.SASL_SSL)
+        if not tls:
+            unused = [
+                name
+                for name, value in (
+                    ("SSL_CAFILE", self.ssl_cafile),
+                    ("SSL_CERTFILE", self.ssl_certfile),
+                    ("SSL_KEYFILE", self.ssl_keyfile),
+                )
+                if value is not None
+            ]
+            if unused:
+                raise ValueError(
+                    ", ".join(var + name for name in unused)
+                    + f" need {var}SECURITY_PROTOCOL=SSL or SASL_SSL "
+                    f"(it is {self.security_protocol.value})"
+                )
+        if self.sasl_oauth_token_file is not None and self.sasl_mechanism != "OAUTHBEARER":
+            raise ValueError(
+                f"{var}SASL_OAUTH_TOKEN_FILE is used only with {var}SASL_MECHANISM=OAUTHBEARER"
+            )
         return self
 
 

@@ -96,9 +96,11 @@ def register_secret(value: str | SecretStr | None) -> None:
 
 
 def register_settings_secrets(settings: Settings) -> None:
-    """Register every secret of the configuration (app secret, SASL password)."""
+    """Register every secret of the configuration (app secret, SASL password, TLS key password;
+    the OAUTHBEARER token is registered each time it is read)."""
     register_secret(settings.platform.secret)
     register_secret(settings.kafka.sasl_password)
+    register_secret(settings.kafka.ssl_key_password)
 
 
 def _forget_secrets() -> None:

@@ -25,6 +25,7 @@ import structlog
 from service import topics
 from service.config import Settings
 from service.kafka import classify_startup_error
+from service.kafka_access import check_access
 
 log = structlog.get_logger(__name__)
 
@@ -60,6 +61,9 @@ async def preflight(settings: Settings) -> None:
     Raises :class:`TopicsMissingError`, :class:`StartupError` (permanent) or the Kafka client's
     error.
     """
+    # TLS, SASL and ACLs first, each refusal named: a topic the principal may not see would
+    # look missing below.
+    await check_access(settings.kafka, settings.topics, settings.bind)
     admin = topics.admin_client(settings.kafka)
     try:
         await admin.start()

@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.fixtures.simulator",
     "tests.fixtures.service",
     "tests.fixtures.prometheus",
+    "tests.fixtures.secured_kafka",
 ]

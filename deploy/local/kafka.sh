@@ -7,17 +7,30 @@
 #       ${KAFKA_CACHE:-<repo>/.cache/kafka}/VERSION/libs (idempotent; marker file on success).
 #   kafka.sh start --dir DIR [--port P] [--controller-port C] [--version V] [--timeout S]
 #                  [--watch-pid PID] [--prop KEY=VALUE]...
+#                  [--listener NAME:PROTOCOL]... [--no-plaintext] [--inter-broker NAME]
+#                  [--controller-protocol PROTOCOL] [--scram SPEC]... [--ready-tls CA[,CERT,KEY]]
 #       Write DIR/server.properties, format DIR/data, start the broker in the background
 #       (pid in DIR/kafka.pid, logs in DIR/logs/), wait until it serves requests, then print
 #       `BOOTSTRAP=127.0.0.1:P` on stdout. Free ports are chosen when not given; on a restart of
 #       the same DIR the previous ports, cluster id and version are reused (DIR/broker.env).
 #       --watch-pid PID: stop the broker when process PID ends (a test runner that dies).
 #       --prop KEY=VALUE: extra server.properties lines (repeatable; last one wins).
+#       Secured brokers (TLS, mutual TLS, SASL; the TLS and SASL properties come with --prop):
+#       --listener NAME:PROTOCOL  one more listener (PROTOCOL: PLAINTEXT, SSL, SASL_PLAINTEXT,
+#           SASL_SSL) on a free port, advertised on 127.0.0.1; printed as LISTENER_NAME=host:port.
+#       --no-plaintext  no PLAINTEXT listener: the first --listener is the bootstrap (P).
+#       --inter-broker NAME  the listener the broker uses to reach itself (default: the first).
+#       --controller-protocol PROTOCOL  of the CONTROLLER listener (default PLAINTEXT).
+#       --scram SPEC  a SCRAM credential created at format time, e.g.
+#           'SCRAM-SHA-512=[name=alice,password=alice-secret]' (repeatable; first start only).
+#       --ready-tls CA[,CERT,KEY]  PEM files the readiness probe uses when the bootstrap listener
+#           speaks TLS (CA to verify the broker; CERT/KEY when it requires a client certificate).
 #   kafka.sh wait-ready --dir DIR [--timeout S]
 #       Wait until the broker in DIR serves requests (exit 1 with the log tail if not).
 #   kafka.sh stop --dir DIR [--timeout S]     SIGTERM, wait (30 s), then SIGKILL. Idempotent.
 #   kafka.sh kill --dir DIR                   SIGKILL at once (fault tests). Idempotent.
-#   kafka.sh status --dir DIR                 exit 0 and print BOOTSTRAP=... when running.
+#   kafka.sh status --dir DIR                 exit 0 and print BOOTSTRAP=... (and LISTENER_...)
+#                                             when running.
 #
 # Environment: KAFKA_VERSION (default version), KAFKA_CACHE (jar cache), KAFKA_HEAP_OPTS
 # (default -Xms256m -Xmx512m), KAFKA_JVM_OPTS (extra JVM flags), MAVEN_OPTS / MVN (maven).
@@ -149,15 +162,33 @@ abs_dir() {
   (cd "$1" && pwd)
 }
 
-# Kafka ApiVersions v0 over a plain socket: proves the broker answers requests. stdlib only.
+# Kafka ApiVersions v0 over a plain socket (or TLS: PROTOCOL SSL/SASL_SSL, with the CA[,CERT,KEY]
+# PEM files of --ready-tls): proves the broker answers requests. stdlib only.
 api_versions_ok() {
-  python3 - "$1" <<'PY' 2>/dev/null
-import socket, struct, sys
-port = int(sys.argv[1])
+  python3 - "$1" "${2:-PLAINTEXT}" "${3:-}" <<'PY' 2>/dev/null
+import socket, ssl, struct, sys
+port, protocol, tls = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 client = b"kafka.sh"
 body = struct.pack(">hhih", 18, 0, 1, len(client)) + client
+
+
+def connect():
+    raw = socket.create_connection(("127.0.0.1", port), timeout=2)
+    if protocol not in ("SSL", "SASL_SSL"):
+        return raw
+    ca, _, rest = tls.partition(",")
+    cert, _, key = rest.partition(",")
+    ctx = ssl.create_default_context(cafile=ca or None)
+    ctx.check_hostname = False  # a readiness probe on loopback, not a security check
+    if not ca:
+        ctx.verify_mode = ssl.CERT_NONE
+    if cert:
+        ctx.load_cert_chain(cert, key or None)
+    return ctx.wrap_socket(raw, server_hostname="127.0.0.1")
+
+
 try:
-    with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+    with connect() as s:
         s.sendall(struct.pack(">i", len(body)) + body)
         head = b""
         while len(head) < 10:
@@ -167,7 +198,7 @@ try:
             head += chunk
     _size, corr, err = struct.unpack(">iih", head)
     sys.exit(0 if corr == 1 and err == 0 else 1)
-except OSError:
+except (OSError, ValueError):
     sys.exit(1)
 PY
 }
@@ -186,6 +217,7 @@ load_env() {
   # DIR/broker.env: PORT, CONTROLLER_PORT, VERSION, CLUSTER_ID of the last start in DIR.
   local envfile="$1/broker.env"
   PREV_PORT="" PREV_CONTROLLER_PORT="" PREV_VERSION="" PREV_CLUSTER_ID="" PREV_LOG_OFFSET=0
+  PREV_LISTENERS="" PREV_READY_PROTOCOL="PLAINTEXT" PREV_READY_TLS=""
   [[ -f "$envfile" ]] || return 0
   local key value
   while IFS='=' read -r key value; do
@@ -195,6 +227,9 @@ load_env() {
       VERSION) PREV_VERSION="$value" ;;
       CLUSTER_ID) PREV_CLUSTER_ID="$value" ;;
       LOG_OFFSET) PREV_LOG_OFFSET="$value" ;;
+      LISTENERS) PREV_LISTENERS="$value" ;;
+      READY_PROTOCOL) PREV_READY_PROTOCOL="$value" ;;
+      READY_TLS) PREV_READY_TLS="$value" ;;
     esac
   done <"$envfile"
 }
@@ -217,7 +252,7 @@ wait_ready_dir() {
       return 2
     fi
     if tail -c "+$((offset + 1))" "$out" 2>/dev/null | grep -q "Kafka Server started" \
-        && api_versions_ok "$port"; then
+        && api_versions_ok "$port" "$PREV_READY_PROTOCOL" "$PREV_READY_TLS"; then
       return 0
     fi
     (( SECONDS < deadline )) || return 1
@@ -226,18 +261,24 @@ wait_ready_dir() {
 }
 
 # ----------------------------------------------------------------------------------- commands
+# Uses LNAMES/LPROTOS/LPORTS (the listeners), CONTROLLER_PROTOCOL and INTER_BROKER.
 write_properties() {
-  local dir="$1" port="$2" cport="$3"
+  local dir="$1" cport="$2" i listeners="" advertised="" map="CONTROLLER:$CONTROLLER_PROTOCOL"
+  for i in "${!LNAMES[@]}"; do
+    listeners+="${LNAMES[$i]}://127.0.0.1:${LPORTS[$i]},"
+    advertised+="${advertised:+,}${LNAMES[$i]}://127.0.0.1:${LPORTS[$i]}"
+    map+=",${LNAMES[$i]}:${LPROTOS[$i]}"
+  done
   cat >"$dir/server.properties" <<EOF
 # Written by deploy/local/kafka.sh: one-node combined broker+controller on loopback.
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@127.0.0.1:$cport
-listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$cport
-advertised.listeners=PLAINTEXT://127.0.0.1:$port
+listeners=${listeners}CONTROLLER://127.0.0.1:$cport
+advertised.listeners=$advertised
 controller.listener.names=CONTROLLER
-inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+inter.broker.listener.name=$INTER_BROKER
+listener.security.protocol.map=$map
 log.dirs=$dir/data
 num.partitions=1
 offsets.topic.replication.factor=1
@@ -254,9 +295,24 @@ EOF
   fi
 }
 
+# The port LISTENERS (NAME:PROTOCOL:PORT,...) of broker.env gave listener NAME, or "".
+previous_port() {
+  local name="$1" entry
+  local -a entries
+  IFS=',' read -r -a entries <<<"$PREV_LISTENERS"
+  for entry in "${entries[@]}"; do
+    if [[ "${entry%%:*}" == "$name" ]]; then
+      echo "${entry##*:}"
+      return 0
+    fi
+  done
+}
+
 cmd_start() {
   local dir="" port="" cport="" version="" timeout="$READY_TIMEOUT" watch_pid=""
-  EXTRA_PROPS=()
+  local plaintext=1 ready_tls="" spec
+  local -a extra_listeners=() scram=()
+  EXTRA_PROPS=() CONTROLLER_PROTOCOL=PLAINTEXT INTER_BROKER=""
   while (($#)); do
     case "$1" in
       --dir) dir="${2:?--dir needs a value}"; shift 2 ;;
@@ -268,6 +324,19 @@ cmd_start() {
       --prop)
         [[ "${2:-}" == *=* ]] || die "start: --prop needs KEY=VALUE"
         EXTRA_PROPS+=("$2"); shift 2 ;;
+      --listener)
+        [[ "${2:-}" =~ ^[A-Z][A-Z0-9_]*:(PLAINTEXT|SSL|SASL_PLAINTEXT|SASL_SSL)$ ]] \
+          || die "start: --listener needs NAME:PROTOCOL (NAME in capitals, PROTOCOL one of PLAINTEXT, SSL, SASL_PLAINTEXT, SASL_SSL)"
+        [[ "${2%%:*}" != CONTROLLER ]] || die "start: the listener name CONTROLLER is taken"
+        extra_listeners+=("$2"); shift 2 ;;
+      --no-plaintext) plaintext=0; shift ;;
+      --inter-broker) INTER_BROKER="${2:?--inter-broker needs a value}"; shift 2 ;;
+      --controller-protocol)
+        [[ "${2:-}" =~ ^(PLAINTEXT|SSL|SASL_PLAINTEXT|SASL_SSL)$ ]] \
+          || die "start: --controller-protocol needs PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL"
+        CONTROLLER_PROTOCOL="$2"; shift 2 ;;
+      --scram) scram+=("${2:?--scram needs a value}"); shift 2 ;;
+      --ready-tls) ready_tls="${2:?--ready-tls needs CA[,CERT,KEY]}"; shift 2 ;;
       *) die "start: unknown argument '$1'" ;;
     esac
   done
@@ -278,46 +347,78 @@ cmd_start() {
   fi
   load_env "$dir"
   [[ -n "$version" ]] || version="${PREV_VERSION:-$(default_version)}"
-  [[ -n "$port" ]] || port="$PREV_PORT"
   [[ -n "$cport" ]] || cport="$PREV_CONTROLLER_PORT"
   local cluster_id="${PREV_CLUSTER_ID:-$(new_cluster_id)}"
-  local auto_ports=0
-  [[ -n "$port" && -n "$cport" ]] || auto_ports=1
+
+  # The listeners: PLAINTEXT first unless --no-plaintext, then each --listener, in order.
+  LNAMES=() LPROTOS=() LPORTS=()
+  ((plaintext)) && { LNAMES+=(PLAINTEXT); LPROTOS+=(PLAINTEXT); }
+  for spec in "${extra_listeners[@]}"; do
+    [[ " ${LNAMES[*]} " != *" ${spec%%:*} "* ]] || die "start: listener ${spec%%:*} given twice"
+    LNAMES+=("${spec%%:*}"); LPROTOS+=("${spec#*:}")
+  done
+  ((${#LNAMES[@]})) || die "start: --no-plaintext needs at least one --listener"
+  [[ -n "$INTER_BROKER" ]] || INTER_BROKER="${LNAMES[0]}"
+  [[ " ${LNAMES[*]} " == *" $INTER_BROKER "* ]] \
+    || die "start: --inter-broker $INTER_BROKER names no listener"
+  local i
+  for i in "${!LNAMES[@]}"; do LPORTS[i]="$(previous_port "${LNAMES[$i]}")"; done
+  [[ -n "$port" ]] || port="${PREV_PORT:-${LPORTS[0]}}"
+  LPORTS[0]="$port"
+  local -a fixed=("${LPORTS[@]}")
+  local fixed_cport="$cport"
 
   fetch "$version"
   local libs
   libs="$(libs_dir "$version")"
   mkdir -p "$dir/logs" "$dir/data"
   java -version >/dev/null 2>&1 || die "java (17+) is needed"
+  local -a format_args=()
+  for spec in "${scram[@]}"; do format_args+=(--add-scram "$spec"); done
 
-  local attempt rc
+  local attempt rc auto_ports
   for attempt in 1 2 3; do
-    if ((auto_ports)); then
-      local ports
-      if [[ -n "$port" ]]; then
-        cport="$(free_ports 1)"
-      elif [[ -n "$cport" ]]; then
-        port="$(free_ports 1)"
-      else
-        ports="$(free_ports 2)"; port="${ports% *}"; cport="${ports#* }"
-      fi
+    # Free ports for every listener (and the controller) without one; all bound at once.
+    auto_ports=0
+    local -a missing=()
+    for i in "${!LPORTS[@]}"; do [[ -n "${LPORTS[$i]}" ]] || missing+=("$i"); done
+    [[ -n "$cport" ]] || missing+=(controller)
+    if ((${#missing[@]})); then
+      auto_ports=1
+      local -a ports
+      read -r -a ports <<<"$(free_ports "${#missing[@]}")"
+      for i in "${!missing[@]}"; do
+        if [[ "${missing[$i]}" == controller ]]; then
+          cport="${ports[$i]}"
+        else
+          LPORTS[missing[i]]="${ports[$i]}"
+        fi
+      done
     fi
-    write_properties "$dir" "$port" "$cport"
+    port="${LPORTS[0]}"
+    write_properties "$dir" "$cport"
     # shellcheck disable=SC2086  # HEAP_OPTS / KAFKA_JVM_OPTS are word lists on purpose
     if ! java $HEAP_OPTS -cp "$libs/*" -Dlog4j2.configurationFile="$LOG4J_CONF" \
         -Dkafka.logs.dir="$dir/logs" kafka.tools.StorageTool format -t "$cluster_id" \
-        -c "$dir/server.properties" --ignore-formatted >"$dir/logs/format.log" 2>&1; then
+        -c "$dir/server.properties" --ignore-formatted "${format_args[@]}" \
+        >"$dir/logs/format.log" 2>&1; then
       log_tail "$dir"
       die "start: formatting $dir/data failed"
     fi
-    local offset=0
+    local offset=0 listeners_env=""
     [[ -f "$dir/logs/kafka.out" ]] && offset="$(stat -c %s "$dir/logs/kafka.out")"
+    for i in "${!LNAMES[@]}"; do
+      listeners_env+="${listeners_env:+,}${LNAMES[$i]}:${LPROTOS[$i]}:${LPORTS[$i]}"
+    done
     {
       echo "PORT=$port"
       echo "CONTROLLER_PORT=$cport"
       echo "VERSION=$version"
       echo "CLUSTER_ID=$cluster_id"
       echo "LOG_OFFSET=$offset"
+      echo "LISTENERS=$listeners_env"
+      echo "READY_PROTOCOL=${LPROTOS[0]}"
+      echo "READY_TLS=$ready_tls"
     } >"$dir/broker.env"
     info "starting Apache Kafka $version on 127.0.0.1:$port (controller $cport) in $dir"
     # stdin/stdout/stderr detached so a caller capturing our output is not held open by java.
@@ -333,11 +434,12 @@ cmd_start() {
     case "$rc" in
       0)
         echo "BOOTSTRAP=127.0.0.1:$port"
+        print_listeners "$dir"
         return 0 ;;
       3)
         if ((auto_ports)) && ((attempt < 3)); then
           info "port taken meanwhile; retrying with other ports"
-          port="" cport=""
+          LPORTS=("${fixed[@]}") cport="$fixed_cport"
           continue
         fi ;;
     esac
@@ -345,9 +447,21 @@ cmd_start() {
     stop_dir "$dir" 5 >/dev/null 2>&1 || true
     case "$rc" in
       1) die "start: broker not ready within ${timeout} s" ;;
-      3) die "start: port $port or $cport is already in use" ;;
+      3) die "start: a port of $dir/server.properties is already in use" ;;
       *) die "start: broker process exited" ;;
     esac
+  done
+}
+
+# LISTENER_<NAME>=127.0.0.1:<port> for each listener of the last start (from broker.env).
+print_listeners() {
+  load_env "$1"
+  local entry name rest
+  local -a entries
+  IFS=',' read -r -a entries <<<"$PREV_LISTENERS"
+  for entry in "${entries[@]}"; do
+    name="${entry%%:*}" rest="${entry#*:}"
+    echo "LISTENER_${name}=127.0.0.1:${rest#*:}"
   done
 }
 
@@ -358,6 +472,9 @@ start_watchdog() {
   nohup bash -c '
     watched="$1" bpid="$2" props="$3/server.properties"
     ours() { tr "\0" " " <"/proc/$bpid/cmdline" 2>/dev/null | grep -qF -- "$props"; }
+    # Until the background job runs java, its command line is not yet the broker one: wait
+    # for that first (else the loop below ends at once and stops the broker as it starts).
+    for _ in $(seq 1 100); do ours && break; kill -0 "$bpid" 2>/dev/null || exit 0; sleep 0.1; done
     while kill -0 "$watched" 2>/dev/null && ours; do sleep 1; done
     if ours; then
       kill -TERM "$bpid" 2>/dev/null
@@ -442,6 +559,7 @@ cmd_status() {
   running_pid "$DIR" >/dev/null || { info "not running"; return 1; }
   load_env "$DIR"
   echo "BOOTSTRAP=127.0.0.1:$PREV_PORT"
+  print_listeners "$DIR"
 }
 
 CMD="${1:-}"

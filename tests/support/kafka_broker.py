@@ -11,6 +11,12 @@ loopback ports, data and logs in one directory.
     broker.kill(); broker.start()  # crash + recovery
     broker.stop()
 
+Secured brokers (TLS, mutual TLS, SASL, an authorizer) are the same script with more listeners:
+``listeners={"MTLS": "SSL", ...}`` (each on its own free port, ``broker.listener("MTLS")``),
+``plaintext=False``, ``inter_broker``, ``controller_protocol``, ``scram`` credentials created at
+format time and ``ready_tls`` for the readiness probe; the TLS, SASL and authorizer properties
+go in ``properties`` (see :mod:`tests.support.secured_kafka`).
+
 Blocking methods have ``a``-prefixed async twins (``astart``...) that run in a worker thread so
 clients on the test's event loop keep running while the broker starts or stops.
 """
@@ -27,7 +33,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
@@ -102,6 +108,12 @@ class KafkaBroker:
         properties: Mapping[str, str] | None = None,
         echo: bool = False,
         script: Path = KAFKA_SH,
+        listeners: Mapping[str, str] | None = None,
+        plaintext: bool = True,
+        inter_broker: str | None = None,
+        controller_protocol: str | None = None,
+        scram: Sequence[str] = (),
+        ready_tls: Sequence[Path] = (),
     ) -> None:
         self.workdir = Path(workdir).resolve()
         self.version = version or default_kafka_version()
@@ -112,6 +124,13 @@ class KafkaBroker:
         self.properties = dict(properties or {})
         self.echo = echo  # pass the script's progress (stderr) through instead of capturing it
         self.script = script
+        # name -> security protocol of the listeners besides PLAINTEXT (kafka.sh --listener)
+        self.listeners = dict(listeners or {})
+        self.plaintext = plaintext
+        self.inter_broker = inter_broker
+        self.controller_protocol = controller_protocol
+        self.scram = list(scram)  # 'SCRAM-SHA-512=[name=u,password=p]', created at format time
+        self.ready_tls = [Path(p) for p in ready_tls]  # CA[, CERT, KEY] of the readiness probe
 
     # ------------------------------------------------------------------ properties
     @property
@@ -130,6 +149,14 @@ class KafkaBroker:
     def bootstrap(self) -> str:
         """``127.0.0.1:PORT``; stable across restarts."""
         return f"127.0.0.1:{self.port}"
+
+    def listener(self, name: str) -> str:
+        """``127.0.0.1:PORT`` of the listener ``name`` (``PLAINTEXT`` or a ``listeners`` key)."""
+        for entry in _read_env(self.workdir / "broker.env").get("LISTENERS", "").split(","):
+            listener, _, rest = entry.partition(":")
+            if listener == name:
+                return f"127.0.0.1:{rest.partition(':')[2]}"
+        raise KafkaBrokerError(f"no listener {name} (started yet?)")
 
     @property
     def data_dir(self) -> Path:
@@ -217,6 +244,18 @@ class KafkaBroker:
         args += ["--watch-pid", str(os.getpid())]
         for key, value in self.properties.items():
             args += ["--prop", f"{key}={value}"]
+        for name, protocol in self.listeners.items():
+            args += ["--listener", f"{name}:{protocol}"]
+        if not self.plaintext:
+            args.append("--no-plaintext")
+        if self.inter_broker:
+            args += ["--inter-broker", self.inter_broker]
+        if self.controller_protocol:
+            args += ["--controller-protocol", self.controller_protocol]
+        for spec in self.scram:
+            args += ["--scram", spec]
+        if self.ready_tls:
+            args += ["--ready-tls", ",".join(str(p) for p in self.ready_tls)]
         with _LIVE_LOCK:
             _LIVE.add(self)  # before the start: a half-started broker is cleaned up too
         out = self._run(*args, timeout=self.start_timeout + 600)  # + a first-run jar download
@@ -323,17 +362,21 @@ async def create_topics(
     *,
     timeout: float = 30.0,
     configs: Mapping[str, str] | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> None:
     """Create ``names`` (replication factor 1) and wait until every partition has a leader.
 
     ``partitions`` is one count for all topics or a per-topic mapping (missing names get 1).
-    Topics that already exist with the right partition count are accepted.
+    Topics that already exist with the right partition count are accepted. ``options`` are
+    extra client options (a secured broker's TLS and SASL settings).
     """
     counts = {
         name: partitions if isinstance(partitions, int) else partitions.get(name, 1)
         for name in names
     }
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15000)
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=bootstrap, request_timeout_ms=15000, **dict(options or {})
+    )
     await admin.start()
     try:
         response = await admin.create_topics(

@@ -1,0 +1,662 @@
+"""What the service may do on Kafka, and finding out at start whether it can.
+
+* :func:`service_acls` is the exact set of ACLs the service's principal needs, nothing more:
+  ``docs/deploying.md`` and the chart's README list it as ``kafka-acls`` commands and as a
+  Strimzi ``KafkaUser`` block (a test checks they match), and the secured-broker tests grant
+  exactly it, then take each entry away in turn. :func:`replay_acls` is the set of ``replay``.
+* :func:`check_connection` opens one connection per bootstrap address with the service's own
+  client options and turns a TLS or SASL failure into one line that names its cause and the
+  setting to look at (aiokafka itself only says "Unable to bootstrap").
+* :func:`check_access` does that, then asks the broker which of the needed operations the
+  principal is allowed (topic and group "authorized operations", and initialising a
+  transactional id under the service's prefix), and raises
+  :class:`~service.kafka.KafkaAuthorizationError` naming every missing ACL in one line.
+
+Describe is never listed: Kafka implies it from Read and Write (and Describe is all the
+co-partitioning check, the offset fetches and the transactional-id lookups need), so a separate
+Describe ACL would change nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final, Literal
+
+import structlog
+from aiokafka import AIOKafkaProducer
+from aiokafka import errors as kafka_errors
+from aiokafka.client import AIOKafkaClient, CoordinationType
+from aiokafka.conn import create_conn
+from aiokafka.protocol.admin import DescribeGroupsRequest
+from aiokafka.protocol.api import Request, RequestStruct, Response
+from aiokafka.protocol.metadata import MetadataRequest
+from aiokafka.protocol.types import Array, Boolean, Int16, Int32, Schema, String
+
+from service.config import (
+    ENV_PREFIX,
+    BindSettings,
+    KafkaSettings,
+    SecurityProtocol,
+    TopicSettings,
+)
+from service.kafka import (
+    KafkaAccessError,
+    KafkaAuthenticationError,
+    KafkaAuthorizationError,
+    KafkaTlsError,
+    client_options,
+)
+from service.topics import specs_for
+
+log = structlog.get_logger(__name__)
+
+_VAR: Final = f"{ENV_PREFIX}KAFKA__"
+ACL_DOCS: Final = "docs/deploying.md#acls"
+
+Resource = Literal["Topic", "Group", "TransactionalId", "Cluster"]
+Operation = Literal["Read", "Write", "Create", "Describe", "DescribeConfigs", "IdempotentWrite"]
+Pattern = Literal["LITERAL", "PREFIXED"]
+
+# AclOperation codes: the bit each sets in an "authorized operations" field.
+_OPERATION_CODES: Final[dict[str, int]] = {
+    "Read": 3,
+    "Write": 4,
+    "Create": 5,
+    "Describe": 8,
+    "DescribeConfigs": 10,
+    "IdempotentWrite": 12,
+}
+_NOT_PROVIDED: Final = -(2**31)  # "authorized operations" the broker did not compute
+_UNKNOWN_TOPIC: Final = 3
+_TOPIC_AUTHORIZATION_FAILED: Final = 29
+_GROUP_AUTHORIZATION_FAILED: Final = 30
+ACCESS_CHECK_SUFFIX: Final = "access-check"
+
+
+@dataclass(frozen=True)
+class AclRequirement:
+    """One ACL binding (allow, any host) the principal needs."""
+
+    resource: Resource
+    name: str
+    operation: Operation
+    pattern: Pattern = "LITERAL"
+    why: str = ""
+
+    def describe(self) -> str:
+        """``Read on topic 'x'``, ``Write on transactional ids prefixed 'p-g-'``."""
+        noun = {
+            "Topic": "topic",
+            "Group": "group",
+            "TransactionalId": "transactional id",
+            "Cluster": "the cluster",
+        }[self.resource]
+        if self.resource == "Cluster":
+            return f"{self.operation} on the cluster"
+        if self.pattern == "PREFIXED":
+            return f"{self.operation} on {noun}s prefixed {self.name!r}"
+        return f"{self.operation} on {noun} {self.name!r}"
+
+
+def transactional_id_prefix(kafka: KafkaSettings) -> str:
+    """Every transactional id of the service starts with this: ``<prefix>-<group>-``."""
+    return f"{kafka.transactional_id_prefix}-{kafka.group_id}-"
+
+
+def service_acls(
+    kafka: KafkaSettings, topics: TopicSettings, bind: BindSettings | None = None
+) -> list[AclRequirement]:
+    """The exact ACLs ``device-rebind run`` needs (topics created beforehand). ``bind``: the
+    bind-watch settings (default: polling on, no callback URL)."""
+    bind = bind if bind is not None else BindSettings()
+    out = [AclRequirement("Topic", topics.device_swapped, "Read", why="consume the swaps")]
+    outputs = [
+        (topics.credential_updated, "publish credential-updated"),
+        (topics.rebind_failed, "publish rebind-failed"),
+        (topics.dead_letter, "dead-letter unreadable input"),
+    ]
+    if bind.enabled:
+        outputs.append((topics.device_rebound, "publish device-rebound"))
+    out += [AclRequirement("Topic", name, "Write", why=why) for name, why in outputs]
+    own = [
+        (topics.ledger, "the per-device ledger"),
+        (topics.dedupe, "the duplicate memory"),
+        (topics.token, "the shared access token"),
+        (topics.budget, "the budget exchange"),
+    ]
+    if bind.callback_url is not None:
+        own.append((topics.bind_notify, "the platform's bindDevice pushes"))
+    for name, why in own:
+        out += [
+            AclRequirement("Topic", name, "Read", why=f"read {why}"),
+            AclRequirement("Topic", name, "Write", why=f"write {why}"),
+        ]
+    out.append(
+        AclRequirement(
+            "Group", kafka.group_id, "Read", why="join the group, commit offsets in transactions"
+        )
+    )
+    out.append(
+        AclRequirement(
+            "TransactionalId",
+            transactional_id_prefix(kafka),
+            "Write",
+            "PREFIXED",
+            why="one transactional producer per input partition",
+        )
+    )
+    return out
+
+
+def replay_acls(topics: TopicSettings) -> list[AclRequirement]:
+    """The ACLs of ``device-rebind replay`` (which may run with another principal)."""
+    return [
+        AclRequirement("Topic", topics.rebind_failed, "Read", why="replay rebind-failed"),
+        AclRequirement("Topic", topics.dead_letter, "Read", why="replay dlq"),
+        AclRequirement(
+            "Topic", topics.device_swapped, "Read", why="find a failed swap's original event"
+        ),
+        AclRequirement("Topic", topics.device_swapped, "Write", why="produce the replayed swaps"),
+    ]
+
+
+def topics_acls(topics: TopicSettings, *, create: bool = False) -> list[AclRequirement]:
+    """What ``device-rebind topics plan|check`` needs on every topic of the table (Describe,
+    DescribeConfigs to compare configs), and ``topics create`` (Create as well)."""
+    operations: tuple[Operation, ...] = ("Describe", "DescribeConfigs")
+    if create:
+        operations += ("Create",)
+    return [
+        AclRequirement("Topic", name, operation, why=f"topics {'create' if create else 'check'}")
+        for _, name in specs_for(topics)
+        for operation in operations
+    ]
+
+
+# ---------------------------------------------------------------------------- rendering
+
+
+def kafka_acls_commands(
+    requirements: Sequence[AclRequirement],
+    principal: str = "User:device-rebind",
+    bootstrap: str = "kafka:9093",
+    command_config: str = "admin.properties",
+) -> list[str]:
+    """One ``kafka-acls.sh --add`` command per resource, its operations together."""
+    grouped: dict[tuple[str, str, str], list[str]] = {}
+    for r in requirements:
+        grouped.setdefault((r.resource, r.name, r.pattern), []).append(r.operation)
+    flag = {"Topic": "--topic", "Group": "--group", "TransactionalId": "--transactional-id"}
+    lines = []
+    for (resource, name, pattern), operations in grouped.items():
+        target = "--cluster" if resource == "Cluster" else f"{flag[resource]} '{name}'"
+        if pattern == "PREFIXED":
+            target += " --resource-pattern-type prefixed"
+        ops = " ".join(f"--operation {op}" for op in operations)
+        lines.append(
+            f"kafka-acls.sh --bootstrap-server {bootstrap} --command-config {command_config} "
+            f"--add --allow-principal '{principal}' {ops} {target}"
+        )
+    return lines
+
+
+def strimzi_acls(requirements: Sequence[AclRequirement]) -> list[dict[str, Any]]:
+    """The ``spec.authorization.acls`` entries of a Strimzi ``KafkaUser`` (type: simple)."""
+    grouped: dict[tuple[str, str, str], list[str]] = {}
+    for r in requirements:
+        grouped.setdefault((r.resource, r.name, r.pattern), []).append(r.operation)
+    kinds = {"Topic": "topic", "Group": "group", "TransactionalId": "transactionalId"}
+    out: list[dict[str, Any]] = []
+    for (resource, name, pattern), operations in grouped.items():
+        if resource == "Cluster":
+            entry: dict[str, Any] = {"resource": {"type": "cluster"}}
+        else:
+            entry = {
+                "resource": {
+                    "type": kinds[resource],
+                    "name": name,
+                    "patternType": pattern.lower(),
+                }
+            }
+        entry["operations"] = list(operations)
+        entry["host"] = "*"
+        out.append(entry)
+    return out
+
+
+# ---------------------------------------------------------------------------- connection
+
+
+def _addresses(bootstrap: str) -> list[tuple[str, int]]:
+    out = []
+    for entry in bootstrap.split(","):
+        host, _, port = entry.strip().rpartition(":")
+        out.append((host.strip("[]"), int(port)))
+    return out
+
+
+def _chain(exc: BaseException) -> Iterable[BaseException]:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def _certificate_summary(path: Path | None) -> str:
+    """``CN=rebind, expires 2026-01-01`` of a PEM certificate, or '' when unreadable."""
+    if path is None:
+        return ""
+    try:
+        from cryptography import x509  # noqa: PLC0415 - only to explain a refused certificate
+
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError):
+        return ""
+    expires = cert.not_valid_after_utc
+    state = "expired" if expires < datetime.now(UTC) else "expires"
+    return f"{cert.subject.rfc4514_string()}, {state} {expires:%Y-%m-%d}"
+
+
+def explain_connection_error(  # noqa: PLR0911 - a table of causes
+    exc: BaseException, address: str, kafka: KafkaSettings
+) -> KafkaAccessError | None:
+    """The TLS or SASL cause of a failed connection, as one line; None for anything else (an
+    unreachable broker is not an access problem)."""
+    for cause in _chain(exc):
+        if isinstance(cause, KafkaAccessError):
+            return cause
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return _broker_certificate_problem(cause, address, kafka)
+        if isinstance(cause, ssl.SSLError):
+            return _handshake_problem(cause, address, kafka)
+        if isinstance(cause, kafka_errors.SaslAuthenticationFailed):
+            return _sasl_problem(cause, address, kafka)
+        if isinstance(cause, kafka_errors.UnsupportedSaslMechanismError):
+            return KafkaAuthenticationError(
+                f"kafka: SASL: the listener at {address} does not offer "
+                f"{kafka.sasl_mechanism}: {_broker_words(cause)}; check {_VAR}SASL_MECHANISM",
+                retry=False,
+            )
+        if isinstance(cause, kafka_errors.IllegalSaslStateError):
+            return KafkaAuthenticationError(
+                f"kafka: SASL: the listener at {address} does not expect SASL; check "
+                f"{_VAR}SECURITY_PROTOCOL (it is {kafka.security_protocol.value}) and the port",
+                retry=False,
+            )
+    return None
+
+
+def _broker_certificate_problem(
+    cause: ssl.SSLCertVerificationError, address: str, kafka: KafkaSettings
+) -> KafkaTlsError:
+    words = str(cause.verify_message or cause.reason or cause)
+    lowered = words.lower()
+    if "expired" in lowered:
+        return KafkaTlsError(
+            f"kafka: TLS: the broker's certificate at {address} has expired ({words}); the "
+            "broker must renew it"
+        )
+    if "mismatch" in lowered or "hostname" in lowered:
+        return KafkaTlsError(
+            f"kafka: TLS: the broker's certificate at {address} does not name that host "
+            f"({words}); use the names the brokers advertise in {_VAR}BOOTSTRAP_SERVERS, or set "
+            f"{_VAR}SSL_CHECK_HOSTNAME=false"
+        )
+    trusted = (
+        f"{_VAR}SSL_CAFILE ({kafka.ssl_cafile}) does not hold the CA that signed it"
+        if kafka.ssl_cafile is not None
+        else f"{_VAR}SSL_CAFILE is unset, so only the system's CAs are trusted"
+    )
+    return KafkaTlsError(
+        f"kafka: TLS: the broker's certificate at {address} is not trusted ({words}): {trusted}"
+    )
+
+
+def _handshake_problem(cause: ssl.SSLError, address: str, kafka: KafkaSettings) -> KafkaTlsError:
+    reason = str(cause.reason or "").upper()
+    words = str(cause.strerror or cause).split(" (_ssl.c:")[0]
+    if "ALERT" in reason and any(
+        w in reason for w in ("CERTIFICATE", "UNKNOWN_CA", "ACCESS_DENIED", "HANDSHAKE_FAILURE")
+    ):
+        if kafka.ssl_certfile is None:
+            return KafkaTlsError(
+                f"kafka: TLS: the broker at {address} refused the connection ({words}): it asks "
+                f"for a client certificate (mutual TLS); set {_VAR}SSL_CERTFILE and "
+                f"{_VAR}SSL_KEYFILE"
+            )
+        summary = _certificate_summary(kafka.ssl_certfile)
+        return KafkaTlsError(
+            f"kafka: TLS: the broker at {address} refused the client certificate "
+            f"{_VAR}SSL_CERTFILE ({summary or kafka.ssl_certfile}): {words}; it must be signed "
+            "by a CA the broker trusts and be valid"
+        )
+    if "WRONG_VERSION_NUMBER" in reason or "RECORD_LAYER" in reason or "LENGTH" in reason:
+        return KafkaTlsError(
+            f"kafka: TLS: the listener at {address} does not speak TLS ({words}); check "
+            f"{_VAR}SECURITY_PROTOCOL (it is {kafka.security_protocol.value}) and the port",
+            retry=False,
+        )
+    return KafkaTlsError(f"kafka: TLS: the handshake with {address} failed: {words}")
+
+
+def _broker_words(cause: BaseException) -> str:
+    text = str(cause.args[0]) if cause.args else type(cause).__name__
+    return text or type(cause).__name__
+
+
+def _sasl_problem(
+    cause: BaseException, address: str, kafka: KafkaSettings
+) -> KafkaAuthenticationError:
+    words = _broker_words(cause)
+    if kafka.sasl_mechanism == "OAUTHBEARER":
+        return KafkaAuthenticationError(
+            f"kafka: SASL OAUTHBEARER: the broker at {address} refused the token of "
+            f"{_VAR}SASL_OAUTH_TOKEN_FILE ({kafka.sasl_oauth_token_file}): {words}; the file is "
+            "read again at the next attempt"
+        )
+    return KafkaAuthenticationError(
+        f"kafka: SASL {kafka.sasl_mechanism}: the broker at {address} refused user "
+        f"{kafka.sasl_username!r}: {words}; check {_VAR}SASL_USERNAME and {_VAR}SASL_PASSWORD "
+        "(read once at start: a restart picks up a rotated password)",
+        retry=False,
+    )
+
+
+def _closed_at_once(exc: BaseException, kafka: KafkaSettings) -> bool:
+    """A plaintext client at a TLS listener: the broker drops the connection at the first
+    bytes (it could also be a broker going down: this only adds a hint, and is retried)."""
+    plaintext = kafka.security_protocol in (
+        SecurityProtocol.PLAINTEXT,
+        SecurityProtocol.SASL_PLAINTEXT,
+    )
+    return (
+        plaintext
+        and isinstance(exc, kafka_errors.KafkaConnectionError)
+        and str(exc).endswith("closed")
+    )
+
+
+async def check_connection(kafka: KafkaSettings, *, timeout_ms: int = 15_000) -> None:
+    """Open (and close) one connection to a bootstrap address with the service's options.
+
+    Raises :class:`~service.kafka.KafkaAccessError` (TLS, SASL) naming the cause and the setting
+    when no address accepted the client for such a reason; an unreachable cluster raises
+    aiokafka's ``KafkaConnectionError`` with each address's error.
+    """
+    options = client_options(kafka)  # reads the TLS files: may raise KafkaTlsError
+    problems: list[KafkaAccessError] = []
+    failures: list[str] = []
+    for host, port in _addresses(kafka.bootstrap_servers):
+        address = f"{host}:{port}"
+        try:
+            conn = await create_conn(
+                host,
+                port,
+                client_id=options["client_id"],
+                request_timeout_ms=timeout_ms,
+                ssl_context=options.get("ssl_context"),
+                security_protocol=options["security_protocol"],
+                sasl_mechanism=options.get("sasl_mechanism"),
+                sasl_plain_username=options.get("sasl_plain_username"),
+                sasl_plain_password=options.get("sasl_plain_password"),
+                sasl_oauth_token_provider=options.get("sasl_oauth_token_provider"),
+            )
+        except Exception as exc:  # noqa: BLE001 - every failure is explained or reported
+            problem = explain_connection_error(exc, address, kafka)
+            if problem is None and _closed_at_once(exc, kafka):
+                problem = KafkaAccessError(
+                    f"kafka: the broker at {address} closed the connection at the first request: "
+                    f"a TLS listener? {_VAR}SECURITY_PROTOCOL is {kafka.security_protocol.value}"
+                )
+            if problem is not None:
+                problems.append(problem)
+            failures.append(f"{address}: {type(exc).__name__}: {exc}")
+            continue
+        try:
+            # A listener that expects SASL accepts ApiVersions from anyone, then closes the
+            # connection at the first real request of a client that did not authenticate.
+            await conn.send(MetadataRequest([]))
+        except Exception as exc:  # noqa: BLE001 - explained below
+            problems.append(
+                explain_connection_error(exc, address, kafka)
+                or KafkaAccessError(
+                    f"kafka: the broker at {address} closed the connection at the first request "
+                    f"after connecting: check that {_VAR}SECURITY_PROTOCOL (it is "
+                    f"{kafka.security_protocol.value}) is the listener's protocol",
+                    retry=False,
+                )
+            )
+            continue
+        finally:
+            conn.close()
+        return
+    if problems:
+        raise problems[0]
+    raise kafka_errors.KafkaConnectionError(
+        "Unable to connect to any bootstrap address: " + "; ".join(failures)
+    )
+
+
+# ---------------------------------------------------------------------------- authorization
+
+
+class _MetadataResponse_v8(Response):  # type: ignore[misc]  # noqa: N801 - aiokafka's naming
+    API_KEY = 3
+    API_VERSION = 8
+    SCHEMA = Schema(
+        ("throttle_time_ms", Int32),
+        (
+            "brokers",
+            Array(
+                ("node_id", Int32),
+                ("host", String("utf-8")),
+                ("port", Int32),
+                ("rack", String("utf-8")),
+            ),
+        ),
+        ("cluster_id", String("utf-8")),
+        ("controller_id", Int32),
+        (
+            "topics",
+            Array(
+                ("error_code", Int16),
+                ("topic", String("utf-8")),
+                ("is_internal", Boolean),
+                (
+                    "partitions",
+                    Array(
+                        ("error_code", Int16),
+                        ("partition", Int32),
+                        ("leader", Int32),
+                        ("leader_epoch", Int32),
+                        ("replicas", Array(Int32)),
+                        ("isr", Array(Int32)),
+                        ("offline_replicas", Array(Int32)),
+                    ),
+                ),
+                ("topic_authorized_operations", Int32),
+            ),
+        ),
+        ("cluster_authorized_operations", Int32),
+    )
+
+
+class _MetadataRequest_v8(RequestStruct):  # type: ignore[misc]  # noqa: N801 - aiokafka's naming
+    API_KEY = 3
+    API_VERSION = 8
+    RESPONSE_TYPE = _MetadataResponse_v8
+    SCHEMA = Schema(
+        ("topics", Array(String("utf-8"))),
+        ("allow_auto_topic_creation", Boolean),
+        ("include_cluster_authorized_operations", Boolean),
+        ("include_topic_authorized_operations", Boolean),
+    )
+
+
+class AuthorizedOperationsRequest(Request[_MetadataRequest_v8]):  # type: ignore[misc]
+    """Metadata of some topics with the operations the principal may perform on each (never
+    creates a topic)."""
+
+    API_KEY = 3
+
+    def __init__(self, topics: list[str]) -> None:
+        self._topics = topics
+
+    def build(self, request_struct_class: type[_MetadataRequest_v8]) -> _MetadataRequest_v8:
+        return request_struct_class(self._topics, False, False, True)
+
+
+def _allowed(operations: int, operation: str) -> bool:
+    return bool(operations & (1 << _OPERATION_CODES[operation]))
+
+
+async def _missing_topic_acls(
+    client: AIOKafkaClient, required: Sequence[AclRequirement]
+) -> list[AclRequirement]:
+    names = sorted({r.name for r in required})
+    node = client.get_random_node()
+    try:
+        response = await client.send(node, AuthorizedOperationsRequest(names))
+    except (NotImplementedError, kafka_errors.IncompatibleBrokerVersion):
+        log.info("kafka_access_topic_check_skipped", reason="broker without Metadata v8")
+        return []
+    found = {t["topic"]: t for t in response.to_object()["topics"]}
+    missing = []
+    for r in required:
+        topic = found.get(r.name)
+        if topic is None or topic["error_code"] == _UNKNOWN_TOPIC:
+            continue  # a missing topic is reported by the topic checks, not as an ACL
+        if topic["error_code"] == _TOPIC_AUTHORIZATION_FAILED:
+            missing.append(r)
+            continue
+        operations = topic["topic_authorized_operations"]
+        if operations != _NOT_PROVIDED and not _allowed(operations, r.operation):
+            missing.append(r)
+    return missing
+
+
+_COORDINATOR_RETRIES: Final = 20
+_COORDINATOR_BACKOFF_SECONDS: Final = 0.25
+
+
+async def _coordinator(client: AIOKafkaClient, group: str) -> int:
+    """The group's coordinator; a cluster creating its offsets topic first answers "not
+    available" for a moment."""
+    for _ in range(_COORDINATOR_RETRIES - 1):
+        try:
+            node: int = await client.coordinator_lookup(CoordinationType.GROUP, group)
+        except (
+            kafka_errors.CoordinatorNotAvailableError,
+            kafka_errors.NotCoordinatorError,
+            kafka_errors.CoordinatorLoadInProgressError,
+        ):
+            await asyncio.sleep(_COORDINATOR_BACKOFF_SECONDS)
+        else:
+            return node
+    last: int = await client.coordinator_lookup(CoordinationType.GROUP, group)
+    return last
+
+
+async def _missing_group_acls(
+    client: AIOKafkaClient, required: Sequence[AclRequirement]
+) -> list[AclRequirement]:
+    missing = []
+    for r in required:
+        try:
+            node = await _coordinator(client, r.name)
+            response = await client.send(
+                node, DescribeGroupsRequest([r.name], include_authorized_operations=True)
+            )
+        except kafka_errors.GroupAuthorizationFailedError:
+            missing.append(r)
+            continue
+        except (NotImplementedError, kafka_errors.IncompatibleBrokerVersion):
+            log.info("kafka_access_group_check_skipped", reason="broker without DescribeGroups v3")
+            continue
+        [group] = response.to_object()["groups"]
+        if group["error_code"] == _GROUP_AUTHORIZATION_FAILED:
+            missing.append(r)
+            continue
+        operations = group.get("authorized_operations", _NOT_PROVIDED)
+        if operations != _NOT_PROVIDED and not _allowed(operations, r.operation):
+            missing.append(r)
+    return missing
+
+
+async def _missing_transactional_acls(
+    kafka: KafkaSettings, topics: TopicSettings, required: Sequence[AclRequirement]
+) -> list[AclRequirement]:
+    """Initialise a transactional id of the service's own prefix that no partition uses
+    (``<prefix>-<group>-<input topic>-access-check``): Kafka checks Write on it exactly as on
+    the partitions' ids, and nothing is fenced."""
+    missing = []
+    for r in required:
+        probe = f"{r.name}{topics.device_swapped}-{ACCESS_CHECK_SUFFIX}"
+        producer = AIOKafkaProducer(
+            **client_options(kafka), transactional_id=probe, request_timeout_ms=15_000
+        )
+        try:
+            await producer.start()
+        except kafka_errors.TransactionalIdAuthorizationFailed:
+            missing.append(r)
+        finally:
+            with contextlib.suppress(Exception):
+                await producer.stop()
+    return missing
+
+
+def principal_hint(kafka: KafkaSettings) -> str:
+    """Who the broker sees, as far as the client can tell."""
+    if kafka.sasl_mechanism == "OAUTHBEARER":
+        return f"the subject of the token in {_VAR}SASL_OAUTH_TOKEN_FILE"
+    if kafka.sasl_mechanism is not None:
+        return f"User:{kafka.sasl_username}"
+    if kafka.security_protocol == SecurityProtocol.SSL and kafka.ssl_certfile is not None:
+        subject = _certificate_summary(kafka.ssl_certfile).split(", ")[0]
+        return f"the client certificate's principal ({subject or kafka.ssl_certfile})"
+    return "User:ANONYMOUS"
+
+
+async def missing_acls(
+    kafka: KafkaSettings, topics: TopicSettings, bind: BindSettings | None = None
+) -> list[AclRequirement]:
+    """The entries of :func:`service_acls` the broker does not grant this principal."""
+    required = service_acls(kafka, topics, bind)
+    client = AIOKafkaClient(**client_options(kafka), request_timeout_ms=15_000)
+    try:
+        await client.bootstrap()
+        missing = await _missing_topic_acls(client, [r for r in required if r.resource == "Topic"])
+        missing += await _missing_group_acls(client, [r for r in required if r.resource == "Group"])
+    finally:
+        await client.close()
+    missing += await _missing_transactional_acls(
+        kafka, topics, [r for r in required if r.resource == "TransactionalId"]
+    )
+    return missing
+
+
+async def check_access(
+    kafka: KafkaSettings, topics: TopicSettings, bind: BindSettings | None = None
+) -> None:
+    """Connect as the service does and check its ACLs; raise one clear error otherwise.
+
+    Raises :class:`~service.kafka.KafkaTlsError` / :class:`~service.kafka.KafkaAuthenticationError`
+    (connection refused for a TLS or SASL reason) or :class:`~service.kafka.KafkaAuthorizationError`
+    (missing ACLs, every one named).
+    """
+    await check_connection(kafka)
+    missing = await missing_acls(kafka, topics, bind)
+    if missing:
+        raise KafkaAuthorizationError(
+            f"kafka: not authorized: {principal_hint(kafka)} lacks "
+            + "; ".join(r.describe() for r in missing)
+            + f" (the ACLs the service needs: {ACL_DOCS})"
+        )
