@@ -1,7 +1,7 @@
 """Event contracts: the device-swapped input, the outcome events and the dead-letter headers.
 
 Everything that crosses the Kafka boundary as bytes is turned into a model here, and back.
-The rules are those of ``/work/shared/design/contracts.md``; the JSON Schemas in ``schemas/``
+The rules are those of the README's event contracts; the JSON Schemas in ``schemas/``
 say the same thing for other systems (the tests keep the two in step).
 
 Input (:func:`decode_swap`) accepts CloudEvents 1.0 in

@@ -1,4 +1,4 @@
-"""The platform simulator behaves as /work/shared/api/iocm-northbound.md says (raw httpx calls)."""
+"""The platform simulator behaves as docs/platform-api.md describes (raw httpx calls)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """A faithful simulator of the IoT platform's northbound API (IoCM) for tests and benchmarks.
 
-See ``/work/shared/api/iocm-northbound.md``. Entry points:
+What it implements is described in ``docs/platform-api.md``. Entry points:
 
 * :class:`Simulator` — in-process, ``await start()`` / ``await stop()`` on the caller's loop;
 * :class:`SimulatorThread` — in-process on its own loop in a thread, sync ``start()``/``stop()``;

@@ -1,4 +1,4 @@
-"""The platform reference's error rows (../shared/api/), written out once as the tests' oracle.
+"""The platform reference's error rows (docs/platform-api.md), written out once as an oracle.
 
 Kept apart from ``service.platform.errors`` on purpose: the tests check the service's table and
 the simulator against the reference, not against themselves.
