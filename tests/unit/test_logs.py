@@ -287,3 +287,25 @@ def test_configure_with_the_settings_registers_their_secrets(
     assert "Settings-S3cret-1" not in text
     assert "Settings-SASL-pw" not in text
     assert orjson.loads(text)["event"] == f"x {logs.MASK} y {logs.MASK} z"
+
+
+def test_aiokafka_lines_come_out_in_the_service_s_own_shape() -> None:
+    """Issue 12: the Kafka client's records go through the same structlog pipeline: the same
+    keys, the same compact JSON, the bound context, redaction, plus the logger's name."""
+    with (
+        captured_logs(level="INFO") as cap,
+        structlog.contextvars.bound_contextvars(topic="asset.device-swapped.v1", partition=2),
+    ):
+        structlog.get_logger("service.x").warning("own line", detail="x")
+        logging.getLogger("aiokafka.conn").error(
+            "Unable connect to %r: %s (sasl_password=%s)", "kafka-0:9092", "refused", "hunter22"
+        )
+    own, kafka = cap.text.splitlines()
+    assert ", " not in kafka.split('"event"')[0]  # compact, like our own lines
+    mine, theirs = orjson.loads(own), orjson.loads(kafka)
+    assert set(mine) - {"detail"} <= set(theirs)
+    assert theirs["logger"] == "aiokafka.conn"
+    assert theirs["level"] == "error"
+    assert theirs["partition"] == 2
+    assert theirs["event"].startswith("Unable connect to 'kafka-0:9092': refused")
+    assert "hunter22" not in kafka
