@@ -56,7 +56,9 @@ from pydantic_core import PydanticCustomError
 
 __all__ = [
     "CONTENT_TYPE",
+    "CONTEXT_TRUNCATED_HEADER",
     "DATA_CONTENT_TYPE",
+    "DEFAULT_MAX_RECORD_BYTES",
     "DLQ_DETAIL_HEADER",
     "DLQ_REASON_HEADER",
     "DLQ_SOURCE_OFFSET_HEADER",
@@ -66,6 +68,8 @@ __all__ = [
     "INVALID_REASONS",
     "MAX_CONTEXT_DEPTH",
     "MAX_DETAIL_CHARS",
+    "ORIGINAL_SIZE_HEADER",
+    "OUTCOME_HEADROOM_BYTES",
     "OUTCOME_ID_NAMESPACE",
     "REBOUND_TYPE",
     "SWAPPED_TYPE",
@@ -87,10 +91,13 @@ __all__ = [
     "decode_swap",
     "device_id_problem",
     "device_rebound",
+    "encode_swap",
     "outcome_id",
     "parse_outcome",
     "parse_rfc3339",
     "rebind_failed",
+    "record_size",
+    "trim_context",
 ]
 
 SWAPPED_TYPE: Final = "com.iot.asset.device.swapped.v1"
@@ -114,6 +121,20 @@ _DLQ_HEADERS: Final = frozenset(
         DLQ_SOURCE_OFFSET_HEADER,
     }
 )
+
+ORIGINAL_SIZE_HEADER: Final = "rebind-original-size"
+"""On a ``too_large`` dead letter: the size of the record it stands for (key, value, headers)."""
+CONTEXT_TRUNCATED_HEADER: Final = "rebind-context-truncated"
+"""On the service's own compact copy of a swap (see :func:`encode_swap`): its context was
+trimmed, so its outcome says ``contextTruncated``."""
+
+DEFAULT_MAX_RECORD_BYTES: Final = 983_040
+"""The largest record the service reads or writes (``REBIND_KAFKA__MAX_INPUT_BYTES``): 960 KiB,
+64 KiB under the 1 MiB request limit of its producers (keys, headers and batch overhead fit in
+between)."""
+OUTCOME_HEADROOM_BYTES: Final = 16_384
+"""What an outcome's value leaves free under the record limit: the outcome's key and headers,
+and in the duplicate memory's copy of it, the key (source and id) and the outcome's key."""
 
 #: Fixed namespace of the outcome ids: ``uuid5(NAMESPACE_URL, "urn:device-rebind:outcome")``.
 OUTCOME_ID_NAMESPACE: Final = uuid.UUID("6d9d1f33-6411-5b1e-a7ce-4ff84b337484")
@@ -535,6 +556,73 @@ def outcome_id(kind: OutcomeKind, input_source: str, input_id: str) -> str:
     return str(uuid.uuid5(OUTCOME_ID_NAMESPACE, name))
 
 
+def record_size(
+    key: bytes | None, value: bytes | None, headers: Sequence[tuple[str, bytes]]
+) -> int:
+    """A record's size as the limits count it: key, value, header names and values."""
+    return (
+        len(key or b"")
+        + len(value or b"")
+        + sum(len(name.encode("utf-8", "surrogatepass")) + len(raw or b"") for name, raw in headers)
+    )
+
+
+def trim_context(context: dict[str, Any], room: int) -> tuple[dict[str, Any], bool]:
+    """``context`` if its JSON fits in ``room`` bytes, else the largest subset of its fields (the
+    smallest first, kept in their order) that fits, and True."""
+    if len(orjson.dumps(context)) <= room:
+        return context, False
+    sizes = sorted(
+        ((len(orjson.dumps({name: value})) - 1, name) for name, value in context.items()),
+        key=lambda item: item[0],
+    )
+    kept: set[str] = set()
+    used = 2  # the braces
+    for size, name in sizes:
+        if used + size > room:
+            break
+        kept.add(name)
+        used += size
+    return {name: value for name, value in context.items() if name in kept}, True
+
+
+def encode_swap(swap: SwapEvent, *, max_bytes: int) -> bytes:
+    """``swap`` as a structured CloudEvent of at most ``max_bytes`` bytes: every attribute and
+    data field the service uses, and as much of the context as fits (:func:`trim_context`).
+
+    :func:`decode_swap` reads it back as the same swap (with the trimmed context). The service
+    keeps such a copy of a waiting swap whose input is too large to keep as it is.
+    """
+    d = swap.data
+    optional = {
+        "previousNodeId": d.previous_node_id,
+        "appId": d.app_id,
+        "verifyCode": d.verify_code,
+        "timeout": d.timeout,
+    }
+    data: dict[str, Any] = {
+        "deviceId": d.device_id,
+        "nodeId": d.node_id,
+        **{name: value for name, value in optional.items() if value is not None},
+    }
+    event: dict[str, Any] = {
+        "specversion": "1.0",
+        "id": swap.id,
+        "source": swap.source,
+        "type": swap.type,
+        "datacontenttype": DATA_CONTENT_TYPE,
+        "data": data,
+    }
+    if swap.time is not None:
+        event["time"] = swap.time
+    if swap.subject is not None:
+        event["subject"] = swap.subject
+    room = max_bytes - len(orjson.dumps(event, option=_DUMP_OPTS))
+    context, _ = trim_context(d.context, room)
+    data.update(context)
+    return orjson.dumps(event, option=_DUMP_OPTS)
+
+
 def _utc(name: str, value: datetime) -> datetime:
     if value.tzinfo is None or value.utcoffset() is None:
         raise ValueError(f"{name} must be timezone-aware")
@@ -552,7 +640,13 @@ def _envelope(
     source: str,
     time: datetime,
     data: dict[str, Any],
+    max_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+    context_truncated: bool = False,
 ) -> OutcomeEvent:
+    """The outcome event; its value stays within ``max_bytes - OUTCOME_HEADROOM_BYTES``: when
+    ``data.context`` does not fit, it is trimmed (:func:`trim_context`) and ``data`` says
+    ``contextTruncated: true`` (as it does when ``context_truncated``: the swap's context was
+    trimmed before, see :func:`encode_swap`)."""
     if not source:
         raise ValueError("source must not be empty")
     event_id = outcome_id(kind, swap.source, swap.id)
@@ -567,12 +661,15 @@ def _envelope(
         "datacontenttype": DATA_CONTENT_TYPE,
         "data": data,
     }
-    return OutcomeEvent(
-        id=event_id,
-        type=event_type,
-        key=device_id.encode("utf-8"),
-        value=orjson.dumps(body, option=_DUMP_OPTS),
-    )
+    value = orjson.dumps(body, option=_DUMP_OPTS)
+    limit = max_bytes - OUTCOME_HEADROOM_BYTES
+    if context_truncated or len(value) > limit:
+        context = data.get("context") or {}
+        body["data"] = data = {**data, "context": {}, "contextTruncated": True}
+        room = limit - len(orjson.dumps(body, option=_DUMP_OPTS))
+        data["context"], _ = trim_context(context, room)
+        value = orjson.dumps(body, option=_DUMP_OPTS)
+    return OutcomeEvent(id=event_id, type=event_type, key=device_id.encode("utf-8"), value=value)
 
 
 def credential_updated(
@@ -583,9 +680,11 @@ def credential_updated(
     attempts: int,
     source: str,
     time: datetime,
+    max_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+    context_truncated: bool = False,
 ) -> OutcomeEvent:
     """The credential-updated event for ``swap``; ``verify_code``/``timeout`` as the platform
-    answered."""
+    answered. ``max_bytes``, ``context_truncated``: see :func:`_envelope`."""
     if not 1 <= len(verify_code) <= 256:
         raise ValueError("verify_code must be 1..256 characters")
     if isinstance(timeout, bool) or not 0 <= timeout <= _INT32_MAX:
@@ -603,7 +702,16 @@ def credential_updated(
         "swapEventId": swap.id,
         "context": swap.context,
     }
-    return _envelope("credential-updated", UPDATED_TYPE, swap, source=source, time=time, data=data)
+    return _envelope(
+        "credential-updated",
+        UPDATED_TYPE,
+        swap,
+        source=source,
+        time=time,
+        data=data,
+        max_bytes=max_bytes,
+        context_truncated=context_truncated,
+    )
 
 
 def rebind_failed(
@@ -619,8 +727,11 @@ def rebind_failed(
     last_attempt_at: datetime | None,
     source: str,
     time: datetime,
+    max_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+    context_truncated: bool = False,
 ) -> OutcomeEvent:
-    """The rebind-failed event for ``swap``. ``error_desc`` is clipped to 1024 characters."""
+    """The rebind-failed event for ``swap``. ``error_desc`` is clipped to 1024 characters.
+    ``max_bytes``, ``context_truncated``: see :func:`_envelope`."""
     if not error_code or not category:
         raise ValueError("error_code and category must not be empty")
     if http_status is not None and not 100 <= http_status <= 599:
@@ -643,7 +754,16 @@ def rebind_failed(
         "swapEventId": swap.id,
         "context": swap.context,
     }
-    return _envelope("rebind-failed", FAILED_TYPE, swap, source=source, time=time, data=data)
+    return _envelope(
+        "rebind-failed",
+        FAILED_TYPE,
+        swap,
+        source=source,
+        time=time,
+        data=data,
+        max_bytes=max_bytes,
+        context_truncated=context_truncated,
+    )
 
 
 def device_rebound(
@@ -654,8 +774,11 @@ def device_rebound(
     seconds_to_bind: float,
     source: str,
     time: datetime,
+    max_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+    context_truncated: bool = False,
 ) -> OutcomeEvent:
     """The device-rebound event for ``swap``: its new hardware bound at ``bound_at``.
+    ``max_bytes``, ``context_truncated``: see :func:`_envelope`.
 
     ``via``: how the bind was learned (the platform's ``bindDevice`` push, or polling);
     ``seconds_to_bind``: from the key refresh to the bind, >= 0 (kept to the millisecond).
@@ -680,7 +803,16 @@ def device_rebound(
         "secondsToBind": round(float(seconds_to_bind), 3),
         "context": swap.context,
     }
-    return _envelope("device-rebound", REBOUND_TYPE, swap, source=source, time=time, data=data)
+    return _envelope(
+        "device-rebound",
+        REBOUND_TYPE,
+        swap,
+        source=source,
+        time=time,
+        data=data,
+        max_bytes=max_bytes,
+        context_truncated=context_truncated,
+    )
 
 
 class _OutcomeData(BaseModel):
@@ -691,6 +823,9 @@ class _OutcomeData(BaseModel):
     app_id: Id256 | None = Field(alias="appId")
     swap_event_id: Id256 = Field(alias="swapEventId")
     context: dict[str, Any]
+    context_truncated: bool = Field(default=False, alias="contextTruncated")
+    """Present (true) when ``context`` is a subset of the input's: the whole did not fit under
+    the record size limit."""
 
 
 class CredentialUpdatedData(_OutcomeData):

@@ -25,6 +25,7 @@ import structlog
 from service.config import Settings
 from service.events import credential_updated, device_rebound, rebind_failed
 from service.metrics import Metrics
+from service.pipeline.intake import trimmed_for_ledger
 from service.pipeline.records import OutcomeKind, Output
 from service.pipeline.work import (
     Deferral,
@@ -93,6 +94,7 @@ class RebindHandler:
         self._client = client
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not crypto
         self._source = f"/device-rebind/{settings.kafka.group_id}"
+        self._max_bytes = settings.kafka.max_input_bytes  # no outcome record is larger
 
     def _request(self, work: Work) -> RefreshRequest:
         d = work.swap.data
@@ -179,6 +181,8 @@ class RebindHandler:
             attempts=max(1, attempts),
             source=self._source,
             time=datetime.now(UTC),
+            max_bytes=self._max_bytes,
+            context_truncated=trimmed_for_ledger(work),
         )
         return Outcome(
             OutcomeKind.CREDENTIAL_UPDATED,
@@ -293,6 +297,8 @@ class RebindHandler:
             seconds_to_bind=seconds,
             source=self._source,
             time=datetime.now(UTC),
+            max_bytes=self._max_bytes,
+            context_truncated=trimmed_for_ledger(work),
         )
         return Output(
             self._topics.device_rebound,
@@ -376,6 +382,8 @@ class RebindHandler:
             last_attempt_at=_dt(failed.last_attempt_at),
             source=self._source,
             time=datetime.now(UTC),
+            max_bytes=self._max_bytes,
+            context_truncated=trimmed_for_ledger(work),
         )
         return Outcome(
             OutcomeKind.REBIND_FAILED,

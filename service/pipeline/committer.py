@@ -17,18 +17,34 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from typing import Final
 
 import structlog
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError, ProducerFenced
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from aiokafka.structs import OffsetAndMetadata
 
 from service.config import KafkaSettings
 from service.kafka import client_options
 from service.metrics import Metrics
 from service.pipeline.partition import Commit, PartitionCore
+from service.pipeline.records import Output
 
 log = structlog.get_logger(__name__)
+
+MAX_REQUEST_BYTES: Final = 1_048_576
+"""The producers' ``max_request_size``: the largest record they send (the brokers' default
+``message.max.bytes`` is 1 MiB as well). ``REBIND_KAFKA__MAX_INPUT_BYTES`` bounds every record
+the service writes well below it (``service.events.DEFAULT_MAX_RECORD_BYTES``)."""
+
+
+def fits(output: Output) -> bool:
+    """True when the producer can send ``output`` (its size as the producer counts it)."""
+    size = DefaultRecordBatchBuilder.estimate_size_in_bytes(
+        output.key, output.value, output.headers
+    )
+    return bool(size <= MAX_REQUEST_BYTES)
 
 
 class PartitionFencedError(Exception):
@@ -56,6 +72,7 @@ class PartitionCommitter:
             enable_idempotence=True,
             acks="all",
             linger_ms=5,
+            max_request_size=MAX_REQUEST_BYTES,
         )
         self._lock = asyncio.Lock()
         self.failures = 0
@@ -78,6 +95,7 @@ class PartitionCommitter:
             commit = core.take_commit()
             if commit is None:
                 return
+            self._leave_out_oversized(commit)
             try:
                 written = await self._transact(commit)
             except BaseException:
@@ -94,6 +112,22 @@ class PartitionCommitter:
                 self._metrics.bind_results.labels(result=result).inc()
                 if seconds is not None:
                     self._metrics.bind_seconds.observe(seconds)
+
+    def _leave_out_oversized(self, commit: Commit) -> None:
+        """Last line of defence: a record the producer would refuse would fail every transaction
+        of the partition (and stop the service after 30). Every output is built to fit; one that
+        does not is a defect, logged and left out rather than wedging the partition."""
+        oversized = [o for o in commit.outputs if not fits(o)]
+        for output in oversized:
+            log.error(
+                "output record over the producer's request limit: left out",
+                topic=output.topic,
+                partition=self.partition,
+                value_bytes=len(output.value or b""),
+                limit=MAX_REQUEST_BYTES,
+            )
+        if oversized:
+            commit.outputs = [o for o in commit.outputs if fits(o)]
 
     async def _transact(self, commit: Commit) -> list[int]:
         producer = self._producer

@@ -4,6 +4,17 @@ A record is dead-lettered (unchanged: same key, value and headers, plus reason h
 is not a valid device-swapped CloudEvent (:func:`service.events.decode_swap` says why), or when
 its Kafka key is not its ``data.deviceId`` (``key_mismatch``): such a record sits in another
 device's partition, where per-device order, the ledger and the duplicate memory cannot see it.
+
+Sizes (``max_bytes``, ``REBIND_KAFKA__MAX_INPUT_BYTES``): no record the service writes may be
+larger, so
+
+* a record larger than that (key, value once decompressed, headers) is dead-lettered
+  ``too_large`` as a record that points at it: its source topic, partition and offset and its
+  size in headers, and as much of its value as fits (:func:`too_large`);
+* a swap too large to be kept as it is in the ledger while it waits (the ledger stores it base64
+  encoded, see :func:`ledger_room`) carries a compact copy of itself instead, with its context
+  trimmed (:func:`service.events.encode_swap`) and a header saying so; its outcome says
+  ``contextTruncated`` when it comes out of the ledger.
 """
 
 from __future__ import annotations
@@ -13,13 +24,46 @@ from typing import Any, Final
 
 import structlog
 
-from service.events import InvalidEvent, dead_letter_headers, decode_swap
+from service.events import (
+    CONTENT_TYPE,
+    CONTEXT_TRUNCATED_HEADER,
+    DEFAULT_MAX_RECORD_BYTES,
+    ORIGINAL_SIZE_HEADER,
+    InvalidEvent,
+    dead_letter_headers,
+    decode_swap,
+    encode_swap,
+    record_size,
+)
 from service.pipeline.records import OutcomeKind, Output
 from service.pipeline.work import Work
 
 log = structlog.get_logger(__name__)
 
 KEY_MISMATCH: Final = "key_mismatch"
+TOO_LARGE: Final = "too_large"
+LEDGER_OVERHEAD_BYTES: Final = 32_768
+"""What a ledger record holds besides the swap (ids, source, times, field names), at most."""
+KEPT_KEY_BYTES: Final = 4096
+KEPT_HEADER_BYTES: Final = 16_384
+"""A ``too_large`` dead letter keeps the record's key and headers up to these sizes."""
+_COMPACT_HEADERS: Final = [
+    ("content-type", CONTENT_TYPE.encode()),
+    (CONTEXT_TRUNCATED_HEADER, b"true"),
+]
+
+
+def ledger_room(max_bytes: int) -> int:
+    """The largest swap (value and headers) the ledger keeps as it is: its record holds it base64
+    encoded (4/3 of its size) and must stay within ``max_bytes``."""
+    return (max_bytes - LEDGER_OVERHEAD_BYTES) * 3 // 4
+
+
+def trimmed_for_ledger(work: Work) -> bool:
+    """True for a swap rebuilt from the ledger's compact copy of it (its context was trimmed)."""
+    return work.offset is None and any(
+        name == CONTEXT_TRUNCATED_HEADER for name, _ in work.raw_headers
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,12 +77,20 @@ def order_of(work_time_ms: int | None, record_timestamp_ms: int, offset: int) ->
 
 
 def read_record(
-    record: Any, topic: str, partition: int, dead_letter_topic: str
+    record: Any,
+    topic: str,
+    partition: int,
+    dead_letter_topic: str,
+    *,
+    max_bytes: int = DEFAULT_MAX_RECORD_BYTES,
 ) -> Work | DeadLetter:
-    """Decode and check one input record."""
+    """Decode and check one input record; ``max_bytes``: the record size limit."""
     headers = list(record.headers or ())
+    size = record_size(record.key, record.value, headers)
+    if size > max_bytes:
+        return too_large(record, headers, topic, partition, dead_letter_topic, size, max_bytes)
     try:
-        swap = decode_swap(record.value, headers)
+        swap = decode_swap(record.value, headers, max_bytes=max_bytes)
     except InvalidEvent as exc:
         return _dead_letter(
             record, headers, topic, partition, dead_letter_topic, exc.reason, exc.detail
@@ -55,15 +107,88 @@ def read_record(
             f"the record's key ({shown}) is not data.deviceId; produce swaps keyed by deviceId",
         )
     time_ms = int(swap.time.timestamp() * 1000) if swap.time is not None else None
+    raw_value, raw_headers = record.value, headers
+    room = ledger_room(max_bytes)
+    if size > room:  # the ledger could not keep it as it is, should it wait: a compact copy
+        raw_headers = list(_COMPACT_HEADERS)
+        raw_value = encode_swap(swap, max_bytes=room - record_size(None, None, raw_headers))
     return Work(
         swap=swap,
-        raw_value=record.value,
-        raw_headers=headers,
+        raw_value=raw_value,
+        raw_headers=raw_headers,
         topic=topic,
         partition=partition,
         origin_offset=record.offset,
         order=order_of(time_ms, record.timestamp, record.offset),
         offset=record.offset,
+    )
+
+
+def too_large(  # noqa: PLR0917 - one record's whole context
+    record: Any,
+    headers: list[tuple[str, bytes]],
+    topic: str,
+    partition: int,
+    dead_letter_topic: str,
+    size: int,
+    max_bytes: int,
+) -> DeadLetter:
+    """The dead letter of a record over the size limit: a record that points at it (source topic,
+    partition and offset, and its size, in headers) and carries as much of its value as fits,
+    with its key and headers when they are small."""
+    notes: list[str] = []
+    key = record.key
+    if key is not None and len(key) > KEPT_KEY_BYTES:
+        notes.append(f"its key ({len(key)} bytes) is left out")
+        key = None
+    kept = headers
+    if record_size(None, None, headers) > KEPT_HEADER_BYTES:
+        notes.append(f"its {len(headers)} headers are left out")
+        kept = []
+    value = record.value or b""
+
+    def detail(carried: int) -> str:
+        return (
+            f"the record is {size} bytes, over the limit of {max_bytes} "
+            f"(REBIND_KAFKA__MAX_INPUT_BYTES); this dead letter carries the first {carried} of "
+            f"its {len(value)} value bytes"
+            + "".join(f"; {note}" for note in notes)
+            + f"; the record is at {topic} partition {partition} offset {record.offset} while "
+            "the topic keeps it"
+        )
+
+    def out_headers(carried: int) -> list[tuple[str, bytes]]:
+        return [
+            *dead_letter_headers(
+                kept,
+                reason=TOO_LARGE,
+                detail=detail(carried),
+                topic=topic,
+                partition=partition,
+                offset=record.offset,
+            ),
+            (ORIGINAL_SIZE_HEADER, str(size).encode()),
+        ]
+
+    # the headers with the whole value's length are the largest they can be
+    value = value[: max(0, max_bytes - record_size(key, None, out_headers(len(value))))]
+    log.warning(
+        "dead-lettered",
+        topic=topic,
+        partition=partition,
+        offset=record.offset,
+        reason=TOO_LARGE,
+        detail=detail(len(value)),
+    )
+    return DeadLetter(
+        Output(
+            dead_letter_topic,
+            key,
+            value,
+            out_headers(len(value)),
+            outcome=OutcomeKind.DEAD_LETTERED,
+        ),
+        TOO_LARGE,
     )
 
 

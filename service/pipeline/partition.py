@@ -21,7 +21,7 @@ import orjson
 import structlog
 
 from service.bind.watch import WatchPolicy
-from service.events import InvalidEvent, decode_swap
+from service.events import DEFAULT_MAX_RECORD_BYTES, InvalidEvent, decode_swap
 from service.pipeline.dedupe import DedupeIndex, dedupe_key
 from service.pipeline.intake import DeadLetter, read_record
 from service.pipeline.ledger import Claim, DeviceLedger, Entry, State, Verdict
@@ -81,6 +81,7 @@ class PartitionCore:
         dedupe: DedupeIndex,
         answers: Answers,
         watch: WatchPolicy | None = None,
+        max_input_bytes: int = DEFAULT_MAX_RECORD_BYTES,
     ) -> None:
         self.topic = topic
         self.partition = partition
@@ -90,6 +91,7 @@ class PartitionCore:
         self.dedupe = dedupe
         self.answers = answers
         self.watch_policy = watch
+        self.max_input_bytes = max_input_bytes
         self.notify_offset: int | None = None  # next offset of the bind-notify partition
         self._notify_committed: int | None = None
         self._binds: list[tuple[str, float | None]] = []
@@ -119,7 +121,13 @@ class PartitionCore:
             self.skipped += 1
             self._finish(offset, counted=False)
             return None
-        read = read_record(record, self.topic, self.partition, self.dead_letter_topic)
+        read = read_record(
+            record,
+            self.topic,
+            self.partition,
+            self.dead_letter_topic,
+            max_bytes=self.max_input_bytes,
+        )
         if isinstance(read, DeadLetter):
             self._emit([read.output], OutcomeKind.DEAD_LETTERED)
             self._finish(offset)

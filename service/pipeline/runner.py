@@ -484,6 +484,7 @@ class Pipeline:
                 dedupe=indexes[tp.partition],
                 answers=self._handler,
                 watch=self._watch,
+                max_input_bytes=self._kafka.max_input_bytes,
             )
             committers[tp.partition].core = core
             self._cores[tp.partition] = core
