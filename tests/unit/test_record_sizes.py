@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import orjson
 import pytest
@@ -46,7 +47,7 @@ class Rec:
     timestamp: int = 1_764_000_000_000
 
 
-def _swap(size: int, device: str = "dev-1", **fields: object) -> bytes:
+def _swap(size: int, device: str = "dev-1", **fields: Any) -> bytes:
     base = len(device) + len(swap_event(device, "n-1", event_id="e-1", blob="", **fields))
     return swap_event(device, "n-1", event_id="e-1", blob="x" * (size - base), **fields)
 
