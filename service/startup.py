@@ -143,10 +143,12 @@ class StartupSupervisor:
         *,
         check: Callable[[Settings], Awaitable[None]] = preflight,
         clock: Callable[[], float] = time.monotonic,
+        attempt_timeout: float = ATTEMPT_TIMEOUT_SECONDS,
     ) -> None:
         self._settings = settings
         self._check = check
         self._clock = clock
+        self._attempt_timeout = attempt_timeout
         self._stopping = asyncio.Event()
         self.reason: str | None = None
         """Why the service is not started yet (the ``/readyz`` reason), or None."""
@@ -172,7 +174,7 @@ class StartupSupervisor:
             async def attempt() -> None:
                 nonlocal started_parts
                 with _quiet("aiokafka"):
-                    async with asyncio.timeout(ATTEMPT_TIMEOUT_SECONDS):
+                    async with asyncio.timeout(self._attempt_timeout):
                         await self._check(self._settings)
                     started_parts = True
                     await start()
@@ -226,7 +228,7 @@ class StartupSupervisor:
         if isinstance(exc, TimeoutError) and not str(exc):
             cause = (
                 f"Kafka is not reachable (REBIND_KAFKA__BOOTSTRAP_SERVERS={bootstrap}): "
-                f"no answer within {ATTEMPT_TIMEOUT_SECONDS:g} s"
+                f"no answer within {self._attempt_timeout:g} s"
             )
         return cause
 

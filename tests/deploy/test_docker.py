@@ -159,6 +159,7 @@ def test_entry_point_check_config(installed_venv: Path) -> None:
         "REBIND_PLATFORM__BASE_URL": "https://iot.example.com:8743",
         "REBIND_PLATFORM__APP_ID": "app-under-test",
         "REBIND_PLATFORM__SECRET": "SENTINEL-not-printed",
+        "REBIND_HTTP__PORT": "0",  # check-config tries the port: any free one
     }
     result = subprocess.run(
         [str(entry), "check-config"],

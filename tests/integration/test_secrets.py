@@ -275,6 +275,7 @@ def test_check_config_masks_every_secret(
         "REBIND_KAFKA__SASL_MECHANISM": "PLAIN",
         "REBIND_KAFKA__SASL_USERNAME": "rebind-svc",
         "REBIND_KAFKA__SASL_PASSWORD": SASL_PASSWORD,
+        "REBIND_HTTP__PORT": "0",  # check-config tries the port: any free one
     }.items():
         monkeypatch.setenv(name, value)
     known = [app_secret, SASL_PASSWORD, *key_material(simulator_certs)]

@@ -216,3 +216,50 @@ async def test_topics_create_is_idempotent_and_changes_nothing_existing(
     assert "created" not in again.getvalue()
     assert "0 to create" in again.getvalue()
     assert await topic_cli.run_command(kafka, names, "check", io.StringIO()) == 0
+
+
+async def test_a_listener_that_never_answers_is_waited_for_not_fatal(tmp_path: Path) -> None:
+    """A port that accepts connections and never answers (a black hole, a proxy without its
+    backend): each attempt ends after its deadline, the service stays up and says why."""
+    from service.config import PlatformSettings  # noqa: PLC0415 - this test only
+    from service.startup import StartupSupervisor  # noqa: PLC0415
+
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def swallow(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)  # keep it open, never answer
+
+    server = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    settings = Settings(
+        kafka=KafkaSettings(
+            bootstrap_servers=f"127.0.0.1:{port}",
+            connect_backoff_initial_seconds=0.1,
+            connect_backoff_max_seconds=0.2,
+        ),
+        platform=PlatformSettings(base_url="https://iot.example.test", app_id="a", secret="s"),
+    )
+    supervisor = StartupSupervisor(settings, attempt_timeout=1.0)
+    started: list[bool] = []
+
+    async def start() -> None:
+        started.append(True)
+
+    async def reset() -> None: ...
+
+    with captured_logs() as cap:
+        task = asyncio.create_task(supervisor.run(start, reset))
+        try:
+            await wait_until(lambda: supervisor.attempts >= 3, timeout=30, what="three attempts")
+            assert not task.done()
+            assert accepted, "the service never connected"
+        finally:
+            supervisor.stop()
+            assert await asyncio.wait_for(task, 10) is False
+            server.close()
+            for writer in accepted:
+                writer.close()
+    assert started == []
+    retries = [line for line in cap.lines() if line["event"] == "not ready: retrying"]
+    assert len(retries) >= 2
+    assert all(f"REBIND_KAFKA__BOOTSTRAP_SERVERS=127.0.0.1:{port}" in r["cause"] for r in retries)

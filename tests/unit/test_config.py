@@ -7,7 +7,14 @@ from pathlib import Path
 import pytest
 
 from service.cli import main
-from service.config import ConfigError, load_kafka_settings, load_settings, masked, variables
+from service.config import (
+    ConfigError,
+    HttpSettings,
+    load_kafka_settings,
+    load_settings,
+    masked,
+    variables,
+)
 
 REQUIRED = {
     "REBIND_PLATFORM__BASE_URL": "https://iot.example.test:8743",
@@ -20,6 +27,8 @@ REQUIRED = {
 def env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     for name, value in REQUIRED.items():
         monkeypatch.setenv(name, value)
+    # check-config tries the ops port: any free port, so a busy 8080 on the machine is no failure
+    monkeypatch.setenv("REBIND_HTTP__PORT", "0")
     return monkeypatch
 
 
@@ -34,7 +43,8 @@ def test_defaults_match_the_contracts(env: pytest.MonkeyPatch) -> None:
     assert s.topics.retry == "device-rebind.retry.v1"
     assert s.platform.rate_limit_per_minute == 100
     assert s.platform.default_timeout == 0
-    assert s.http.port == 8080
+    assert s.http.port == 0  # the fixture's; the default is checked below
+    assert HttpSettings().port == 8080
     assert (s.log.level, s.log.format) == ("INFO", "json")
 
 
