@@ -17,7 +17,12 @@ Refinements over the plain design (see docs/tokens.md for the reasons):
 * a holder without a token logs in only on demand (its own call, or a follower's *need* notice),
   then renews proactively;
 * a follower whose token is refused (1010005) publishes a *refused* notice (a token fingerprint,
-  never the token); the holder renews once if the notice names its current token;
+  never the token); the holder renews once if the notice names its current token, and otherwise
+  publishes its current token again (the follower holds an older one);
+* every token record carries a sequence number (one more than the highest the publisher has
+  seen) beside its issue time, and a replica never replaces the token it holds with an older
+  record: a captured record written again (a replay) is ignored and logged, and the holder
+  publishes its current token again so the topic's last record is the current one;
 * a follower that has had no usable token for ``token_takeover_seconds`` (jittered) logs in once
   itself, publishes, and renews as an *acting* holder until any other replica publishes;
 * a new holder reads the topic to its end and adopts a still-valid token (with its refresh
@@ -116,14 +121,30 @@ class SharedToken:
     expires_at: float
     renew_at: float
     holder: str
+    sequence: int | None = None
+    """One more than the highest sequence the publisher had seen (None: a record of a version
+    without sequences). Records are ordered by (sequence, issued_at): see :func:`older`."""
 
     def __repr__(self) -> str:  # never print the token
-        return f"SharedToken(holder={self.holder!r}, expires_at={self.expires_at:.0f})"
+        return (
+            f"SharedToken(holder={self.holder!r}, sequence={self.sequence}, "
+            f"expires_at={self.expires_at:.0f})"
+        )
 
     def __post_init__(self) -> None:
         # A token read from the topic is masked in the logs like one obtained here.
         logs.register_secret(self.access)
         logs.register_secret(self.refresh)
+
+
+def older(record: SharedToken, held: SharedToken) -> bool:
+    """``record`` was published before ``held``: a lower sequence, or the same sequence and an
+    earlier issue time (two publishers that had seen the same records: the later token is the
+    one the platform knows). Without sequences (a record of an earlier version) the issue times
+    decide. A record equal to ``held`` is not older (the same record read twice)."""
+    if record.sequence is not None and held.sequence is not None:
+        return (record.sequence, record.issued_at) < (held.sequence, held.issued_at)
+    return record.issued_at < held.issued_at
 
 
 class InvalidRecordError(Exception):
@@ -178,6 +199,7 @@ class TokenCodec:
                 "expiresAt": token.expires_at,
                 "renewAt": token.renew_at,
                 "holder": token.holder,
+                "seq": token.sequence,
             },
             aad,
         )
@@ -191,6 +213,7 @@ class TokenCodec:
         if not all(isinstance(t, int | float) and not isinstance(t, bool) for t in times):
             raise InvalidRecordError("times missing")
         issued, expires, renew = (float(t) for t in times)  # type: ignore[arg-type]
+        seq = p.get("seq")
         return SharedToken(
             access=access,
             refresh=refresh if isinstance(refresh, str) and refresh else None,
@@ -198,6 +221,7 @@ class TokenCodec:
             expires_at=expires,
             renew_at=min(renew, expires),
             holder=holder,
+            sequence=seq if isinstance(seq, int) and not isinstance(seq, bool) else None,
         )
 
 
@@ -311,6 +335,10 @@ class SharedTokenProvider:
         self._producer: AIOKafkaProducer | None = None
         self._reader: asyncio.Task[None] | None = None
         self.takeovers = 0
+        self.stale_records = 0
+        """Token records ignored because they are older than the token held (replays)."""
+        self._sequence = 0
+        """The highest sequence this replica published."""
         self.elections = 0
         """How often this replica became the elected holder."""
 
@@ -426,14 +454,35 @@ class SharedTokenProvider:
             if self.is_holder:
                 self._wake_holder()
             return
-        if key != self._token_key:
-            return  # another group's or application's record
+        if key == self._token_key:
+            self._receive_token(value, offset)
+        # else: another group's or application's record
+
+    def _receive_token(self, value: bytes | None, offset: int) -> None:
         try:
             token = self._codec.decode_token(value, self._token_key)
         except InvalidRecordError as exc:
             log.warning("token_record_ignored", offset=offset, reason=str(exc))
             return
         previous = self.latest
+        if previous is not None and older(token, previous):
+            # A record published before the one held: a captured record written again, or a
+            # late duplicate. Using it would hand out a dead token. The holder answers it with
+            # its current token, so the topic's last record (what compaction keeps, what a new
+            # replica reads last) is the current one again.
+            self.stale_records += 1
+            log.warning(
+                "token_record_stale",
+                offset=offset,
+                record_sequence=token.sequence,
+                held_sequence=previous.sequence,
+                record_holder=token.holder,
+                action="ignored" if not self.is_holder else "republish",
+            )
+            if self.is_holder:
+                self._published = None
+                self._wake_holder()
+            return
         self.latest = token
         if previous is not None and previous.access == token.access:
             return  # a claim of the same token by a new holder
@@ -469,6 +518,13 @@ class SharedTokenProvider:
             return
         self._refused_fps.add(fp)
         if self.is_holder:
+            current = self.manager.current()
+            if current is not None and fingerprint(current.access) != fp:
+                # A follower was refused a token that is not ours: it holds an older one (it
+                # started after the current record was compacted away, or read a replay).
+                # Publish ours again; it is newer than whatever that follower holds.
+                log.info("token_refused_notice_for_an_older_token", action="republish")
+                self._published = None
             self._wake_holder()
         self._signal()
 
@@ -631,6 +687,8 @@ class SharedTokenProvider:
 
     async def _publish_token(self, tok: _Token) -> None:
         offset = self._wall() - self._clock()
+        seen = self.latest.sequence if self.latest is not None else None
+        self._sequence = max(self._sequence, seen or 0) + 1
         shared = SharedToken(
             access=tok.access,
             refresh=tok.refresh,
@@ -638,6 +696,7 @@ class SharedTokenProvider:
             expires_at=tok.expires_at + offset,
             renew_at=tok.renew_at + offset,
             holder=self._instance,
+            sequence=self._sequence,
         )
         await self._send(self._token_key, self._codec.encode_token(shared, self._token_key))
         log.info("shared_token_published", expires_in=round(tok.expires_at - self._clock(), 1))

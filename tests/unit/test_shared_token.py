@@ -33,9 +33,14 @@ KEY = b"group-1/app-1"
 
 
 def _token(
-    access: str = "tok-A", *, ttl: float = 3600, renew_in: float | None = None
+    access: str = "tok-A",
+    *,
+    ttl: float = 3600,
+    renew_in: float | None = None,
+    sequence: int | None = None,
+    issued_ago: float = 0.0,
 ) -> SharedToken:
-    now = time.time()
+    now = time.time() - issued_ago
     return SharedToken(
         access=access,
         refresh="refresh-A",
@@ -43,6 +48,7 @@ def _token(
         expires_at=now + ttl,
         renew_at=now + (renew_in if renew_in is not None else ttl - 300),
         holder="i9",
+        sequence=sequence,
     )
 
 
@@ -310,3 +316,67 @@ async def test_a_holder_without_a_token_logs_in_only_when_someone_needs_one(rig:
     await _until(lambda: len(rig.published) == 1)
     assert rig.platform.calls == ["login"]
     assert rig.codec.decode_token(rig.published[0][1], KEY).access == "access-1"
+
+
+# ---------------------------------------------------------------------- replays (issue 11, item 2)
+async def test_a_follower_ignores_a_record_older_than_the_token_it_holds(rig: Rig) -> None:
+    follower = rig.make(wait=0.3)
+    captured = rig.codec.encode_token(_token("tok-OLD", sequence=4, issued_ago=600), KEY)
+    follower.receive(KEY, captured, offset=1)
+    follower.receive(KEY, rig.codec.encode_token(_token("tok-NEW", sequence=5), KEY), offset=2)
+    with capture_logs() as logs:
+        follower.receive(KEY, captured, offset=3)  # the captured record, written again
+    assert await follower.get() == "tok-NEW"
+    assert follower.stale_records == 1
+    [entry] = [e for e in logs if e["event"] == "token_record_stale"]
+    assert (entry["offset"], entry["record_sequence"], entry["held_sequence"]) == (3, 4, 5)
+    assert "tok" not in json.dumps(entry, default=str).replace("token_record", "")
+    # a record of the same sequence but issued later (a second publisher that had seen the
+    # same records) is newer; without sequences (an earlier version) the issue time decides
+    later = rig.codec.encode_token(_token("tok-LATER", sequence=5, issued_ago=-1), KEY)
+    follower.receive(KEY, later, offset=4)
+    assert await follower.get() == "tok-LATER"
+    follower.receive(KEY, rig.codec.encode_token(_token("tok-V0", issued_ago=60), KEY), offset=5)
+    assert await follower.get() == "tok-LATER"
+    assert rig.platform.calls == []
+
+
+async def test_the_holder_answers_a_replay_with_its_current_token(rig: Rig) -> None:
+    holder = rig.make()
+    holder.set_holder(True)
+    assert await holder.get() == "access-1"
+    await _until(lambda: len(rig.published) == 1)
+    own = rig.published[0][1]
+    holder.receive(KEY, own, offset=0)  # its own record, read back
+    assert rig.codec.decode_token(own, KEY).sequence == 1
+    replay = rig.codec.encode_token(_token("tok-OLD", sequence=0, issued_ago=600), KEY)
+    holder.receive(KEY, replay, offset=1)
+    await _until(lambda: len(rig.published) == 2)
+    again = rig.codec.decode_token(rig.published[1][1], KEY)
+    assert (again.access, again.sequence) == ("access-1", 2)  # the same token, a newer record
+    assert rig.platform.calls == ["login"]  # republished, not renewed
+
+
+async def test_the_holder_republishes_when_a_follower_is_refused_an_older_token(
+    rig: Rig,
+) -> None:
+    holder = rig.make("i0")
+    holder.set_holder(True)
+    assert await holder.get() == "access-1"
+    await _until(lambda: len(rig.published) == 1)
+    # A follower that started late: the topic's last record was an old token (a replay that
+    # compaction kept), so that is what it holds.
+    follower = rig.make("i1", wait=3)
+    follower.receive(KEY, rig.codec.encode_token(_token("tok-OLD", sequence=0), KEY))
+    waiter = asyncio.create_task(follower.invalidated("tok-OLD"))  # the platform said 1010005
+    [(key, notice)] = await _published_with(rig, b"/refused")
+    holder.receive(key, notice)
+    await _until(lambda: len([k for k, _ in rig.published if k == KEY]) == 2)
+    follower.receive(KEY, [v for k, v in rig.published if k == KEY][-1])
+    assert await waiter == "access-1"
+    assert rig.platform.calls == ["login"]  # the holder's token was fine: no new login
+
+
+async def _published_with(rig: Rig, suffix: bytes) -> list[tuple[bytes, bytes]]:
+    await _until(lambda: any(k.endswith(suffix) for k, _ in rig.published))
+    return [(k, v) for k, v in rig.published if k.endswith(suffix)]
