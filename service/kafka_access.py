@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import ssl
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -228,6 +229,21 @@ def strimzi_acls(requirements: Sequence[AclRequirement]) -> list[dict[str, Any]]
         entry["host"] = "*"
         out.append(entry)
     return out
+
+
+def strimzi_yaml(requirements: Sequence[AclRequirement]) -> str:
+    """The ``acls:`` list of a ``KafkaUser``'s ``spec.authorization``, as YAML text."""
+    lines = ["acls:"]
+    for entry in strimzi_acls(requirements):
+        resource = entry["resource"]
+        fields = ", ".join(
+            f"{key}: {json.dumps(value) if key == 'name' else value}"
+            for key, value in resource.items()
+        )
+        lines.append(f"  - resource: {{{fields}}}")
+        lines.append(f"    operations: [{', '.join(entry['operations'])}]")
+        lines.append('    host: "*"')
+    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------- connection
@@ -660,3 +676,66 @@ async def check_access(
             + "; ".join(r.describe() for r in missing)
             + f" (the ACLs the service needs: {ACL_DOCS})"
         )
+
+
+# ---------------------------------------------------------------------------- command line
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m service.kafka_access``: the ACLs for the ``REBIND_*`` settings in the
+    environment, as ``kafka-acls.sh`` commands or a Strimzi ``KafkaUser`` acls block."""
+    import argparse  # noqa: PLC0415 - the command line only
+    import sys  # noqa: PLC0415
+
+    from service.config import ConfigError, load_kafka_settings  # noqa: PLC0415
+
+    parser = argparse.ArgumentParser(
+        prog="python -m service.kafka_access",
+        description="Print the ACLs device-rebind needs for the REBIND_* settings of the "
+        "environment (topic names, group, transactional id prefix).",
+    )
+    parser.add_argument("--format", choices=("kafka-acls", "strimzi"), default="kafka-acls")
+    parser.add_argument("--principal", default="User:device-rebind", help="kafka-acls only")
+    parser.add_argument("--bootstrap", help="kafka-acls --bootstrap-server (default: the setting)")
+    parser.add_argument(
+        "--for",
+        dest="what",
+        choices=("run", "replay", "topics-create"),
+        default="run",
+        help="the service (default), device-rebind replay, or device-rebind topics create",
+    )
+    parser.add_argument(
+        "--callback-url", action="store_true", help="REBIND_BIND__CALLBACK_URL is set"
+    )
+    parser.add_argument(
+        "--no-bind-watch",
+        action="store_true",
+        help="REBIND_BIND__POLL=false and no callback URL (no device-rebound outcomes)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        settings = load_kafka_settings()
+    except ConfigError as exc:
+        print(f"device-rebind: {exc}", file=sys.stderr)
+        return 2
+    bind = BindSettings(
+        poll=not args.no_bind_watch,
+        callback_url="https://callback.invalid/" if args.callback_url else None,
+    )
+    if args.what == "replay":
+        acls = replay_acls(settings.topics)
+    elif args.what == "topics-create":
+        acls = topics_acls(settings.topics, create=True)
+    else:
+        acls = service_acls(settings.kafka, settings.topics, bind)
+    if args.format == "strimzi":
+        print(strimzi_yaml(acls), end="")
+    else:
+        bootstrap = args.bootstrap or settings.kafka.bootstrap_servers
+        for line in kafka_acls_commands(acls, args.principal, bootstrap):
+            print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

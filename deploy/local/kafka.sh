@@ -469,6 +469,7 @@ print_listeners() {
 # It ends by itself when the broker ends first (stop, kill, restart).
 start_watchdog() {
   local watched="$1" bpid="$2" dir="$3"
+  # shellcheck disable=SC2016  # the script expands its own positional arguments
   nohup bash -c '
     watched="$1" bpid="$2" props="$3/server.properties"
     ours() { tr "\0" " " <"/proc/$bpid/cmdline" 2>/dev/null | grep -qF -- "$props"; }
@@ -569,7 +570,7 @@ case "$CMD" in
     (($# <= 1)) || die "usage: kafka.sh fetch [VERSION]"
     v="${1:-$(default_version)}"
     fetch "$v"
-    echo "$(libs_dir "$v")" ;;
+    libs_dir "$v" ;;
   start) cmd_start "$@" ;;
   stop) cmd_stop "$@" ;;
   kill) cmd_kill "$@" ;;

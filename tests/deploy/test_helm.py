@@ -48,12 +48,19 @@ ALERTS_SOURCE = REPO / "deploy" / "observability" / "alerts.yaml"
 ALERTS_COPY = CHART / "files" / "alerts.yaml"
 
 # Settings fields that do not come from `config:` but from secrets, mounted files or the pod.
-SECRET_FIELDS = {"REBIND_PLATFORM__SECRET", "REBIND_KAFKA__SASL_PASSWORD"}
+SECRET_FIELDS = {
+    "REBIND_PLATFORM__SECRET",
+    "REBIND_KAFKA__SASL_PASSWORD",
+    "REBIND_KAFKA__SSL_KEY_PASSWORD",
+}
 FILE_FIELDS = {
     "REBIND_PLATFORM__CLIENT_CERT",
     "REBIND_PLATFORM__CLIENT_KEY",
     "REBIND_PLATFORM__CA_BUNDLE",
     "REBIND_KAFKA__SSL_CAFILE",
+    "REBIND_KAFKA__SSL_CERTFILE",
+    "REBIND_KAFKA__SSL_KEYFILE",
+    "REBIND_KAFKA__SASL_OAUTH_TOKEN_FILE",
 }
 POD_FIELDS = {"REBIND_KAFKA__INSTANCE_ID", "REBIND_HTTP__PORT"}
 
@@ -247,6 +254,13 @@ def test_rendered_configuration_is_accepted_by_the_service(
     assert settings.platform.inline_backoff_max_seconds == 1.5
     assert str(settings.platform.client_cert).endswith("/tls.crt")
     assert settings.http.port == 8080
+    kafka = settings.kafka
+    assert kafka.sasl_mechanism == "OAUTHBEARER"
+    assert str(kafka.sasl_oauth_token_file).endswith("/token")
+    assert str(kafka.ssl_certfile).endswith("/user.crt")
+    assert str(kafka.ssl_keyfile).endswith("/user.key")
+    assert kafka.ssl_key_password is not None
+    assert kafka.ssl_check_hostname is False
 
 
 def test_wrong_types_are_rejected_by_the_schema(helm: Path) -> None:
@@ -524,7 +538,12 @@ def test_topics_job_runs_topics_create_before_install_and_upgrade(
     assert env["REBIND_TOPICS__LEDGER"]["value"] == "SENTINEL.ledger"
     assert container["envFrom"] == [{"configMapRef": {"name": "SENTINEL-env"}}]
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
-    assert env["REBIND_KAFKA__SSL_CAFILE"]["value"].rsplit("/", 1)[0] in mounts
+    for file in ("CAFILE", "CERTFILE", "KEYFILE"):  # TLS and SASL apply to the Job too
+        assert env[f"REBIND_KAFKA__SSL_{file}"]["value"].rsplit("/", 1)[0] in mounts
+    assert env["REBIND_KAFKA__SASL_OAUTH_TOKEN_FILE"]["value"].rsplit("/", 1)[0] in mounts
+    assert env["REBIND_KAFKA__SSL_KEY_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == (
+        "device-rebind-kafka-user"
+    )
     # what the Job is given loads into the settings `topics create` reads
     for name, entry in env.items():
         if not name.startswith(ENV_PREFIX):

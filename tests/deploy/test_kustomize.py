@@ -116,3 +116,27 @@ def test_overlay_patches_target_the_base(base: list[Manifest]) -> None:
     pod = workload(base)["spec"]["template"]["spec"]
     images = {c["image"].split(":")[0] for c in pod["containers"]}
     assert {i["name"] for i in data["images"]} <= images
+
+
+def test_kafka_tls_files_are_mounted_read_only_from_optional_secrets(base: list[Manifest]) -> None:
+    pod = workload(base)["spec"]["template"]["spec"]
+    mounts = {m["mountPath"]: m for m in pod["containers"][0]["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    paths: list[str] = []
+    for patch in kustomization(KUSTOMIZE_OVERLAY)["patches"]:
+        for doc in load_manifests(KUSTOMIZE_OVERLAY / patch["path"]):
+            for container in doc["spec"]["template"]["spec"]["containers"]:
+                env = env_of(container)
+                paths += [
+                    env[f"REBIND_KAFKA__SSL_{name}"]["value"]
+                    for name in ("CAFILE", "CERTFILE", "KEYFILE")
+                    if f"REBIND_KAFKA__SSL_{name}" in env
+                ]
+    assert len(paths) == 3
+    for path in paths:
+        directory, name = path.rsplit("/", 1)
+        mount = mounts[directory]
+        assert mount["readOnly"] is True
+        secret = volumes[mount["name"]]["secret"]
+        assert secret["optional"] is True  # a PLAINTEXT deployment needs no such Secret
+        assert name in {item["path"] for item in secret["items"]}

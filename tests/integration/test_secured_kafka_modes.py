@@ -59,7 +59,7 @@ def mode_settings(
     common = {
         "group_id": group,
         "instance_id": f"{group}-{instance}",
-        "session_timeout_ms": 6_000,
+        "session_timeout_ms": 3_000,  # the broker allows it (group.min.session.timeout.ms)
         "commit_interval_ms": 100,
         "connect_backoff_initial_seconds": 0.2,
         "connect_backoff_max_seconds": 1.0,

@@ -69,6 +69,8 @@ MODES: Final[tuple[Mode, ...]] = ("tls", "mtls", "scram", "oauth")
 
 SUPER_USERS: Final = ("broker", "admin")
 SCRAM_MECHANISM: Final = "SCRAM-SHA-512"
+PLAIN_USER: Final = "rebind-plain"
+"""A SASL PLAIN user of the SCRAM listener (Confluent Cloud's mechanism: API key and secret)."""
 KEY_PASSWORD_LENGTH: Final = 12
 
 
@@ -187,7 +189,7 @@ def unsecured_jwt(
     return f"{part({'alg': 'none'})}.{part(claims)}."
 
 
-def broker_properties(pki: Pki) -> dict[str, str]:
+def broker_properties(pki: Pki, plain: ScramUser) -> dict[str, str]:
     """server.properties of the secured broker (the listeners come from kafka.sh)."""
     jaas_oauth = (
         "org.apache.kafka.common.security.oauthbearer.OAuthBearerLoginModule required "
@@ -201,9 +203,13 @@ def broker_properties(pki: Pki) -> dict[str, str]:
         "ssl.principal.mapping.rules": "RULE:^CN=([^,]+)(,.*)?$/$1/,DEFAULT",
         "listener.name.controller.ssl.client.auth": "required",
         "listener.name.mtls.ssl.client.auth": "required",
-        "listener.name.scram.sasl.enabled.mechanisms": SCRAM_MECHANISM,
+        "listener.name.scram.sasl.enabled.mechanisms": f"{SCRAM_MECHANISM},PLAIN",
         "listener.name.scram.scram-sha-512.sasl.jaas.config": (
             "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+        ),
+        "listener.name.scram.plain.sasl.jaas.config": (
+            "org.apache.kafka.common.security.plain.PlainLoginModule required "
+            f'user_{plain.name}="{plain.password}";'
         ),
         "listener.name.oauth.sasl.enabled.mechanisms": "OAUTHBEARER",
         "listener.name.oauth.oauthbearer.sasl.jaas.config": jaas_oauth,
@@ -215,6 +221,8 @@ def broker_properties(pki: Pki) -> dict[str, str]:
         "super.users": ";".join(f"User:{name}" for name in SUPER_USERS),
         "allow.everyone.if.no.acl.found": "false",
         "transaction.max.timeout.ms": "900000",
+        # a killed member leaves its group within a test's patience
+        "group.min.session.timeout.ms": "1000",
     }
 
 
@@ -244,9 +252,10 @@ class SecuredKafka:
         self.workdir = workdir
         self.pki = generate_pki(workdir / "pki")
         self.users = {name: ScramUser(name, f"{name}-{secrets.token_hex(8)}") for name in users}
+        plain = ScramUser(PLAIN_USER, f"{PLAIN_USER}-{secrets.token_hex(8)}")
         self.broker = KafkaBroker(
             workdir / "broker",
-            properties=broker_properties(self.pki),
+            properties=broker_properties(self.pki, plain),
             listeners=LISTENERS,
             plaintext=False,
             inter_broker="MTLS",
@@ -254,6 +263,7 @@ class SecuredKafka:
             scram=[u.spec() for u in self.users.values()],
             ready_tls=[self.pki.ca],
         )
+        self.users[PLAIN_USER] = plain
 
     def start(self) -> None:
         self.broker.start()
@@ -639,6 +649,13 @@ class ServiceProcess:
         if proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             await wait_until(lambda: proc.poll() is not None, 10, "the killed service to end")
+
+    async def terminate_when_exited(self, timeout: float = 60) -> int:
+        """Wait for the process to end by itself; its exit code."""
+        proc = self.proc
+        assert proc is not None
+        await wait_until(lambda: proc.poll() is not None, timeout, "the service to exit")
+        return int(proc.returncode)
 
     async def terminate(self, timeout: float = 60) -> int:
         proc = self.proc

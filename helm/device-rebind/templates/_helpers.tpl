@@ -111,6 +111,9 @@ platformClientCert: REBIND_PLATFORM__CLIENT_CERT
 platformClientKey: REBIND_PLATFORM__CLIENT_KEY
 platformCaBundle: REBIND_PLATFORM__CA_BUNDLE
 kafkaCaFile: REBIND_KAFKA__SSL_CAFILE
+kafkaCertFile: REBIND_KAFKA__SSL_CERTFILE
+kafkaKeyFile: REBIND_KAFKA__SSL_KEYFILE
+kafkaOauthToken: REBIND_KAFKA__SASL_OAUTH_TOKEN_FILE
 {{- end }}
 
 {{/*
@@ -166,6 +169,15 @@ by the topics Job (kafka, topics, log).
 {{- with $root.Values.secrets.kafkaSaslPassword }}
 {{- if .existingSecret }}
 - name: REBIND_KAFKA__SASL_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ .existingSecret }}
+      key: {{ .key }}
+{{- end }}
+{{- end }}
+{{- with $root.Values.secrets.kafkaSslKeyPassword }}
+{{- if .existingSecret }}
+- name: REBIND_KAFKA__SSL_KEY_PASSWORD
   valueFrom:
     secretKeyRef:
       name: {{ .existingSecret }}
