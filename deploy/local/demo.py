@@ -33,7 +33,10 @@ TOPICS = {
     "ok": "iot.credential-updated.v1",
     "failed": "iot.rebind-failed.v1",
     "dlq": "asset.device-swapped.v1.dlq",
+    "rebound": "iot.device-rebound.v1",
 }
+BIND_NOTIFY_TOPIC = "device-rebind.bind-notify.v1"  # co-partitioned with the input
+BIND_PATH_SECRET = "demo-8f3a"  # noqa: S105 - the demo's own listener path
 LEDGER_TOPIC = "device-rebind.ledger.v1"  # compacted, co-partitioned with the input
 DEDUPE_TOPIC = "device-rebind.dedupe.v1"  # compacted, co-partitioned with the input
 PLATFORM_LIMIT = 15  # calls per minute the simulated platform allows this application
@@ -105,6 +108,14 @@ def row(rec: Received, labels: dict[str, str]) -> tuple[str, ...]:
         )
     data = rec.data
     label = labels.get(str(data.get("swapEventId")), "?")
+    if rec.topic == TOPICS["rebound"]:
+        return (
+            label,
+            data["deviceId"],
+            f"{GREEN}device-rebound{RESET}",
+            f"via={data['via']} secondsToBind={data['secondsToBind']:.1f}",
+            "-",
+        )
     if rec.topic == TOPICS["ok"]:
         return (
             label,
@@ -146,10 +157,14 @@ KEY_METRICS = (
     "rebind_deferred_events",
     "rebind_rate_limit_per_minute",
     "rebind_kafka_transactions_total",
+    "rebind_bind_results_total",
+    "rebind_bind_notifications_total",
 )
 
 
-def start_service(bootstrap: str, sim_url: str, http_port: int, log_path: Path) -> Any:
+def start_service(
+    bootstrap: str, sim_url: str, http_port: int, bind_port: int, log_path: Path
+) -> Any:
     env = {
         **os.environ,
         "REBIND_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
@@ -159,6 +174,15 @@ def start_service(bootstrap: str, sim_url: str, http_port: int, log_path: Path) 
         "REBIND_PLATFORM__SECRET": HOME_SECRET,
         "REBIND_PLATFORM__ONLINE_RETRY_INITIAL_SECONDS": "4",
         "REBIND_HTTP__PORT": str(http_port),
+        # bindDevice pushes to a listener of its own, and polling as the safety net
+        "REBIND_BIND__CALLBACK_URL": f"http://127.0.0.1:{bind_port}/platform/bind",
+        "REBIND_BIND__HOST": "127.0.0.1",
+        "REBIND_BIND__PORT": str(bind_port),
+        "REBIND_BIND__PATH_SECRET": BIND_PATH_SECRET,
+        "REBIND_BIND__POLL_INITIAL_SECONDS": "2",
+        "REBIND_BIND__POLL_MAX_SECONDS": "4",
+        "REBIND_BIND__EXPIRY_GRACE_SECONDS": "2",
+        "REBIND_BIND__WATCH_DEADLINE_SECONDS": "600",
         "REBIND_LOG__FORMAT": "console",
     }
     say(f"starting the service (python -m service run); its log: {log_path}")
@@ -215,11 +239,14 @@ async def play(bootstrap: str, sim_url: str, work: Path) -> int:
         await control.seed_device(f"burst-{i:02d}", f"86447504001{i:04d}")
     await create_topics(bootstrap, list(TOPICS.values()), {TOPICS["in"]: 3})
     await create_topics(bootstrap, [LEDGER_TOPIC], 3, configs={"cleanup.policy": "compact"})
+    await create_topics(bootstrap, [BIND_NOTIFY_TOPIC], 3)
     await create_topics(bootstrap, [DEDUPE_TOPIC], 3, configs={"cleanup.policy": "compact,delete"})
 
+    for device, node in BIND_DEVICES:
+        await control.seed_device(device, node)
     http_port = free_port()
     log_path = work / "service.log"
-    service = start_service(bootstrap, sim_url, http_port, log_path)
+    service = start_service(bootstrap, sim_url, http_port, free_port(), log_path)
     try:
         await asyncio.to_thread(wait_ready, service, http_port, log_path)
         say("service ready")
@@ -229,6 +256,7 @@ async def play(bootstrap: str, sim_url: str, work: Path) -> int:
             TOPICS["ok"],
             TOPICS["failed"],
             TOPICS["dlq"],
+            TOPICS["rebound"],
             bootstrap_servers=bootstrap,
             isolation_level="read_committed",
             auto_offset_reset="earliest",
@@ -283,6 +311,7 @@ async def play(bootstrap: str, sim_url: str, work: Path) -> int:
             )
             total = 4 + BURST
             await story.collect(consumer, total, timeout=150)
+            total += await bind_story(story, consumer)
         finally:
             await consumer.stop()
 
@@ -298,6 +327,63 @@ async def play(bootstrap: str, sim_url: str, work: Path) -> int:
         return 0 if ok else 1
     finally:
         await asyncio.to_thread(stop_service, service)
+
+
+BIND_DEVICES = (
+    ("gas-0101", "354000000000101"),
+    ("gas-0102", "354000000000102"),
+    ("gas-0103", "354000000000103"),
+)
+
+
+async def bind_story(story: Story, consumer: AIOKafkaConsumer) -> int:
+    """6. Did the new hardware bind? One device binds and the platform pushes it, one binds while
+    pushes cannot get through (polling finds it), one never connects before its timeout."""
+    control = story.control
+    say("6. three more swaps; the service watches each device until its new hardware binds:")
+    print("       gas-0101 connects 3 s after the refresh (the platform pushes bindDevice)")
+    print("       gas-0102 connects while pushes cannot reach the service (polling finds it)")
+    print("       gas-0103 never connects; its timeout is 8 s: the platform deletes it")
+    await control.update_device("gas-0101", connect_after_refresh=3)
+    before = len(story.outcomes)
+    await story.produce(
+        [
+            (
+                "evt-g1",
+                b"gas-0101",
+                swap_event("gas-0101", "354000000000201", event_id="evt-g1"),
+                "6. binds (push)",
+            ),
+            (
+                "evt-g2",
+                b"gas-0102",
+                swap_event("gas-0102", "354000000000202", event_id="evt-g2"),
+                "6. binds (poll)",
+            ),
+            (
+                "evt-g3",
+                b"gas-0103",
+                swap_event("gas-0103", "354000000000203", event_id="evt-g3", timeout=8),
+                "6. never binds",
+            ),
+        ]
+    )
+    # once gas-0102's key is refreshed, pushes are lost and its new hardware connects
+    deadline = time.monotonic() + 120
+
+    def refreshed() -> bool:
+        return any(
+            r.topic == TOPICS["ok"] and r.data["deviceId"] == "gas-0102"
+            for r in story.outcomes[before:]
+        )
+
+    while not refreshed() and time.monotonic() < deadline:
+        await story.collect(consumer, len(story.outcomes) + 1, timeout=5)
+    await control.push_behaviour(drop_next=1)
+    await control.connect("gas-0102")
+    # polls are the budget's lowest class: behind the burst's flow control they may wait a minute
+    await story.collect(consumer, before + 6, timeout=240)
+    return 6
 
 
 def main() -> int:

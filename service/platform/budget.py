@@ -118,6 +118,7 @@ class RateBudget:
         self._poll: deque[asyncio.Future[None]] = deque()
         self._poll_times: deque[float] = deque()
         self._poll_share = 0.2
+        self._interrupted = False
         self._paused_until = 0.0
         self._ceiling: float | None = None
         self._ceiling_until = 0.0
@@ -278,6 +279,21 @@ class RateBudget:
         count 1 in the window; earlier ones are part of the preload."""
         return self._counted_since + self._wall_offset
 
+    def interrupt(self) -> None:
+        """Work is being handed over (a rebalance or a shutdown): every caller waiting for a
+        grant, and every later one that would have to wait, gets ``CancelledError`` until
+        :meth:`resume`. Their calls were not made, so the next owner simply does them; only the
+        calls already granted run to their end. Logins and token refreshes are not affected."""
+        self._interrupted = True
+        for queue in (self._fresh, self._deferred, self._poll):
+            while queue:
+                fut = queue.popleft()
+                if not fut.done():
+                    fut.cancel()
+
+    def resume(self) -> None:
+        self._interrupted = False
+
     def set_poll_share(self, fraction: float) -> None:
         """The largest share of the limit that polls (``PRIORITY_POLL``) may use in a window."""
         if not 0.0 < fraction <= 1.0:
@@ -408,6 +424,8 @@ class RateBudget:
             self._record(start, deferred, poll=poll)
             self._observe(0.0)
             return 0.0
+        if self._interrupted and priority >= PRIORITY_FRESH:
+            raise asyncio.CancelledError  # see interrupt(): the work is handed over, not failed
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if priority < PRIORITY_FRESH:
             self._urgent.append(fut)

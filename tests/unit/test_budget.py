@@ -333,3 +333,25 @@ async def test_a_refresh_does_not_wait_behind_capped_polls() -> None:
     assert fresh == [start + 1.0]  # granted at once, not when the next poll may go
     assert sorted(polls)[1] >= start + 60.0
     await budget.aclose()
+
+
+async def test_interrupt_abandons_waiting_callers_until_resumed() -> None:
+    """A hand-over does not wait for calls that were never granted: waiting callers (and later
+    ones that would wait) are cancelled; logins still wait; resume() restores normal waiting."""
+    clock = FakeClock()
+    budget = _budget(clock, 1)
+    await budget.acquire()  # the window is full
+    waiter = asyncio.ensure_future(budget.acquire(PRIORITY_FRESH))
+    login = asyncio.ensure_future(budget.acquire(PRIORITY_URGENT))
+    await asyncio.sleep(0)
+    budget.interrupt()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    with pytest.raises(asyncio.CancelledError):
+        await budget.acquire(PRIORITY_POLL)
+    assert not login.done()  # a login is not handed over: it waits for its grant
+    budget.resume()
+    later: list[float] = []
+    await clock.run(login, _grab(budget, clock, later))
+    assert len(later) == 1
+    await budget.aclose()
