@@ -198,14 +198,20 @@ def _tool_logs(settings: KafkaOnlySettings) -> None:
     connection attempt) are left out: the tool ends with one line saying what went wrong."""
     logs.configure(settings.log, stream=sys.stderr)
     logs.register_secret(settings.kafka.sasl_password)
+    logs.register_secret(settings.kafka.ssl_key_password)
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
 
 
 def _one_line(exc: BaseException, bootstrap: str) -> str:
     from aiokafka.errors import KafkaError  # noqa: PLC0415 - Kafka imports on demand
 
-    from service.kafka import classify_startup_error  # noqa: PLC0415 - Kafka imports on demand
+    from service.kafka import (  # noqa: PLC0415 - Kafka imports on demand
+        KafkaAccessError,
+        classify_startup_error,
+    )
 
+    if isinstance(exc, KafkaAccessError):
+        return exc.reason
     if isinstance(exc, KafkaError | OSError | TimeoutError):
         return classify_startup_error(exc, bootstrap=bootstrap)[1]
     return f"{type(exc).__name__}: {exc}"

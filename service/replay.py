@@ -34,6 +34,7 @@ from service.config import KafkaOnlySettings, KafkaSettings
 from service.events import DLQ_DETAIL_HEADER, DLQ_REASON_HEADER, RebindFailedEvent, parse_outcome
 from service.handler import SOURCE_OFFSET_HEADER, SOURCE_PARTITION_HEADER, SOURCE_TOPIC_HEADER
 from service.kafka import kafka_client_options, partition_counts
+from service.kafka_access import check_connection
 
 REPLAY_NAMESPACE = uuid.UUID("2f7d4c1e-5b8a-4f63-9a0e-7c1d2b3a4e5f")
 REPLAY_OF_HEADER = "rebind-replay-of"
@@ -290,6 +291,7 @@ def print_plan(planned: Sequence[Planned], out: TextIO, *, dry_run: bool) -> Non
 async def replay(
     settings: KafkaOnlySettings, source: Source, filters: Filters, *, dry_run: bool, out: TextIO
 ) -> int:
+    await check_connection(settings.kafka)  # a TLS or SASL refusal in one line, naming it
     planned = await plan(settings, source, filters)
     if not dry_run and planned:
         await send(settings, planned)

@@ -340,6 +340,9 @@ async def run_command(
 ) -> int:
     """``plan`` (exit 0), ``create`` and ``check`` (exit 1 on problems or, for ``check``, on a
     missing topic)."""
+    from service.kafka_access import check_connection  # noqa: PLC0415 - it imports this module
+
+    await check_connection(kafka)  # a TLS or SASL refusal in one line, naming it
     admin = admin_client(kafka)
     try:
         await admin.start()

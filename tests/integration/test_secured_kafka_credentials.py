@@ -40,6 +40,7 @@ from tests.support.secured_kafka import (
     SecuredKafka,
     SecuredTopics,
     ServiceProcess,
+    run_cli,
     unsecured_jwt,
 )
 from tests.support.waiting import wait_until
@@ -222,6 +223,13 @@ async def test_wrong_scram_password_exits_with_one_line(setup: Setup, tmp_path: 
     assert not [line for line in service.lines() if line.get("event") == RETRYING]
     assert_clean_logs(service, [wrong, setup.kafka.users["rebind-scram"].password])
     print(f"SCRAM wrong password: {cannot['reason']}")
+    # the tools say the same in one line
+    for args in (["replay", "rebind-failed", "--dry-run"], ["topics", "plan"]):
+        code, out, err = await run_cli(args, service.env)
+        assert code == 1, (out, err)
+        assert len(err.strip().splitlines()) == 1, err
+        assert "refused user 'rebind-scram'" in err
+        assert wrong not in out + err
 
 
 async def test_broker_certificates_that_expired_or_name_another_host(setup: Setup) -> None:
