@@ -206,6 +206,15 @@ async def test_the_service_runs_over_each_secured_mode(
 
             assert await service.terminate() == 0
             assert await replica.terminate() == 0
+            kafka = settings.kafka
+            print(
+                f"MODE {mode}: {kafka.security_protocol.value}"
+                f"{' ' + kafka.sasl_mechanism if kafka.sasl_mechanism else ''}"
+                f"{' client-cert' if kafka.ssl_certfile else ''} as {PRINCIPALS[mode]}: "
+                f"1 swap -> credential-updated; burst of {BURST}, replica killed after "
+                f"{done_before_kill - 1}, restarted: answered {len(answers) - 1}/{BURST}, "
+                f"lost 0, duplicated 0; replay 1 -> credential-updated; topics check ok"
+            )
         finally:
             service.cleanup()
             replica.cleanup()
