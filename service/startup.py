@@ -24,7 +24,7 @@ import structlog
 
 from service import topics
 from service.config import Settings
-from service.kafka import classify_startup_error
+from service.kafka import FatalPipelineError, classify_startup_error
 from service.kafka_access import check_access
 
 log = structlog.get_logger(__name__)
@@ -189,7 +189,7 @@ class StartupSupervisor:
                 missing_since = now if missing_since is None else missing_since
                 cause = self._missing(exc, now - missing_since)
             except Exception as exc:  # noqa: BLE001 - classified: permanent ends, others retry
-                cause = self._transient(exc)  # or raises StartupError
+                cause = self._transient(exc, starting_parts=started_parts)  # or StartupError
                 if started_parts:
                     await reset()
             else:
@@ -217,10 +217,16 @@ class StartupSupervisor:
             ) from None
         return f"{exc}; giving up in {grace - waited:.0f} s"
 
-    def _transient(self, exc: Exception) -> str:
-        """The cause of a failed attempt, or StartupError when retrying cannot help."""
+    def _transient(self, exc: Exception, *, starting_parts: bool = False) -> str:
+        """The cause of a failed attempt, or StartupError when retrying cannot help.
+
+        Once the pre-flight check passed (Kafka answers, the topics are there), a part that
+        cannot start (the budget topic not read or written in time, a topic that vanished) meets
+        a broker that is busy or still settling: retried like a connection error."""
         if isinstance(exc, StartupError):
             raise exc
+        if starting_parts and isinstance(exc, FatalPipelineError):
+            return str(exc)
         bootstrap = self._settings.kafka.bootstrap_servers
         permanent, cause = classify_startup_error(exc, bootstrap=bootstrap)
         if permanent:

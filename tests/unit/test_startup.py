@@ -161,3 +161,15 @@ def test_classification(error: BaseException, permanent: bool) -> None:
     assert "\n" not in message
     if not permanent:
         assert "REBIND_KAFKA__BOOTSTRAP_SERVERS=k:1" in message
+
+
+async def test_a_part_that_cannot_start_after_the_check_is_retried() -> None:
+    """E.g. the budget exchange could not publish its first record: the broker is busy or
+    settling; the parts are reset and started again."""
+    parts = Parts(fail=[FatalPipelineError("REBIND_TOPICS__BUDGET: could not publish to topic")])
+    supervisor = StartupSupervisor(settings(), check=Scripted())
+    with captured_logs() as cap:
+        assert await supervisor.run(parts.start, parts.reset)
+    assert (parts.started, parts.resets) == (2, 1)
+    [retry] = [line for line in cap.lines() if line["event"] == "not ready: retrying"]
+    assert retry["cause"] == "REBIND_TOPICS__BUDGET: could not publish to topic"
