@@ -157,6 +157,7 @@ async def test_exactly_the_documented_acls_and_each_one_taken_away(
             assert all(acl.describe() in cause for cause in causes), causes
             assert all(len(c.splitlines()) == 1 for c in causes)
             assert not [line for line in cap.lines() if "exception" in line], cap.text
+            assert secured_kafka.users[USER].password not in cap.text
             printed[acl.describe()] = causes[0]
             if index > 0:
                 await admin.grant(PRINCIPAL, [acl])
