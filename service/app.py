@@ -23,6 +23,7 @@ from service.metrics import Metrics
 from service.pipeline.runner import Pipeline
 from service.platform import PRIORITY_FRESH, PlatformClient, RateBudget, TokenManager
 from service.platform.shared_token import SharedTokenProvider
+from service.platform.tokens import AuthGate
 from service.startup import StartupError, StartupSupervisor
 
 log = structlog.get_logger(__name__)
@@ -75,6 +76,7 @@ class Service:
             watch=WatchPolicy.from_settings(settings.bind) if settings.bind.enabled else None,
             bind_notify=settings.bind.callback_url is not None,
         )
+        self.tokens.gate.subscribe(self._auth_changed)
         # The platform's bindDevice pushes: stored on Kafka, correlated by the device's owner.
         self.bind_listener = (
             BindListener(
@@ -86,6 +88,13 @@ class Service:
             if settings.bind.callback_url is not None
             else None
         )
+
+    def _auth_changed(self, gate: AuthGate) -> None:
+        """A login the platform refuses (wrong secret) holds the input until one is accepted."""
+        if gate.blocked:
+            self.pipeline.hold(gate.reason or "platform: login refused")
+        else:
+            self.pipeline.release()
 
     async def _share_budget(self, mine: int, total: int) -> None:
         """Each replica spends the application's budget in proportion to its partitions, minus
@@ -113,6 +122,8 @@ class Service:
             return False, self.startup.reason or "kafka: not connected yet"
         if not self._assigned_once:
             return False, "kafka: waiting for the consumer group to assign partitions"
+        if self.tokens.gate.blocked:
+            return False, self.tokens.gate.reason or "platform: login refused"
         stuck = self.pipeline.stuck_partitions()
         if stuck:
             return False, (

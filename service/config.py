@@ -349,6 +349,12 @@ class PlatformSettings(_Section):
     base_url: AnyHttpUrl = Field(description="e.g. https://iot.example.com:8743")
     app_id: str = Field(min_length=1, max_length=256)
     secret: Secret
+    secret_file: ReadableFile | None = Field(
+        default=None,
+        description="A file holding the secret (a mounted Kubernetes Secret), stripped of "
+        "surrounding whitespace; when set it wins over REBIND_PLATFORM__SECRET and is read "
+        "again at every login, so a rotated secret is used without a restart.",
+    )
     client_cert: ReadableFile | None = None
     client_key: ReadableFile | None = None
     ca_bundle: ReadableFile | None = None
@@ -397,6 +403,29 @@ class PlatformSettings(_Section):
         description="A follower without a usable shared token for this long (plus up to 50% "
         "jitter) logs in itself and renews until a holder publishes again.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _secret_from_file(cls, data: Any) -> Any:
+        """With REBIND_PLATFORM__SECRET_FILE, the secret at start is the file's content."""
+        if not isinstance(data, Mapping) or data.get("secret_file") in (None, ""):
+            return data
+        path = Path(str(data["secret_file"]))
+        name = f"{ENV_PREFIX}PLATFORM{ENV_NESTED_DELIMITER}SECRET_FILE"
+        try:
+            text = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = getattr(exc, "strerror", None) or type(exc).__name__
+            raise PydanticCustomError(
+                "secret_file",
+                "{name}: cannot read {path}: {reason}",
+                {"name": name, "path": str(path), "reason": reason},
+            ) from None
+        if not text:
+            raise PydanticCustomError(
+                "secret_file", "{name}: {path} is empty", {"name": name, "path": str(path)}
+            )
+        return {**data, "secret": text}
 
     @model_validator(mode="after")
     def _orders(self) -> PlatformSettings:

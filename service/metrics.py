@@ -170,6 +170,12 @@ class Metrics:
             "1 while this replica holds an access token that has not expired.",
             registry=r,
         )
+        self.auth_blocked = Gauge(
+            "rebind_platform_auth_blocked",
+            "1 while the platform refuses the service's login (wrong or rotated secret, unknown "
+            "or frozen application): the input is paused and the login retried.",
+            registry=r,
+        )
         self.ready = Gauge("rebind_ready", "1 while /readyz answers 200.", registry=r)
         self.build_info = Gauge("rebind_build_info", "Build information.", ["version"], registry=r)
         self.build_info.labels(version=__version__).set(1)

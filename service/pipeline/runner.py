@@ -116,6 +116,10 @@ class Pipeline:
         self._flush_now = asyncio.Event()
         self._wake_now = asyncio.Event()
         self._paused = False
+        self._held: str | None = None  # why the input is held (hold/release), None: it is not
+        self._held_since = 0.0
+        self._released = asyncio.Event()
+        self._released.set()
         self._stopping = asyncio.Event()
         self._consumer: AIOKafkaConsumer | None = None
         self._fatal: BaseException | None = None
@@ -142,6 +146,59 @@ class Pipeline:
 
     def waiting(self) -> int:
         return sum(core.ledger.waiting for core in self._cores.values())
+
+    # ---- holding the input -----------------------------------------------------------------
+
+    @property
+    def held(self) -> str | None:
+        """Why the input is held (see :meth:`hold`); None when it is not."""
+        return self._held
+
+    def hold(self, reason: str) -> None:
+        """Stop taking work until :meth:`release`: every assigned input partition is paused, and
+        stays paused across rebalances (newly assigned ones too); jobs that have not started yet
+        wait instead of running (a job already running goes on: its calls wait for the platform
+        themselves); waiting swaps are not woken. Nothing fails, nothing is dropped."""
+        if self._held is None:
+            log.warning("input held", reason=reason)
+            self._held_since = time.monotonic()
+        self._held = reason
+        self._released.clear()
+        if self._consumer is not None:
+            with contextlib.suppress(Exception):
+                self._consumer.pause(*self.assigned())
+
+    def release(self) -> None:
+        """Take work again: resume the input partitions (unless the buffer is full), let the
+        waiting jobs run and wake the waiting swaps that are due."""
+        if self._held is None:
+            return
+        log.info("input released", held_seconds=round(time.monotonic() - self._held_since, 1))
+        self._held = None
+        self._released.set()
+        if self._consumer is not None and not self._paused:
+            with contextlib.suppress(Exception):
+                self._consumer.resume(*self.assigned())
+        self._wake_now.set()
+
+    def paused(self) -> list[TopicPartition]:
+        """The input partitions that are paused now (held, or a full buffer)."""
+        if self._consumer is None:
+            return []
+        topic = self._topics.device_swapped
+        return sorted(
+            (tp for tp in self._consumer.paused() if tp.topic == topic), key=lambda tp: tp.partition
+        )
+
+    async def _until_released(self, core: PartitionCore) -> bool:
+        """Wait while the input is held; False when the partition moves away or the pipeline
+        stops meanwhile (the job is then left to be redone)."""
+        while self._held is not None:
+            if core.closed or core.closing or self._stopping.is_set():
+                return False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._released.wait(), _WAKE_INTERVAL_SECONDS)
+        return True
 
     def stuck_partitions(self) -> list[int]:
         """Partitions whose oldest unfinished record is older than the configured bound."""
@@ -321,6 +378,10 @@ class Pipeline:
             if core.closed or core.closing:
                 core.abandoned(work)
                 return  # the partition moves away: its next owner does this work
+            if self._held is not None and not await self._until_released(core):
+                core.abandoned(work)
+                self._progress.set()
+                return
             with structlog.contextvars.bound_contextvars(
                 topic=work.topic,
                 partition=work.partition,
@@ -363,6 +424,9 @@ class Pipeline:
         assert consumer is not None
         buffered = self.buffered()
         inputs = self.assigned()
+        if self._held is not None:
+            consumer.pause(*inputs)  # held: whatever the buffer, read nothing
+            return
         if not self._paused and buffered >= self._max_buffered:
             consumer.pause(*inputs)
             self._paused = True
@@ -378,7 +442,7 @@ class Pipeline:
         while True:
             now_ms = int(time.time() * 1000)
             for core in list(self._cores.values()):
-                if core.closing:
+                if core.closing or self._held is not None:
                     continue
                 for work in core.wake(now_ms, limit):
                     self._scheduler.submit(work.device, self._job(core, work))
@@ -438,6 +502,8 @@ class Pipeline:
             await self._open(new)
             consumer.resume(*assigned)
             self._paused = False
+            if self._held is not None:  # held: newly assigned input partitions stay paused
+                consumer.pause(*inputs)
         log.info("partitions assigned", partitions=sorted(tp.partition for tp in inputs))
         if self._on_assignment is not None:
             total = len(consumer.partitions_for_topic(self._topics.device_swapped) or ())

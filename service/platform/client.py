@@ -183,6 +183,8 @@ class PlatformClient:
         )
 
     async def aclose(self) -> None:
+        if isinstance(self.tokens, TokenManager):  # its own: stop a login retry in progress
+            await self.tokens.aclose()
         for pool in self._pools:
             await pool.aclose()
 

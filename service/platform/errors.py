@@ -110,6 +110,12 @@ SERVICE_CODES: Final = frozenset(
     }
 )
 
+AUTH_BLOCKING_CODES: Final = frozenset({"100208", "100025", "100203", "100247", "102202"})
+"""Answers to a login that no swap can get past: a wrong or rotated secret (100208), an app id the
+platform does not know (100025, 100203), a frozen application (100247), an empty app id or
+secret (102202). The service stops taking work and retries the login until it is accepted
+(``service.platform.tokens.AuthGate``) instead of failing every swap."""
+
 # Platform codes the client reacts to itself.
 THROTTLE_CODE: Final = "1010009"
 TOKEN_INVALID_CODE: Final = "1010005"  # noqa: S105 - an error code, not a secret
@@ -329,6 +335,24 @@ ERROR_TABLE: Final[tuple[ErrorSpec, ...]] = (
         Category.PLATFORM_ERROR,
         Action.RETRY,
         "A fault inside the platform; retried.",
+    ),
+    ErrorSpec(
+        "100025",
+        401,
+        _LOGIN,
+        "AppId for auth not exist.",
+        Category.AUTH,
+        Action.FAIL,
+        "No application with this app id; fix REBIND_PLATFORM__APP_ID.",
+    ),
+    ErrorSpec(
+        "100203",
+        403,
+        _LOGIN,
+        "The application is not existed.",
+        Category.AUTH,
+        Action.FAIL,
+        "No application with this app id; fix REBIND_PLATFORM__APP_ID.",
     ),
     # ---- POST refreshToken ----
     ErrorSpec(

@@ -27,7 +27,11 @@ Refinements over the plain design (see docs/tokens.md for the reasons):
   itself, publishes, and renews as an *acting* holder until any other replica publishes;
 * a new holder reads the topic to its end and adopts a still-valid token (with its refresh
   token) instead of logging in; it republishes it under its own name, which retires an acting
-  holder.
+  holder;
+* a holder whose login is refused for good (a wrong or rotated secret: the manager's
+  :class:`~service.platform.tokens.AuthGate` closes) publishes a *blocked* notice; followers close
+  their gate too (their swaps wait, their input pauses) until the holder's next token; the key
+  of the records follows the secret, read again from ``REBIND_PLATFORM__SECRET_FILE``.
 
 Neither the token nor the secret is ever logged or put in a metric.
 """
@@ -63,6 +67,8 @@ from service.platform.client import CONNECT_TIMEOUT_MAX_SECONDS, build_ssl_conte
 from service.platform.errors import TIMEOUT, classify
 from service.platform.tokens import (
     REFRESH_TOKEN_LIFETIME_SECONDS,
+    AuthGate,
+    SecretReader,
     TokenError,
     TokenManager,
     _Token,
@@ -77,6 +83,8 @@ NONCE_BYTES: Final = 12
 """A random 96-bit nonce per record (AES-GCM's standard nonce size)."""
 REFUSED_SUFFIX: Final = "/refused"
 NEED_SUFFIX: Final = "/need"
+BLOCKED_SUFFIX: Final = "/blocked"
+MAX_REASON_CHARS: Final = 600
 HANDOVER_PAUSE_SECONDS: Final = 0.5
 """Followers stop taking a token this long before its renew_at (calls in flight can finish)."""
 HANDOVER_WAIT_SECONDS: Final = 5.0
@@ -190,6 +198,13 @@ class TokenCodec:
             raise InvalidRecordError("not an object")
         return payload
 
+    def decrypts(self, value: bytes | None, aad: bytes) -> bool:
+        try:
+            self.decrypt(value, aad)
+        except InvalidRecordError:
+            return False
+        return True
+
     def encode_token(self, token: SharedToken, aad: bytes) -> bytes:
         return self.encrypt(
             {
@@ -286,11 +301,7 @@ class SharedTokenProvider:
         self._takeover_after = platform.token_takeover_seconds * (
             1.0 + random.uniform(0.0, TAKEOVER_JITTER)  # noqa: S311 - jitter, not crypto
         )
-        scope = f"{kafka.group_id}/{platform.app_id}"
-        self._token_key = scope.encode()
-        self._refused_key = (scope + REFUSED_SUFFIX).encode()
-        self._need_key = (scope + NEED_SUFFIX).encode()
-        self._codec = TokenCodec(platform.app_id, platform.secret.get_secret_value())
+        self._init_records(platform, f"{kafka.group_id}/{platform.app_id}")
         self._own_http = http is None
         self._http = http or httpx.AsyncClient(
             base_url=str(platform.base_url).rstrip("/"),
@@ -303,8 +314,16 @@ class SharedTokenProvider:
             trust_env=False,
         )
         self.manager = _HolderTokens(
-            platform, metrics, budget, self._http, clock=clock, on_renewed=self._renewed
+            platform,
+            metrics,
+            budget,
+            self._http,
+            clock=clock,
+            on_renewed=self._renewed,
+            secret=self._secret,
         )
+        self.gate: AuthGate = self.manager.gate
+        self.gate.subscribe(self._gate_changed)
         metrics.token_valid.set_function(lambda: 1.0 if self.valid() else 0.0)
         self._publish_hook = publish
         # shared state, fed by the reader
@@ -342,6 +361,22 @@ class SharedTokenProvider:
         self.elections = 0
         """How often this replica became the elected holder."""
 
+    def _init_records(self, platform: PlatformSettings, scope: str) -> None:
+        """The record keys of this group and application, and the codec of the secret."""
+        self._token_key, self._refused_key, self._need_key, self._blocked_key = (
+            (scope + suffix).encode()
+            for suffix in ("", REFUSED_SUFFIX, NEED_SUFFIX, BLOCKED_SUFFIX)
+        )
+        self._app_id = platform.app_id
+        # The records' key derives from the secret, which may change (a rotated, mounted file).
+        self._secret = SecretReader(platform)
+        self._codec_secret = self._secret.current()
+        self._codec = TokenCodec(platform.app_id, self._codec_secret)
+        self._undecrypted: tuple[bytes | None, int] | None = None
+        """The last token record that did not decrypt (another secret): tried again when the
+        secret changes."""
+        self._blocked_seq: int | None = None
+
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         """Check/create the token topic, start the reader (from the beginning) and a producer."""
@@ -363,6 +398,7 @@ class SharedTokenProvider:
         self._reader = asyncio.create_task(self._read_loop(), name="token-reader")
 
     async def aclose(self) -> None:
+        await self.manager.aclose()
         for task in (self._holder_task, self._reader, *self._orphans):
             if task is not None:
                 task.cancel()
@@ -444,9 +480,12 @@ class SharedTokenProvider:
         if key == self._refused_key:
             self._receive_refused(value, offset)
             return
+        if key == self._blocked_key:
+            self._receive_blocked(value, offset)
+            return
         if key == self._need_key:
             try:
-                self._codec.decrypt(value, self._need_key)
+                self._decrypt(value, self._need_key)
             except InvalidRecordError as exc:
                 log.warning("token_record_ignored", offset=offset, reason=str(exc))
                 return
@@ -458,12 +497,39 @@ class SharedTokenProvider:
             self._receive_token(value, offset)
         # else: another group's or application's record
 
+    def _codec_now(self) -> TokenCodec:
+        """The codec of the secret as it is now (read again from its file, if it has one)."""
+        secret = self._secret.current()
+        if secret != self._codec_secret:
+            self._codec = TokenCodec(self._app_id, secret)
+            self._codec_secret = secret
+        return self._codec
+
+    def _decrypt(self, value: bytes | None, key: bytes) -> dict[str, Any]:
+        try:
+            return self._codec.decrypt(value, key)
+        except InvalidRecordError:
+            codec = self._codec
+            if self._codec_now() is codec:
+                raise
+            return self._codec.decrypt(value, key)  # the secret changed: its new key
+
+    def _retry_undecrypted(self) -> None:
+        """A token record that did not decrypt may be readable with a changed secret."""
+        pending = self._undecrypted
+        if pending is not None and self._codec_now().decrypts(pending[0], self._token_key):
+            self._undecrypted = None
+            self._receive_token(*pending)
+
     def _receive_token(self, value: bytes | None, offset: int) -> None:
         try:
+            self._decrypt(value, self._token_key)
             token = self._codec.decode_token(value, self._token_key)
         except InvalidRecordError as exc:
             log.warning("token_record_ignored", offset=offset, reason=str(exc))
+            self._undecrypted = (value, offset)
             return
+        self._undecrypted = None
         previous = self.latest
         if previous is not None and older(token, previous):
             # A record published before the one held: a captured record written again, or a
@@ -484,6 +550,13 @@ class SharedTokenProvider:
                 self._wake_holder()
             return
         self.latest = token
+        if self.gate.source == "holder" and (
+            self._blocked_seq is None
+            or token.sequence is None
+            or token.sequence > self._blocked_seq
+        ):
+            log.info("token_holder_login_accepted", action="input resumed")
+            self.gate.unblock()  # the holder logged in again
         if previous is not None and previous.access == token.access:
             return  # a claim of the same token by a new holder
         log.info(
@@ -507,9 +580,51 @@ class SharedTokenProvider:
         self._overdue = None
         self._signal()
 
+    def _receive_blocked(self, value: bytes | None, offset: int) -> None:
+        """The holder's login is refused for good: wait with it (unless this replica holds)."""
+        try:
+            notice = self._decrypt(value, self._blocked_key)
+        except InvalidRecordError as exc:
+            log.warning("token_record_ignored", offset=offset, reason=str(exc))
+            return
+        seq, code, reason = notice.get("seq"), notice.get("code"), notice.get("reason")
+        if notice.get("by") == self._instance or self.is_holder:
+            return
+        if not isinstance(seq, int) or not isinstance(code, str) or not isinstance(reason, str):
+            return
+        held = self.latest.sequence if self.latest is not None else None
+        if held is not None and seq <= held:
+            return  # the holder published a token since (or a replay of an old notice)
+        self._blocked_seq = seq
+        log.warning("token_holder_login_refused", error_code=code, action="input paused")
+        self.gate.block(code, f"{reason[:MAX_REASON_CHARS]} (on the token holder)", source="holder")
+
+    def _gate_changed(self, gate: AuthGate) -> None:
+        """This replica's own login was refused: as the holder, tell the followers."""
+        if gate.blocked and gate.source == "login" and self.is_holder:
+            code, reason = gate.code or "", gate.reason or ""
+            task = asyncio.get_running_loop().create_task(self._publish_blocked(code, reason))
+            self._orphans.add(task)
+            task.add_done_callback(self._orphans.discard)
+
+    async def _publish_blocked(self, code: str, reason: str) -> None:
+        seq = self._next_sequence()
+        payload = {"code": code, "reason": reason, "by": self._instance, "seq": seq}
+        try:
+            await self._send(
+                self._blocked_key, self._codec_now().encrypt(payload, self._blocked_key)
+            )
+        except Exception as exc:  # noqa: BLE001 - followers find out by starving
+            log.warning("token_blocked_notice_failed", error=type(exc).__name__)
+
+    def _next_sequence(self) -> int:
+        seen = self.latest.sequence if self.latest is not None else None
+        self._sequence = max(self._sequence, seen or 0, self._blocked_seq or 0) + 1
+        return self._sequence
+
     def _receive_refused(self, value: bytes | None, offset: int) -> None:
         try:
-            notice = self._codec.decrypt(value, self._refused_key)
+            notice = self._decrypt(value, self._refused_key)
         except InvalidRecordError as exc:
             log.warning("token_record_ignored", offset=offset, reason=str(exc))
             return
@@ -555,6 +670,8 @@ class SharedTokenProvider:
             self._stop_holding()
 
     def _start_holding(self, *, adopt: bool) -> None:
+        if self.gate.source == "holder":
+            self.gate.unblock()  # this replica logs in itself now, and finds out by itself
         if self._holder_task is not None and not self._holder_task.done():
             return
         self._holder_ready.clear()
@@ -687,8 +804,7 @@ class SharedTokenProvider:
 
     async def _publish_token(self, tok: _Token) -> None:
         offset = self._wall() - self._clock()
-        seen = self.latest.sequence if self.latest is not None else None
-        self._sequence = max(self._sequence, seen or 0) + 1
+        sequence = self._next_sequence()
         shared = SharedToken(
             access=tok.access,
             refresh=tok.refresh,
@@ -696,9 +812,9 @@ class SharedTokenProvider:
             expires_at=tok.expires_at + offset,
             renew_at=tok.renew_at + offset,
             holder=self._instance,
-            sequence=self._sequence,
+            sequence=sequence,
         )
-        await self._send(self._token_key, self._codec.encode_token(shared, self._token_key))
+        await self._send(self._token_key, self._codec_now().encode_token(shared, self._token_key))
         log.info("shared_token_published", expires_in=round(tok.expires_at - self._clock(), 1))
 
     async def _send(self, key: bytes, value: bytes) -> None:
@@ -727,7 +843,7 @@ class SharedTokenProvider:
             try:
                 await self._send(
                     self._refused_key,
-                    self._codec.encrypt(
+                    self._codec_now().encrypt(
                         {"fingerprint": fp, "by": self._instance}, self._refused_key
                     ),
                 )
@@ -748,6 +864,10 @@ class SharedTokenProvider:
         while True:
             if self.is_holder:
                 return await self._holder_get()
+            if self.gate.blocked and self.gate.source == "holder":
+                await self.gate.wait_open()  # the holder's login is refused: wait with it
+                deadline = self._clock() + self._wait_seconds
+                continue
             now_wall, now = self._wall(), self._clock()
             tok = self.latest
             if tok is not None and tok.access != refused and self._usable(tok, now_wall):
@@ -760,6 +880,7 @@ class SharedTokenProvider:
                 if now - self._overdue[1] >= HANDOVER_WAIT_SECONDS:
                     return tok.access
             else:
+                self._retry_undecrypted()
                 if self._starving_since is None:
                     self._starving_since = now
                     self._ask_for_token()
@@ -781,7 +902,8 @@ class SharedTokenProvider:
         async def ask() -> None:
             try:
                 await self._send(
-                    self._need_key, self._codec.encrypt({"by": self._instance}, self._need_key)
+                    self._need_key,
+                    self._codec_now().encrypt({"by": self._instance}, self._need_key),
                 )
             except Exception as exc:  # noqa: BLE001 - the takeover is the fallback
                 log.warning("token_need_notice_failed", error=type(exc).__name__)

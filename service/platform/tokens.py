@@ -10,14 +10,24 @@ the same (now replaced) token simply get the new one.
 
 The :class:`TokenProvider` protocol is what the client depends on, so a shared-token design (see
 ``docs/tokens.md``) can replace this single-holder manager without touching the client.
+
+A login the platform refuses for good (a wrong or rotated secret, an unknown or frozen
+application: :data:`~service.platform.errors.AUTH_BLOCKING_CODES`) closes the
+:class:`AuthGate`: callers wait instead of failing (the service pauses its input meanwhile), and
+the login is retried with a capped backoff within the budget, reading the secret again each
+time (:class:`SecretReader`: ``REBIND_PLATFORM__SECRET_FILE``), until it is accepted.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Final, Protocol, runtime_checkable
 
 import httpx
@@ -28,6 +38,7 @@ from service.config import PlatformSettings
 from service.metrics import Metrics
 from service.platform.budget import PRIORITY_URGENT, RateBudget
 from service.platform.errors import (
+    AUTH_BLOCKING_CODES,
     CONNECTION_ERROR,
     THROTTLE_CODE,
     TIMEOUT,
@@ -81,6 +92,113 @@ class TokenError(Exception):
         self.error_desc = error_desc
         self.spec = spec
 
+    @property
+    def blocking(self) -> bool:
+        """A refused login that no retry of a swap can get past (see :class:`AuthGate`)."""
+        return self.operation == "login" and self.error_code in AUTH_BLOCKING_CODES
+
+
+class SecretReader:
+    """The application secret: ``REBIND_PLATFORM__SECRET``, or the content of
+    ``REBIND_PLATFORM__SECRET_FILE`` (stripped), read again at every call so that a rotated,
+    mounted Secret is used without a restart. An unreadable or empty file keeps the last secret
+    read (and is logged). Every value read is registered for redaction from the logs."""
+
+    def __init__(self, settings: PlatformSettings) -> None:
+        self._file: Path | None = settings.secret_file
+        self._last = settings.secret.get_secret_value()
+        logs.register_secret(self._last)
+        self._complaint: str | None = None
+
+    def current(self) -> str:
+        if self._file is None:
+            return self._last
+        try:
+            text = self._file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            self._complain(f"cannot read it ({type(exc).__name__}); the last secret read is used")
+            return self._last
+        if not text:
+            self._complain("it is empty; the last secret read is used")
+            return self._last
+        self._complaint = None
+        if text != self._last:
+            logs.register_secret(text)
+            log.info("platform_secret_changed", file=str(self._file))
+            self._last = text
+        return text
+
+    def _complain(self, what: str) -> None:
+        if what != self._complaint:  # once per kind of trouble, not at every login
+            log.warning("platform_secret_file_unusable", file=str(self._file), problem=what)
+            self._complaint = what
+
+
+class AuthGate:
+    """Open while the platform accepts the service's credentials.
+
+    Closed (``block``) when a login is refused for good (``source="login"``), or, on a replica
+    that follows the shared token, when the token holder says so (``source="holder"``). While
+    closed, token callers wait, ``/readyz`` names ``reason``, ``rebind_platform_auth_blocked``
+    is 1, and listeners (the service: pause the input) are told; opened again by the next
+    accepted login (or the holder's next token).
+    """
+
+    def __init__(self, metrics: Metrics | None = None) -> None:
+        self._open = asyncio.Event()
+        self._open.set()
+        self.code: str | None = None
+        self.reason: str | None = None
+        self.source: str | None = None
+        self._metrics = metrics
+        self._listeners: list[Callable[[AuthGate], None]] = []
+        if metrics is not None:
+            metrics.auth_blocked.set(0)
+
+    @property
+    def blocked(self) -> bool:
+        return self.reason is not None
+
+    def subscribe(self, listener: Callable[[AuthGate], None]) -> None:
+        self._listeners.append(listener)
+
+    def block(self, code: str, reason: str, *, source: str) -> None:
+        changed = (self.code, self.reason, self.source) != (code, reason, source)
+        self.code, self.reason, self.source = code, reason, source
+        self._open.clear()
+        if changed:
+            self._changed()
+
+    def unblock(self) -> None:
+        if not self.blocked:
+            return
+        self.code = self.reason = self.source = None
+        self._open.set()
+        self._changed()
+
+    async def wait_open(self) -> None:
+        await self._open.wait()
+
+    def _changed(self) -> None:
+        if self._metrics is not None:
+            self._metrics.auth_blocked.set(1 if self.blocked else 0)
+        # Listeners run in a context of their own: the change is no business of the swap whose
+        # call happened to find it (its device and event ids would label their log lines).
+        loop = asyncio.get_running_loop()
+        for listener in list(self._listeners):
+            loop.call_soon(listener, self, context=contextvars.Context())
+
+
+def refused_login_reason(exc: TokenError) -> str:
+    """The one line ``/readyz`` and the logs give for a refused login."""
+    desc = (exc.error_desc or exc.spec.description).strip().rstrip(".")
+    handling = exc.spec.recommended_handling.strip().rstrip(".")
+    return (
+        f"platform: login refused ({exc.error_code}, {desc}); {handling} "
+        "(REBIND_PLATFORM__APP_ID, REBIND_PLATFORM__SECRET_FILE or REBIND_PLATFORM__SECRET); "
+        "input paused, login retried"
+    )
+
 
 @dataclass(frozen=True, slots=True)
 class _Token:
@@ -107,12 +225,16 @@ class TokenManager:
         http: httpx.AsyncClient,
         *,
         clock: Callable[[], float] = time.monotonic,
+        secret: SecretReader | None = None,
+        gate: AuthGate | None = None,
     ) -> None:
         self._settings = settings
         self._metrics = metrics
         self._budget = budget
         self._http = http
-        logs.register_secret(settings.secret)
+        self.secret = secret or SecretReader(settings)
+        self.gate = gate or AuthGate(metrics)
+        self._retry: asyncio.Task[None] | None = None
         self._clock = clock
         self._token: _Token | None = None
         self._inflight: asyncio.Future[_Token] | None = None
@@ -132,12 +254,26 @@ class TokenManager:
             self._is_valid() == 1.0 or self._failure is None or self._clock() >= self._failure_until
         )
 
+    async def aclose(self) -> None:
+        if self._retry is not None:
+            self._retry.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._retry
+
     # ------------------------------------------------------------------ TokenProvider
     async def get(self) -> str:
-        tok = self._token
-        if tok is not None and self._clock() < tok.renew_at:
-            return tok.access
-        return (await self._renew(force_login=False)).access
+        """A valid token; while the platform refuses the login, wait until it accepts it."""
+        while True:
+            await self.gate.wait_open()
+            tok = self._token
+            if tok is not None and self._clock() < tok.renew_at:
+                return tok.access
+            try:
+                return (await self._renew(force_login=False)).access
+            except TokenError as exc:
+                if not exc.blocking:
+                    raise
+                # the gate is closed now: wait for the retried login
 
     async def invalidated(self, token: str) -> str:
         tok = self._token
@@ -145,8 +281,51 @@ class TokenManager:
             log.info("platform_token_rejected", action="login")
             self._token = None
             self._failure = None
-            return (await self._renew(force_login=True)).access
+            try:
+                return (await self._renew(force_login=True)).access
+            except TokenError as exc:
+                if not exc.blocking:
+                    raise
         return await self.get()  # already replaced (or being replaced) by another caller
+
+    # ------------------------------------------------------------------ refused logins
+    def _block(self, exc: TokenError) -> None:
+        reason = refused_login_reason(exc)
+        if not self.gate.blocked:
+            log.error(
+                "platform_login_refused",
+                error_code=exc.error_code,
+                http_status=exc.http_status,
+                action="input paused; the login is retried with a capped backoff",
+            )
+        self.gate.block(exc.error_code or "", reason, source="login")
+        if self._retry is None or self._retry.done():
+            self._retry = asyncio.get_running_loop().create_task(
+                self._retry_login(), name="login-retry", context=contextvars.Context()
+            )
+
+    def _unblock(self) -> None:
+        if self.gate.blocked and self.gate.source == "login":
+            log.info("platform_login_accepted", action="input resumed")
+            self.gate.unblock()
+
+    async def _retry_login(self) -> None:
+        """Log in again with a capped, jittered backoff (each try spends a budget grant and
+        reads the secret again) until the platform accepts it."""
+        initial = self._settings.retry_backoff_initial_seconds
+        cap = self._settings.retry_backoff_max_seconds
+        attempt = 0
+        while self.gate.blocked and self.gate.source == "login":
+            attempt += 1
+            ceiling = min(cap, initial * 2.0 ** min(attempt - 1, 30))
+            await asyncio.sleep(random.uniform(ceiling / 2, ceiling))  # noqa: S311 - jitter
+            self._failure = None
+            try:
+                await self._renew(force_login=True)
+            except TokenError as exc:
+                log.info("platform_login_retry_refused", attempt=attempt, error_code=exc.error_code)
+            except Exception:  # never stop retrying
+                log.warning("platform_login_retry_failed", attempt=attempt, exc_info=True)
 
     # ------------------------------------------------------------------ single flight
     async def _renew(self, *, force_login: bool) -> _Token:
@@ -194,15 +373,21 @@ class TokenManager:
                 self.refreshes += 1
                 self._token = new
                 return new
-        new = await self._post("login", LOGIN_PATH, None)
+        try:
+            new = await self._post("login", LOGIN_PATH, None)
+        except TokenError as exc:
+            if exc.blocking:
+                self._block(exc)
+            raise
         self.logins += 1
         self._token = new
+        self._unblock()
         return new
 
     # ------------------------------------------------------------------ HTTP
     async def _post(self, operation: str, path: str, refresh_token: str | None) -> _Token:
         await self._budget.acquire(PRIORITY_URGENT)
-        secret = self._settings.secret.get_secret_value()
+        secret = self.secret.current()
         sent_at = self._clock()
         try:
             if refresh_token is None:

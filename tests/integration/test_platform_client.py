@@ -206,16 +206,35 @@ async def test_single_flight_login(h: Harness) -> None:
     assert (await h.sim.control.stats())["logins"] == 1
 
 
-async def test_wrong_secret_fails_auth_without_hammering(
+async def test_a_wrong_secret_makes_calls_wait_until_the_login_is_accepted(
     make_harness: Factory, sim: SimulatorHandle
 ) -> None:
+    """A refused login (100208) fails no call: the calls wait while the login is retried with a
+    capped backoff (one login at a time, never one per call), and go through once it is
+    accepted (here the platform's secret is changed to the configured one)."""
     h = await make_harness(secret=SecretStr("wrong"))
     await sim.control.seed_device("w-1", "OLD")
-    results = await asyncio.gather(*(h.swap("w-1", "NEW") for _ in range(5)))
-    for res in results:
-        assert isinstance(res, Failed)
-        assert (res.error_code, res.http_status, res.category) == ("100208", 401, "auth")
-    assert len(await sim.control.calls(operation="login")) == 1  # the failure is held a while
+    swaps = [asyncio.create_task(h.swap("w-1", "NEW")) for _ in range(5)]
+
+    async def retried() -> bool:
+        return len(await sim.control.calls(operation="login")) >= 3
+
+    await wait_until(retried, timeout=10, what="the refused login retried")
+    tokens = h.client.tokens
+    assert isinstance(tokens, TokenManager)
+    assert (tokens.gate.blocked, tokens.gate.code) == (True, "100208")
+    assert h.sample("rebind_platform_auth_blocked") == 1
+    assert not any(task.done() for task in swaps)  # waiting, not failed
+    assert await sim.control.calls(operation="refresh_key") == []
+
+    await sim.control.upsert_app(sim.app_id, "wrong")
+    results = await asyncio.wait_for(asyncio.gather(*swaps), 30)
+
+    assert all(isinstance(res, Succeeded) for res in results)
+    assert not tokens.gate.blocked
+    assert h.sample("rebind_platform_auth_blocked") == 0
+    logins = await sim.control.calls(operation="login")
+    assert [c["error_code"] for c in logins].count("100208") == len(logins) - 1
 
 
 async def test_secret_and_tokens_never_logged(h: Harness) -> None:
