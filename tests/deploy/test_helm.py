@@ -52,6 +52,7 @@ SECRET_FIELDS = {
     "REBIND_PLATFORM__SECRET",
     "REBIND_KAFKA__SASL_PASSWORD",
     "REBIND_KAFKA__SSL_KEY_PASSWORD",
+    "REBIND_BIND__PATH_SECRET",
 }
 FILE_FIELDS = {
     "REBIND_PLATFORM__CLIENT_CERT",
@@ -61,8 +62,12 @@ FILE_FIELDS = {
     "REBIND_KAFKA__SSL_CERTFILE",
     "REBIND_KAFKA__SSL_KEYFILE",
     "REBIND_KAFKA__SASL_OAUTH_TOKEN_FILE",
+    "REBIND_BIND__TLS_CERT",
+    "REBIND_BIND__TLS_KEY",
 }
-POD_FIELDS = {"REBIND_KAFKA__INSTANCE_ID", "REBIND_HTTP__PORT"}
+POD_FIELDS = {"REBIND_KAFKA__INSTANCE_ID", "REBIND_HTTP__PORT", "REBIND_BIND__PORT"}
+# Left at the service default on purpose: the bind listener must listen on the pod's addresses.
+DEFAULT_FIELDS = {"REBIND_BIND__HOST"}
 
 RENDER_CASES: dict[str, dict[str, Any]] = {
     "defaults": {},
@@ -201,7 +206,7 @@ def test_secret_files_are_mounted_and_pointed_at(all_features: list[Manifest]) -
 def test_every_setting_is_reachable_from_values(all_features: list[Manifest]) -> None:
     container = workload(all_features)["spec"]["template"]["spec"]["containers"][0]
     names = set(env_of(container))
-    variables = {name for name, _ in settings_variables()}
+    variables = {name for name, _ in settings_variables()} - DEFAULT_FIELDS
     assert variables, "no settings found"
     missing = sorted(variables - names)
     assert missing == [], f"REBIND_ settings the chart cannot set: {missing}"
@@ -212,7 +217,7 @@ def test_values_schema_config_mirrors_the_settings_model() -> None:
     config = schema["properties"]["config"]["properties"]
     expected: dict[str, set[str]] = {}
     for variable, annotation in settings_variables():
-        if variable in SECRET_FIELDS | FILE_FIELDS | POD_FIELDS:
+        if variable in SECRET_FIELDS | FILE_FIELDS | POD_FIELDS | DEFAULT_FIELDS:
             continue
         assert SecretStr not in (annotation, *get_args(annotation))
         section, field = variable.removeprefix(ENV_PREFIX).split(ENV_NESTED_DELIMITER)
@@ -250,6 +255,7 @@ def test_rendered_configuration_is_accepted_by_the_service(
     assert settings.platform.verify_tls is False
     assert settings.topics.device_swapped == "SENTINEL.in"
     assert settings.topics.ledger == "SENTINEL.ledger"
+    assert settings.topics.bind_notify == "SENTINEL.bind-notify"
     assert settings.kafka.stuck_partition_seconds == 600
     assert settings.platform.inline_backoff_max_seconds == 1.5
     assert str(settings.platform.client_cert).endswith("/tls.crt")
@@ -261,6 +267,17 @@ def test_rendered_configuration_is_accepted_by_the_service(
     assert str(kafka.ssl_keyfile).endswith("/user.key")
     assert kafka.ssl_key_password is not None
     assert kafka.ssl_check_hostname is False
+    bind = settings.bind
+    assert str(bind.callback_url) == "https://rebind.example.com:8443/SENTINEL-bind"
+    assert (bind.host, bind.port) == ("0.0.0.0", 8443)  # the service default
+    assert bind.path_secret is not None
+    assert str(bind.tls_cert).endswith("/tls.crt")
+    assert str(bind.tls_key).endswith("/tls.key")
+    assert bind.poll is False
+    assert bind.poll_budget_share == 0.1
+    assert (bind.poll_initial_seconds, bind.poll_max_seconds) == (20, 600)
+    assert bind.watch_deadline_seconds == 43200
+    assert bind.expiry_grace_seconds == 45
 
 
 def test_wrong_types_are_rejected_by_the_schema(helm: Path) -> None:
@@ -309,8 +326,9 @@ def test_network_policy_allows_only_dns_kafka_platform(all_features: list[Manife
     assert ports == [[53, 53], [9093], [8743]]
     assert egress[1]["to"] == [{"ipBlock": {"cidr": "10.20.0.0/16"}}]
     assert egress[2]["to"] == [{"ipBlock": {"cidr": "203.0.113.0/24"}}]
-    (ingress,) = policy["spec"]["ingress"]
-    assert ingress["ports"] == [{"port": "http-metrics", "protocol": "TCP"}]
+    metrics, bind = policy["spec"]["ingress"]  # bind: config.bind.callbackUrl is set
+    assert metrics["ports"] == [{"port": "http-metrics", "protocol": "TCP"}]
+    assert bind["ports"] == [{"port": "bind", "protocol": "TCP"}]
 
 
 def test_service_monitor_scrapes_the_metrics_service_only(all_features: list[Manifest]) -> None:
@@ -616,3 +634,206 @@ def test_chart_readme_has_a_topics_section() -> None:
     section = readme.split("## Topics", 1)[1].split("\n## ", 1)[0]
     for words in ("topicsJob.enabled", "strimzi.kafkaTopics.enabled", "topics create"):
         assert words in section
+
+
+# ---- bind confirmation: the push listener and the watch settings ---------------------------
+
+BIND_VALUES: dict[str, Any] = {
+    "config": {
+        "bind": {
+            "callbackUrl": "https://rebind.example.com:8443/pushes",
+            "pollBudgetShare": 0.25,
+            "watchDeadlineSeconds": 3600,
+        }
+    },
+    "secrets": {"bindPathSecret": {"existingSecret": "rebind-bind-path"}},
+    "secretFiles": {
+        "bindTlsCert": {"existingSecret": "rebind-bind-tls"},
+        "bindTlsKey": {"existingSecret": "rebind-bind-tls"},
+    },
+    "networkPolicy": {
+        "enabled": True,
+        "bindIngressFrom": [{"ipBlock": {"cidr": "198.51.100.0/24"}}],
+    },
+}
+
+
+@pytest.fixture
+def bind_values(tmp_path: Path) -> Path:
+    """BIND_VALUES as a values file (--set would turn 0.25 into a string)."""
+    path = tmp_path / "bind-values.yaml"
+    path.write_text(yaml.safe_dump(BIND_VALUES))
+    return path
+
+
+def _main_container(manifests: list[Manifest]) -> Mapping[str, Any]:
+    container: Mapping[str, Any] = workload(manifests)["spec"]["template"]["spec"]["containers"][0]
+    return container
+
+
+def _metrics_service(manifests: list[Manifest]) -> Manifest:
+    (service,) = [s for s in find(manifests, "Service") if s["spec"].get("clusterIP") != "None"]
+    return service
+
+
+@pytest.mark.parametrize("kind", ["StatefulSet", "Deployment"])
+def test_bind_listener_renders_with_a_callback_url(
+    helm: Path, bind_values: Path, kind: str
+) -> None:
+    manifests = helm_template(
+        helm,
+        values_files=(bind_values,),
+        sets={"workload.kind": kind, "topicsJob.enabled": "true"},
+    )
+    for manifest in manifests:
+        validate_strict(manifest, KUBE_VERSIONS[-1])
+    pod = workload(manifests)["spec"]["template"]["spec"]
+    container = _main_container(manifests)
+    env = env_of(container)
+    assert env["REBIND_BIND__CALLBACK_URL"]["value"] == "https://rebind.example.com:8443/pushes"
+    assert env["REBIND_BIND__POLL_BUDGET_SHARE"]["value"] == "0.25"
+    assert env["REBIND_BIND__WATCH_DEADLINE_SECONDS"]["value"] == "3600"
+    assert env["REBIND_BIND__PORT"]["value"] == "8443"
+    assert "REBIND_BIND__HOST" not in env  # the service default, 0.0.0.0
+    assert "REBIND_BIND__POLL" not in env  # null: the service default applies
+    assert env["REBIND_BIND__PATH_SECRET"] == {
+        "name": "REBIND_BIND__PATH_SECRET",
+        "valueFrom": {"secretKeyRef": {"name": "rebind-bind-path", "key": "path-secret"}},
+    }
+    assert {"name": "bind", "containerPort": 8443, "protocol": "TCP"} in container["ports"]
+    # the TLS files: mounted read-only from the Secret, the variables point at them
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    for variable, key in [
+        ("REBIND_BIND__TLS_CERT", "tls.crt"),
+        ("REBIND_BIND__TLS_KEY", "tls.key"),
+    ]:
+        path = Path(env[variable]["value"])
+        assert path.name == key
+        mount = mounts[str(path.parent)]
+        assert mount["readOnly"] is True
+        secret = volumes[mount["name"]]["secret"]
+        assert secret["secretName"] == "rebind-bind-tls"
+        assert secret["items"] == [{"key": key, "path": key}]
+    assert not find(manifests, "Secret")
+    (job,) = find(manifests, "Job")  # the topics Job gets the Kafka settings only
+    assert "bind" not in json.dumps(job["spec"]["template"]["spec"]).replace("rebind", "")
+    # the Service: metrics first (ServiceMonitor, helm test), then bind
+    service = _metrics_service(manifests)
+    assert service["spec"]["ports"][1] == {
+        "name": "bind", "port": 8443, "targetPort": "bind", "protocol": "TCP",
+    }  # fmt: skip
+    # the NetworkPolicy admits the bind port from bindIngressFrom only, and nothing else new
+    (policy,) = find(manifests, "NetworkPolicy")
+    metrics, bind = policy["spec"]["ingress"]
+    assert metrics == {"ports": [{"port": "http-metrics", "protocol": "TCP"}]}
+    assert bind == {
+        "ports": [{"port": "bind", "protocol": "TCP"}],
+        "from": [{"ipBlock": {"cidr": "198.51.100.0/24"}}],
+    }
+    default_policy = find(
+        helm_template(helm, sets={"networkPolicy.enabled": "true"}), "NetworkPolicy"
+    )
+    assert policy["spec"]["egress"] == default_policy[0]["spec"]["egress"]
+
+
+def test_bind_ports_follow_the_values(helm: Path, bind_values: Path) -> None:
+    manifests = helm_template(
+        helm,
+        values_files=(bind_values,),
+        sets={"containerPorts.bind": "9443", "service.ports.bind": "443"},
+    )
+    container = _main_container(manifests)
+    assert env_of(container)["REBIND_BIND__PORT"]["value"] == "9443"
+    assert {"name": "bind", "containerPort": 9443, "protocol": "TCP"} in container["ports"]
+    bind = _metrics_service(manifests)["spec"]["ports"][1]
+    assert (bind["port"], bind["targetPort"]) == (443, "bind")
+
+
+def test_no_bind_port_without_a_callback_url(helm: Path, bind_values: Path) -> None:
+    manifests = helm_template(
+        helm, values_files=(bind_values,), sets={"config.bind.callbackUrl": "null"}
+    )
+    container = _main_container(manifests)
+    env = env_of(container)
+    assert "REBIND_BIND__PORT" not in env
+    assert "REBIND_BIND__CALLBACK_URL" not in env
+    assert env["REBIND_BIND__POLL_BUDGET_SHARE"]["value"] == "0.25"  # polling still configured
+    assert [p["name"] for p in container["ports"]] == ["http-metrics"]
+    for service in find(manifests, "Service"):
+        assert [p["name"] for p in service["spec"]["ports"]] == ["http-metrics"]
+    (policy,) = find(manifests, "NetworkPolicy")
+    assert [r["ports"] for r in policy["spec"]["ingress"]] == [
+        [{"port": "http-metrics", "protocol": "TCP"}]
+    ]
+    # and by default nothing of bind is rendered at all
+    default = helm_template(helm)
+    assert not [n for n in env_of(_main_container(default)) if n.startswith("REBIND_BIND__")]
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("config.bind.pollBudgetShare", "0"),
+        ("config.bind.pollBudgetShare", "1.5"),
+        ("config.bind.pollBudgetShare", "-0.1"),
+        ("config.bind.pollInitialSeconds", "0"),
+        ("config.bind.pollMaxSeconds", "-5"),
+        ("config.bind.watchDeadlineSeconds", "0"),
+        ("config.bind.expiryGraceSeconds", "-1"),
+        ("config.bind.callbackUrl", "https://rebind.example.com/pushes"),
+        ("config.bind.callbackUrl", "rebind.example.com:443"),
+        ("config.bind.poll", "sometimes"),
+        ("containerPorts.bind", "70000"),
+        ("service.ports.bind", "0"),
+    ],
+)
+def test_schema_refuses_bad_bind_values(helm: Path, key: str, value: str) -> None:
+    args = ["template", "rebind", str(CHART), "-f", str(REQUIRED_VALUES)]
+    result = run_helm(helm, *args, "--set-json", f"{key}={json.dumps(yaml.safe_load(value))}")
+    assert result.returncode != 0, key
+    assert "values don't meet the specifications of the schema" in result.stderr, key
+    assert f"at '/{key.replace('.', '/')}'" in result.stderr, result.stderr
+
+
+def test_schema_accepts_good_bind_values(helm: Path) -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    bind = schema["properties"]["config"]["properties"]["bind"]
+    validator = jsonschema.Draft7Validator(bind)
+    for good in [
+        {"pollBudgetShare": 1},
+        {"pollBudgetShare": 0.05},
+        {"expiryGraceSeconds": 0},
+        {"callbackUrl": "https://rebind.example.com:443/bind"},
+        {"callbackUrl": "http://[2001:db8::1]:8443"},
+        {"callbackUrl": None, "poll": None, "pollBudgetShare": None},
+    ]:
+        assert list(validator.iter_errors(good)) == [], good
+    for bad in [{"pollBudgetShare": 0}, {"callbackUrl": "https://rebind.example.com/bind"}]:
+        assert list(validator.iter_errors(bad)), bad
+    for share in ("1", "0.05"):  # the boundary and a fraction render
+        result = run_helm(
+            helm,
+            "template",
+            "rebind",
+            str(CHART),
+            "-f",
+            str(REQUIRED_VALUES),
+            "--set-json",
+            f"config.bind.pollBudgetShare={share}",
+        )
+        assert result.returncode == 0, result.stderr
+        assert f'value: "{share}"' in result.stdout
+
+
+def test_chart_readme_explains_bind_pushes() -> None:
+    readme = (CHART / "README.md").read_text()
+    section = readme.split("## Bind confirmation (pushes)", 1)[1].split("\n## ", 1)[0]
+    for words in (
+        "config.bind.callbackUrl",
+        "Ingress",
+        "LoadBalancer",
+        "secrets.bindPathSecret",
+        "networkPolicy.bindIngressFrom",
+    ):
+        assert words in section, words

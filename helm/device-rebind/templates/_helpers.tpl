@@ -114,6 +114,8 @@ kafkaCaFile: REBIND_KAFKA__SSL_CAFILE
 kafkaCertFile: REBIND_KAFKA__SSL_CERTFILE
 kafkaKeyFile: REBIND_KAFKA__SSL_KEYFILE
 kafkaOauthToken: REBIND_KAFKA__SASL_OAUTH_TOKEN_FILE
+bindTlsCert: REBIND_BIND__TLS_CERT
+bindTlsKey: REBIND_BIND__TLS_KEY
 {{- end }}
 
 {{/*
@@ -178,6 +180,17 @@ by the topics Job (kafka, topics, log).
 {{- with $root.Values.secrets.kafkaSslKeyPassword }}
 {{- if .existingSecret }}
 - name: REBIND_KAFKA__SSL_KEY_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ .existingSecret }}
+      key: {{ .key }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if has "bind" $sections }}
+{{- with $root.Values.secrets.bindPathSecret }}
+{{- if .existingSecret }}
+- name: REBIND_BIND__PATH_SECRET
   valueFrom:
     secretKeyRef:
       name: {{ .existingSecret }}
