@@ -23,7 +23,7 @@ from service.pipeline.intake import DeadLetter, read_record
 from tests.fixtures.kafka import INPUT_PARTITIONS
 from tests.fixtures.service import Harness
 from tests.support.events import Received, swap_event
-from tests.support.intake_corpus import FuzzRecord, records, sample
+from tests.support.intake_corpus import SIZES, FuzzRecord, records, sample
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
@@ -33,14 +33,21 @@ COUNT = 200
 
 
 def _corpus() -> list[FuzzRecord]:
-    """The sample, with two adjustments. A valid event drawn again (same source and id) is given
-    a fresh id: a repeat is answered once in total (re-published, or not at all while the first
-    is in flight), which would blur the one-input-one-answer accounting, and hypothesis draws
-    the same ids often. Records without key and value are left out: the aiokafka producer
-    cannot write them."""
+    """The sample, with three adjustments. A valid event drawn again (same source and id) is
+    given a fresh id: a repeat is answered once in total (re-published, or not at all while the
+    first is in flight), which would blur the one-input-one-answer accounting, and hypothesis
+    draws the same ids often. Records without key and value are left out: the aiokafka producer
+    cannot write them. And the sizes that matter are always in: hypothesis' choices also depend
+    on what else the process has loaded, so a record at each of ``SIZES`` (valid swaps around
+    the ledger's, the service's and the producer's limits) is added."""
     seen: set[tuple[str, str]] = set()
     kept: list[FuzzRecord] = []
-    for n, drawn in enumerate(sample(records(), COUNT, SEED)):
+    drawn_records = sample(records(), COUNT, SEED)
+    drawn_records += [
+        FuzzRecord(f"dev-size-{size}".encode(), _sized(f"dev-size-{size}", size), ())
+        for size in SIZES
+    ]
+    for n, drawn in enumerate(drawn_records):
         if drawn.key is None and drawn.value is None:
             continue
         record, read = drawn, read_record(drawn, "in", 0, "dlq")
@@ -53,6 +60,11 @@ def _corpus() -> list[FuzzRecord]:
             seen.add((read.swap.source, read.swap.id))
         kept.append(record)
     return kept
+
+
+def _sized(device: str, size: int) -> bytes:
+    """A valid swap of ``device`` with an unknown data field of ``size`` bytes."""
+    return swap_event(device, f"new-{device}", event_id=f"evt-size-{size}", padding="p" * size)
 
 
 def _with_id(record: FuzzRecord, event_id: str) -> FuzzRecord:
@@ -155,4 +167,8 @@ async def test_a_fuzz_sample_gets_one_answer_per_record_and_every_partition_flow
     )
     assert service.pipeline.stuck_partitions() == []
     assert all(not task.done() for _, task in harness._services)  # the service kept running
-    print(f"\nfuzz sample through the service: {len(corpus)} records, {dict(dispositions)}")
+    largest = sorted(len(r.value or b"") for r in corpus)[-3:]
+    print(
+        f"\nfuzz sample through the service: {len(corpus)} records (largest values {largest} "
+        f"bytes), {dict(dispositions)}"
+    )
