@@ -184,7 +184,12 @@ class AuthGate:
             self._metrics.auth_blocked.set(1 if self.blocked else 0)
         # Listeners run in a context of their own: the change is no business of the swap whose
         # call happened to find it (its device and event ids would label their log lines).
-        loop = asyncio.get_running_loop()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (a synchronous caller): tell them now
+            for listener in list(self._listeners):
+                listener(self)
+            return
         for listener in list(self._listeners):
             loop.call_soon(listener, self, context=contextvars.Context())
 

@@ -277,3 +277,10 @@ def test_the_gate_is_idempotent() -> None:
     assert not gate.blocked
     gate.unblock()
     assert not gate.blocked
+    told: list[bool] = []
+    gate.subscribe(lambda g: told.append(g.blocked))
+    gate.block("100208", "platform: login refused", source="login")  # no loop running here
+    assert gate.blocked
+    gate.block("100208", "platform: login refused", source="login")  # the same: not told twice
+    gate.unblock()
+    assert told == [True, False]
