@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -451,10 +452,11 @@ class PlatformSettings(_Section):
 class BindSettings(_Section):
     """Knowing that the new hardware bound: pushes from the platform, else polling."""
 
-    callback_url: AnyHttpUrl | None = Field(
+    callback_url: str | None = Field(
         default=None,
-        description="Public URL the platform pushes bindDevice notifications to (with its "
-        "port); unset = no subscription and no listener.",
+        description="Public URL the platform pushes bindDevice notifications to, with its port "
+        "written out (the platform requires it, even 443); unset = no subscription and no "
+        "listener.",
     )
     host: str = "0.0.0.0"  # noqa: S104 - the platform's pushes must reach the pod
     port: int = Field(default=8443, ge=0, le=65_535, description="Port of the push listener.")
@@ -486,6 +488,26 @@ class BindSettings(_Section):
         description="After a non-zero timeout passes, how long to wait for the platform's "
         "'expired' push before ending the swap BIND_EXPIRED.",
     )
+
+    @field_validator("callback_url")
+    @classmethod
+    def _callback_url_with_port(cls, value: str | None) -> str | None:
+        # Kept as written: a URL type would drop a default port (443), which the platform needs.
+        if value is None:
+            return None
+        parts = urlsplit(value.strip())
+        try:
+            port = parts.port
+        except ValueError:
+            port = None
+        if parts.scheme not in ("http", "https") or not parts.hostname or port is None:
+            raise ValueError(
+                "must be an http(s) URL with its port written out, "
+                "e.g. https://rebind.example.com:443/platform/bind"
+            )
+        if parts.query or parts.fragment:
+            raise ValueError("must not carry a query or a fragment")
+        return value.strip()
 
     @property
     def enabled(self) -> bool:

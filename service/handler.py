@@ -18,7 +18,7 @@ import random
 import time
 from dataclasses import replace
 from datetime import UTC, datetime
-from typing import Final
+from typing import Final, Protocol
 
 import structlog
 
@@ -40,6 +40,7 @@ from service.platform import (
     PRIORITY_DEFERRED,
     PRIORITY_FRESH,
     SUPERSEDED,
+    ActivationQuery,
     Deferred,
     Failed,
     RebindClient,
@@ -78,11 +79,20 @@ def _dt(epoch_seconds: float | None) -> datetime | None:
     return None if epoch_seconds is None else datetime.fromtimestamp(epoch_seconds, UTC)
 
 
+class HandlerClient(RebindClient, Protocol):
+    """What the handler asks of the platform: the refresh (with its reconciliation query) and,
+    for the bind watch, the activation status."""
+
+    async def query_activation(
+        self, device_id: str, app_id: str | None, *, priority: int
+    ) -> ActivationQuery: ...
+
+
 class RebindHandler:
     def __init__(
         self,
         settings: Settings,
-        client: RebindClient,
+        client: HandlerClient,
         metrics: Metrics,
         *,
         rng: random.Random | None = None,

@@ -33,7 +33,7 @@ from typing import Final, Literal, Protocol
 
 from service.config import PlatformSettings
 from service.platform.budget import PRIORITY_FRESH
-from service.platform.client import ActivationQuery, CallResult, DeviceQuery
+from service.platform.client import CallResult, DeviceQuery
 from service.platform.errors import (
     ATTEMPTS_EXHAUSTED,
     DEADLINE_EXCEEDED,
@@ -144,10 +144,6 @@ class RebindClient(Protocol):
     async def query_device(
         self, device_id: str, app_id: str | None, *, priority: int = PRIORITY_FRESH
     ) -> DeviceQuery: ...
-
-    async def query_activation(
-        self, device_id: str, app_id: str | None, *, priority: int
-    ) -> ActivationQuery: ...
 
 
 def backoff_delay(attempt: int, initial: float, cap: float, rng: random.Random) -> float:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pydantic import SecretStr, ValidationError
+
+from service.bind.listener import listener_path, subscription_url
 from service.bind.watch import WatchPolicy, near_expiry
 from service.config import BindSettings
 from service.pipeline.ledger import Entry, State, decode_entry, encode_entry
@@ -81,3 +84,18 @@ def test_a_watching_entry_round_trips_through_its_ledger_record() -> None:
     assert back is not None
     assert entry.watch is not None
     assert back.due_ms == entry.watch.next_poll_ms
+
+
+def test_the_callback_url_keeps_its_port_even_the_default_one() -> None:
+    """The platform requires the port in a callback URL; a URL type would drop ':443'."""
+    bind = BindSettings(
+        callback_url="https://rebind.example.com:443/platform/bind", path_secret=SecretStr("s3")
+    )
+    assert subscription_url(bind) == "https://rebind.example.com:443/platform/bind/s3"
+    assert listener_path(bind) == "/platform/bind/s3"
+    for bad in ("https://rebind.example.com/bind", "ftp://h:21/x", "https://h:443/x?y=1"):
+        try:
+            BindSettings(callback_url=bad)
+        except ValidationError:
+            continue
+        raise AssertionError(f"{bad} was accepted")
