@@ -75,6 +75,7 @@ class Service:
             on_revocation=self._before_revocation,
             watch=WatchPolicy.from_settings(settings.bind) if settings.bind.enabled else None,
             bind_notify=settings.bind.callback_url is not None,
+            on_drain=self._draining,
         )
         self.tokens.gate.subscribe(self._auth_changed)
         # The platform's bindDevice pushes: stored on Kafka, correlated by the device's owner.
@@ -88,6 +89,13 @@ class Service:
             if settings.bind.callback_url is not None
             else None
         )
+
+    def _draining(self, handing_over: bool) -> None:
+        """Calls not granted yet are not waited for when work is handed over."""
+        if handing_over:
+            self.budget.interrupt()
+        else:
+            self.budget.resume()
 
     def _auth_changed(self, gate: AuthGate) -> None:
         """A login the platform refuses (wrong secret) holds the input until one is accepted."""

@@ -95,6 +95,7 @@ class Pipeline:
         on_revocation: RevocationCallback | None = None,
         watch: WatchPolicy | None = None,
         bind_notify: bool = False,
+        on_drain: Callable[[bool], None] | None = None,
     ) -> None:
         self._kafka = kafka
         self._topics = topics
@@ -107,6 +108,9 @@ class Pipeline:
         self._on_assignment = on_assignment
         self._on_revocation = on_revocation
         self._watch = watch
+        # Called with True when work is being handed over (a revocation or a shutdown): jobs
+        # still waiting for the platform budget are abandoned instead of drained; False after.
+        self._on_drain = on_drain
         # Pushes arrive on the bind-notify topic, co-partitioned with the input: partition p of
         # both goes to the same member (range assignment), whose core correlates them.
         self._notify_topic = topics.bind_notify if bind_notify else None
@@ -313,6 +317,8 @@ class Pipeline:
                 consumer.pause(*consumer.assignment())
         for core in self._cores.values():
             core.closing = True
+        if self._on_drain is not None:
+            self._on_drain(True)
         # Finish what is running; what is queued has not touched the platform and is redone
         # after the restart, so stopping does not wait for a whole buffer of work.
         self._scheduler.close()
@@ -504,6 +510,8 @@ class Pipeline:
             self._paused = False
             if self._held is not None:  # held: newly assigned input partitions stay paused
                 consumer.pause(*inputs)
+        if self._on_drain is not None:
+            self._on_drain(False)
         log.info("partitions assigned", partitions=sorted(tp.partition for tp in inputs))
         if self._on_assignment is not None:
             total = len(consumer.partitions_for_topic(self._topics.device_swapped) or ())
@@ -570,6 +578,8 @@ class Pipeline:
         ours = [tp.partition for tp in revoked if tp.partition in self._cores]
         for p in ours:
             self._cores[p].closing = True  # queued jobs of these partitions will not start
+        if ours and len(ours) == len(self._cores) and self._on_drain is not None:
+            self._on_drain(True)  # everything moves: what waits for the budget is not drained
         loop = asyncio.get_running_loop()
         # The group waits for this member only for the rebalance timeout (= the session timeout).
         deadline = loop.time() + min(self._drain_timeout, self._kafka.session_timeout_ms / 3000)
