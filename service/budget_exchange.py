@@ -105,15 +105,28 @@ def _round_up(t: float) -> float:
     return math.ceil(round(t / TIME_RESOLUTION_SECONDS, 6)) * TIME_RESOLUTION_SECONDS
 
 
+MAX_PACKED_ENTRIES = 4000
+"""A record lists at most this many distinct times (about 100 kB): past it, times are rounded up
+to a coarser grid (0.1 s, 1 s, 10 s). Rounding up only makes calls look later, so they count in
+the others' windows a little longer: safe, and the record always fits a Kafka message."""
+
+
 def pack_times(times: Iterable[float]) -> list[list[float]]:
-    """``[[epoch, calls], ...]``: times rounded up to 10 ms, equal ones counted once."""
-    packed: list[list[float]] = []
-    for t in sorted(_round_up(t) for t in times):
-        if packed and packed[-1][0] == t:
-            packed[-1][1] += 1
-        else:
-            packed.append([round(t, 2), 1])
-    return packed
+    """``[[epoch, calls], ...]``: times rounded up to 10 ms (coarser when there are very many
+    distinct times, see :data:`MAX_PACKED_ENTRIES`), equal ones counted once."""
+    ordered = sorted(_round_up(t) for t in times)
+    step = TIME_RESOLUTION_SECONDS
+    while True:
+        packed: list[list[float]] = []
+        for t in ordered:
+            if packed and packed[-1][0] == t:
+                packed[-1][1] += 1
+            else:
+                packed.append([round(t, 2), 1])
+        if len(packed) <= MAX_PACKED_ENTRIES or step >= 10.0:
+            return packed
+        step *= 10
+        ordered = [math.ceil(round(t / step, 6)) * step for t in ordered]
 
 
 def unpack_times(value: Any) -> tuple[float, ...]:

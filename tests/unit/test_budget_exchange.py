@@ -434,3 +434,27 @@ def test_no_60s_window_ever_exceeds_n_however_partitions_move(
     sim = asyncio.run(run())
     assert sim.calls, "nobody called"
     assert max_in_any_window(sim.calls) <= limit
+
+
+def test_a_record_of_very_many_calls_stays_small_and_never_makes_a_call_look_earlier() -> None:
+    """A replica with a huge budget (or a preload of phantoms) still publishes a record that
+    fits a Kafka message: past MAX_PACKED_ENTRIES distinct times, times are rounded up."""
+    import random  # noqa: PLC0415 - this test only
+    import time  # noqa: PLC0415
+
+    from service.budget_exchange import (  # noqa: PLC0415
+        MAX_PACKED_ENTRIES,
+        pack_times,
+        unpack_times,
+    )
+
+    rng = random.Random(3)
+    now = time.time()
+    times = sorted(now + rng.random() * 60 for _ in range(100_000))
+    packed = pack_times(times)
+    assert len(packed) <= MAX_PACKED_ENTRIES
+    back = unpack_times(packed)
+    assert len(back) == len(times)
+    # rounding up only: the k-th call never looks earlier than it was
+    assert all(b >= t - 1e-9 for b, t in zip(back, times, strict=True))
+    assert len(str(packed)) < 200_000
