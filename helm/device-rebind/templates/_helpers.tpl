@@ -107,6 +107,7 @@ Mount directory of one secret-backed file ("platformClientCert" -> /etc/device-r
 The files taken from existing Secrets: values key, the REBIND_ variable that points at the file.
 */}}
 {{- define "device-rebind.secretFileVars" -}}
+platformSecretFile: REBIND_PLATFORM__SECRET_FILE
 platformClientCert: REBIND_PLATFORM__CLIENT_CERT
 platformClientKey: REBIND_PLATFORM__CLIENT_KEY
 platformCaBundle: REBIND_PLATFORM__CA_BUNDLE
@@ -130,7 +131,7 @@ what it is and the variable it sets (values.schema.json requires the keys too).
 {{- if not .Values.config.platform.appId }}
 {{- $missing = append $missing "config.platform.appId: the application's id on the platform (REBIND_PLATFORM__APP_ID)" }}
 {{- end }}
-{{- if not .Values.secrets.platformSecret.existingSecret }}
+{{- if not (or .Values.secrets.platformSecret.existingSecret .Values.secretFiles.platformSecretFile.existingSecret) }}
 {{- $missing = append $missing (printf "secrets.platformSecret.existingSecret: the name of a Secret holding the application secret under the key %q, created beforehand, e.g. kubectl create secret generic device-rebind-platform --from-file=%s=./app-secret (REBIND_PLATFORM__SECRET)" .Values.secrets.platformSecret.key .Values.secrets.platformSecret.key) }}
 {{- end }}
 {{- if $missing }}
