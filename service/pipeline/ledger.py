@@ -109,6 +109,11 @@ class DeviceLedger:
         self._entries: dict[str, Entry] = {}
         self._due: list[tuple[int, int, str]] = []  # (due_ms, sequence, device), lazily cleaned
         self._sequence = 0
+        # The sequence of each device's last pushed heap item: only that one is live. An earlier
+        # item of the device can carry the same due time (a newer swap watched or waiting due
+        # in the same millisecond, a record loaded twice) and would hand the entry out twice:
+        # two bind-watch ends (two outcome records), or two polls or woken jobs for one entry.
+        self._live: dict[str, int] = {}
         self._waiting = 0
         self.watching: set[str] = set()  # devices whose new hardware has not bound yet
 
@@ -144,6 +149,7 @@ class DeviceLedger:
         due = entry.due_ms
         if due is not None:
             self._sequence += 1
+            self._live[device] = self._sequence
             heapq.heappush(self._due, (due, self._sequence, device))
 
     # ---- decisions -------------------------------------------------------------------------
@@ -273,15 +279,17 @@ class DeviceLedger:
             if not self._due or self._due[0][0] > now_ms:
                 break
             _, _, device = heapq.heappop(self._due)
+            del self._live[device]
             found.append((device, self._entries[device]))
         return found
 
     def _clean(self) -> None:
-        """Drop heap items whose device no longer waits for that due time."""
+        """Drop heap items whose device no longer waits for that due time, or whose device has
+        a later item."""
         while self._due:
-            due_ms, _, device = self._due[0]
+            due_ms, sequence, device = self._due[0]
             entry = self._entries.get(device)
-            if entry is not None and entry.due_ms == due_ms:
+            if entry is not None and entry.due_ms == due_ms and self._live.get(device) == sequence:
                 return
             heapq.heappop(self._due)
 

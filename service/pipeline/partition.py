@@ -412,9 +412,21 @@ class PartitionCore:
             self.dedupe.record(work.swap.source, work.swap.id, outcome.record, work.origin_offset),
         ]
         watched = None
+        unwatched: Outcome | None = None
         if outcome.kind is OutcomeKind.CREDENTIAL_UPDATED and self.watch_policy is not None:
             watch = self.watch_policy.start(_now_ms(), outcome.timeout or 0)
             watched = self.ledger.watch(work, watch)
+            if watched is None:
+                # A newer swap of the device arrived during the call: this refresh is never
+                # watched. Its swap still ends with exactly one more event, as when a newer
+                # swap replaces a watched one (_supersede_waiting): BIND_NOT_CONFIRMED, now.
+                newer = self.ledger.get(work.device)
+                unwatched = self.answers.bind_failed(
+                    work,
+                    BIND_NOT_CONFIRMED_CODE,
+                    f"a newer swap of the device ({newer.event_id if newer else 'unknown'}) "
+                    "replaced this one before its new hardware was seen to bind",
+                )
         if watched is not None or self.ledger.done(work, outcome.kind.value):
             outputs.append(self.ledger.record(work.device))
         elif work.offset is None and self.ledger.get(work.device) is not None:
@@ -422,6 +434,9 @@ class PartitionCore:
             # still holds it as waiting, so the next owner would wake it and answer it (and
             # call the platform for it) again. The device's record now names the newer swap.
             outputs.append(self.ledger.record(work.device))
+        if unwatched is not None:
+            outputs.append(unwatched.record)
+            self._binds.append(("unconfirmed", None))
         self._emit(outputs, outcome.kind)
         if work.offset is not None:
             self._finish(work.offset)
