@@ -181,6 +181,14 @@ class PartitionCore:
 
     # ---- jobs ------------------------------------------------------------------------------
 
+    def note_claim(self, work: Work) -> None:
+        """Put the device's ledger record, naming the claimed swap as its latest, into the next
+        transaction. The pipeline calls the platform only once that transaction committed: a
+        crash after the call then leaves a ledger that knows this swap, so the next owner never
+        applies an older swap of the device before reading this one again."""
+        if self.ledger.is_latest(work):
+            self._emit([self.ledger.record(work.device)], None)
+
     def claim(self, work: Work) -> bool:
         """Called when the job starts: True when the platform must be called for it."""
         verdict, newer = self.ledger.claim(work)

@@ -408,6 +408,9 @@ class Pipeline:
                 if not core.claim(work):
                     self._decided()
                     return
+                if work.offset is not None and not await self._claim_durably(core, work):
+                    core.abandoned(work)
+                    return
                 try:
                     result = await self._handler.handle(work)
                 except asyncio.CancelledError:
@@ -419,6 +422,26 @@ class Pipeline:
             self._decided()
 
         return job
+
+    async def _claim_durably(self, core: PartitionCore, work: Work) -> bool:
+        """Commit the claim of a fresh swap before its call (see PartitionCore.note_claim).
+        Concurrent claims of a partition share the next transaction. False when the partition
+        moves away meanwhile: the next owner does the work."""
+        core.note_claim(work)
+        while not (core.closed or core.closing):
+            committer = self._committers.get(core.partition)
+            if committer is None or committer.core is not core:
+                return False
+            try:
+                await committer.commit()
+            except PartitionFencedError:
+                return False
+            except Exception:  # noqa: BLE001 - any failed transaction: the commit loop retries too
+                log.warning("could not commit a claim; trying again", partition=core.partition)
+                await asyncio.sleep(0.5)  # the commit loop retries too: a broker hiccup
+                continue
+            return True
+        return False
 
     def _decided(self) -> None:
         self._progress.set()

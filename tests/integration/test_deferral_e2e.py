@@ -61,8 +61,9 @@ async def test_an_online_device_is_deferred_then_updated_when_it_goes_offline(
     assert set(answers[:-1]) == {"100611"}
     assert len(answers) >= 2
     assert out.data["attempts"] == len(answers)
-    # Each deferral went through the ledger (durably), with its state, then the swap was done.
-    records = await harness.read(len(answers), topics=[harness.topics.ledger])
+    # The claim, each deferral (durably, with its state), then the swap done: in the ledger.
+    records = await harness.read(len(answers) + 1, topics=[harness.topics.ledger])
+    assert entry(records[0])["state"] == "pending"  # claimed (committed before the first call)
     assert [w["deferrals"] for w in waits(records)] == list(range(1, len(answers)))
     assert {w["lastCode"] for w in waits(records)} == {"100611"}
     assert all(r.key == b"dev-on" for r in records)
@@ -105,7 +106,8 @@ async def test_a_deferred_swap_survives_a_restart(harness: Harness) -> None:
     await control.seed_device("dev-rs", "old-rs", status="ONLINE")
     first = await harness.start_service(instance="a", online_retry_initial_seconds=6)
     await harness.produce([(b"dev-rs", swap_event("dev-rs", "new-rs", event_id="evt-rs"))])
-    [deferral] = await harness.read(1, topics=[harness.topics.ledger])
+    claim, deferral = await harness.read(2, topics=[harness.topics.ledger])
+    assert entry(claim)["state"] == "pending"
     assert waits([deferral])[0]["lastCode"] == "100611"
     await wait_until(
         lambda: first.metrics.deferred_events._value.get() == 1,
@@ -130,7 +132,7 @@ async def test_a_newer_swap_supersedes_a_waiting_older_one(harness: Harness) -> 
     await control.seed_device("dev-sup", "old-sup", status="ONLINE")
     service = await harness.start_service(online_retry_initial_seconds=30)
     await harness.produce([(b"dev-sup", swap_event("dev-sup", "node-older", event_id="older"))])
-    await harness.read(1, topics=[harness.topics.ledger])
+    await harness.read(2, topics=[harness.topics.ledger])  # claimed, then waiting
     await wait_until(
         lambda: service.metrics.deferred_events._value.get() == 1,
         timeout=10,
@@ -191,7 +193,7 @@ async def test_a_deadline_that_passes_while_the_service_is_down_carries_the_last
         instance="a", online_retry_initial_seconds=2, online_retry_deadline_seconds=4
     )
     await harness.produce([(b"dev-down", swap_event("dev-down", "new-down"))])
-    [deferral] = await harness.read(1, topics=[harness.topics.ledger])
+    _, deferral = await harness.read(2, topics=[harness.topics.ledger])  # claimed, waiting
     await harness.stop_all()  # down while the swap waits, until after its deadline
     deadline = waits([deferral])[0]["deadlineMs"] / 1000
     await wait_until(lambda: time.time() > deadline, timeout=10, what="the deadline passed")

@@ -191,9 +191,9 @@ async def walk(kafka_broker: KafkaBroker, simulator: SimulatorHandle) -> AsyncIt
         outputs: dict[str, list[Received]] = {}
         for r in got:
             outputs.setdefault(r.data["deviceId"], []).append(r)
-        # every swap's ledger record when it ended, and one more per deferral
+        # every swap's ledger records: its claim, one per deferral, and its end
         ledger = await harness.read(
-            len(CASES) + sum(c.expect == "deferred" for c in CASES), topics=[topics.ledger]
+            2 * len(CASES) + sum(c.expect == "deferred" for c in CASES), topics=[topics.ledger]
         )
         retries: dict[str, list[Received]] = {}
         for r in ledger:
@@ -275,9 +275,10 @@ def test_a_reconciled_100426_asked_the_platform_first(walk: Walk) -> None:
 
 
 def test_token_invalid_answers_cost_at_most_one_relogin_each(walk: Walk) -> None:
-    # Concurrent reports of the same (stale) token share one re-login.
+    # At most one re-login per 1010005 report (concurrent reports of the same stale token share
+    # one), plus the first login, which happens at the first call, after logins_before was read.
     reports = sum(c.code == "1010005" for c in CASES)
-    assert 1 <= walk.logins_after - walk.logins_before <= reports
+    assert 1 <= walk.logins_after - walk.logins_before <= reports + 1
 
 
 @pytest.mark.slow
