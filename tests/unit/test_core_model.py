@@ -30,7 +30,7 @@ drain: all devices offline and bound, everything read, run, woken and committed)
    BIND_*), none otherwise; a malformed record has exactly one dead letter;
 2. each device ends with the nodeId of its latest swap (by CloudEvent time, then the offset of
    the event's first record), and the platform never applies an older swap after a newer one
-   (but for KNOWN_CRASH_WINDOW, see the end of this file);
+   (a claim is committed before its call, see the end of this file);
 3. no offset is committed past unfinished work: every record below the committed offset, or
    listed as finished in its metadata, has its answer (or dead letter) committed, waits in the
    committed ledger, or repeats an earlier input;
@@ -55,7 +55,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Final, Literal
 
 import orjson
-import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -185,7 +184,6 @@ class FakePlatform:
         self.faults: deque[Fault] = deque()
         self.repeat_ok = False  # a repeat of an applied call answers 200 instead of 100426
         self.rollbacks: list[str] = []
-        self.lost_rollbacks: list[str] = []  # see KNOWN_CRASH_WINDOW
         self.calls = 0
 
     async def refresh_device_key(  # noqa: PLR0911 - one return per kind of answer
@@ -223,18 +221,15 @@ class FakePlatform:
 
     def _apply(self, req: RefreshRequest, device: PlatformDevice) -> None:
         order = self.orders[req.verify_code]
-        known = self.durable_order(req.device_id)
-        for earlier, owner in device.history:
+        # Any rollback fails: a later owner may not roll back either (the claim is durable).
+        for earlier, _owner in device.history:
             if self.orders[earlier] <= order:
                 continue
             what = (
                 f"{req.device_id}: swap {req.verify_code} {order} applied after the newer "
                 f"swap {earlier} {self.orders[earlier]}"
             )
-            if owner < self.owner and (known is None or known < self.orders[earlier]):
-                self.lost_rollbacks.append(what)  # KNOWN_CRASH_WINDOW
-            else:
-                self.rollbacks.append(what)
+            self.rollbacks.append(what)
         device.node_id = req.node_id
         device.activated = False  # until the new hardware binds
         device.history.append((req.verify_code, self.owner))
@@ -538,6 +533,10 @@ class CoreModel(RuleBasedStateMachine):
             else:
                 queue.popleft()
         elif job.phase == "claimed":
+            if job.work.offset is not None:
+                # As the runner does: the claim's ledger record commits before the call.
+                member.core.note_claim(job.work)
+                self._commit()
             job.result = self.loop.run_until_complete(self.handler.handle(job.work))
             job.phase = "called"
         else:
@@ -992,28 +991,27 @@ def test_a_watch_ends_once_when_a_replaced_watch_had_the_same_deadline() -> None
     state.teardown()  # evt-2 and evt-3 read, evt-3 refreshed; the watch deadline passes
 
 
-# ---- KNOWN_CRASH_WINDOW ------------------------------------------------------------------------
+# ---- the crash window this model found, closed -----------------------------------------------
 #
-# A platform call is made before the swap's claim is durable: the ledger topic learns of a swap
-# only with its outcome (or when it supersedes a waiting swap). When an owner applies a newer
+# (Before the fix) a platform call was made before the swap's claim was durable: the ledger
+# topic learned of a swap only with its outcome (or when it supersedes a waiting swap). When an
+# owner applies a newer
 # swap and dies (or is fenced) before its transaction, the next owner does not know the newer
 # swap was applied, and can apply an older swap of the device before it reads the newer one
 # again (an older swap read in an earlier fetch, or a waiting one woken before the first fetch):
 # the device holds the older nodeId until the newer swap is re-read and re-applied. The model
 # tolerates exactly this (an older swap applied by a later owner while the committed ledger does
-# not name the newer one: FakePlatform.lost_rollbacks) and reports every other rollback.
+# not name the newer one) and reported every other rollback.
 #
 # The fix needs the runner: claim() would add the device's ledger record naming the claimed swap
 # (pending) to the next transaction, and the job would make its call only once a transaction
 # carrying it has committed (at most one commit interval more per swap; calls are budget-bound
 # anyway). A new owner then loads the newer swap: older ones read later are OLDER, the waiting
 # one it replaced is gone. With it, the model's job step commits between claim and call, and the
-# two minimal cases below pass (strict xfail: they must then be turned into regular tests).
+# two minimal cases below pass. The fix is in (PartitionCore.note_claim, Pipeline._claim_durably);
+# the model's job step commits between claim and call, and any rollback fails the test.
 
 
-@pytest.mark.xfail(
-    strict=True, reason="KNOWN_CRASH_WINDOW: the claim is not durable before the call"
-)
 def test_a_new_owner_does_not_apply_an_older_swap_after_a_lost_newer_one() -> None:
     state = CoreModel()
     state.produce(kind="swap", device="dev-a", node=0, delta=0, pick=0)  # evt-1
@@ -1023,13 +1021,10 @@ def test_a_new_owner_does_not_apply_an_older_swap_after_a_lost_newer_one() -> No
     state.job(pick=0, to_end=True)  # evt-2: applied
     state.new_owner(kind="crash")  # before any transaction
     state.poll(count=1)  # the next owner's first fetch ends before evt-2
-    state.job(pick=0, to_end=True)  # evt-1 is applied over evt-2
-    assert not state.platform.lost_rollbacks, state.platform.lost_rollbacks
+    state.job(pick=0, to_end=True)  # evt-1: answered SUPERSEDED at its claim, no call
+    assert not state.platform.rollbacks, state.platform.rollbacks
 
 
-@pytest.mark.xfail(
-    strict=True, reason="KNOWN_CRASH_WINDOW: the claim is not durable before the call"
-)
 def test_a_new_owner_does_not_wake_a_waiting_swap_a_lost_newer_one_replaced() -> None:
     state = CoreModel()
     state.setup(online={"dev-a"}, watch="off")
@@ -1043,8 +1038,10 @@ def test_a_new_owner_does_not_wake_a_waiting_swap_a_lost_newer_one_replaced() ->
     state.job(pick=0, to_end=True)  # evt-2: applied
     state.new_owner(kind="crash")
     state.wake(far=True)  # the wake loop runs before the first fetch
-    state.job(pick=0, to_end=True)  # evt-1 is applied over evt-2
-    assert not state.platform.lost_rollbacks, state.platform.lost_rollbacks
+    # The committed ledger names evt-2 (its claim was durable before its call): evt-1 is no
+    # longer waiting, nothing is woken, so nothing can be applied over evt-2.
+    assert not state.member.queues
+    assert not state.platform.rollbacks, state.platform.rollbacks
 
 
 def test_a_refresh_overtaken_during_its_call_still_ends_with_a_bind_result() -> None:
