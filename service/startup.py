@@ -124,14 +124,28 @@ def _check_co_partitioned(plan: topics.Plan) -> None:
 @contextlib.contextmanager
 def _quiet(logger: str) -> Iterator[None]:
     """The Kafka client logs every failed connection; during a start attempt our one line per
-    attempt says it better."""
+    attempt says it better. Counted, so overlapping attempts (several services in one process)
+    restore the level the logger had before the first of them."""
     lib = logging.getLogger(logger)
-    saved = lib.level
-    lib.setLevel(logging.CRITICAL)
+    if _quieted.get(logger, (0, 0))[0] == 0:
+        _quieted[logger] = (1, lib.level)
+        lib.setLevel(logging.CRITICAL)
+    else:
+        count, saved = _quieted[logger]
+        _quieted[logger] = (count + 1, saved)
     try:
         yield
     finally:
-        lib.setLevel(saved)
+        count, saved = _quieted[logger]
+        if count == 1:
+            del _quieted[logger]
+            lib.setLevel(saved)
+        else:
+            _quieted[logger] = (count - 1, saved)
+
+
+_quieted: dict[str, tuple[int, int]] = {}
+"""Loggers quieted now: (attempts in progress, the level to restore)."""
 
 
 class StartupSupervisor:

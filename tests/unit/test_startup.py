@@ -173,3 +173,21 @@ async def test_a_part_that_cannot_start_after_the_check_is_retried() -> None:
     assert (parts.started, parts.resets) == (2, 1)
     [retry] = [line for line in cap.lines() if line["event"] == "not ready: retrying"]
     assert retry["cause"] == "REBIND_TOPICS__BUDGET: could not publish to topic"
+
+
+def test_overlapping_quiet_attempts_restore_the_library_level() -> None:
+    """Two services starting in one process: the Kafka client's logger ends where it began."""
+    import logging  # noqa: PLC0415 - this test only
+
+    from service.startup import _quiet  # noqa: PLC0415
+
+    lib = logging.getLogger("aiokafka.test-quiet")
+    lib.setLevel(logging.NOTSET)
+    first, second = _quiet("aiokafka.test-quiet"), _quiet("aiokafka.test-quiet")
+    first.__enter__()
+    second.__enter__()
+    assert lib.level == logging.CRITICAL
+    first.__exit__(None, None, None)
+    assert lib.level == logging.CRITICAL  # the second attempt still runs
+    second.__exit__(None, None, None)
+    assert lib.level == logging.NOTSET
