@@ -21,7 +21,7 @@ from typing import Final
 
 import structlog
 from aiokafka import AIOKafkaProducer, TopicPartition
-from aiokafka.errors import KafkaError, ProducerFenced
+from aiokafka.errors import ProducerFenced
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from aiokafka.structs import OffsetAndMetadata
 
@@ -155,9 +155,22 @@ class PartitionCommitter:
                 f"partition {self.partition} fenced: a newer owner uses "
                 f"transactional id {self.transactional_id}"
             ) from exc
-        except KafkaError:
+        except Exception as exc:
             self._metrics.transactions.labels(result="aborted").inc()
+            if _fatal(producer):
+                # Fenced while a transaction was open: aiokafka then fails every later
+                # transaction of this producer with an internal error. The partition is gone.
+                raise PartitionFencedError(
+                    f"partition {self.partition}: transactional id {self.transactional_id} is "
+                    "fenced (its producer can no longer commit)"
+                ) from exc
             self.failures += 1
             raise
         self._metrics.transactions.labels(result="committed").inc()
         return written
+
+
+def _fatal(producer: AIOKafkaProducer) -> bool:
+    """True when the producer's transaction manager is in its fatal state (after a fence)."""
+    manager = getattr(producer, "_txn_manager", None)
+    return str(getattr(manager, "state", "")).endswith("FATAL_ERROR")
