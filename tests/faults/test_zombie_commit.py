@@ -68,24 +68,25 @@ async def test_a_member_paused_past_its_session_timeout_duplicates_nothing(
             if r.device_id in done and r.offset >= offsets.get(r.partition, 0)
         ]
 
-    # Frozen while it holds finished work: after its first commit, with 20 or more swaps
-    # answered by the platform whose offsets are not committed. A commit can slip in between
+    # Frozen while it holds finished work: after its first commit, with swaps answered by the
+    # platform whose offsets are not committed. (A fresh swap's claim commits before its call,
+    # so at most about CONCURRENCY answered swaps are ever uncommitted.) A commit can slip in between
     # the check and the signal: then it is woken and frozen again at the next chance.
     holding: list[Produced] = []
     before = 0.0
     for _ in range(5):
 
         async def holding_finished_work() -> bool:
-            return reader.count > 0 and len(await held()) >= 20
+            return reader.count > 0 and len(await held()) >= 3
 
         await wait_until(holding_finished_work, 60, "the first replica holding finished work")
         before = await asyncio.to_thread(committed_by, zombie)
         zombie.signal(signal.SIGSTOP)
         holding = await held()
-        if len(holding) >= 10:
+        if len(holding) >= 2:
             break
         zombie.signal(signal.SIGCONT)
-    assert len(holding) >= 10, f"never frozen with finished work held ({len(holding)})"
+    assert len(holding) >= 2, f"never frozen with finished work held ({len(holding)})"
     frozen_seq = max(c["seq"] for c in await control.calls())
     frozen_committed = reader.count
 
