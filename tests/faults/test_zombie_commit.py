@@ -70,8 +70,8 @@ async def test_a_member_paused_past_its_session_timeout_duplicates_nothing(
 
     # Frozen while it holds finished work: after its first commit, with swaps answered by the
     # platform whose offsets are not committed. (A fresh swap's claim commits before its call,
-    # so at most about CONCURRENCY answered swaps are ever uncommitted.) A commit can slip in between
-    # the check and the signal: then it is woken and frozen again at the next chance.
+    # so at most about CONCURRENCY answered swaps are ever uncommitted.) A commit can slip in
+    # between the check and the signal: then it is woken and frozen again at the next chance.
     holding: list[Produced] = []
     before = 0.0
     for _ in range(5):
