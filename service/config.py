@@ -401,8 +401,17 @@ class PlatformSettings(_Section):
     token_takeover_seconds: float = Field(
         default=60.0,
         ge=1,
-        description="A follower without a usable shared token for this long (plus up to 50% "
-        "jitter) logs in itself and renews until a holder publishes again.",
+        description="A follower without a usable shared token, that has seen no record of a "
+        "holder for this long (plus up to 50% jitter), becomes the token holder itself (fencing "
+        "any other).",
+    )
+    token_rotation_window_seconds: float = Field(
+        default=1.0,
+        ge=0.1,
+        le=30.0,
+        description="At each token rotation every replica holds new calls at least this long "
+        "(and until its calls in flight on the old token are answered) before the holder "
+        "renews: calls on the wire never meet a replaced token.",
     )
 
     @model_validator(mode="before")

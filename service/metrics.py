@@ -170,6 +170,19 @@ class Metrics:
             "1 while this replica holds an access token that has not expired.",
             registry=r,
         )
+        self.token_holder = Gauge(
+            "rebind_platform_token_holder",
+            "1 while this replica is the token holder (the only one that logs in or refreshes "
+            "the application's access token).",
+            registry=r,
+        )
+        self.token_rotations = Counter(
+            "rebind_platform_token_rotations",
+            "Token rotations by the holder, by result (renewed; failed: the platform refused or "
+            "did not answer, the old token kept; fenced: another replica became the holder).",
+            ["result"],
+            registry=r,
+        )
         self.auth_blocked = Gauge(
             "rebind_platform_auth_blocked",
             "1 while the platform refuses the service's login (wrong or rotated secret, unknown "
@@ -187,6 +200,8 @@ class Metrics:
             self.bind_results.labels(result=result)
         for result in ("accepted", "duplicate", "rejected"):
             self.bind_notifications.labels(result=result)
+        for result in ("renewed", "failed", "fenced"):
+            self.token_rotations.labels(result=result)
 
     def platform_call(
         self, operation: str, http_status: int | None, error_code: str | None, seconds: float

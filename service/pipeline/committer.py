@@ -157,7 +157,7 @@ class PartitionCommitter:
             ) from exc
         except Exception as exc:
             self._metrics.transactions.labels(result="aborted").inc()
-            if _fatal(producer):
+            if producer_fatal(producer):
                 # Fenced while a transaction was open: aiokafka then fails every later
                 # transaction of this producer with an internal error. The partition is gone.
                 raise PartitionFencedError(
@@ -170,7 +170,7 @@ class PartitionCommitter:
         return written
 
 
-def _fatal(producer: AIOKafkaProducer) -> bool:
+def producer_fatal(producer: AIOKafkaProducer) -> bool:
     """True when the producer's transaction manager is in its fatal state (after a fence)."""
     manager = getattr(producer, "_txn_manager", None)
     return str(getattr(manager, "state", "")).endswith("FATAL_ERROR")

@@ -337,15 +337,18 @@ class PlatformClient:
                     error_desc=f"{exc.operation}: {exc.error_desc or exc.spec.description}",
                     spec=exc.spec,
                 )
-            result = await self._send(
-                operation,
-                method=method,
-                path=path,
-                params=params,
-                json=json,
-                token=token,
-                success_field=success_field,
-            )
+            try:
+                result = await self._send(
+                    operation,
+                    method=method,
+                    path=path,
+                    params=params,
+                    json=json,
+                    token=token,
+                    success_field=success_field,
+                )
+            finally:
+                self.tokens.release(token)  # a token rotation waits for calls on the wire
             if result.error_code == TOKEN_INVALID_CODE and stale is None:
                 stale = token
                 continue  # one re-login (shared by all callers), then repeat once

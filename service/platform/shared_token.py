@@ -1,37 +1,31 @@
-"""One token holder per application, elected through Kafka group membership (docs/tokens.md, B).
+"""One token holder per application, fenced through Kafka (docs/tokens.md).
 
-Each login (and each refreshToken) invalidates the application's previous access token, so only
-one replica renews: the *holder*, the group member that owns partition 0 of the input topic
-(:meth:`SharedTokenProvider.set_holder`, called at every assignment). The holder keeps the token
-with a :class:`~service.platform.tokens.TokenManager` (renewal ahead of expiry, single flight) and
-publishes every new token to a compacted, single-partition topic, AES-GCM encrypted with a key
-derived from the app secret (:class:`TokenCodec`). Every replica reads that topic from the start
-and keeps the latest token; followers never log in, they wait for the holder's next record.
+The platform keeps one valid access token per application: a login or a refreshToken replaces
+it at once (calls still carrying the old one are answered 1010005) and spends the previous
+refresh token. So exactly one replica, the *holder*, ever logs in or refreshes, and every
+replica hands out the same token, read from a compacted, single-partition topic
+(:mod:`service.platform.token_records`).
 
-Refinements over the plain design (see docs/tokens.md for the reasons):
-
-* records are keyed by ``<group id>/<app id>``: one holder per group, and groups never see each
-  other's records;
-* followers stop using a token just before its ``renew_at`` (which is in the record) and wait
-  briefly for the holder's fresh one, so a renewal does not meet calls in flight on the old one;
-* a holder without a token logs in only on demand (its own call, or a follower's *need* notice),
-  then renews proactively;
-* a follower whose token is refused (1010005) publishes a *refused* notice (a token fingerprint,
-  never the token); the holder renews once if the notice names its current token, and otherwise
-  publishes its current token again (the follower holds an older one);
-* every token record carries a sequence number (one more than the highest the publisher has
-  seen) beside its issue time, and a replica never replaces the token it holds with an older
-  record: a captured record written again (a replay) is ignored and logged, and the holder
-  publishes its current token again so the topic's last record is the current one;
-* a follower that has had no usable token for ``token_takeover_seconds`` (jittered) logs in once
-  itself, publishes, and renews as an *acting* holder until any other replica publishes;
-* a new holder reads the topic to its end and adopts a still-valid token (with its refresh
-  token) instead of logging in; it republishes it under its own name, which retires an acting
-  holder;
-* a holder whose login is refused for good (a wrong or rotated secret: the manager's
-  :class:`~service.platform.tokens.AuthGate` closes) publishes a *blocked* notice; followers close
-  their gate too (their swaps wait, their input pauses) until the holder's next token; the key
-  of the records follows the secret, read again from ``REBIND_PLATFORM__SECRET_FILE``.
+* **Who holds.** The member that owns partition 0 of the input topic becomes the holder
+  (:meth:`SharedTokenProvider.set_holder`, at every assignment). Becoming the holder starts the
+  group's token transactional producer (:class:`~service.platform.token_channel.HolderChannel`),
+  which fences the previous holder; then the new holder reads the topic to its end and
+  *adopts* the latest token (and its refresh token) instead of logging in.
+* **Every platform call is fenced.** Before a login or refresh the holder commits a *rotating*
+  record through that producer. A replica that has been fenced (a zombie after a GC pause, a
+  network partition, a lost rebalance) fails that commit and steps down before it calls the
+  platform.
+* **Rotation without failed calls.** On a *rotating* record every replica stops handing out the
+  old token; a replica with calls still in flight on it says so (*draining*, then *done*). The
+  holder waits for the rotation window and those calls, then renews, then publishes the new
+  token, which ends the hold everywhere.
+* **Followers never log in while a holder lives.** A follower whose call is answered 1010005
+  retries with the newest shared token if it used an older one, otherwise it tells the holder
+  (*refused* notice) and waits for the next token record. Only when it has had no usable token
+  and seen no record of any holder for ``token_takeover_seconds`` (jittered) does it become the
+  holder itself, through the same fence, so at most one replica ever does.
+* A holder whose login is refused for good (wrong or rotated secret) publishes a *blocked*
+  notice: followers wait with it, and it retries the login with a capped backoff.
 
 Neither the token nor the secret is ever logged or put in a metric.
 """
@@ -40,33 +34,45 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import json
-import os
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
 import httpx
 import structlog
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from service import logs
 from service.config import KafkaSettings, PlatformSettings
-from service.kafka import FatalPipelineError, kafka_client_options
+from service.kafka import client_options
 from service.metrics import Metrics
 from service.platform.budget import RateBudget
 from service.platform.client import CONNECT_TIMEOUT_MAX_SECONDS, build_ssl_context
 from service.platform.errors import TIMEOUT, classify
+from service.platform.token_channel import (
+    Channel,
+    HolderChannel,
+    HolderFencedError,
+    HookChannel,
+    NoticeChannel,
+    Publish,
+    ensure_token_topic,
+)
+from service.platform.token_records import (
+    BLOCKED_SUFFIX,
+    DRAINING_SUFFIX,
+    NEED_SUFFIX,
+    REFUSED_SUFFIX,
+    ROTATING_SUFFIX,
+    InvalidRecordError,
+    SharedToken,
+    TokenCodec,
+    fingerprint,
+    older,
+)
 from service.platform.tokens import (
-    REFRESH_TOKEN_LIFETIME_SECONDS,
     AuthGate,
     SecretReader,
     TokenError,
@@ -74,29 +80,24 @@ from service.platform.tokens import (
     _Token,
 )
 
+__all__ = ["SharedToken", "SharedTokenProvider", "TokenCodec", "fingerprint", "older"]
+
 log = structlog.get_logger(__name__)
 
-RECORD_VERSION: Final = 1
-HKDF_SALT: Final = b"device-rebind/shared-token/v1"
-HKDF_INFO: Final = b"AES-256-GCM key of the token topic"
-NONCE_BYTES: Final = 12
-"""A random 96-bit nonce per record (AES-GCM's standard nonce size)."""
-REFUSED_SUFFIX: Final = "/refused"
-NEED_SUFFIX: Final = "/need"
-BLOCKED_SUFFIX: Final = "/blocked"
 MAX_REASON_CHARS: Final = 600
-HANDOVER_PAUSE_SECONDS: Final = 0.5
-"""Followers stop taking a token this long before its renew_at (calls in flight can finish)."""
-HANDOVER_WAIT_SECONDS: Final = 5.0
-"""How long followers wait for the holder's renewal before using the old (unexpired) token."""
 EXPIRY_GUARD_SECONDS: Final = 1.0
 """A token this close to its expiry is no longer handed out."""
 CATCH_UP_TIMEOUT_SECONDS: Final = 15.0
-PUBLISH_RETRY_SECONDS: Final = 1.0
+RETRY_SECONDS: Final = 1.0
+"""After a failed write or renewal the holder tries again this much later (doubling, capped)."""
+RETRY_MAX_SECONDS: Final = 30.0
 TAKEOVER_JITTER: Final = 0.5
 """The takeover grace is drawn from [grace, grace * (1 + jitter)] once per replica."""
 POLL_SECONDS: Final = 0.25
-TOPIC_REPLICATION_MAX: Final = 3
+REFRESH_REFUSED_CODE: Final = "100208"
+"""A refreshToken answered this: the refresh token is spent or unknown."""
+REFENCE_SECONDS: Final = 2.0
+"""An elected holder fenced by another replica starts its producer again this much later."""
 
 
 async def _wait_event(event: asyncio.Event, timeout: float) -> None:
@@ -114,149 +115,20 @@ async def _wait_event(event: asyncio.Event, timeout: float) -> None:
         waiter.cancel()
 
 
-def fingerprint(token: str) -> str:
-    """A short, non-reversible name of a token (for refused notices; never logged with it)."""
-    return hashlib.sha256(token.encode()).hexdigest()[:16]
-
-
 @dataclass(frozen=True, slots=True)
-class SharedToken:
-    """What the holder publishes. Times are epoch seconds (they travel between hosts)."""
+class _Rotation:
+    """A *rotating* record newer than the token held: hold new calls until the next token."""
 
-    access: str
-    refresh: str | None
-    issued_at: float
-    expires_at: float
-    renew_at: float
-    holder: str
-    sequence: int | None = None
-    """One more than the highest sequence the publisher had seen (None: a record of a version
-    without sequences). Records are ordered by (sequence, issued_at): see :func:`older`."""
-
-    def __repr__(self) -> str:  # never print the token
-        return (
-            f"SharedToken(holder={self.holder!r}, sequence={self.sequence}, "
-            f"expires_at={self.expires_at:.0f})"
-        )
-
-    def __post_init__(self) -> None:
-        # A token read from the topic is masked in the logs like one obtained here.
-        logs.register_secret(self.access)
-        logs.register_secret(self.refresh)
-
-
-def older(record: SharedToken, held: SharedToken) -> bool:
-    """``record`` was published before ``held``: a lower sequence, or the same sequence and an
-    earlier issue time (two publishers that had seen the same records: the later token is the
-    one the platform knows). Without sequences (a record of an earlier version) the issue times
-    decide. A record equal to ``held`` is not older (the same record read twice)."""
-    if record.sequence is not None and held.sequence is not None:
-        return (record.sequence, record.issued_at) < (held.sequence, held.issued_at)
-    return record.issued_at < held.issued_at
-
-
-class InvalidRecordError(Exception):
-    """A token-topic record that cannot be used (wrong key, corrupt, other version)."""
-
-
-class TokenCodec:
-    """AES-GCM with a key derived from the app secret (HKDF-SHA256); the record key is the AAD.
-
-    Layout: ``version (1 byte) | nonce (12 bytes) | ciphertext+tag``. Whoever can read the topic but
-    lacks the secret learns nothing; whoever has the secret could log in anyway.
-    """
-
-    def __init__(self, app_id: str, secret: str) -> None:
-        key = HKDF(
-            algorithm=hashes.SHA256(),
-            length=32,
-            salt=HKDF_SALT,
-            info=HKDF_INFO + b"|" + app_id.encode(),
-        ).derive(secret.encode())
-        self._aead = AESGCM(key)
-
-    def encrypt(self, payload: dict[str, Any], aad: bytes) -> bytes:
-        nonce = os.urandom(NONCE_BYTES)
-        plain = json.dumps(payload, separators=(",", ":")).encode()
-        return bytes([RECORD_VERSION]) + nonce + self._aead.encrypt(nonce, plain, aad)
-
-    def decrypt(self, value: bytes | None, aad: bytes) -> dict[str, Any]:
-        if not value or len(value) < 1 + NONCE_BYTES + 16:
-            raise InvalidRecordError("too short")
-        if value[0] != RECORD_VERSION:
-            raise InvalidRecordError(f"unknown version {value[0]}")
-        nonce, sealed = value[1 : 1 + NONCE_BYTES], value[1 + NONCE_BYTES :]
-        try:
-            plain = self._aead.decrypt(nonce, sealed, aad)
-        except InvalidTag:
-            raise InvalidRecordError("authentication failed (another secret?)") from None
-        try:
-            payload = json.loads(plain)
-        except ValueError:
-            raise InvalidRecordError("not JSON") from None
-        if not isinstance(payload, dict):
-            raise InvalidRecordError("not an object")
-        return payload
-
-    def decrypts(self, value: bytes | None, aad: bytes) -> bool:
-        try:
-            self.decrypt(value, aad)
-        except InvalidRecordError:
-            return False
-        return True
-
-    def encode_token(self, token: SharedToken, aad: bytes) -> bytes:
-        return self.encrypt(
-            {
-                "accessToken": token.access,
-                "refreshToken": token.refresh,
-                "issuedAt": token.issued_at,
-                "expiresAt": token.expires_at,
-                "renewAt": token.renew_at,
-                "holder": token.holder,
-                "seq": token.sequence,
-            },
-            aad,
-        )
-
-    def decode_token(self, value: bytes | None, aad: bytes) -> SharedToken:
-        p = self.decrypt(value, aad)
-        access, refresh, holder = p.get("accessToken"), p.get("refreshToken"), p.get("holder")
-        times = [p.get("issuedAt"), p.get("expiresAt"), p.get("renewAt")]
-        if not isinstance(access, str) or not access or not isinstance(holder, str):
-            raise InvalidRecordError("fields missing")
-        if not all(isinstance(t, int | float) and not isinstance(t, bool) for t in times):
-            raise InvalidRecordError("times missing")
-        issued, expires, renew = (float(t) for t in times)  # type: ignore[arg-type]
-        seq = p.get("seq")
-        return SharedToken(
-            access=access,
-            refresh=refresh if isinstance(refresh, str) and refresh else None,
-            issued_at=issued,
-            expires_at=expires,
-            renew_at=min(renew, expires),
-            holder=holder,
-            sequence=seq if isinstance(seq, int) and not isinstance(seq, bool) else None,
-        )
+    sequence: int
+    by: str
+    seen_at: float
 
 
 class _HolderTokens(TokenManager):
-    """The holder's TokenManager: can adopt a shared token and reports every renewal."""
-
-    def __init__(self, *args: Any, on_renewed: Callable[[], None], **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._on_renewed = on_renewed
-
-    async def _do_renew(self, *, force_login: bool) -> _Token:
-        new = await super()._do_renew(force_login=force_login)
-        self._on_renewed()
-        return new
+    """The holder's TokenManager: one platform call per renewal, can adopt a shared token."""
 
     def current(self) -> _Token | None:
         return self._token
-
-    def valid(self) -> bool:
-        return self._is_valid() == 1.0
 
     def discard(self) -> None:
         self._token = None
@@ -289,7 +161,7 @@ class SharedTokenProvider:
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
         wait_seconds: float | None = None,
-        publish: Callable[[bytes, bytes], Awaitable[None]] | None = None,
+        publish: Publish | None = None,
     ) -> None:
         self._kafka = kafka
         self._topic = topic
@@ -297,7 +169,11 @@ class SharedTokenProvider:
         self._instance = kafka.instance_id
         self._clock = clock
         self._wall = wall
+        self._metrics = metrics
         self._wait_seconds = wait_seconds or platform.request_timeout_seconds
+        self._window = platform.token_rotation_window_seconds
+        self._rotation_hold = 2 * (self._window + self._wait_seconds) + RETRY_SECONDS
+        """The longest a replica holds its calls for a rotation (its holder may have died)."""
         self._takeover_after = platform.token_takeover_seconds * (
             1.0 + random.uniform(0.0, TAKEOVER_JITTER)  # noqa: S311 - jitter, not crypto
         )
@@ -319,53 +195,79 @@ class SharedTokenProvider:
             budget,
             self._http,
             clock=clock,
-            on_renewed=self._renewed,
             secret=self._secret,
+            retry_refused_login=False,
         )
         self.gate: AuthGate = self.manager.gate
         self.gate.subscribe(self._gate_changed)
         metrics.token_valid.set_function(lambda: 1.0 if self.valid() else 0.0)
+        metrics.token_holder.set_function(lambda: 1.0 if self.is_holder else 0.0)
         self._publish_hook = publish
-        # shared state, fed by the reader
+        self._notices: Channel | None = HookChannel(publish) if publish is not None else None
+        # what every replica knows, fed by the reader
         self.latest: SharedToken | None = None
+        self.rotation: _Rotation | None = None
         self._refused_fps: set[str] = set()
         """Fingerprints of tokens refused (by us or a notice): never handed out again."""
         self._notified: set[str] = set()
         self._changed = asyncio.Event()
         self._position = 0
-        self._caught_up = asyncio.Event()
         self._starving_since: float | None = None
-        self._overdue: tuple[str, float] | None = None
-        # holder state
+        self._holder_seen_at: float | None = None
+        """When a holder's record (token, rotating, blocked) was last read."""
+        self._orphans: set[asyncio.Task[None]] = set()
+        self._consumer: AIOKafkaConsumer | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._inflight: Counter[str] = Counter()
+        """Calls on the wire, by token."""
+        self._draining: tuple[int, str] | None = None
+        """(rotation, token): this replica said it has calls in flight on ``token``."""
+        self._busy: dict[int, dict[str, bool]] = {}
+        """Holder: per rotation, the replicas with calls in flight (True once they are done)."""
+        self._init_holder()
+
+    def _init_holder(self) -> None:
+        """The holder's state (every replica may become the holder)."""
         self._elected = False
         self._acting = False
+        self._holding = False
+        self._rotating = False
+        self._orphan = False
+        """A rotation of an earlier holder has no token after it: its refresh may have spent
+        the refresh token and replaced the access token, so the next renewal is a login."""
+        self._refresh_spent = False
+        self._republish = False
         self._holder_task: asyncio.Task[None] | None = None
-        self._holder_ready = asyncio.Event()
-        self._holder_wake = asyncio.Event()
-        self._wake_waiter: asyncio.Future[None] | None = None
-        self._published: str | None = None
+        self._wake = asyncio.Event()
         self._demand = False
-        """Someone needs a token: until then a holder without one does not log in (lazily, as
-        a single replica always did, so a wrong secret shows at the first swap)."""
-        self._orphans: set[asyncio.Task[None]] = set()
-        self._takeover_lock = asyncio.Lock()
-        # Kafka
-        self._consumer: AIOKafkaConsumer | None = None
-        self._producer: AIOKafkaProducer | None = None
-        self._reader: asyncio.Task[None] | None = None
+        """Someone needs a token: until then a holder without one does not log in (lazily, so
+        a single replica's wrong secret shows at its first swap)."""
         self.takeovers = 0
+        self.elections = 0
+        self.fenced = 0
         self.stale_records = 0
         """Token records ignored because they are older than the token held (replays)."""
         self._sequence = 0
-        """The highest sequence this replica published."""
-        self.elections = 0
-        """How often this replica became the elected holder."""
 
     def _init_records(self, platform: PlatformSettings, scope: str) -> None:
         """The record keys of this group and application, and the codec of the secret."""
-        self._token_key, self._refused_key, self._need_key, self._blocked_key = (
+        (
+            self._token_key,
+            self._refused_key,
+            self._need_key,
+            self._blocked_key,
+            self._rotating_key,
+            self._draining_key,
+        ) = (
             (scope + suffix).encode()
-            for suffix in ("", REFUSED_SUFFIX, NEED_SUFFIX, BLOCKED_SUFFIX)
+            for suffix in (
+                "",
+                REFUSED_SUFFIX,
+                NEED_SUFFIX,
+                BLOCKED_SUFFIX,
+                ROTATING_SUFFIX,
+                DRAINING_SUFFIX,
+            )
         )
         self._app_id = platform.app_id
         # The records' key derives from the secret, which may change (a rotated, mounted file).
@@ -380,21 +282,21 @@ class SharedTokenProvider:
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         """Check/create the token topic, start the reader (from the beginning) and a producer."""
-        options = kafka_client_options(self._kafka)
-        await self._ensure_topic(options)
+        await ensure_token_topic(self._kafka, self._topic)
         self._consumer = AIOKafkaConsumer(
-            **options,
+            **client_options(self._kafka),
             group_id=None,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
+            isolation_level="read_committed",
             fetch_max_wait_ms=100,
         )
         await self._consumer.start()
         self._consumer.assign([self._tp])
         await self._consumer.seek_to_beginning(self._tp)
-        if self._publish_hook is None:
-            self._producer = AIOKafkaProducer(**options, acks="all", linger_ms=0)
-            await self._producer.start()
+        if self._notices is None:
+            self._notices = NoticeChannel(self._kafka, self._topic)
+            await self._notices.start()
         self._reader = asyncio.create_task(self._read_loop(), name="token-reader")
 
     async def aclose(self) -> None:
@@ -406,61 +308,32 @@ class SharedTokenProvider:
                     await task
         if self._consumer is not None:
             await self._consumer.stop()
-        if self._producer is not None:
-            await self._producer.stop()
+        if self._notices is not None:
+            await self._notices.stop()
         if self._own_http:
             await self._http.aclose()
 
-    async def _ensure_topic(self, options: dict[str, Any]) -> None:
-        admin = AIOKafkaAdminClient(**options, request_timeout_ms=15_000)
-        await admin.start()
-        try:
-            if self._topic in await admin.list_topics():
-                return
-            brokers = len((await admin.describe_cluster()).get("brokers", ())) or 1
-            response = await admin.create_topics(
-                [
-                    NewTopic(
-                        name=self._topic,
-                        num_partitions=1,
-                        replication_factor=min(TOPIC_REPLICATION_MAX, brokers),
-                        topic_configs={"cleanup.policy": "compact"},
-                    )
-                ],
-                timeout_ms=15_000,
-            )
-            for _topic, code, *_rest in response.topic_errors:
-                if code not in (0, 36):  # 36: TOPIC_ALREADY_EXISTS (another replica was faster)
-                    raise FatalPipelineError(
-                        f"REBIND_TOPICS__TOKEN: topic {self._topic!r} is missing and could not "
-                        f"be created (error {code}); create it compacted with one partition"
-                    )
-            log.warning("token_topic_created", topic=self._topic, cleanup_policy="compact")
-        finally:
-            await admin.close()
+    def _channel(self) -> Channel:
+        if self._publish_hook is not None:
+            return HookChannel(self._publish_hook)
+        return HolderChannel(self._kafka, self._topic)
 
     # ------------------------------------------------------------------ reader
     async def _read_loop(self) -> None:
         consumer = self._consumer
         assert consumer is not None
-        end: int | None = None
         while True:
             try:
-                if end is None:
-                    end = (await consumer.end_offsets([self._tp]))[self._tp]
                 batch = await consumer.getmany(self._tp, timeout_ms=500)
                 for msg in batch.get(self._tp, ()):
                     self.receive(msg.key, msg.value, offset=msg.offset)
                 self._position = await consumer.position(self._tp)
             except Exception as exc:  # noqa: BLE001 - a broker hiccup must not end the reader
                 log.warning("token_topic_read_failed", error=type(exc).__name__)
-                await asyncio.sleep(PUBLISH_RETRY_SECONDS)
-                continue
-            if self._position >= end:
-                self._caught_up.set()
+                await asyncio.sleep(RETRY_SECONDS)
 
     async def catch_up(self, timeout: float = CATCH_UP_TIMEOUT_SECONDS) -> bool:
-        """Read the topic up to its current end (True), or give up after ``timeout``."""
+        """Read the topic up to its (last stable) end (True), or give up after ``timeout``."""
         if self._consumer is None:
             return True
         try:
@@ -477,25 +350,25 @@ class SharedTokenProvider:
 
     def receive(self, key: bytes | None, value: bytes | None, *, offset: int = -1) -> None:
         """Apply one record of the token topic (in offset order)."""
-        if key == self._refused_key:
-            self._receive_refused(value, offset)
-            return
-        if key == self._blocked_key:
-            self._receive_blocked(value, offset)
-            return
-        if key == self._need_key:
-            try:
-                self._decrypt(value, self._need_key)
-            except InvalidRecordError as exc:
-                log.warning("token_record_ignored", offset=offset, reason=str(exc))
-                return
-            self._demand = True
-            if self.is_holder:
-                self._wake_holder()
-            return
+        handlers: dict[bytes, Callable[[dict[str, Any], int], None]] = {
+            self._refused_key: self._receive_refused,
+            self._blocked_key: self._receive_blocked,
+            self._need_key: self._receive_need,
+            self._rotating_key: self._receive_rotating,
+            self._draining_key: self._receive_draining,
+        }
         if key == self._token_key:
             self._receive_token(value, offset)
-        # else: another group's or application's record
+            return
+        handler = handlers.get(key or b"")
+        if handler is None:
+            return  # another group's or application's record
+        try:
+            notice = self._decrypt(value, key or b"")
+        except InvalidRecordError as exc:
+            log.warning("token_record_ignored", offset=offset, reason=str(exc))
+            return
+        handler(notice, offset)
 
     def _codec_now(self) -> TokenCodec:
         """The codec of the secret as it is now (read again from its file, if it has one)."""
@@ -530,6 +403,7 @@ class SharedTokenProvider:
             self._undecrypted = (value, offset)
             return
         self._undecrypted = None
+        self._holder_seen_at = self._clock()
         previous = self.latest
         if previous is not None and older(token, previous):
             # A record published before the one held: a captured record written again, or a
@@ -543,13 +417,31 @@ class SharedTokenProvider:
                 record_sequence=token.sequence,
                 held_sequence=previous.sequence,
                 record_holder=token.holder,
-                action="ignored" if not self.is_holder else "republish",
+                action="republish" if self.is_holder else "ignored",
             )
             if self.is_holder:
-                self._published = None
+                self._republish = True
                 self._wake_holder()
             return
+        self._take(token)
+        if previous is None or previous.access != token.access:
+            log.info(
+                "shared_token_received",
+                holder=token.holder,
+                offset=offset,
+                expires_in=round(token.expires_at - self._wall(), 1),
+            )
+        if token.holder != self._instance and self.is_holder:
+            # Written by another replica (one that held before us and committed before our
+            # fence): the platform knows that token now. Hold it.
+            self.manager.adopt(token, self._wall())
+
+    def _take(self, token: SharedToken) -> None:
+        """``token`` is the newest: hand it out; it ends a rotation it is newer than."""
         self.latest = token
+        rotation = self.rotation
+        if rotation is not None and (token.sequence is None or token.sequence > rotation.sequence):
+            self.rotation = None
         if self.gate.source == "holder" and (
             self._blocked_seq is None
             or token.sequence is None
@@ -557,41 +449,48 @@ class SharedTokenProvider:
         ):
             log.info("token_holder_login_accepted", action="input resumed")
             self.gate.unblock()  # the holder logged in again
-        if previous is not None and previous.access == token.access:
-            return  # a claim of the same token by a new holder
-        log.info(
-            "shared_token_received",
-            holder=token.holder,
-            offset=offset,
-            expires_in=round(token.expires_at - self._wall(), 1),
-        )
-        if token.holder != self._instance:
-            if self._acting and not self._elected:
-                log.info("token_takeover_ends", holder=token.holder)
-                self._acting = False
-                self._stop_holding()
-            if self.is_holder and self._newer_than_mine(token):
-                # Someone else renewed (a late old holder, an acting follower): their token has
-                # replaced ours on the platform. Hold it, and claim it under our name.
-                self.manager.adopt(token, self._wall())
-                self._published = None
-                self._wake_holder()
         self._starving_since = None
-        self._overdue = None
         self._signal()
 
-    def _receive_blocked(self, value: bytes | None, offset: int) -> None:
-        """The holder's login is refused for good: wait with it (unless this replica holds)."""
-        try:
-            notice = self._decrypt(value, self._blocked_key)
-        except InvalidRecordError as exc:
-            log.warning("token_record_ignored", offset=offset, reason=str(exc))
+    def _receive_need(self, notice: dict[str, Any], offset: int) -> None:
+        self._demand = True
+        if self.is_holder:
+            self._wake_holder()
+
+    def _receive_rotating(self, notice: dict[str, Any], offset: int) -> None:
+        seq, by = notice.get("seq"), notice.get("by")
+        if not isinstance(seq, int) or not isinstance(by, str):
             return
+        self._holder_seen_at = self._clock()
+        held = self.latest.sequence if self.latest is not None else None
+        if (held is not None and seq <= held) or (
+            self.rotation is not None and self.rotation.sequence >= seq
+        ):
+            return  # that rotation is over or known (or a replay of an old one)
+        self.rotation = _Rotation(seq, by, self._clock())
+        log.info("token_rotation_announced", holder=by, rotation=seq)
+        self._signal()
+        old = self.latest.access if self.latest is not None else None
+        if by != self._instance and old is not None and self._inflight.get(old, 0) > 0:
+            self._draining = (seq, old)
+            self._notice(self._draining_key, {"rotation": seq, "by": self._instance, "done": False})
+
+    def _receive_draining(self, notice: dict[str, Any], offset: int) -> None:
+        seq, by, done = notice.get("rotation"), notice.get("by"), notice.get("done")
+        if not isinstance(seq, int) or not isinstance(by, str) or not isinstance(done, bool):
+            return
+        if self.is_holder:
+            self._busy.setdefault(seq, {})[by] = done or self._busy.get(seq, {}).get(by, False)
+            self._signal()
+
+    def _receive_blocked(self, notice: dict[str, Any], offset: int) -> None:
+        """The holder's login is refused for good: wait with it (unless this replica holds)."""
         seq, code, reason = notice.get("seq"), notice.get("code"), notice.get("reason")
         if notice.get("by") == self._instance or self.is_holder:
             return
         if not isinstance(seq, int) or not isinstance(code, str) or not isinstance(reason, str):
             return
+        self._holder_seen_at = self._clock()
         held = self.latest.sequence if self.latest is not None else None
         if held is not None and seq <= held:
             return  # the holder published a token since (or a replay of an old notice)
@@ -599,58 +498,162 @@ class SharedTokenProvider:
         log.warning("token_holder_login_refused", error_code=code, action="input paused")
         self.gate.block(code, f"{reason[:MAX_REASON_CHARS]} (on the token holder)", source="holder")
 
-    def _gate_changed(self, gate: AuthGate) -> None:
-        """This replica's own login was refused: as the holder, tell the followers."""
-        if gate.blocked and gate.source == "login" and self.is_holder:
-            code, reason = gate.code or "", gate.reason or ""
-            task = asyncio.get_running_loop().create_task(self._publish_blocked(code, reason))
-            self._orphans.add(task)
-            task.add_done_callback(self._orphans.discard)
-
-    async def _publish_blocked(self, code: str, reason: str) -> None:
-        seq = self._next_sequence()
-        payload = {"code": code, "reason": reason, "by": self._instance, "seq": seq}
-        try:
-            await self._send(
-                self._blocked_key, self._codec_now().encrypt(payload, self._blocked_key)
-            )
-        except Exception as exc:  # noqa: BLE001 - followers find out by starving
-            log.warning("token_blocked_notice_failed", error=type(exc).__name__)
-
-    def _next_sequence(self) -> int:
-        seen = self.latest.sequence if self.latest is not None else None
-        self._sequence = max(self._sequence, seen or 0, self._blocked_seq or 0) + 1
-        return self._sequence
-
-    def _receive_refused(self, value: bytes | None, offset: int) -> None:
-        try:
-            notice = self._decrypt(value, self._refused_key)
-        except InvalidRecordError as exc:
-            log.warning("token_record_ignored", offset=offset, reason=str(exc))
-            return
+    def _receive_refused(self, notice: dict[str, Any], offset: int) -> None:
         fp = notice.get("fingerprint")
         if not isinstance(fp, str):
             return
         self._refused_fps.add(fp)
         if self.is_holder:
-            current = self.manager.current()
-            if current is not None and fingerprint(current.access) != fp:
-                # A follower was refused a token that is not ours: it holds an older one (it
-                # started after the current record was compacted away, or read a replay).
+            latest = self.latest
+            if latest is not None and fingerprint(latest.access) != fp:
+                # A follower was refused a token that is not ours: it holds an older one.
                 # Publish ours again; it is newer than whatever that follower holds.
                 log.info("token_refused_notice_for_an_older_token", action="republish")
-                self._published = None
+                self._republish = True
             self._wake_holder()
         self._signal()
+
+    def _gate_changed(self, gate: AuthGate) -> None:
+        """This replica's own login was refused: wake the holder loop (it tells the others)."""
+        if gate.blocked and gate.source == "login" and self.is_holder:
+            self._wake_holder()
 
     def _signal(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
 
+    def _notice(self, key: bytes, payload: dict[str, Any]) -> None:
+        """Send a follower's notice (need, refused, draining) in the background."""
+
+        async def send() -> None:
+            try:
+                assert self._notices is not None
+                await self._notices.write([(key, self._codec_now().encrypt(payload, key))])
+            except Exception as exc:  # noqa: BLE001 - the holder learns it later anyway
+                log.warning(
+                    "token_notice_failed", notice=key.decode()[-9:], error=type(exc).__name__
+                )
+
+        task = asyncio.get_running_loop().create_task(send())
+        self._orphans.add(task)
+        task.add_done_callback(self._orphans.discard)
+
+    # ------------------------------------------------------------------ TokenProvider
+    async def get(self) -> str:
+        return await self._acquire(None)
+
+    async def invalidated(self, token: str) -> str:
+        """``token`` was answered 1010005. If a newer token is shared, that one is used;
+        otherwise the holder is told (a follower never logs in for it) and its next token
+        awaited."""
+        fp = fingerprint(token)
+        self._refused_fps.add(fp)
+        latest = self.latest
+        if latest is None or latest.access == token:
+            if self.is_holder:
+                self._wake_holder()
+            elif fp not in self._notified:
+                self._notified.add(fp)
+                log.info("platform_token_rejected", action="notify_holder")
+                self._notice(self._refused_key, {"fingerprint": fp, "by": self._instance})
+        return await self._acquire(token)
+
+    def release(self, token: str) -> None:
+        left = self._inflight[token] - 1
+        if left > 0:
+            self._inflight[token] = left
+            return
+        self._inflight.pop(token, None)
+        draining = self._draining
+        if draining is not None and draining[1] == token:
+            self._draining = None
+            self._notice(
+                self._draining_key, {"rotation": draining[0], "by": self._instance, "done": True}
+            )
+        self._signal()
+
+    async def _acquire(self, refused: str | None) -> str:
+        deadline = self._clock() + self._wait_seconds
+        while True:
+            if self.gate.blocked:
+                await self.gate.wait_open()  # a refused login: wait with the holder
+                deadline = self._clock() + self._wait_seconds
+                continue
+            token = self._candidate(refused)
+            if token is not None:
+                self._inflight[token] += 1
+                self._starving_since = None
+                return token
+            now = self._clock()
+            if self._holding_pause(now):
+                deadline = max(deadline, now + POLL_SECONDS)  # bounded by the pause itself
+            else:
+                self._starving(now)
+            if now >= deadline:
+                raise TokenError(
+                    "shared_token",
+                    None,
+                    TIMEOUT,
+                    "no usable shared token from the holder in time",
+                    classify("login", None, TIMEOUT),
+                )
+            await _wait_event(self._changed, min(POLL_SECONDS, deadline - now))
+
+    def _holding_pause(self, now: float) -> bool:
+        """A rotation is under way: new calls wait (bounded, if the holder dies meanwhile)."""
+        if self._rotating:
+            return True
+        rotation = self.rotation
+        if rotation is None:
+            return False
+        if now - rotation.seen_at < self._rotation_hold:
+            return True
+        self.rotation = None  # the holder went quiet mid-rotation: use the old token
+        log.warning("token_rotation_unfinished", holder=rotation.by, action="old token used")
+        return False
+
+    def _candidate(self, refused: str | None) -> str | None:
+        tok = self.latest
+        if tok is None or tok.access == refused or not self._usable(tok, self._wall()):
+            return None
+        if self._holding_pause(self._clock()):
+            return None
+        return tok.access
+
+    def _usable(self, token: SharedToken | None, now_wall: float) -> bool:
+        return (
+            token is not None
+            and now_wall < token.expires_at - EXPIRY_GUARD_SECONDS
+            and fingerprint(token.access) not in self._refused_fps
+        )
+
+    def _starving(self, now: float) -> None:
+        """No usable token: ask the holder; with no holder at all for the grace, take over."""
+        self._demand = True
+        if self.is_holder or self._elected:
+            self._wake_holder()
+            return
+        self._retry_undecrypted()
+        if self._starving_since is None:
+            self._starving_since = now
+            self._notice(self._need_key, {"by": self._instance})
+        quiet_since = max(self._starving_since, self._holder_seen_at or self._starving_since)
+        if now - quiet_since >= self._takeover_after:
+            log.warning(
+                "token_takeover",
+                instance=self._instance,
+                without_token_seconds=round(now - self._starving_since, 1),
+            )
+            self.takeovers += 1
+            self._acting = True
+            self._starving_since = None
+            self._start_holding()
+
     # ------------------------------------------------------------------ holder election
     @property
     def is_holder(self) -> bool:
-        return self._elected or self._acting
+        """This replica holds the fence (its producer is the group's token producer)."""
+        return self._holding
 
     @property
     def elected(self) -> bool:
@@ -665,146 +668,206 @@ class SharedTokenProvider:
         if elected:
             self.elections += 1
             self._acting = False
-            self._start_holding(adopt=True)
+            self._start_holding()
         elif not self._acting:
-            self._stop_holding()
+            self._wake_holder()  # the loop ends after a rotation in progress
 
-    def _start_holding(self, *, adopt: bool) -> None:
+    def _should_hold(self) -> bool:
+        return self._elected or self._acting
+
+    def _start_holding(self) -> None:
         if self.gate.source == "holder":
             self.gate.unblock()  # this replica logs in itself now, and finds out by itself
-        if self._holder_task is not None and not self._holder_task.done():
-            return
-        self._holder_ready.clear()
-        self._published = None
+        previous = self._holder_task
         self._holder_task = asyncio.get_running_loop().create_task(
-            self._hold(adopt=adopt), name="token-holder"
+            self._hold(previous), name="token-holder"
         )
-
-    def _stop_holding(self) -> None:
-        # A renewal in flight is shielded by the manager: it still completes and is published
-        # (see _renewed), and the next holder adopts it from the topic.
-        if self._holder_task is not None:
-            self._holder_task.cancel()
-            self._holder_task = None
-        self._holder_ready.clear()
 
     def _wake_holder(self) -> None:
-        self._holder_wake.set()
-        waiter = self._wake_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    def _renewed(self) -> None:
-        """The manager has a new token: the holder loop publishes it, or (holding ended while
-        the renewal was in flight) a one-off task does, since the platform now knows only it."""
-        if self._holder_task is not None and not self._holder_task.done():
-            self._wake_holder()
-            return
-        tok = self.manager.current()
-        if tok is None:
-            return
-        task = asyncio.get_running_loop().create_task(self._publish_orphan(tok))
-        self._orphans.add(task)
-        task.add_done_callback(self._orphans.discard)
-
-    async def _publish_orphan(self, tok: _Token) -> None:
-        try:
-            await self._publish_token(tok)
-        except Exception as exc:  # noqa: BLE001 - best effort; followers will report 1010005
-            log.warning("token_publish_failed", error=type(exc).__name__)
-
-    def _usable(self, token: SharedToken | None, now_wall: float) -> bool:
-        return (
-            token is not None
-            and now_wall < token.expires_at - EXPIRY_GUARD_SECONDS
-            and fingerprint(token.access) not in self._refused_fps
-        )
-
-    def _newer_than_mine(self, token: SharedToken) -> bool:
-        """``token`` was issued after the one the manager holds (a later login/refresh)."""
-        mine = self.manager.current()
-        if mine is None:
-            return True
-        mine_issued = mine.obtained_at + (self._wall() - self._clock())
-        return token.issued_at > mine_issued
-
-    def _adoptable(self, token: SharedToken) -> bool:
-        """Still valid, or renewable with its refresh token (a refreshToken, not a login)."""
-        if fingerprint(token.access) in self._refused_fps:
-            return False
-        now = self._wall()
-        return self._usable(token, now) or (
-            token.refresh is not None and now < token.issued_at + REFRESH_TOKEN_LIFETIME_SECONDS
-        )
-
-    async def _hold(self, *, adopt: bool) -> None:
-        if adopt:
-            caught_up = await self.catch_up()
-            latest = self.latest
-            # What this manager holds (from an earlier stint, or a login while the catch-up was
-            # slow) wins only when it is newer than the topic's latest.
-            if latest is not None and self._newer_than_mine(latest):
-                if self._adoptable(latest):
-                    self.manager.adopt(latest, self._wall())
-                    log.info(
-                        "token_adopted",
-                        previous_holder=latest.holder,
-                        caught_up=caught_up,
-                        expires_in=round(latest.expires_at - self._wall(), 1),
-                    )
-                else:
-                    self.manager.discard()  # the newest token is dead; ours is older still
-        self._holder_ready.set()
-        while True:
-            self._holder_wake.clear()
-            if self.manager.current() is None and not self._demand:
-                await self._sleep_or_wake(CATCH_UP_TIMEOUT_SECONDS)  # woken by a need notice
-                continue
-            try:
-                current = self.manager.current()
-                if current is not None and fingerprint(current.access) in self._refused_fps:
-                    await self.manager.invalidated(current.access)
-                await self.manager.get()
-            except TokenError as exc:
-                log.warning("token_holder_renewal_failed", error_code=exc.error_code)
-                await self._sleep_or_wake(PUBLISH_RETRY_SECONDS)
-                continue
-            tok = self.manager.current()
-            if tok is None:
-                continue
-            if tok.access != self._published:
-                try:
-                    await self._publish_token(tok)
-                except Exception as exc:  # noqa: BLE001 - Kafka down: retry, keep serving
-                    log.warning("token_publish_failed", error=type(exc).__name__)
-                    await self._sleep_or_wake(PUBLISH_RETRY_SECONDS)
-                    continue
-                self._published = tok.access
-            await self._sleep_or_wake(max(0.0, tok.renew_at - self._clock()))
+        self._wake.set()
 
     async def _sleep_or_wake(self, seconds: float) -> None:
-        """Sleep ``seconds`` or until :meth:`_wake_holder` (a plain future and a timer: see
-        :func:`_wait_event` for why not ``wait_for``)."""
-        if self._holder_wake.is_set():
+        if not self._wake.is_set():
+            await _wait_event(self._wake, seconds)
+        self._wake.clear()
+
+    async def _hold(self, previous: asyncio.Task[None] | None) -> None:
+        """One stint as holder: fence, catch up, adopt, then renew and publish until it ends."""
+        if previous is not None and not previous.done():
+            self._wake_holder()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await previous
+        delay = RETRY_SECONDS
+        while self._should_hold():
+            channel = self._channel()
+            try:
+                await channel.start()  # fences the previous holder
+                await self._serve_as_holder(channel)
+            except HolderFencedError:
+                self.fenced += 1
+                self._metrics.token_rotations.labels(result="fenced").inc()
+                log.warning("token_holder_fenced", instance=self._instance, action="follow")
+                self._acting = False
+                await self._sleep_or_wake(REFENCE_SECONDS)  # elected: claim it again
+            except Exception as exc:  # noqa: BLE001 - Kafka unreachable: try again
+                log.warning("token_holder_start_failed", error=type(exc).__name__)
+                await self._sleep_or_wake(delay)
+                delay = min(delay * 2, RETRY_MAX_SECONDS)
+            else:
+                return
+            finally:
+                self._holding = self._rotating = False
+                self._signal()
+                await channel.stop()
+
+    async def _serve_as_holder(self, channel: Channel) -> None:
+        caught_up = await self.catch_up()
+        self._adopt(caught_up)
+        self._holding = True
+        self._busy.clear()
+        log.info("token_holder_ready", instance=self._instance, orphan_rotation=self._orphan)
+        self._signal()
+        delay = RETRY_SECONDS
+        while self._should_hold():
+            try:
+                progressed = await self._step(channel)
+            except HolderFencedError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - Kafka hiccup: keep serving, try again
+                log.warning("token_publish_failed", error=type(exc).__name__)
+                progressed = False
+            if progressed:
+                delay = RETRY_SECONDS
+            else:
+                await self._sleep_or_wake(delay)
+                delay = min(delay * 2, RETRY_MAX_SECONDS)
+
+    def _adopt(self, caught_up: bool) -> None:
+        """Hold the newest token of the topic (and its refresh token) instead of logging in.
+        A rotation with no token after it is an *orphan*: its refresh may have replaced the
+        token and spent the refresh token, so the next renewal is a login."""
+        self.manager.discard()
+        latest, rotation = self.latest, self.rotation
+        self._orphan = rotation is not None
+        self.rotation = None
+        self._refresh_spent = self._orphan
+        if latest is None:
             return
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[None] = loop.create_future()
-        self._wake_waiter = waiter
+        self.manager.adopt(latest, self._wall())
+        self._republish = True  # a claim: the followers see a live holder
+        log.info(
+            "token_adopted",
+            previous_holder=latest.holder,
+            caught_up=caught_up,
+            orphan_rotation=self._orphan,
+            expires_in=round(latest.expires_at - self._wall(), 1),
+        )
 
-        def release() -> None:
-            if not waiter.done():
-                waiter.set_result(None)
+    async def _step(self, channel: Channel) -> bool:
+        """One decision of the holder loop; False: nothing happened, sleep a little."""
+        held = self.manager.current()
+        now = self._clock()
+        if self.gate.blocked:
+            await self._sleep_or_wake(self._login_backoff())
+            return await self._rotate(channel, login=True)
+        if held is None:
+            if self._demand:
+                return await self._rotate(channel, login=True)
+            await self._sleep_or_wake(CATCH_UP_TIMEOUT_SECONDS)  # woken by a need
+        elif self._orphan or fingerprint(held.access) in self._refused_fps or now >= held.renew_at:
+            expired = now >= held.expires_at - EXPIRY_GUARD_SECONDS
+            can_refresh = self.manager.can_refresh() and not self._refresh_spent
+            if expired and not can_refresh and not self._demand:
+                self.manager.discard()  # nobody needs one: log in when someone does
+                return True
+            return await self._rotate(channel, login=self._orphan or not can_refresh)
+        elif self._republish or self.latest is None or self.latest.access != held.access:
+            await self._publish(channel, held)
+        else:
+            await self._sleep_or_wake(max(0.0, held.renew_at - now))
+        return True
 
-        timer = loop.call_later(seconds, release)
+    def _login_backoff(self) -> float:
+        settings = self.manager._settings
+        return random.uniform(  # noqa: S311 - jitter
+            settings.retry_backoff_initial_seconds, settings.retry_backoff_max_seconds
+        )
+
+    async def _rotate(self, channel: Channel, *, login: bool) -> bool:
+        """Announce, let calls on the old token drain, renew once, publish."""
+        old = self.latest
+        was_blocked = self.gate.blocked
+        seq = self._next_sequence()
+        self._rotating = True
+        self._signal()
         try:
-            await waiter
+            payload = {"seq": seq, "by": self._instance, "login": login}
+            await channel.write(
+                [(self._rotating_key, self._codec_now().encrypt(payload, self._rotating_key))]
+            )  # fenced: raises before any platform call
+            if old is not None and not await self._drain(seq, old.access):
+                return True  # no longer the holder: no call, the next holder renews
+            # The drain took a while: make sure nobody fenced us meanwhile, right before the
+            # call (the same rotation, written again).
+            await channel.write(
+                [(self._rotating_key, self._codec_now().encrypt(payload, self._rotating_key))]
+            )
+            try:
+                new = await self.manager.renew_once(login=login)
+            except TokenError as exc:
+                return await self._rotation_failed(
+                    channel, exc, login=login, was_blocked=was_blocked
+                )
+            self._orphan = self._refresh_spent = False
+            self._metrics.token_rotations.labels(result="renewed").inc()
+            await self._publish(channel, new)
+            return True
         finally:
-            timer.cancel()
-            self._wake_waiter = None
+            self._rotating = False
+            self._busy.pop(seq, None)
+            self._signal()
 
-    async def _publish_token(self, tok: _Token) -> None:
+    async def _rotation_failed(
+        self, channel: Channel, exc: TokenError, *, login: bool, was_blocked: bool
+    ) -> bool:
+        self._metrics.token_rotations.labels(result="failed").inc()
+        log.warning(
+            "token_holder_renewal_failed",
+            operation=exc.operation,
+            error_code=exc.error_code,
+            http_status=exc.http_status,
+        )
+        if not login and exc.error_code == REFRESH_REFUSED_CODE:
+            self._refresh_spent = True  # spent (someone refreshed or logged in): log in next
+        if exc.blocking:
+            if not was_blocked:  # once, when the platform starts refusing the login
+                await self._publish_blocked(channel, exc.error_code or "", self.gate.reason or "")
+            return True  # the next step waits the login backoff
+        held = self.manager.current()
+        if held is not None and self._usable(self.latest, self._wall()):
+            await self._publish(channel, held)  # ends the followers' hold: the old token works
+        return False
+
+    async def _drain(self, seq: int, old: str) -> bool:
+        """Wait for the rotation window and for every call in flight on ``old`` (ours, and
+        those of replicas that said they have some), bounded by the request timeout."""
+        start = self._clock()
+        hard = start + self._window + self._wait_seconds
+        while True:
+            if not self._should_hold():
+                return False
+            now = self._clock()
+            busy = [who for who, done in self._busy.get(seq, {}).items() if not done]
+            mine = self._inflight.get(old, 0)
+            if now >= start + self._window and not busy and mine == 0:
+                return True
+            if now >= hard:
+                log.warning("token_rotation_drain_timeout", replicas_busy=len(busy), own=mine)
+                return True
+            await _wait_event(self._changed, min(POLL_SECONDS, hard - now))
+
+    async def _publish(self, channel: Channel, tok: _Token) -> None:
         offset = self._wall() - self._clock()
-        sequence = self._next_sequence()
         shared = SharedToken(
             access=tok.access,
             refresh=tok.refresh,
@@ -812,128 +875,33 @@ class SharedTokenProvider:
             expires_at=tok.expires_at + offset,
             renew_at=tok.renew_at + offset,
             holder=self._instance,
-            sequence=sequence,
+            sequence=self._next_sequence(),
         )
-        await self._send(self._token_key, self._codec_now().encode_token(shared, self._token_key))
+        await channel.write(
+            [(self._token_key, self._codec_now().encode_token(shared, self._token_key))]
+        )
+        self._republish = False
+        self._take(shared)
         log.info("shared_token_published", expires_in=round(tok.expires_at - self._clock(), 1))
 
-    async def _send(self, key: bytes, value: bytes) -> None:
-        if self._publish_hook is not None:
-            await self._publish_hook(key, value)
-            return
-        if self._producer is None:
-            raise RuntimeError("token producer not started")
-        await self._producer.send_and_wait(self._topic, value, key=key, partition=0)
+    async def _publish_blocked(self, channel: Channel, code: str, reason: str) -> None:
+        payload: dict[str, Any] = {"code": code, "reason": reason, "by": self._instance}
+        payload["seq"] = self._next_sequence()
+        await channel.write(
+            [(self._blocked_key, self._codec_now().encrypt(payload, self._blocked_key))]
+        )
 
-    # ------------------------------------------------------------------ TokenProvider
-    async def get(self) -> str:
-        if self.is_holder:
-            return await self._holder_get()
-        return await self._follower_get(None)
-
-    async def invalidated(self, token: str) -> str:
-        if self.is_holder:
-            await self._await_holder_ready()
-            return await self.manager.invalidated(token)
-        fp = fingerprint(token)
-        self._refused_fps.add(fp)
-        if fp not in self._notified:
-            self._notified.add(fp)
-            log.info("platform_token_rejected", action="notify_holder")
-            try:
-                await self._send(
-                    self._refused_key,
-                    self._codec_now().encrypt(
-                        {"fingerprint": fp, "by": self._instance}, self._refused_key
-                    ),
-                )
-            except Exception as exc:  # noqa: BLE001 - the holder learns it later anyway
-                log.warning("token_refused_notice_failed", error=type(exc).__name__)
-        return await self._follower_get(token)
-
-    async def _await_holder_ready(self) -> None:
-        await _wait_event(self._holder_ready, self._wait_seconds)
-
-    async def _holder_get(self) -> str:
-        self._demand = True
-        await self._await_holder_ready()
-        return await self.manager.get()
-
-    async def _follower_get(self, refused: str | None) -> str:
-        deadline = self._clock() + self._wait_seconds
-        while True:
-            if self.is_holder:
-                return await self._holder_get()
-            if self.gate.blocked and self.gate.source == "holder":
-                await self.gate.wait_open()  # the holder's login is refused: wait with it
-                deadline = self._clock() + self._wait_seconds
-                continue
-            now_wall, now = self._wall(), self._clock()
-            tok = self.latest
-            if tok is not None and tok.access != refused and self._usable(tok, now_wall):
-                self._starving_since = None
-                if now_wall < tok.renew_at - HANDOVER_PAUSE_SECONDS:
-                    return tok.access
-                # The holder renews now: give it a moment, then use the old token while it lasts.
-                if self._overdue is None or self._overdue[0] != tok.access:
-                    self._overdue = (tok.access, now)
-                if now - self._overdue[1] >= HANDOVER_WAIT_SECONDS:
-                    return tok.access
-            else:
-                self._retry_undecrypted()
-                if self._starving_since is None:
-                    self._starving_since = now
-                    self._ask_for_token()
-                if now - self._starving_since >= self._takeover_after:
-                    return await self._take_over()
-            if now >= deadline:
-                raise TokenError(
-                    "shared_token",
-                    None,
-                    TIMEOUT,
-                    "no usable shared token from the holder in time",
-                    classify("login", None, TIMEOUT),
-                )
-            await _wait_event(self._changed, min(POLL_SECONDS, deadline - now))
-
-    def _ask_for_token(self) -> None:
-        """Tell the holder that a follower needs a token (once per time without one)."""
-
-        async def ask() -> None:
-            try:
-                await self._send(
-                    self._need_key,
-                    self._codec_now().encrypt({"by": self._instance}, self._need_key),
-                )
-            except Exception as exc:  # noqa: BLE001 - the takeover is the fallback
-                log.warning("token_need_notice_failed", error=type(exc).__name__)
-
-        task = asyncio.get_running_loop().create_task(ask())
-        self._orphans.add(task)
-        task.add_done_callback(self._orphans.discard)
-
-    async def _take_over(self) -> str:
-        """No usable token for the whole grace: log in once, publish, act as holder."""
-        async with self._takeover_lock:
-            if not self.is_holder:
-                log.warning(
-                    "token_takeover",
-                    instance=self._instance,
-                    without_token_seconds=round(self._takeover_after, 1),
-                )
-                self.takeovers += 1
-                self._acting = True
-                self.manager.discard()
-                self._start_holding(adopt=False)
-        return await self._holder_get()
+    def _next_sequence(self) -> int:
+        seen = self.latest.sequence if self.latest is not None else None
+        rotation = self.rotation.sequence if self.rotation is not None else None
+        self._sequence = max(self._sequence, seen or 0, rotation or 0, self._blocked_seq or 0) + 1
+        return self._sequence
 
     # ------------------------------------------------------------------ health
     def valid(self) -> bool:
-        if self.is_holder:
-            return self.manager.valid()
         return self._usable(self.latest, self._wall())
 
     def healthy(self) -> bool:
         if self.is_holder:
-            return self.manager.healthy()
+            return self.valid() or self.manager.healthy()
         return self.valid() or self._starving_since is None

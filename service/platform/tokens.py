@@ -73,6 +73,10 @@ class TokenProvider(Protocol):
         """``token`` was refused (1010005): a replacement (one re-login for all reporters)."""
         ...
 
+    def release(self, token: str) -> None:
+        """The call that took ``token`` (from get or invalidated) has its answer."""
+        ...
+
 
 class TokenError(Exception):
     """No token could be obtained: the failed login/refreshToken call, classified."""
@@ -232,6 +236,7 @@ class TokenManager:
         clock: Callable[[], float] = time.monotonic,
         secret: SecretReader | None = None,
         gate: AuthGate | None = None,
+        retry_refused_login: bool = True,
     ) -> None:
         self._settings = settings
         self._metrics = metrics
@@ -240,6 +245,9 @@ class TokenManager:
         self.secret = secret or SecretReader(settings)
         self.gate = gate or AuthGate(metrics)
         self._retry: asyncio.Task[None] | None = None
+        self._retry_refused_login = retry_refused_login
+        """False: a refused login closes the gate, and the owner retries (the shared-token
+        holder retries through its fence, see shared_token.py)."""
         self._clock = clock
         self._token: _Token | None = None
         self._inflight: asyncio.Future[_Token] | None = None
@@ -293,6 +301,9 @@ class TokenManager:
                     raise
         return await self.get()  # already replaced (or being replaced) by another caller
 
+    def release(self, token: str) -> None:
+        """Nothing to do: one replica, nobody waits for its calls to drain."""
+
     # ------------------------------------------------------------------ refused logins
     def _block(self, exc: TokenError) -> None:
         reason = refused_login_reason(exc)
@@ -304,7 +315,7 @@ class TokenManager:
                 action="input paused; the login is retried with a capped backoff",
             )
         self.gate.block(exc.error_code or "", reason, source="login")
-        if self._retry is None or self._retry.done():
+        if self._retry_refused_login and (self._retry is None or self._retry.done()):
             self._retry = asyncio.get_running_loop().create_task(
                 self._retry_login(), name="login-retry", context=contextvars.Context()
             )
@@ -358,7 +369,23 @@ class TokenManager:
         elif exc is None:
             self._failure = None
 
-    async def _do_renew(self, *, force_login: bool) -> _Token:
+    async def renew_once(self, *, login: bool) -> _Token:
+        """Exactly one platform call: a refreshToken with the refresh token held (when
+        ``login`` is False and it has one young enough), else a login. No fall-back from a
+        failed refresh to a login: the caller decides (and fences) that second call."""
+        if not login and not self.can_refresh():
+            login = True
+        return await self._do_renew(force_login=login, fallback_login=False)
+
+    def can_refresh(self) -> bool:
+        tok = self._token
+        return (
+            tok is not None
+            and tok.refresh is not None
+            and self._clock() < tok.obtained_at + REFRESH_TOKEN_LIFETIME_SECONDS
+        )
+
+    async def _do_renew(self, *, force_login: bool, fallback_login: bool = True) -> _Token:
         tok = self._token
         if (
             not force_login
@@ -369,8 +396,9 @@ class TokenManager:
             try:
                 new = await self._post("refresh_token", REFRESH_TOKEN_PATH, tok.refresh)
             except TokenError as exc:
-                if exc.spec.action in (Action.RETRY, Action.THROTTLED) and (
-                    self._clock() < tok.expires_at
+                if not fallback_login or (
+                    exc.spec.action in (Action.RETRY, Action.THROTTLED)
+                    and self._clock() < tok.expires_at
                 ):
                     raise  # the current token still works: try again later
                 log.info("platform_token_refresh_failed", code=exc.error_code, action="login")

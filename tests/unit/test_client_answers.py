@@ -48,6 +48,9 @@ class StaticTokens:
     async def invalidated(self, token: str) -> str:
         return "unit-token"
 
+    def release(self, token: str) -> None:
+        return None
+
 
 @dataclass
 class Platform:

@@ -70,6 +70,9 @@ class Tokens:
         self.current = f"token-{len(self.invalidations) + 1}"
         return self.current
 
+    def release(self, token: str) -> None:
+        return None
+
 
 @dataclass
 class Made:

@@ -17,10 +17,10 @@ from structlog.testing import capture_logs
 from service.config import KafkaSettings, PlatformSettings
 from service.metrics import Metrics
 from service.platform.budget import RateBudget
-from service.platform.shared_token import (
+from service.platform.shared_token import SharedTokenProvider
+from service.platform.token_records import (
     InvalidRecordError,
     SharedToken,
-    SharedTokenProvider,
     TokenCodec,
     fingerprint,
 )
@@ -97,10 +97,14 @@ class FakePlatform:
 
     ttl: int = 3600
     calls: list[str] = field(default_factory=list)
+    refuse_refresh: bool = False
+    """Answer refreshToken 100208 (its refresh token spent)."""
 
     def handler(self, request: httpx.Request) -> httpx.Response:
         op = "login" if request.url.path.endswith("/login") else "refresh_token"
         self.calls.append(op)
+        if op == "refresh_token" and self.refuse_refresh:
+            return httpx.Response(401, json={"error_code": "100208", "error_desc": "wrong"})
         n = len(self.calls)
         return httpx.Response(
             200,
@@ -142,6 +146,7 @@ async def rig() -> AsyncIterator[Rig]:
             app_id=APP,
             secret=SecretStr(SECRET),
             token_takeover_seconds=takeover,
+            token_rotation_window_seconds=extra.pop("window", 0.1),
             **extra,
         )
         http = httpx.AsyncClient(
@@ -173,12 +178,25 @@ def _gauge(metrics: Metrics) -> float | None:
     return metrics.registry.get_sample_value("rebind_platform_token_valid")
 
 
+def _tokens(rig: Rig) -> list[SharedToken]:
+    """The token records published so far (not the notices), decoded."""
+    return [rig.codec.decode_token(v, KEY) for k, v in rig.published if k == KEY]
+
+
+def _notices(rig: Rig, suffix: bytes) -> list[dict[str, Any]]:
+    return [rig.codec.decrypt(v, k) for k, v in rig.published if k == KEY + suffix]
+
+
+async def _until(condition: Callable[[], bool], what: str = "the token to be published") -> None:
+    await wait_until(condition, timeout=3, what=what)
+
+
 async def test_a_follower_uses_the_shared_token_and_never_logs_in(rig: Rig) -> None:
     follower = rig.make()
     with pytest.raises(TokenError):  # nothing shared yet: it waits, then gives up (no login)
         await follower.get()
     assert _gauge(rig.metrics) == 0.0
-    follower.receive(KEY, rig.codec.encode_token(_token("tok-A"), KEY))
+    follower.receive(KEY, rig.codec.encode_token(_token("tok-A", sequence=1), KEY))
     assert await follower.get() == "tok-A"
     assert _gauge(rig.metrics) == 1.0
 
@@ -186,7 +204,7 @@ async def test_a_follower_uses_the_shared_token_and_never_logs_in(rig: Rig) -> N
     waiter = asyncio.create_task(follower.invalidated("tok-A"))
     await asyncio.sleep(0.05)
     assert not waiter.done()
-    follower.receive(KEY, rig.codec.encode_token(_token("tok-B"), KEY))
+    follower.receive(KEY, rig.codec.encode_token(_token("tok-B", sequence=2), KEY))
     assert await waiter == "tok-B"
     assert {k for k, _ in rig.published} == {KEY + b"/need", KEY + b"/refused"}
     [(key, value)] = [(k, v) for k, v in rig.published if k.endswith(b"/refused")]
@@ -195,6 +213,18 @@ async def test_a_follower_uses_the_shared_token_and_never_logs_in(rig: Rig) -> N
 
     with pytest.raises(TokenError):  # refused and nothing newer: still no login
         await follower.invalidated("tok-B")
+    assert rig.platform.calls == []
+
+
+async def test_a_follower_refused_an_old_token_retries_with_the_newest_without_a_notice(
+    rig: Rig,
+) -> None:
+    follower = rig.make()
+    follower.receive(KEY, rig.codec.encode_token(_token("tok-A", sequence=1), KEY))
+    token = await follower.get()
+    follower.receive(KEY, rig.codec.encode_token(_token("tok-B", sequence=2), KEY))
+    assert await follower.invalidated(token) == "tok-B"  # its call carried the replaced one
+    assert rig.published == []  # nobody is told: the holder did nothing wrong
     assert rig.platform.calls == []
 
 
@@ -214,21 +244,29 @@ async def test_a_record_under_another_secret_is_ignored_and_logged_without_conte
     assert "tok" not in json.dumps(entry, default=str).replace("token_record", "")
 
 
-async def test_a_follower_pauses_at_renew_time_then_falls_back_to_the_old_token(
-    rig: Rig, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr("service.platform.shared_token.HANDOVER_WAIT_SECONDS", 0.2)
-    follower = rig.make(wait=2)
-    follower.receive(KEY, rig.codec.encode_token(_token("tok-A", renew_in=0), KEY))
-    started = time.monotonic()
-    waiter = asyncio.create_task(follower.get())
-    await asyncio.sleep(0.05)
-    follower.receive(KEY, rig.codec.encode_token(_token("tok-B"), KEY))
-    assert await waiter == "tok-B"  # the holder's renewal arrived while it paused
-
-    follower.receive(KEY, rig.codec.encode_token(_token("tok-C", renew_in=0), KEY))
-    assert await follower.get() == "tok-C"  # no renewal came: the unexpired token is used
-    assert time.monotonic() - started < 1.5
+async def test_a_rotation_holds_new_calls_and_waits_for_calls_in_flight(rig: Rig) -> None:
+    follower = rig.make("i1", wait=3)
+    follower.receive(KEY, rig.codec.encode_token(_token("tok-A", sequence=1), KEY))
+    on_the_wire = await follower.get()
+    rotating = rig.codec.encrypt({"seq": 2, "by": "i0"}, KEY + b"/rotating")
+    follower.receive(KEY + b"/rotating", rotating)
+    # a call on the wire with the old token: it says so, the holder waits for it
+    await _until(lambda: len(_notices(rig, b"/draining")) == 1, "a draining notice")
+    assert _notices(rig, b"/draining")[0] == {"rotation": 2, "by": "i1", "done": False}
+    waiter = asyncio.create_task(follower.get())  # a new call waits for the new token
+    await asyncio.sleep(0.2)
+    assert not waiter.done()
+    follower.release(on_the_wire)  # answered: the holder may rotate now
+    await _until(lambda: len(_notices(rig, b"/draining")) == 2, "a done notice")
+    assert _notices(rig, b"/draining")[1]["done"] is True
+    follower.receive(KEY, rig.codec.encode_token(_token("tok-B", sequence=3), KEY))
+    assert await waiter == "tok-B"
+    # a rotation nobody finishes (the holder died): after a bound, the old token is used
+    follower.receive(
+        KEY + b"/rotating", rig.codec.encrypt({"seq": 4, "by": "i0"}, KEY + b"/rotating")
+    )
+    follower._rotation_hold = 0.3
+    assert await asyncio.wait_for(follower.get(), 3) == "tok-B"
     assert rig.platform.calls == []
 
 
@@ -239,34 +277,78 @@ async def test_the_holder_logs_in_once_and_publishes_the_token_encrypted(rig: Ri
     assert set(tokens) == {"access-1"}
     assert rig.platform.calls == ["login"]
     assert _gauge(rig.metrics) == 1.0
-    await _until(lambda: len(rig.published) == 1)
-    key, value = rig.published[0]
-    assert key == KEY
+    assert rig.metrics.registry.get_sample_value("rebind_platform_token_holder") == 1.0
+    await _until(lambda: len(_tokens(rig)) == 1)
+    # the login was announced (and fenced) by a rotating record first
+    assert [k for k, _ in rig.published] == [KEY + b"/rotating", KEY + b"/rotating", KEY]
+    value = rig.published[-1][1]
     assert b"access-1" not in value
     shared = rig.codec.decode_token(value, KEY)
     assert (shared.access, shared.refresh, shared.holder) == ("access-1", "refresh-1", "i0")
     assert shared.renew_at == pytest.approx(shared.expires_at - 300, abs=1)
+    for token in tokens:
+        holder.release(token)
 
-    # a follower refused the holder's current token: one login, published
+    # a follower was refused the holder's current token: it is renewed (by its refresh token)
     holder.receive(
         KEY + b"/refused",
         rig.codec.encrypt({"fingerprint": fingerprint("access-1")}, KEY + b"/refused"),
     )
-    await _until(lambda: len(rig.published) == 2)
-    assert rig.platform.calls == ["login", "login"]
-    assert rig.codec.decode_token(rig.published[1][1], KEY).access == "access-2"
+    await _until(lambda: len(_tokens(rig)) == 2)
+    assert rig.platform.calls == ["login", "refresh_token"]
+    assert _tokens(rig)[1].access == "access-2"
+    assert (_tokens(rig)[1].sequence or 0) > (_tokens(rig)[0].sequence or 0)
+
+
+async def test_the_holder_renews_only_once_its_calls_in_flight_are_answered(rig: Rig) -> None:
+    holder = rig.make(window=0.1, wait=3)
+    holder.set_holder(True)
+    token = await holder.get()
+    await _until(lambda: len(_tokens(rig)) == 1)
+    follower_busy = rig.codec.encrypt(
+        {"rotation": 99, "by": "i1", "done": False}, KEY + b"/draining"
+    )
+    holder.receive(
+        KEY + b"/refused", rig.codec.encrypt({"fingerprint": fingerprint(token)}, KEY + b"/refused")
+    )
+    await _until(lambda: holder._rotating, "the rotation to start")
+    seq = _notices(rig, b"/rotating")[-1]["seq"]
+    holder.receive(KEY + b"/draining", follower_busy)  # another rotation's: ignored
+    busy = rig.codec.encrypt({"rotation": seq, "by": "i1", "done": False}, KEY + b"/draining")
+    holder.receive(KEY + b"/draining", busy)
+    await asyncio.sleep(0.3)
+    assert rig.platform.calls == ["login"]  # its own call and i1's are still on the wire
+    holder.release(token)
+    await asyncio.sleep(0.2)
+    assert rig.platform.calls == ["login"]  # i1's still is
+    done = rig.codec.encrypt({"rotation": seq, "by": "i1", "done": True}, KEY + b"/draining")
+    holder.receive(KEY + b"/draining", done)
+    await _until(lambda: len(_tokens(rig)) == 2)
+    assert rig.platform.calls == ["login", "refresh_token"]
+
+
+async def test_a_spent_refresh_token_leads_to_one_fenced_login(rig: Rig) -> None:
+    rig.platform.refuse_refresh = True
+    holder = rig.make()
+    holder.receive(KEY, rig.codec.encode_token(_token("tok-A", renew_in=0, sequence=3), KEY))
+    holder.set_holder(True)
+    await _until(lambda: "access-2" in [t.access for t in _tokens(rig)])
+    assert rig.platform.calls == ["refresh_token", "login"]
+    # each platform call came right after a rotating record (the fence), never two in a row
+    keys = [k.removeprefix(KEY) for k, _ in rig.published]
+    assert keys.count(b"/rotating") >= 4
 
 
 async def test_a_new_holder_adopts_a_valid_token_and_claims_it_without_logging_in(
     rig: Rig,
 ) -> None:
     provider = rig.make()
-    provider.receive(KEY, rig.codec.encode_token(_token("tok-A"), KEY))
+    provider.receive(KEY, rig.codec.encode_token(_token("tok-A", sequence=4), KEY))
     provider.set_holder(True)
     assert await provider.get() == "tok-A"
-    await _until(lambda: len(rig.published) == 1)
-    claim = rig.codec.decode_token(rig.published[0][1], KEY)
-    assert (claim.access, claim.holder) == ("tok-A", "i0")
+    await _until(lambda: len(_tokens(rig)) == 1)
+    claim = _tokens(rig)[0]
+    assert (claim.access, claim.holder, claim.sequence) == ("tok-A", "i0", 5)
     assert rig.platform.calls == []
 
 
@@ -278,22 +360,32 @@ async def test_a_new_holder_renews_an_expired_token_with_its_refresh_token(rig: 
     assert rig.platform.calls == ["refresh_token"]
 
 
-async def test_a_starving_follower_takes_over_once_and_steps_back_for_a_holder(rig: Rig) -> None:
-    follower = rig.make(wait=5, takeover=1)
+async def test_after_an_unfinished_rotation_the_new_holder_logs_in(rig: Rig) -> None:
+    """The previous holder announced a rotation and died: its refresh may have replaced the
+    token and spent the refresh token, so the new holder must not use that refresh token."""
+    provider = rig.make()
+    provider.receive(KEY, rig.codec.encode_token(_token("tok-A", sequence=4), KEY))
+    rotating = rig.codec.encrypt({"seq": 5, "by": "i9"}, KEY + b"/rotating")
+    provider.receive(KEY + b"/rotating", rotating)
+    provider.set_holder(True)
+    assert await provider.get() == "access-1"
+    assert rig.platform.calls == ["login"]
+    assert (_tokens(rig)[-1].sequence or 0) > 5
+
+
+async def test_a_starving_follower_takes_over_only_when_no_holder_is_heard(rig: Rig) -> None:
+    heard = rig.make("i1", wait=1.5, takeover=1)
+    heard.receive(KEY + b"/rotating", rig.codec.encrypt({"seq": 1, "by": "i0"}, KEY + b"/rotating"))
+    with pytest.raises(TokenError):  # a holder is alive (it just announced): no takeover yet
+        await heard.get()
+    assert heard.takeovers == 0
+
+    follower = rig.make("i2", wait=5, takeover=1)
     results = await asyncio.gather(*(follower.get() for _ in range(10)))
     assert set(results) == {"access-1"}
     assert rig.platform.calls == ["login"]
     assert follower.takeovers == 1
     assert follower.is_holder
-    # another replica publishes: the acting holder goes back to following
-    follower.receive(KEY, rig.codec.encode_token(_token("tok-H"), KEY))
-    assert not follower.is_holder
-    assert await follower.get() == "tok-H"
-    assert rig.platform.calls == ["login"]
-
-
-async def _until(condition: Callable[[], bool]) -> None:
-    await wait_until(condition, timeout=3, what="the token to be published")
 
 
 async def test_a_cancelled_waiter_is_not_left_running(rig: Rig) -> None:
@@ -310,12 +402,13 @@ async def test_a_cancelled_waiter_is_not_left_running(rig: Rig) -> None:
 async def test_a_holder_without_a_token_logs_in_only_when_someone_needs_one(rig: Rig) -> None:
     holder = rig.make()
     holder.set_holder(True)
+    await _until(lambda: holder.is_holder, "the holder to be ready")
     await asyncio.sleep(0.1)
     assert rig.platform.calls == []  # nobody asked: a wrong secret shows at the first swap
     holder.receive(KEY + b"/need", rig.codec.encrypt({"by": "i1"}, KEY + b"/need"))
-    await _until(lambda: len(rig.published) == 1)
+    await _until(lambda: len(_tokens(rig)) == 1)
     assert rig.platform.calls == ["login"]
-    assert rig.codec.decode_token(rig.published[0][1], KEY).access == "access-1"
+    assert _tokens(rig)[0].access == "access-1"
 
 
 # ---------------------------------------------------------------------- replays (issue 11, item 2)
@@ -345,15 +438,18 @@ async def test_the_holder_answers_a_replay_with_its_current_token(rig: Rig) -> N
     holder = rig.make()
     holder.set_holder(True)
     assert await holder.get() == "access-1"
-    await _until(lambda: len(rig.published) == 1)
-    own = rig.published[0][1]
+    await _until(lambda: len(_tokens(rig)) == 1)
+    own = next(v for k, v in rig.published if k == KEY)
     holder.receive(KEY, own, offset=0)  # its own record, read back
-    assert rig.codec.decode_token(own, KEY).sequence == 1
+    first = rig.codec.decode_token(own, KEY).sequence
     replay = rig.codec.encode_token(_token("tok-OLD", sequence=0, issued_ago=600), KEY)
     holder.receive(KEY, replay, offset=1)
-    await _until(lambda: len(rig.published) == 2)
-    again = rig.codec.decode_token(rig.published[1][1], KEY)
-    assert (again.access, again.sequence) == ("access-1", 2)  # the same token, a newer record
+    await _until(lambda: len(_tokens(rig)) == 2)
+    again = _tokens(rig)[1]
+    assert again.access == "access-1"  # the same token, a newer record
+    assert first is not None
+    assert again.sequence is not None
+    assert again.sequence > first
     assert rig.platform.calls == ["login"]  # republished, not renewed
 
 
@@ -363,7 +459,7 @@ async def test_the_holder_republishes_when_a_follower_is_refused_an_older_token(
     holder = rig.make("i0")
     holder.set_holder(True)
     assert await holder.get() == "access-1"
-    await _until(lambda: len(rig.published) == 1)
+    await _until(lambda: len(_tokens(rig)) == 1)
     # A follower that started late: the topic's last record was an old token (a replay that
     # compaction kept), so that is what it holds.
     follower = rig.make("i1", wait=3)
@@ -371,7 +467,7 @@ async def test_the_holder_republishes_when_a_follower_is_refused_an_older_token(
     waiter = asyncio.create_task(follower.invalidated("tok-OLD"))  # the platform said 1010005
     [(key, notice)] = await _published_with(rig, b"/refused")
     holder.receive(key, notice)
-    await _until(lambda: len([k for k, _ in rig.published if k == KEY]) == 2)
+    await _until(lambda: len(_tokens(rig)) == 2)
     follower.receive(KEY, [v for k, v in rig.published if k == KEY][-1])
     assert await waiter == "access-1"
     assert rig.platform.calls == ["login"]  # the holder's token was fine: no new login

@@ -1,0 +1,158 @@
+"""How token records reach the token topic (docs/tokens.md, *Fencing*).
+
+* :class:`HolderChannel`: the holder's **transactional** producer. Its transactional id is the
+  same on every replica of a group (``<prefix>-<group>-token``), so starting it (Kafka's
+  ``InitProducerId``) fences whichever replica held before: that one's next write fails with
+  :class:`HolderFencedError`, and an open transaction of it is aborted. The holder writes a
+  *rotating* record before every login or refresh, so a fenced replica finds out before it
+  calls the platform, not after.
+* :class:`NoticeChannel`: a plain producer for the followers' notices (need, refused, draining),
+  which fence nothing and need no transaction.
+
+Readers of the topic read committed records only, so an aborted write of a fenced holder is
+never seen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Awaitable, Callable
+from typing import Any, Final, Protocol
+
+import structlog
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import ProducerFenced
+
+from service.config import KafkaSettings
+from service.kafka import FatalPipelineError, client_options
+from service.pipeline.committer import producer_fatal
+
+log = structlog.get_logger(__name__)
+
+TOPIC_REPLICATION_MAX: Final = 3
+Publish = Callable[[bytes, bytes], Awaitable[None]]
+
+
+class HolderFencedError(Exception):
+    """Another replica started the token holder's transactional id: this one holds no more."""
+
+
+def token_transactional_id(kafka: KafkaSettings) -> str:
+    """One per consumer group: the token holder's (under the service's transactional prefix)."""
+    return f"{kafka.transactional_id_prefix}-{kafka.group_id}-token"
+
+
+class Channel(Protocol):
+    async def start(self) -> None: ...
+
+    async def write(self, records: list[tuple[bytes, bytes]]) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+class HolderChannel:
+    """The transactional producer of the token holder (one per stint as holder)."""
+
+    def __init__(self, kafka: KafkaSettings, topic: str) -> None:
+        self._topic = topic
+        self.transactional_id = token_transactional_id(kafka)
+        self._producer = AIOKafkaProducer(
+            **client_options(kafka),
+            transactional_id=self.transactional_id,
+            enable_idempotence=True,
+            acks="all",
+            linger_ms=0,
+        )
+
+    async def start(self) -> None:
+        """Initialise the transactional id: fences the previous holder."""
+        try:
+            await self._producer.start()
+        except ProducerFenced as exc:  # another replica started it at the same moment
+            raise HolderFencedError(str(exc)) from exc
+
+    async def write(self, records: list[tuple[bytes, bytes]]) -> None:
+        """Write ``records`` (key, value) to partition 0 in one transaction."""
+        producer = self._producer
+        try:
+            async with producer.transaction():
+                for key, value in records:
+                    await producer.send(self._topic, value, key=key, partition=0)
+        except ProducerFenced as exc:
+            raise HolderFencedError(f"fenced: {self.transactional_id} started elsewhere") from exc
+        except Exception as exc:
+            if producer_fatal(producer):
+                raise HolderFencedError(f"{self.transactional_id} can no longer commit") from exc
+            raise
+
+    async def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._producer.stop()
+
+
+class HookChannel:
+    """A channel that hands every record to a function (tests, tools): never fenced."""
+
+    def __init__(self, publish: Publish) -> None:
+        self._publish = publish
+
+    async def start(self) -> None:
+        return None
+
+    async def write(self, records: list[tuple[bytes, bytes]]) -> None:
+        for key, value in records:
+            await self._publish(key, value)
+
+    async def stop(self) -> None:
+        return None
+
+
+class NoticeChannel:
+    """The plain (idempotent, not transactional) producer of the followers' notices."""
+
+    def __init__(self, kafka: KafkaSettings, topic: str) -> None:
+        self._topic = topic
+        self._producer = AIOKafkaProducer(**client_options(kafka), acks="all", linger_ms=0)
+
+    async def start(self) -> None:
+        await self._producer.start()
+
+    async def write(self, records: list[tuple[bytes, bytes]]) -> None:
+        for key, value in records:
+            await self._producer.send_and_wait(self._topic, value, key=key, partition=0)
+
+    async def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._producer.stop()
+
+
+async def ensure_token_topic(kafka: KafkaSettings, topic: str) -> None:
+    """Create the token topic (compacted, one partition) when it is missing."""
+    options: dict[str, Any] = client_options(kafka)
+    admin = AIOKafkaAdminClient(**options, request_timeout_ms=15_000)
+    await admin.start()
+    try:
+        if topic in await admin.list_topics():
+            return
+        brokers = len((await admin.describe_cluster()).get("brokers", ())) or 1
+        response = await admin.create_topics(
+            [
+                NewTopic(
+                    name=topic,
+                    num_partitions=1,
+                    replication_factor=min(TOPIC_REPLICATION_MAX, brokers),
+                    topic_configs={"cleanup.policy": "compact"},
+                )
+            ],
+            timeout_ms=15_000,
+        )
+        for _topic, code, *_rest in response.topic_errors:
+            if code not in (0, 36):  # 36: TOPIC_ALREADY_EXISTS (another replica was faster)
+                raise FatalPipelineError(
+                    f"REBIND_TOPICS__TOKEN: topic {topic!r} is missing and could not be created "
+                    f"(error {code}); create it compacted with one partition"
+                )
+        log.warning("token_topic_created", topic=topic, cleanup_policy="compact")
+    finally:
+        await admin.close()
