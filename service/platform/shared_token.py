@@ -96,8 +96,6 @@ TAKEOVER_JITTER: Final = 0.5
 POLL_SECONDS: Final = 0.25
 REFRESH_REFUSED_CODE: Final = "100208"
 """A refreshToken answered this: the refresh token is spent or unknown."""
-REFENCE_SECONDS: Final = 2.0
-"""An elected holder fenced by another replica starts its producer again this much later."""
 
 
 async def _wait_event(event: asyncio.Event, timeout: float) -> None:
@@ -230,6 +228,8 @@ class SharedTokenProvider:
         """The holder's state (every replica may become the holder)."""
         self._elected = False
         self._acting = False
+        self._fenced = False
+        """Another replica started the holder's producer after this one: follow it."""
         self._holding = False
         self._rotating = False
         self._orphan = False
@@ -552,7 +552,8 @@ class SharedTokenProvider:
         if latest is None or latest.access == token:
             if self.is_holder:
                 self._wake_holder()
-            elif fp not in self._notified:
+            if fp not in self._notified:
+                # Also as the holder: if it turns out to be fenced, the next holder knows.
                 self._notified.add(fp)
                 log.info("platform_token_rejected", action="notify_holder")
                 self._notice(self._refused_key, {"fingerprint": fp, "by": self._instance})
@@ -630,7 +631,7 @@ class SharedTokenProvider:
     def _starving(self, now: float) -> None:
         """No usable token: ask the holder; with no holder at all for the grace, take over."""
         self._demand = True
-        if self.is_holder or self._elected:
+        if self.is_holder or self._should_hold():
             self._wake_holder()
             return
         self._retry_undecrypted()
@@ -645,7 +646,7 @@ class SharedTokenProvider:
                 without_token_seconds=round(now - self._starving_since, 1),
             )
             self.takeovers += 1
-            self._acting = True
+            self._acting, self._fenced = True, False
             self._starving_since = None
             self._start_holding()
 
@@ -661,19 +662,19 @@ class SharedTokenProvider:
 
     def set_holder(self, elected: bool) -> None:
         """Called at every assignment: True when this replica owns input partition 0."""
-        if elected == self._elected:
+        if elected == self._elected and not (elected and self._fenced):
             return
         self._elected = elected
         log.info("token_holder", holder=elected, instance=self._instance)
         if elected:
             self.elections += 1
-            self._acting = False
+            self._acting = self._fenced = False
             self._start_holding()
         elif not self._acting:
             self._wake_holder()  # the loop ends after a rotation in progress
 
     def _should_hold(self) -> bool:
-        return self._elected or self._acting
+        return (self._elected or self._acting) and not self._fenced
 
     def _start_holding(self) -> None:
         if self.gate.source == "holder":
@@ -704,11 +705,14 @@ class SharedTokenProvider:
                 await channel.start()  # fences the previous holder
                 await self._serve_as_holder(channel)
             except HolderFencedError:
+                # Another replica became the holder after us: a newer election (ours is stale
+                # and the next assignment says so) or a takeover. Follow it; claim it again only
+                # when elected anew or when no holder is heard for the takeover grace.
                 self.fenced += 1
                 self._metrics.token_rotations.labels(result="fenced").inc()
                 log.warning("token_holder_fenced", instance=self._instance, action="follow")
+                self._fenced = True
                 self._acting = False
-                await self._sleep_or_wake(REFENCE_SECONDS)  # elected: claim it again
             except Exception as exc:  # noqa: BLE001 - Kafka unreachable: try again
                 log.warning("token_holder_start_failed", error=type(exc).__name__)
                 await self._sleep_or_wake(delay)

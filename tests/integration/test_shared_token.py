@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from typing import Any
 
 import pytest
@@ -17,7 +16,7 @@ import pytest
 from service.app import Service
 from tests.fixtures.service import Harness
 from tests.support.events import swap_event
-from tests.support.kafka_broker import create_topics
+from tests.support.token_topic import start_service, token_topic
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
@@ -25,29 +24,6 @@ pytestmark = pytest.mark.integration
 TTL = 8
 MARGIN = 3
 REPLICAS = 3
-
-
-async def _token_topic(harness: Harness) -> str:
-    name = f"device-rebind.token.v1.t-{uuid.uuid4().hex[:10]}"
-    await create_topics(harness.bootstrap, [name], 1, configs={"cleanup.policy": "compact"})
-    return name
-
-
-async def _start(harness: Harness, instance: str, token_topic: str, **platform: Any) -> Service:
-    """harness.start_service with the token topic set (the fixture does not know that topic)."""
-    base = harness.settings(instance=instance, **platform)
-    settings = base.model_copy(
-        update={"topics": base.topics.model_copy(update={"token": token_topic})}
-    )
-    service = Service(settings)
-    task = asyncio.create_task(service.run(), name=f"service-{instance}")
-    harness._services.append((service, task))  # the fixture stops it
-    await wait_until(
-        lambda: service.readiness()[0] or task.done(), timeout=60, what=f"service {instance} ready"
-    )
-    if task.done():
-        task.result()
-    return service
 
 
 async def _stop(harness: Harness, service: Service) -> None:
@@ -107,11 +83,11 @@ def _figures(stats: dict[str, Any]) -> tuple[int, int, int]:
 async def test_three_replicas_share_one_token_over_several_lifetimes(harness: Harness) -> None:
     control = harness.sim.control
     await control.configure(token_ttl=TTL, rate_limit_per_minute=100_000)
-    topic = await _token_topic(harness)
+    topic = await token_topic(harness)
     devices = await _seed(harness, 300, "dev")
     services = await asyncio.gather(
         *(
-            _start(harness, f"i{n}", topic, token_refresh_margin_seconds=MARGIN)
+            start_service(harness, f"i{n}", topic, token_refresh_margin_seconds=MARGIN)
             for n in range(REPLICAS)
         )
     )
@@ -153,12 +129,12 @@ async def test_holder_handover_reuses_the_token_without_a_login_storm(
 ) -> None:
     control = harness.sim.control
     await control.configure(token_ttl=TTL, rate_limit_per_minute=100_000)
-    topic = await _token_topic(harness)
+    topic = await token_topic(harness)
     first = await _seed(harness, 60, "first")
     services = list(
         await asyncio.gather(
             *(
-                _start(harness, f"i{n}", topic, token_refresh_margin_seconds=MARGIN)
+                start_service(harness, f"i{n}", topic, token_refresh_margin_seconds=MARGIN)
                 for n in range(REPLICAS)
             )
         )

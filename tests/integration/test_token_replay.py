@@ -9,63 +9,19 @@ Real broker, simulator, three in-process services.
 from __future__ import annotations
 
 import asyncio
-import uuid
-from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 
 from service.app import Service
 from tests.fixtures.service import Harness
 from tests.support.events import swap_event
-from tests.support.kafka_broker import create_topics
+from tests.support.token_topic import start_service, token_records, token_topic
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
 REPLICAS = 3
-
-
-async def _token_topic(harness: Harness) -> str:
-    name = f"device-rebind.token.v1.t-{uuid.uuid4().hex[:10]}"
-    await create_topics(harness.bootstrap, [name], 1, configs={"cleanup.policy": "compact"})
-    return name
-
-
-async def _start(harness: Harness, instance: str, token_topic: str, **platform: Any) -> Service:
-    base = harness.settings(instance=instance, **platform)
-    settings = base.model_copy(
-        update={"topics": base.topics.model_copy(update={"token": token_topic})}
-    )
-    service = Service(settings)
-    task = asyncio.create_task(service.run(), name=f"service-{instance}")
-    harness._services.append((service, task))  # the fixture stops it
-    await wait_until(
-        lambda: service.readiness()[0] or task.done(), timeout=60, what=f"service {instance} ready"
-    )
-    if task.done():
-        task.result()
-    return service
-
-
-async def _token_records(harness: Harness, topic: str) -> list[tuple[int, bytes, bytes]]:
-    """(offset, key, value) of every record of the token topic."""
-    tp = TopicPartition(topic, 0)
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=harness.bootstrap, group_id=None, enable_auto_commit=False
-    )
-    await consumer.start()
-    try:
-        consumer.assign([tp])
-        await consumer.seek_to_beginning(tp)
-        end = (await consumer.end_offsets([tp]))[tp]
-        found: list[tuple[int, bytes, bytes]] = []
-        while await consumer.position(tp) < end:
-            batch = await consumer.getmany(tp, timeout_ms=500)
-            found.extend((m.offset, m.key, m.value) for m in batch.get(tp, ()))
-        return found
-    finally:
-        await consumer.stop()
 
 
 async def _swaps(harness: Harness, prefix: str, count: int) -> list[str]:
@@ -107,10 +63,13 @@ async def test_a_replayed_old_token_record_is_ignored_by_the_followers(
 ) -> None:
     control = harness.sim.control
     await control.configure(rate_limit_per_minute=100_000)
-    topic = await _token_topic(harness)
+    topic = await token_topic(harness)
     services = list(
         await asyncio.gather(
-            *(_start(harness, f"i{n}", topic, token_takeover_seconds=2) for n in range(REPLICAS))
+            *(
+                start_service(harness, f"i{n}", topic, token_takeover_seconds=2)
+                for n in range(REPLICAS)
+            )
         )
     )
     await wait_until(
@@ -125,9 +84,7 @@ async def test_a_replayed_old_token_record_is_ignored_by_the_followers(
     first = await _swaps(harness, "first", 9)
     await harness.read(len(first), timeout=60)
     [(old_offset, key, old_value)] = [
-        r
-        for r in await _token_records(harness, topic)
-        if not r[1].endswith((b"/need", b"/refused"))
+        r for r in await token_records(harness, topic) if not r[1].endswith((b"/need", b"/refused"))
     ][:1]
 
     # a newer token: the platform drops the first, the next call gets 1010005, the holder logs in
