@@ -149,7 +149,7 @@ def service_acls(
             transactional_id_prefix(kafka),
             "Write",
             "PREFIXED",
-            why="one transactional producer per input partition",
+            why="one transactional producer per input partition, and the token holder's",
         )
     )
     return out
