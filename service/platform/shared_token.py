@@ -211,6 +211,8 @@ class SharedTokenProvider:
         self._changed = asyncio.Event()
         self._position = 0
         self._starving_since: float | None = None
+        self._overdue: int | None = None
+        """The rotation whose hold ended without a token (logged once)."""
         self._holder_seen_at: float | None = None
         """When a holder's record (token, rotating, blocked) was last read."""
         self._orphans: set[asyncio.Task[None]] = set()
@@ -609,8 +611,11 @@ class SharedTokenProvider:
             return False
         if now - rotation.seen_at < self._rotation_hold:
             return True
-        self.rotation = None  # the holder went quiet mid-rotation: use the old token
-        log.warning("token_rotation_unfinished", holder=rotation.by, action="old token used")
+        # The holder went quiet mid-rotation: use the old token. The rotation stays known (a
+        # next holder must treat it as unfinished).
+        if self._overdue != rotation.sequence:
+            self._overdue = rotation.sequence
+            log.warning("token_rotation_unfinished", holder=rotation.by, action="old token used")
         return False
 
     def _candidate(self, refused: str | None) -> str | None:
@@ -810,7 +815,12 @@ class SharedTokenProvider:
                 [(self._rotating_key, self._codec_now().encrypt(payload, self._rotating_key))]
             )  # fenced: raises before any platform call
             if old is not None and not await self._drain(seq, old.access):
-                return True  # no longer the holder: no call, the next holder renews
+                # No longer the holder: no call. Publish the old token again, which ends the
+                # rotation (the next holder need not treat it as unfinished).
+                held = self.manager.current()
+                if held is not None:
+                    await self._publish(channel, held)
+                return True
             # The drain took a while: make sure nobody fenced us meanwhile, right before the
             # call (the same rotation, written again).
             await channel.write(
