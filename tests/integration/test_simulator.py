@@ -140,6 +140,30 @@ async def test_token_expiry_is_enforced(sim: SimulatorHandle, http: httpx.AsyncC
     gateway(await http.get(f"{DEVICES}/d1", headers=hdrs), 403, "1010005")
 
 
+async def test_a_login_spends_the_refresh_token_and_a_call_on_the_wire_meets_the_new_token(
+    sim: SimulatorHandle, http: httpx.AsyncClient
+) -> None:
+    """The strict reading: one valid token per application; a login (or a refresh) replaces the
+    access token at once, so a call sent before it but handled after it is answered 1010005, and
+    the previous refresh token is spent."""
+    await sim.control.seed_device("d1", "N1")
+    first = await login(http, sim.app_id, sim.secret)
+    await sim.control.inject_latency(0.5, operation="get_device")
+    on_the_wire = asyncio.create_task(
+        http.get(f"{DEVICES}/d1", headers=headers(first["accessToken"], sim.app_id))
+    )
+    # the call has reached the server (it is logged on arrival), the latency rule holds it
+    await wait_until(
+        lambda: sim.control.calls(operation="get_device"), timeout=5, what="the call to arrive"
+    )
+    second = await login(http, sim.app_id, sim.secret)
+    gateway(await on_the_wire, 403, "1010005")
+    body = {"appId": sim.app_id, "secret": sim.secret, "refreshToken": first["refreshToken"]}
+    documented(await http.post(REFRESH, json=body), 401, "100208")
+    ok = await http.get(f"{DEVICES}/d1", headers=headers(second["accessToken"], sim.app_id))
+    assert ok.status_code == 200
+
+
 async def test_refresh_token_flow(sim: SimulatorHandle, http: httpx.AsyncClient) -> None:
     await sim.control.seed_device("d1", "N1")
     tok = await login(http, sim.app_id, sim.secret)
