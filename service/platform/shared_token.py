@@ -238,6 +238,10 @@ class SharedTokenProvider:
         """A rotation of an earlier holder has no token after it: its refresh may have spent
         the refresh token and replaced the access token, so the next renewal is a login."""
         self._refresh_spent = False
+        self._renewal_failure: TokenError | None = None
+        self._renewal_failures = 0
+        """The holder's last failed renewal, and how many failed: a caller waiting for a token
+        on the holder gets that error rather than a time-out."""
         self._republish = False
         self._holder_task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -577,6 +581,7 @@ class SharedTokenProvider:
 
     async def _acquire(self, refused: str | None) -> str:
         deadline = self._clock() + self._wait_seconds
+        failures = self._renewal_failures
         while True:
             if self.gate.blocked:
                 await self.gate.wait_open()  # a refused login: wait with the holder
@@ -592,6 +597,9 @@ class SharedTokenProvider:
                 deadline = max(deadline, now + POLL_SECONDS)  # bounded by the pause itself
             else:
                 self._starving(now)
+                failure = self._renewal_failure
+                if self.is_holder and failure is not None and self._renewal_failures > failures:
+                    raise failure  # this replica's renewal failed and it has no token: say why
             if now >= deadline:
                 raise TokenError(
                     "shared_token",
@@ -604,8 +612,8 @@ class SharedTokenProvider:
 
     def _holding_pause(self, now: float) -> bool:
         """A rotation is under way: new calls wait (bounded, if the holder dies meanwhile)."""
-        if self._rotating:
-            return True
+        if self._rotating or self.is_holder:
+            return self._rotating  # the holder knows when its own rotation ends
         rotation = self.rotation
         if rotation is None:
             return False
@@ -833,6 +841,7 @@ class SharedTokenProvider:
                     channel, exc, login=login, was_blocked=was_blocked
                 )
             self._orphan = self._refresh_spent = False
+            self._renewal_failure = None
             self._metrics.token_rotations.labels(result="renewed").inc()
             await self._publish(channel, new)
             return True
@@ -845,6 +854,8 @@ class SharedTokenProvider:
         self, channel: Channel, exc: TokenError, *, login: bool, was_blocked: bool
     ) -> bool:
         self._metrics.token_rotations.labels(result="failed").inc()
+        self._renewal_failure = exc
+        self._renewal_failures += 1
         log.warning(
             "token_holder_renewal_failed",
             operation=exc.operation,
