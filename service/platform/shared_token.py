@@ -306,8 +306,15 @@ class SharedTokenProvider:
         self._reader = asyncio.create_task(self._read_loop(), name="token-reader")
 
     async def aclose(self) -> None:
+        """Stop; a rotation in progress first ends (its token published), within a bound: a
+        renewal cut off after its call would leave the next holder an unfinished rotation."""
+        self._elected = self._acting = False
+        holder = self._holder_task
+        if holder is not None and not holder.done():
+            self._wake_holder()
+            await asyncio.wait({holder}, timeout=self._window + 2 * self._wait_seconds)
         await self.manager.aclose()
-        for task in (self._holder_task, self._reader, *self._orphans):
+        for task in (holder, self._reader, *self._orphans):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -410,6 +417,8 @@ class SharedTokenProvider:
             return
         self._undecrypted = None
         self._holder_seen_at = self._clock()
+        if token.holder == self._instance and (token.sequence or 0) <= self._sequence:
+            return  # our own record, read back (maybe after a newer one we published)
         previous = self.latest
         if previous is not None and older(token, previous):
             # A record published before the one held: a captured record written again, or a
