@@ -337,6 +337,7 @@ class PlatformClient:
                     error_desc=f"{exc.operation}: {exc.error_desc or exc.spec.description}",
                     spec=exc.spec,
                 )
+            refused = False
             try:
                 result = await self._send(
                     operation,
@@ -347,8 +348,10 @@ class PlatformClient:
                     token=token,
                     success_field=success_field,
                 )
+                refused = result.error_code == TOKEN_INVALID_CODE
             finally:
-                self.tokens.release(token)  # a token rotation waits for calls on the wire
+                # a token rotation waits for the calls on the wire
+                self.tokens.release(token, refused=refused)
             if result.error_code == TOKEN_INVALID_CODE and stale is None:
                 stale = token
                 continue  # one re-login (shared by all callers), then repeat once

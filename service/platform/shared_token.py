@@ -213,6 +213,9 @@ class SharedTokenProvider:
         self._starving_since: float | None = None
         self._overdue: int | None = None
         """The rotation whose hold ended without a token (logged once)."""
+        self._probe: str | None = None
+        self._confirmed: str | None = None
+        """After an unfinished rotation: the token one call is trying, the token that worked."""
         self._holder_seen_at: float | None = None
         """When a holder's record (token, rotating, blocked) was last read."""
         self._orphans: set[asyncio.Task[None]] = set()
@@ -574,8 +577,14 @@ class SharedTokenProvider:
                 self._notice(self._refused_key, {"fingerprint": fp, "by": self._instance})
         return await self._acquire(token)
 
-    def release(self, token: str) -> None:
+    def release(self, token: str, *, refused: bool = False) -> None:
+        if refused:  # at once: no other call may take it before the caller reports it
+            self._refused_fps.add(fingerprint(token))
         left = self._inflight[token] - 1
+        if self._probe == token:
+            self._probe = None
+            if not refused:
+                self._confirmed = token
         if left > 0:
             self._inflight[token] = left
             return
@@ -641,6 +650,16 @@ class SharedTokenProvider:
             return None
         if self._holding_pause(self._clock()):
             return None
+        if (
+            self._overdue is not None
+            and self.rotation is not None
+            and self._confirmed != tok.access
+        ):
+            # The holder died mid-rotation: its renewal may have replaced this token. One call
+            # tries it; the others wait for its answer instead of all meeting a 1010005.
+            if self._probe is not None:
+                return None
+            self._probe = tok.access
         return tok.access
 
     def _usable(self, token: SharedToken | None, now_wall: float) -> bool:

@@ -73,8 +73,9 @@ class TokenProvider(Protocol):
         """``token`` was refused (1010005): a replacement (one re-login for all reporters)."""
         ...
 
-    def release(self, token: str) -> None:
-        """The call that took ``token`` (from get or invalidated) has its answer."""
+    def release(self, token: str, *, refused: bool = False) -> None:
+        """The call that took ``token`` (from get or invalidated) has its answer; ``refused``:
+        it was 1010005."""
         ...
 
 
@@ -301,7 +302,7 @@ class TokenManager:
                     raise
         return await self.get()  # already replaced (or being replaced) by another caller
 
-    def release(self, token: str) -> None:
+    def release(self, token: str, *, refused: bool = False) -> None:
         """Nothing to do: one replica, nobody waits for its calls to drain."""
 
     # ------------------------------------------------------------------ refused logins

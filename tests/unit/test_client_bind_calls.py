@@ -70,7 +70,7 @@ class Tokens:
         self.current = f"token-{len(self.invalidations) + 1}"
         return self.current
 
-    def release(self, token: str) -> None:
+    def release(self, token: str, *, refused: bool = False) -> None:
         return None
 
 

@@ -270,6 +270,48 @@ async def test_a_rotation_holds_new_calls_and_waits_for_calls_in_flight(rig: Rig
     assert rig.platform.calls == []
 
 
+async def test_after_an_unfinished_rotation_one_call_tries_the_old_token_first(
+    rig: Rig,
+) -> None:
+    """The holder announced a rotation and went quiet: its refresh may have replaced the token.
+    Once the hold ends, one call tries the old token; the others wait for its answer."""
+    follower = rig.make("i1", wait=3)
+    follower._rotation_hold = 0.2
+    follower.receive(KEY, rig.codec.encode_token(_token("tok-A", sequence=1), KEY))
+    rotating = rig.codec.encrypt({"seq": 2, "by": "i0"}, KEY + b"/rotating")
+    follower.receive(KEY + b"/rotating", rotating)
+    probe = await asyncio.wait_for(follower.get(), 2)
+    assert probe == "tok-A"
+    others = [asyncio.create_task(follower.get()) for _ in range(5)]
+    await asyncio.sleep(0.2)
+    assert not any(t.done() for t in others)  # waiting for the probe's answer
+    follower.release(probe)  # answered, not 1010005: the token still works
+    assert set(await asyncio.gather(*others)) == {"tok-A"}
+
+    # the same with a probe answered 1010005: nobody else tries the dead token
+    follower.receive(
+        KEY + b"/rotating", rig.codec.encrypt({"seq": 3, "by": "i0"}, KEY + b"/rotating")
+    )
+    for _ in others:
+        follower.release("tok-A")
+    follower._confirmed = None
+    follower.receive(KEY, rig.codec.encode_token(_token("tok-B", sequence=4), KEY))
+    follower.receive(
+        KEY + b"/rotating", rig.codec.encrypt({"seq": 5, "by": "i0"}, KEY + b"/rotating")
+    )
+    probe = await asyncio.wait_for(follower.get(), 2)
+    assert probe == "tok-B"
+    waiter = asyncio.create_task(follower.get())
+    follower.release(probe, refused=True)
+    retry = asyncio.create_task(follower.invalidated(probe))
+    await asyncio.sleep(0.2)
+    assert not waiter.done()
+    assert not retry.done()
+    follower.receive(KEY, rig.codec.encode_token(_token("tok-C", sequence=6), KEY))
+    assert await waiter == await retry == "tok-C"
+    assert rig.platform.calls == []
+
+
 async def test_the_holder_logs_in_once_and_publishes_the_token_encrypted(rig: Rig) -> None:
     holder = rig.make()
     holder.set_holder(True)
