@@ -15,12 +15,13 @@ never seen.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, Protocol
 
 import structlog
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import ProducerFenced
 
@@ -31,6 +32,7 @@ from service.pipeline.committer import producer_fatal
 log = structlog.get_logger(__name__)
 
 TOPIC_REPLICATION_MAX: Final = 3
+READ_RETRY_SECONDS: Final = 1.0
 Publish = Callable[[bytes, bytes], Awaitable[None]]
 
 
@@ -156,3 +158,78 @@ async def ensure_token_topic(kafka: KafkaSettings, topic: str) -> None:
         log.warning("token_topic_created", topic=topic, cleanup_policy="compact")
     finally:
         await admin.close()
+
+
+class TokenReader:
+    """Reads the token topic from its beginning, committed records only, and hands every
+    record to ``receive`` in offset order (no group, no commits: every replica reads it all)."""
+
+    def __init__(
+        self,
+        kafka: KafkaSettings,
+        topic: str,
+        receive: Callable[[bytes | None, bytes | None, int], None],
+    ) -> None:
+        self._kafka = kafka
+        self._tp = TopicPartition(topic, 0)
+        self._receive = receive
+        self._consumer: AIOKafkaConsumer | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._position = 0
+
+    @property
+    def position(self) -> int:
+        """The offset of the next record to read."""
+        return self._position
+
+    async def start(self) -> None:
+        self._consumer = AIOKafkaConsumer(
+            **client_options(self._kafka),
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            isolation_level="read_committed",
+            fetch_max_wait_ms=100,
+        )
+        await self._consumer.start()
+        self._consumer.assign([self._tp])
+        await self._consumer.seek_to_beginning(self._tp)
+        self._task = asyncio.create_task(self._read_loop(), name="token-reader")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        if self._consumer is not None:
+            await self._consumer.stop()
+
+    async def _read_loop(self) -> None:
+        consumer = self._consumer
+        assert consumer is not None
+        while True:
+            try:
+                batch = await consumer.getmany(self._tp, timeout_ms=500)
+                for msg in batch.get(self._tp, ()):
+                    self._receive(msg.key, msg.value, msg.offset)
+                self._position = await consumer.position(self._tp)
+            except Exception as exc:  # noqa: BLE001 - a broker hiccup must not end the reader
+                log.warning("token_topic_read_failed", error=type(exc).__name__)
+                await asyncio.sleep(READ_RETRY_SECONDS)
+
+    async def catch_up(self, timeout: float) -> bool:
+        """Read the topic up to its last stable offset (True), or give up after ``timeout``."""
+        if self._consumer is None:
+            return True
+        loop = asyncio.get_running_loop()
+        try:
+            end = (await self._consumer.end_offsets([self._tp]))[self._tp]
+            deadline = loop.time() + timeout
+            while self._position < end:
+                if loop.time() >= deadline:
+                    return False
+                await asyncio.sleep(0.05)
+        except Exception as exc:  # noqa: BLE001 - a broker hiccup: adopt what we have
+            log.warning("token_topic_catch_up_failed", error=type(exc).__name__)
+            return False
+        return True

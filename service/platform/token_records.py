@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -167,3 +168,51 @@ class TokenCodec:
             holder=holder,
             sequence=seq if isinstance(seq, int) and not isinstance(seq, bool) else None,
         )
+
+
+class RecordSeal:
+    """The record keys of one group and application, sealed under the secret as it is now.
+
+    The AES key derives from the secret, which may change (a rotated, mounted file): the codec
+    is rebuilt whenever the secret read differs, and a record that does not open is tried once
+    more with the secret read again.
+    """
+
+    def __init__(self, app_id: str, scope: str, secret: Callable[[], str]) -> None:
+        self._app_id = app_id
+        self._secret = secret
+        self.token, self.refused, self.need, self.blocked, self.rotating, self.draining = (
+            (scope + suffix).encode() for suffix in ("", *SUFFIXES)
+        )
+        self._codec_secret = secret()
+        self._codec = TokenCodec(app_id, self._codec_secret)
+
+    def codec(self) -> TokenCodec:
+        """The codec of the secret as it is now (read again from its file, if it has one)."""
+        secret = self._secret()
+        if secret != self._codec_secret:
+            self._codec = TokenCodec(self._app_id, secret)
+            self._codec_secret = secret
+        return self._codec
+
+    def open(self, value: bytes | None, key: bytes) -> dict[str, Any]:
+        try:
+            return self._codec.decrypt(value, key)
+        except InvalidRecordError:
+            codec = self._codec
+            if self.codec() is codec:
+                raise
+            return self._codec.decrypt(value, key)  # the secret changed: its new key
+
+    def open_token(self, value: bytes | None) -> SharedToken:
+        self.open(value, self.token)
+        return self._codec.decode_token(value, self.token)
+
+    def opens(self, value: bytes | None, key: bytes) -> bool:
+        return self.codec().decrypts(value, key)
+
+    def seal(self, key: bytes, payload: dict[str, Any]) -> bytes:
+        return self.codec().encrypt(payload, key)
+
+    def seal_token(self, token: SharedToken) -> bytes:
+        return self.codec().encode_token(token, self.token)

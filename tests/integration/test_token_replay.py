@@ -107,7 +107,7 @@ async def test_a_replayed_old_token_record_is_ignored_by_the_followers(
         await producer.stop()
     assert replayed.offset > old_offset
     await wait_until(
-        lambda: all(s.tokens._position > replayed.offset for s in services),
+        lambda: all(s.tokens.read_position > replayed.offset for s in services),
         timeout=30,
         what="every replica read the replayed record",
     )

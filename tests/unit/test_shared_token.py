@@ -353,7 +353,7 @@ async def test_the_holder_renews_only_once_its_calls_in_flight_are_answered(rig:
     holder.receive(
         KEY + b"/refused", rig.codec.encrypt({"fingerprint": fingerprint(token)}, KEY + b"/refused")
     )
-    await _until(lambda: holder._rotating, "the rotation to start")
+    await _until(lambda: holder.holder.rotating, "the rotation to start")
     seq = _notices(rig, b"/rotating")[-1]["seq"]
     holder.receive(KEY + b"/draining", follower_busy)  # another rotation's: ignored
     busy = rig.codec.encrypt({"rotation": seq, "by": "i1", "done": False}, KEY + b"/draining")
