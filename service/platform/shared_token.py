@@ -352,11 +352,14 @@ class SharedTokenProvider:
             return
         self._holder_heard_at = state.clock()
         held = state.latest.sequence if state.latest is not None else None
-        if (held is not None and seq <= held) or (
-            state.rotation is not None and state.rotation.sequence >= seq
-        ):
+        calling = notice.get("phase") != "announce"  # a record without phase: assume a call
+        known = state.rotation
+        if known is not None and known.sequence == seq and calling and not known.calling:
+            state.rotation = Rotation(seq, by, known.seen_at, calling=True)
+            return
+        if (held is not None and seq <= held) or (known is not None and known.sequence >= seq):
             return  # that rotation is over or known (or a replay of an old one)
-        state.rotation = Rotation(seq, by, state.clock())
+        state.rotation = Rotation(seq, by, state.clock(), calling=calling)
         log.info("token_rotation_announced", holder=by, rotation=seq)
         state.signal()
         old = state.latest.access if state.latest is not None else None

@@ -79,8 +79,11 @@ class HolderChannel:
         producer = self._producer
         try:
             async with producer.transaction():
-                for key, value in records:
+                delivered = [
                     await producer.send(self._topic, value, key=key, partition=0)
+                    for key, value in records
+                ]
+                await asyncio.gather(*delivered)  # their errors are ours (none left unread)
         except ProducerFenced as exc:
             raise HolderFencedError(f"fenced: {self.transactional_id} started elsewhere") from exc
         except Exception as exc:

@@ -236,7 +236,7 @@ class TokenHolder:
         state = self._state
         self.manager.discard()
         latest = state.latest
-        self._orphan = state.rotation is not None
+        self._orphan = state.rotation is not None and state.rotation.calling
         state.rotation = None
         self._refresh_spent = self._orphan
         if latest is None:
@@ -304,20 +304,24 @@ class TokenHolder:
         self.rotating = True
         state.signal()
         try:
-            payload = {"seq": seq, "by": state.instance, "login": login}
+            payload = {"seq": seq, "by": state.instance, "login": login, "phase": "announce"}
             await self._announce(channel, payload)  # fenced: raises before any platform call
             if old is not None and not await self._drain(seq, old.access):
                 # No longer the holder: no call. Publish the old token again, which ends the
-                # rotation (the next holder need not treat it as unfinished).
+                # rotation (if the next holder fenced us first, it sees no call announced).
                 held = self.manager.current()
                 if held is not None:
                     await self._publish(channel, held)
                 return True
-            # The drain took a while: make sure nobody fenced us meanwhile, right before the
-            # call (the same rotation, written again).
-            await self._announce(channel, payload)
+
+            async def calling() -> None:
+                # Once the budget has granted the call, right before it is sent: still the
+                # holder? (The drain or the budget may have taken a while.) The record also
+                # tells a next holder that a call may have happened.
+                await self._announce(channel, payload | {"phase": "call"})
+
             try:
-                new = await self.manager.renew_once(login=login)
+                new = await self.manager.renew_once(login=login, before_call=calling)
             except TokenError as exc:
                 return await self._failed(channel, exc, login=login, was_blocked=was_blocked)
             self._orphan = self._refresh_spent = False

@@ -38,6 +38,9 @@ class Rotation:
     sequence: int
     by: str
     seen_at: float
+    calling: bool = True
+    """The holder announced its platform call (not only the rotation): if no token follows,
+    the refresh may have replaced the token and spent the refresh token."""
 
 
 class TokenState:

@@ -25,7 +25,7 @@ import contextlib
 import contextvars
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, Protocol, runtime_checkable
@@ -247,6 +247,7 @@ class TokenManager:
         self.gate = gate or AuthGate(metrics)
         self._retry: asyncio.Task[None] | None = None
         self._retry_refused_login = retry_refused_login
+        self._before_call: Callable[[], Awaitable[None]] | None = None
         """False: a refused login closes the gate, and the owner retries (the shared-token
         holder retries through its fence, see shared_token.py)."""
         self._clock = clock
@@ -370,13 +371,21 @@ class TokenManager:
         elif exc is None:
             self._failure = None
 
-    async def renew_once(self, *, login: bool) -> _Token:
+    async def renew_once(
+        self, *, login: bool, before_call: Callable[[], Awaitable[None]] | None = None
+    ) -> _Token:
         """Exactly one platform call: a refreshToken with the refresh token held (when
         ``login`` is False and it has one young enough), else a login. No fall-back from a
-        failed refresh to a login: the caller decides (and fences) that second call."""
+        failed refresh to a login: the caller decides (and fences) that second call.
+        ``before_call`` runs once the budget has granted the call, right before it is sent (the
+        shared-token holder checks there that it is still the holder); raising stops it."""
         if not login and not self.can_refresh():
             login = True
-        return await self._do_renew(force_login=login, fallback_login=False)
+        self._before_call = before_call
+        try:
+            return await self._do_renew(force_login=login, fallback_login=False)
+        finally:
+            self._before_call = None
 
     def can_refresh(self) -> bool:
         tok = self._token
@@ -421,6 +430,8 @@ class TokenManager:
     # ------------------------------------------------------------------ HTTP
     async def _post(self, operation: str, path: str, refresh_token: str | None) -> _Token:
         await self._budget.acquire(PRIORITY_URGENT)
+        if self._before_call is not None:
+            await self._before_call()
         secret = self.secret.current()
         sent_at = self._clock()
         try:

@@ -18,6 +18,7 @@ from service.config import KafkaSettings, PlatformSettings
 from service.metrics import Metrics
 from service.platform.budget import RateBudget
 from service.platform.shared_token import SharedTokenProvider
+from service.platform.token_channel import HolderFencedError
 from service.platform.token_records import (
     InvalidRecordError,
     SharedToken,
@@ -124,6 +125,8 @@ class Rig:
     metrics: Metrics
     make: Callable[..., SharedTokenProvider]
     codec: TokenCodec
+    fence_at: list[str] = field(default_factory=list)
+    """Rotation phases at which the (fake) holder producer is found fenced."""
 
 
 @pytest.fixture
@@ -135,7 +138,13 @@ async def rig() -> AsyncIterator[Rig]:
     providers: list[SharedTokenProvider] = []
     clients: list[httpx.AsyncClient] = []
 
+    fence_at: list[str] = []
+
     async def publish(key: bytes, value: bytes) -> None:
+        if key == KEY + b"/rotating" and fence_at:
+            phase = TokenCodec(APP, SECRET).decrypt(value, key).get("phase")
+            if phase in fence_at:
+                raise HolderFencedError("another replica started the holder's producer")
         published.append((key, value))
 
     def make(
@@ -166,7 +175,7 @@ async def rig() -> AsyncIterator[Rig]:
         providers.append(provider)
         return provider
 
-    yield Rig(platform, published, metrics, make, TokenCodec(APP, SECRET))
+    yield Rig(platform, published, metrics, make, TokenCodec(APP, SECRET), fence_at)
     for provider in providers:
         await provider.aclose()
     for http in clients:
@@ -413,6 +422,40 @@ async def test_after_an_unfinished_rotation_the_new_holder_logs_in(rig: Rig) -> 
     assert await provider.get() == "access-1"
     assert rig.platform.calls == ["login"]
     assert (_tokens(rig)[-1].sequence or 0) > 5
+
+
+async def test_an_announced_rotation_without_a_call_costs_the_next_holder_no_login(
+    rig: Rig,
+) -> None:
+    """The previous holder announced a rotation but stopped before its call: the token and its
+    refresh token are intact, the new holder adopts them."""
+    provider = rig.make()
+    provider.receive(KEY, rig.codec.encode_token(_token("tok-A", sequence=4), KEY))
+    announce = {"seq": 5, "by": "i9", "phase": "announce"}
+    provider.receive(KEY + b"/rotating", rig.codec.encrypt(announce, KEY + b"/rotating"))
+    provider.set_holder(True)
+    assert await provider.get() == "tok-A"
+    await _until(lambda: len(_tokens(rig)) == 1)
+    assert _tokens(rig)[0].access == "tok-A"  # its claim ends the followers' hold
+    assert rig.platform.calls == []
+
+
+async def test_a_holder_fenced_right_before_its_call_makes_none(rig: Rig) -> None:
+    rig.fence_at.append("call")
+    holder = rig.make(wait=2)
+    holder.receive(KEY, rig.codec.encode_token(_token("tok-A", renew_in=0, sequence=3), KEY))
+    holder.set_holder(True)
+    await _until(lambda: holder.fenced == 1, "the holder to find itself fenced")
+    assert rig.platform.calls == []  # the budget granted the call; the fence stopped it
+    assert not holder.is_holder
+    assert _tokens(rig) == []  # it published nothing
+    assert await holder.get() == "tok-A"  # it follows: the token is still the shared one
+    assert (
+        rig.metrics.registry.get_sample_value(
+            "rebind_platform_token_rotations_total", {"result": "fenced"}
+        )
+        == 1
+    )
 
 
 async def test_a_starving_follower_takes_over_only_when_no_holder_is_heard(rig: Rig) -> None:
