@@ -8,7 +8,8 @@ token once per ``PERIOD = TTL - MARGIN`` seconds. Every key refresh is held ``LA
 by the simulator and swaps trickle in at ``RATE`` per second, so calls are on the wire whenever
 the token rotates.
 
-Three runs: three replicas over ``STEADY_PERIODS`` rotations; the token holder SIGKILLed at
+Three runs: three replicas over ``STEADY_LIFETIMES`` token lifetimes (about one rotation per
+``PERIOD`` in them); the token holder SIGKILLed at
 random moments (and restarted) and once SIGSTOPped past its session timeout (kept frozen until
 its successor has renewed the token, so it wakes with an overdue renewal and a spent refresh
 token) and SIGCONTed; the group grown 1 -> 3 and shrunk 3 -> 1 (the holder among those stopped).
@@ -77,7 +78,8 @@ LATENCY = 0.2
 RATE = 8.0
 """Swaps per second of the trickle (about RATE x LATENCY key refreshes on the wire)."""
 TICK = 0.25
-STEADY_PERIODS = 20
+STEADY_LIFETIMES = 20
+"""The steady run lasts this many token lifetimes (``TTL`` seconds each)."""
 KILLS = 3
 HOLDER_METRIC = "rebind_platform_token_holder"
 TOKEN_OPS = ("login", "refresh_token")
@@ -559,10 +561,10 @@ async def token_runs() -> AsyncIterator[list[TokenRun]]:
 
 # ---------------------------------------------------------------------- the three runs
 
-STEADY_SECONDS = STEADY_PERIODS * PERIOD
+STEADY_SECONDS = STEADY_LIFETIMES * TTL
 
 
-@pytest.mark.timeout(720)
+@pytest.mark.timeout(840)
 async def test_three_replicas_rotate_once_per_lifetime(
     fault_kit: FaultKit, process_logs: None, token_runs: list[TokenRun]
 ) -> None:
@@ -571,7 +573,10 @@ async def test_three_replicas_rotate_once_per_lifetime(
     replicas = [run.replica(f"s{i}") for i in range(3)]
     await run.start(*replicas)
     holder = await run.wait_stable()
-    print(f"\ntoken-steady: holder {holder.key}; {STEADY_PERIODS} periods of {PERIOD:g}s")
+    print(
+        f"\ntoken-steady: holder {holder.key}; {STEADY_LIFETIMES} lifetimes of {TTL}s "
+        f"(a rotation every {PERIOD:g}s)"
+    )
     await run.begin()
     await run.run_for(STEADY_SECONDS)
     await run.finish(token_always_valid=True)
