@@ -263,7 +263,7 @@ async def test_a_rotation_holds_new_calls_and_waits_for_calls_in_flight(rig: Rig
     await _until(lambda: len(_notices(rig, b"/draining")) == 1, "a draining notice")
     assert _notices(rig, b"/draining")[0] == {"rotation": 2, "by": "i1", "done": False}
     waiter = asyncio.create_task(follower.get())  # a new call waits for the new token
-    await asyncio.sleep(0.2)
+    await asyncio.sleep(0.2)  # a while in which nothing may happen (not a synchronisation)
     assert not waiter.done()
     follower.release(on_the_wire)  # answered: the holder may rotate now
     await _until(lambda: len(_notices(rig, b"/draining")) == 2, "a done notice")
@@ -292,7 +292,7 @@ async def test_after_an_unfinished_rotation_one_call_tries_the_old_token_first(
     probe = await asyncio.wait_for(follower.get(), 2)
     assert probe == "tok-A"
     others = [asyncio.create_task(follower.get()) for _ in range(5)]
-    await asyncio.sleep(0.2)
+    await asyncio.sleep(0.2)  # a while in which nothing may happen (not a synchronisation)
     assert not any(t.done() for t in others)  # waiting for the probe's answer
     follower.release(probe)  # answered, not 1010005: the token still works
     assert set(await asyncio.gather(*others)) == {"tok-A"}
@@ -313,7 +313,7 @@ async def test_after_an_unfinished_rotation_one_call_tries_the_old_token_first(
     waiter = asyncio.create_task(follower.get())
     follower.release(probe, refused=True)
     retry = asyncio.create_task(follower.invalidated(probe))
-    await asyncio.sleep(0.2)
+    await asyncio.sleep(0.2)  # a while in which nothing may happen (not a synchronisation)
     assert not waiter.done()
     assert not retry.done()
     follower.receive(KEY, rig.codec.encode_token(_token("tok-C", sequence=6), KEY))
@@ -367,10 +367,10 @@ async def test_the_holder_renews_only_once_its_calls_in_flight_are_answered(rig:
     holder.receive(KEY + b"/draining", follower_busy)  # another rotation's: ignored
     busy = rig.codec.encrypt({"rotation": seq, "by": "i1", "done": False}, KEY + b"/draining")
     holder.receive(KEY + b"/draining", busy)
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(0.3)  # a while in which nothing may happen (not a synchronisation)
     assert rig.platform.calls == ["login"]  # its own call and i1's are still on the wire
     holder.release(token)
-    await asyncio.sleep(0.2)
+    await asyncio.sleep(0.2)  # a while in which nothing may happen (not a synchronisation)
     assert rig.platform.calls == ["login"]  # i1's still is
     done = rig.codec.encrypt({"rotation": seq, "by": "i1", "done": True}, KEY + b"/draining")
     holder.receive(KEY + b"/draining", done)
