@@ -53,10 +53,9 @@ from typing import Any, Final, Protocol
 
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from service.config import Settings
-from service.kafka import FatalPipelineError, client_options
+from service.kafka import FatalPipelineError, client_options, ensure_compacted_topic
 from service.metrics import Metrics
 from service.platform.budget import DEFAULT_SAFETY_MARGIN_SECONDS, WINDOW_SECONDS, RateBudget
 
@@ -71,7 +70,6 @@ TIME_RESOLUTION_SECONDS: Final = 0.01
 CATCH_UP_TIMEOUT_SECONDS: Final = 15.0
 PUBLISH_TIMEOUT_SECONDS: Final = 10.0
 READ_RETRY_SECONDS: Final = 1.0
-TOPIC_REPLICATION_MAX: Final = 3
 SEGMENT_MS: Final = 600_000
 """Segments roll every 10 minutes, so compaction keeps the topic near one record per replica."""
 SPAN_SECONDS: Final = WINDOW_SECONDS + DEFAULT_SAFETY_MARGIN_SECONDS
@@ -460,35 +458,11 @@ class BudgetExchange:
                 await task
 
     async def _ensure_topic(self) -> None:
-        admin = AIOKafkaAdminClient(**self._options, request_timeout_ms=15_000)
-        await admin.start()
-        try:
-            if self._topic in await admin.list_topics():
-                return
-            brokers = len((await admin.describe_cluster()).get("brokers", ())) or 1
-            response = await admin.create_topics(
-                [
-                    NewTopic(
-                        name=self._topic,
-                        num_partitions=1,
-                        replication_factor=min(TOPIC_REPLICATION_MAX, brokers),
-                        topic_configs={
-                            "cleanup.policy": "compact",
-                            "segment.ms": str(SEGMENT_MS),
-                        },
-                    )
-                ],
-                timeout_ms=15_000,
-            )
-            for _topic, code, *_rest in response.topic_errors:
-                if code not in (0, 36):  # 36: TOPIC_ALREADY_EXISTS (another replica was faster)
-                    raise FatalPipelineError(
-                        f"REBIND_TOPICS__BUDGET: topic {self._topic!r} is missing and could not "
-                        f"be created (error {code}); create it compacted with one partition"
-                    )
+        configs = {"segment.ms": str(SEGMENT_MS)}
+        if await ensure_compacted_topic(
+            self._options, self._topic, setting="REBIND_TOPICS__BUDGET", configs=configs
+        ):
             log.warning("budget_topic_created", topic=self._topic, cleanup_policy="compact")
-        finally:
-            await admin.close()
 
     # ------------------------------------------------------------------ reader
     async def _read_loop(self) -> None:

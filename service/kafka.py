@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Final
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka import conn as aiokafka_conn
 from aiokafka.abc import AbstractTokenProvider
-from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError
 from aiokafka.structs import OffsetAndMetadata
 
@@ -381,3 +381,41 @@ def classify_startup_error(  # noqa: PLR0911 - a table
         # Timeouts, no leader yet, coordinator loading, not controller: a broker starting up.
         return False, f"Kafka is not ready ({where}): {type(exc).__name__}: {detail}"
     return True, f"unexpected error while connecting to Kafka: {type(exc).__name__}: {detail}"
+
+
+COMPACTED_TOPIC_REPLICATION_MAX: Final = 3
+TOPIC_ALREADY_EXISTS: Final = 36
+
+
+async def ensure_compacted_topic(
+    options: dict[str, Any], topic: str, *, setting: str, configs: dict[str, str] | None = None
+) -> bool:
+    """Create ``topic`` (compacted, one partition, replication min(3, brokers)) when it is
+    missing; True when this call created it. A refusal (ACLs) stops the start naming the
+    ``setting`` (e.g. ``REBIND_TOPICS__TOKEN``): production creates these topics beforehand."""
+    admin = AIOKafkaAdminClient(**options, request_timeout_ms=15_000)
+    await admin.start()
+    try:
+        if topic in await admin.list_topics():
+            return False
+        brokers = len((await admin.describe_cluster()).get("brokers", ())) or 1
+        response = await admin.create_topics(
+            [
+                NewTopic(
+                    name=topic,
+                    num_partitions=1,
+                    replication_factor=min(COMPACTED_TOPIC_REPLICATION_MAX, brokers),
+                    topic_configs={"cleanup.policy": "compact", **(configs or {})},
+                )
+            ],
+            timeout_ms=15_000,
+        )
+        for _topic, code, *_rest in response.topic_errors:
+            if code not in (0, TOPIC_ALREADY_EXISTS):  # another replica may have been faster
+                raise FatalPipelineError(
+                    f"{setting}: topic {topic!r} is missing and could not be created "
+                    f"(error {code}); create it compacted with one partition"
+                )
+        return True
+    finally:
+        await admin.close()

@@ -18,20 +18,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
-from typing import Any, Final, Protocol
+from typing import Final, Protocol
 
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import ProducerFenced
 
 from service.config import KafkaSettings
-from service.kafka import FatalPipelineError, client_options
+from service.kafka import client_options, ensure_compacted_topic
 from service.pipeline.committer import producer_fatal
 
 log = structlog.get_logger(__name__)
 
-TOPIC_REPLICATION_MAX: Final = 3
 READ_RETRY_SECONDS: Final = 1.0
 Publish = Callable[[bytes, bytes], Awaitable[None]]
 
@@ -134,33 +132,8 @@ class NoticeChannel:
 
 async def ensure_token_topic(kafka: KafkaSettings, topic: str) -> None:
     """Create the token topic (compacted, one partition) when it is missing."""
-    options: dict[str, Any] = client_options(kafka)
-    admin = AIOKafkaAdminClient(**options, request_timeout_ms=15_000)
-    await admin.start()
-    try:
-        if topic in await admin.list_topics():
-            return
-        brokers = len((await admin.describe_cluster()).get("brokers", ())) or 1
-        response = await admin.create_topics(
-            [
-                NewTopic(
-                    name=topic,
-                    num_partitions=1,
-                    replication_factor=min(TOPIC_REPLICATION_MAX, brokers),
-                    topic_configs={"cleanup.policy": "compact"},
-                )
-            ],
-            timeout_ms=15_000,
-        )
-        for _topic, code, *_rest in response.topic_errors:
-            if code not in (0, 36):  # 36: TOPIC_ALREADY_EXISTS (another replica was faster)
-                raise FatalPipelineError(
-                    f"REBIND_TOPICS__TOKEN: topic {topic!r} is missing and could not be created "
-                    f"(error {code}); create it compacted with one partition"
-                )
+    if await ensure_compacted_topic(client_options(kafka), topic, setting="REBIND_TOPICS__TOKEN"):
         log.warning("token_topic_created", topic=topic, cleanup_policy="compact")
-    finally:
-        await admin.close()
 
 
 class TokenReader:
