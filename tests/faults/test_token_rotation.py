@@ -62,7 +62,7 @@ from tests.fixtures.kafka import INPUT_PARTITIONS
 from tests.support.accounting import Inputs, Produced
 from tests.support.events import swap_event
 from tests.support.exposition import Exposition
-from tests.support.kafka_broker import create_topics
+from tests.support.token_topic import token_topic
 from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -412,10 +412,7 @@ class TokenRun:
         devices = await kit.seed(int(RATE * seconds * 1.3) + 50, prefix=label)
         await kit.control.configure(token_ttl=TTL)
         await kit.control.inject_latency(LATENCY, operation="refresh_key", times=-1)
-        topic = f"device-rebind.token.v1.t-{uuid.uuid4().hex[:10]}"
-        await create_topics(
-            kit.harness.bootstrap, [topic], 1, configs={"cleanup.policy": "compact"}
-        )
+        topic = await token_topic(kit.harness)
         await kit.start_reader()
         return cls(kit, label, topic, devices)
 
@@ -582,15 +579,22 @@ async def test_three_replicas_rotate_once_per_lifetime(
     await run.finish(token_always_valid=True)
 
 
+async def _random_run(
+    kit: FaultKit, runs: list[TokenRun], label: str, seconds: float
+) -> tuple[TokenRun, random.Random]:
+    """A run and the random source of its fault moments (its seed printed, to replay it)."""
+    seed = random.randrange(1 << 30)
+    print(f"\n{label}: random seed {seed}")
+    run = await TokenRun.create(kit, label, seconds)
+    runs.append(run)
+    return run, random.Random(seed)
+
+
 @pytest.mark.timeout(480)
 async def test_holder_killed_and_frozen_rotates_without_a_storm(
     fault_kit: FaultKit, process_logs: None, token_runs: list[TokenRun]
 ) -> None:
-    seed = random.randrange(1 << 30)
-    rng = random.Random(seed)
-    print(f"\ntoken-holder-faults: random seed {seed}")
-    run = await TokenRun.create(fault_kit, "token-holder-faults", 10 * PERIOD)
-    token_runs.append(run)
+    run, rng = await _random_run(fault_kit, token_runs, "token-holder-faults", 10 * PERIOD)
     replicas = [run.replica(f"k{i}") for i in range(3)]
     await run.start(*replicas)
     await run.wait_stable()
@@ -647,11 +651,7 @@ async def test_holder_killed_and_frozen_rotates_without_a_storm(
 async def test_group_one_three_one_rotates_without_a_storm(
     fault_kit: FaultKit, process_logs: None, token_runs: list[TokenRun]
 ) -> None:
-    seed = random.randrange(1 << 30)
-    rng = random.Random(seed)
-    print(f"\ntoken-group-1-3-1: random seed {seed}")
-    run = await TokenRun.create(fault_kit, "token-group-1-3-1", 6 * PERIOD)
-    token_runs.append(run)
+    run, rng = await _random_run(fault_kit, token_runs, "token-group-1-3-1", 6 * PERIOD)
     first, second, third = (run.replica(f"g{i}") for i in range(3))
     await run.start(first)
     await run.wait_stable()
