@@ -20,7 +20,10 @@ except that the deferred class is guaranteed ``deferred_reserve`` (a fraction, d
 window's grants: while it has had fewer than that share of the grants in the window, a deferred
 waiter goes first. So fresh events are not stuck behind a backlog of deferred retries, and deferred
 retries are never starved by a stream of fresh events. When only one class waits, it may use the
-whole budget.
+whole budget. ``PRIORITY_POLL`` (bind-watch polls) has a reserve that is also its cap: while polls
+have had fewer than ``poll_share`` of the limit in the window they go first (after urgent calls),
+and beyond it they never go, so a saturated refresh backlog delays a due poll by at most the time
+its share needs to work off the polls due before it, and refreshes always keep the rest.
 
 Flow control. :meth:`penalize` is called on every 1010009 answer: grants stop until our oldest
 grant in the window has aged out (or for the given seconds), and for one window the limit is capped
@@ -61,7 +64,7 @@ PRIORITY_URGENT: Final = -1
 PRIORITY_FRESH: Final = 0
 PRIORITY_DEFERRED: Final = 1
 PRIORITY_POLL: Final = 2
-"""Bind-watch polls (activation queries): the lowest class."""
+"""Bind-watch polls (activation queries): a reserve and a cap of the poll share (set_poll_share)."""
 
 WINDOW_SECONDS: Final = 60.0
 DEFAULT_SAFETY_MARGIN_SECONDS: Final = 1.0
@@ -113,8 +116,8 @@ class RateBudget:
         self._urgent: deque[asyncio.Future[None]] = deque()
         self._fresh: deque[asyncio.Future[None]] = deque()
         self._deferred: deque[asyncio.Future[None]] = deque()
-        # Bind-watch polls: the lowest class, served only when nobody else waits, and never
-        # more than ``poll_share`` of the limit within the window.
+        # Bind-watch polls: served first while they have had less than ``poll_share`` of the
+        # limit within the window, never beyond it (a reserve and a cap).
         self._poll: deque[asyncio.Future[None]] = deque()
         self._poll_times: deque[float] = deque()
         self._poll_share = 0.2
@@ -463,9 +466,12 @@ class RateBudget:
         self._drop_done(self._poll)
         if self._urgent:
             return self._urgent, False
+        if self._poll and self._poll_allowed(self._clock()):
+            # Below their share of the window, polls go first: under a saturated refresh
+            # backlog they still get exactly their share (a watch must end, and a device whose
+            # registration expires must be seen in time), never more.
+            return self._poll, True
         if not self._fresh and not self._deferred:
-            if self._poll and self._poll_allowed(self._clock()):
-                return self._poll, True
             return None
         if not self._deferred:
             return self._fresh, False
