@@ -281,7 +281,7 @@ class RebindHandler:
     # ---- bind watches ----------------------------------------------------------------------
 
     async def poll(self, work: Work) -> PollResult:
-        """Has the new hardware bound? One activation query, in the lowest budget class."""
+        """Has the new hardware bound? One activation query, in the budget's poll share."""
         d = work.swap.data
         try:
             answer = await self._client.query_activation(

@@ -134,6 +134,12 @@ class Metrics:
             "left and have not bound (the platform deletes their registration at 0).",
             registry=r,
         )
+        self.bind_poll_overdue = Gauge(
+            "rebind_bind_poll_overdue_seconds",
+            "How long the most overdue bind-watch poll has waited past its schedule (0: none is "
+            "overdue). Polls wait for their share of the platform budget.",
+            registry=r,
+        )
         self.bind_results = Counter(
             "rebind_bind_results",
             "Ends of bind watches, by result.",
@@ -149,7 +155,8 @@ class Metrics:
         self.bind_notifications = Counter(
             "rebind_bind_notifications",
             "bindDevice pushes, by result (accepted: stored on Kafka; duplicate: matched no "
-            "open watch; rejected: malformed or unknown).",
+            "open watch, or named another nodeId than the watched swap's; unproven: no nodeId, "
+            "settles nothing; rejected: malformed or unknown).",
             ["result"],
             registry=r,
         )
@@ -198,7 +205,7 @@ class Metrics:
             self.throttle_rejections.labels(operation=operation)
         for result in BIND_RESULTS:
             self.bind_results.labels(result=result)
-        for result in ("accepted", "duplicate", "rejected"):
+        for result in ("accepted", "duplicate", "unproven", "rejected"):
             self.bind_notifications.labels(result=result)
         for result in ("renewed", "failed", "fenced"):
             self.token_rotations.labels(result=result)

@@ -5,7 +5,7 @@ non-zero ``timeout`` the platform deletes the registration of a device that has 
 the timeout passes, so the watch ends then (after a short grace for the platform's own
 ``expired`` push): ``BIND_EXPIRED``. With ``timeout`` 0 nothing expires, and the watch gives up
 after ``REBIND_BIND__WATCH_DEADLINE_SECONDS``: ``BIND_NOT_CONFIRMED``. In between, when polling is
-on, the activation status is read at growing intervals (the lowest budget class).
+on, the activation status is read at growing intervals (in the budget's poll share).
 """
 
 from __future__ import annotations

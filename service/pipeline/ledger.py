@@ -63,7 +63,8 @@ class Entry:
     value: bytes | None = None  # the swap itself, kept while it waits or is watched
     headers: list[tuple[str, bytes]] = field(default_factory=list)
     watch: Watch | None = None
-    early: tuple[str, int] | None = None  # a bind push (result, at ms) seen before the watch
+    early: tuple[str, int, str] | None = None
+    """A bind push (result, at ms, nodeId) about this swap's nodeId, seen before its watch."""
 
     @property
     def due_ms(self) -> int | None:
@@ -107,7 +108,10 @@ class DeviceLedger:
         self.topic = topic
         self.partition = partition
         self._entries: dict[str, Entry] = {}
-        self._due: list[tuple[int, int, str]] = []  # (due_ms, sequence, device), lazily cleaned
+        # (due_ms, sequence, device), lazily cleaned: waiting swaps, and bind watches apart, so
+        # the ones never queue behind the others (each has its own room in the wake loop).
+        self._due: list[tuple[int, int, str]] = []
+        self._watch_due: list[tuple[int, int, str]] = []
         self._sequence = 0
         # The sequence of each device's last pushed heap item: only that one is live. An earlier
         # item of the device can carry the same due time (a newer swap watched or waiting due
@@ -150,7 +154,8 @@ class DeviceLedger:
         if due is not None:
             self._sequence += 1
             self._live[device] = self._sequence
-            heapq.heappush(self._due, (due, self._sequence, device))
+            heap = self._watch_due if entry.state is State.WATCHING else self._due
+            heapq.heappush(heap, (due, self._sequence, device))
 
     # ---- decisions -------------------------------------------------------------------------
 
@@ -188,7 +193,9 @@ class DeviceLedger:
             if work.offset is None and entry.state is not State.WAITING:
                 return Claim.GONE, None  # a woken swap that was answered meanwhile
             if entry.state is State.WAITING:
-                self._put(work.device, _replace_state(entry, State.PENDING))
+                claimed = _replace_state(entry, State.PENDING)
+                claimed.early = entry.early
+                self._put(work.device, claimed)
             return Claim.CLAIMED, None
         if work.offset is None:
             return Claim.GONE, None  # a woken swap superseded at admission was answered then
@@ -235,17 +242,18 @@ class DeviceLedger:
         entry = self._entries[device]
         self._put(device, _replace_state(entry, State.DONE, outcome=result))
 
-    def note_push(self, device: str, result: str, at_ms: int) -> Entry | None:
-        """A bind push for ``device``: returns the entry when it is watched (settle it now).
-        A push that arrives while the device's swap is still running is kept in the entry
-        (``early``) and settles the watch when it starts; otherwise the push is a repeat."""
+    def note_push(self, device: str, result: str, at_ms: int, node_id: str) -> Entry | None:
+        """A bind push for ``device`` about ``node_id``: returns the entry when it watches that
+        very nodeId (settle it now). A push about the nodeId of a swap that is still running is
+        kept in the entry (``early``) and settles the watch when it starts. A push about any
+        other nodeId (an older swap's hardware, a forgery) changes nothing: None."""
         entry = self._entries.get(device)
-        if entry is None:
+        if entry is None or entry.node_id != node_id:
             return None
         if entry.state is State.WATCHING:
             return entry
         if entry.state in (State.PENDING, State.WAITING):
-            entry.early = (result, at_ms)
+            entry.early = (result, at_ms, node_id)
         return None
 
     def wait(self, work: Work, state: WaitState) -> bool:
@@ -267,31 +275,38 @@ class DeviceLedger:
         return self._waiting
 
     def next_due_ms(self) -> int | None:
-        self._clean()
-        return self._due[0][0] if self._due else None
+        dues = [heap[0][0] for heap in (self._due, self._watch_due) if self._clean(heap)]
+        return min(dues) if dues else None
 
-    def pop_due(self, now_ms: int, limit: int) -> list[tuple[str, Entry]]:
-        """Up to ``limit`` waiting swaps whose time has come (they stay ``waiting`` until their
-        job claims them, so a crash in between loses nothing)."""
+    def pop_due(self, now_ms: int, limit: int, *, watches: bool = False) -> list[tuple[str, Entry]]:
+        """Up to ``limit`` waiting swaps (or, with ``watches``, bind watches) whose time has
+        come. They stay as they are in the ledger until their job decides them, so a crash in
+        between loses nothing."""
+        heap = self._watch_due if watches else self._due
         found: list[tuple[str, Entry]] = []
-        while len(found) < limit:
-            self._clean()
-            if not self._due or self._due[0][0] > now_ms:
-                break
-            _, _, device = heapq.heappop(self._due)
+        while len(found) < limit and self._clean(heap) and heap[0][0] <= now_ms:
+            _, _, device = heapq.heappop(heap)
             del self._live[device]
             found.append((device, self._entries[device]))
         return found
 
-    def _clean(self) -> None:
+    def requeue(self, device: str) -> None:
+        """A woken swap or a poll handed out by :meth:`pop_due` was abandoned before it was
+        decided: the entry is due again as it stands (its heap item was taken)."""
+        entry = self._entries.get(device)
+        if entry is not None and entry.due_ms is not None:
+            self._put(device, entry)
+
+    def _clean(self, heap: list[tuple[int, int, str]]) -> bool:
         """Drop heap items whose device no longer waits for that due time, or whose device has
-        a later item."""
-        while self._due:
-            due_ms, sequence, device = self._due[0]
+        a later item; True when a live item is left on top."""
+        while heap:
+            due_ms, sequence, device = heap[0]
             entry = self._entries.get(device)
             if entry is not None and entry.due_ms == due_ms and self._live.get(device) == sequence:
-                return
-            heapq.heappop(self._due)
+                return True
+            heapq.heappop(heap)
+        return False
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -335,7 +350,11 @@ def encode_entry(entry: Entry) -> bytes:
     if entry.outcome is not None:
         doc["outcome"] = entry.outcome
     if entry.early is not None:
-        doc["early"] = {"result": entry.early[0], "atMs": entry.early[1]}
+        doc["early"] = {
+            "result": entry.early[0],
+            "atMs": entry.early[1],
+            "nodeId": entry.early[2],
+        }
     if entry.watch is not None:
         v = entry.watch
         doc["watch"] = {
@@ -405,7 +424,12 @@ def decode_entry(value: bytes) -> Entry | None:
             outcome=doc.get("outcome"),
             wait=wait,
             watch=watch,
-            early=(str(early["result"]), int(early["atMs"])) if early else None,
+            # A push kept by a version that did not record its nodeId proves nothing.
+            early=(
+                (str(early["result"]), int(early["atMs"]), str(early["nodeId"]))
+                if early and early.get("nodeId") is not None
+                else None
+            ),
         )
         if entry.state is State.WATCHING and watch is None:
             return None

@@ -42,6 +42,9 @@ class Answers(Protocol):
     def bind_failed(self, work: Work, code: str, desc: str) -> Outcome: ...
 
 
+_UNPROVEN_LOGGED_MAX = 10_000
+"""Devices whose nodeId-less push was logged: a bound on memory (then the set starts again)."""
+
 BIND_EXPIRED_CODE = "BIND_EXPIRED"
 BIND_NOT_CONFIRMED_CODE = "BIND_NOT_CONFIRMED"
 
@@ -96,6 +99,8 @@ class PartitionCore:
         self._notify_committed: int | None = None
         self._binds: list[tuple[str, float | None]] = []
         self.duplicate_pushes = 0  # pushes that matched no open watch (repeats, stale)
+        self.unproven_pushes = 0  # pushes without a nodeId: they settle nothing
+        self._unproven_logged: set[str] = set()  # devices logged once (bounded, then reset)
         self.closed = False  # revoked: results of its jobs are dropped
         self.closing = False  # being revoked: its queued jobs do not start
         self.skipped = 0  # records finished by an earlier owner, skipped without any work
@@ -104,6 +109,7 @@ class PartitionCore:
         self._stamps: list[int] = []
         self._last: tuple[int | None, str] = (progress.base, "")
         self._woken = 0
+        self._polling = 0
         # Events handed out as jobs (read or woken) and not decided yet. A duplicate of one of
         # them is neither in the duplicate memory (no outcome yet) nor, once a newer swap of the
         # device arrived, the ledger's latest entry: the ledger would judge it a swap of its own,
@@ -222,34 +228,53 @@ class PartitionCore:
         self._final(work, self.answers.superseded(work, newer))
 
     def abandoned(self, work: Work) -> None:
-        """A job that could not run to its end (cancelled): the next owner redoes it."""
-        self._settled(work)
+        """A job that could not run to its end (cancelled, or handed over before it ran): the
+        next owner redoes it. A woken swap or a poll is due again here too, as the ledger holds
+        it, so a partition that stays with this member does not forget it."""
+        if work.watch is not None:
+            self._polling -= 1
+        else:
+            self._settled(work)
         if work.offset is None:
-            self._woken -= 1
+            if work.watch is None:
+                self._woken -= 1
+            entry = self.ledger.get(work.device)
+            if not self.ledger.is_latest(work) or entry is None:
+                return
+            if entry.state is State.PENDING and work.wait is not None:
+                # Claimed, then abandoned before its answer: it waits again as the ledger
+                # topic still holds it (a woken swap's claim writes nothing).
+                self.ledger.wait(work, work.wait)
+            else:
+                self.ledger.requeue(work.device)
 
-    def wake(self, now_ms: int, limit: int) -> list[Work]:
-        """Waiting swaps whose time has come, at most ``limit`` (and while fewer than ``limit``
-        woken swaps are being worked on)."""
-        room = limit - self._woken
-        if room <= 0 or self.closed:
+    def wake(self, now_ms: int, limit: int, poll_limit: int | None = None) -> list[Work]:
+        """Waiting swaps whose time has come, while fewer than ``limit`` woken swaps are being
+        worked on, and bind-watch polls that are due, while fewer than ``poll_limit`` (default
+        ``limit``) polls are out. The two have rooms and queues of their own: polls waiting for
+        their budget share never hold back a waiting swap, nor the reverse."""
+        if self.closed:
             return []
         woken: list[Work] = []
-        for device, entry in self.ledger.pop_due(now_ms, room):
-            if entry.state is State.WATCHING:
-                poll = self._watch_due(device, entry, now_ms)
-                if poll is not None:
-                    woken.append(poll)
-                continue
+        for device, entry in self.ledger.pop_due(now_ms, max(0, limit - self._woken)):
             work = self._rebuild(device, entry)
             if work is not None:
                 woken.append(work)
                 self._undecided[_event_key(work)] += 1
         self._woken += len(woken)
+        polls = poll_limit if poll_limit is not None else limit
+        room = max(0, polls - self._polling)
+        for device, entry in self.ledger.pop_due(now_ms, room, watches=True):
+            poll = self._watch_due(device, entry, now_ms)
+            if poll is not None:
+                woken.append(poll)
+                self._polling += 1
         return woken
 
     @property
     def woken(self) -> int:
-        return self._woken
+        """Woken swaps and polls handed out and not decided yet."""
+        return self._woken + self._polling
 
     # ---- bind watches ----------------------------------------------------------------------
 
@@ -270,7 +295,7 @@ class PartitionCore:
 
     def polled(self, work: Work, result: PollResult) -> None:
         """A bind-watch poll came back."""
-        self._woken -= 1
+        self._polling -= 1
         entry = self.ledger.get(work.device)
         if (
             entry is None
@@ -291,7 +316,9 @@ class PartitionCore:
             self._emit([self.ledger.record(work.device)], None)
 
     def notify(self, record: Any) -> None:
-        """A bindDevice push read back from the bind-notify topic."""
+        """A bindDevice push read back from the bind-notify topic. It settles a watch only when
+        it names the watched swap's nodeId: a push about an older swap's hardware (late, or
+        replayed) or without a nodeId (it proves nothing) changes nothing."""
         self.notify_offset = record.offset + 1
         try:
             doc = orjson.loads(record.value or b"")
@@ -301,17 +328,22 @@ class PartitionCore:
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             log.warning("unreadable bind notification", offset=record.offset)
             return
-        entry = self.ledger.note_push(device, result, at_ms)
+        if not isinstance(node_id, str) or not node_id:
+            self.unproven_pushes += 1
+            if device not in self._unproven_logged:
+                if len(self._unproven_logged) >= _UNPROVEN_LOGGED_MAX:
+                    self._unproven_logged.clear()
+                self._unproven_logged.add(device)
+                log.warning("bind push without a nodeId: it settles nothing", device_id=device)
+            return
+        entry = self.ledger.note_push(device, result, at_ms, node_id)
         if entry is None:
             early = self.ledger.get(device)
-            if early is not None and early.early == (result, at_ms):
+            if early is not None and early.early == (result, at_ms, node_id):
                 log.info("bind push before the refresh's outcome: kept", device_id=device)
                 self._emit([self.ledger.record(device)], None)  # durable until the watch starts
             else:
-                self.duplicate_pushes += 1
-            return
-        if node_id is not None and node_id != entry.node_id:
-            self.duplicate_pushes += 1  # about another (older) nodeId of the device
+                self.duplicate_pushes += 1  # a repeat, or about another (older) nodeId
             return
         if result == "succeeded":
             self._bound(device, entry, "push", at_ms)
@@ -448,8 +480,12 @@ class PartitionCore:
         self._emit(outputs, outcome.kind)
         if work.offset is not None:
             self._finish(work.offset)
-        if watched is not None and watched.early is not None:  # the push came first
-            result, at_ms = watched.early
+        if (
+            watched is not None
+            and watched.early is not None
+            and watched.early[2] == watched.node_id  # the push came first, about this swap
+        ):
+            result, at_ms, _ = watched.early
             if result == "succeeded":
                 self._bound(work.device, watched, "push", at_ms)
             else:

@@ -134,6 +134,7 @@ class Pipeline:
         )
         self._ledger_reader: AIOKafkaConsumer | None = None
         self._side_tasks: set[asyncio.Task[None]] = set()
+        self._polls: dict[asyncio.Task[None], PartitionCore] = {}  # bind-watch polls out
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -322,6 +323,7 @@ class Pipeline:
         # Finish what is running; what is queued has not touched the platform and is redone
         # after the restart, so stopping does not wait for a whole buffer of work.
         self._scheduler.close()
+        await self._cancel_polls()
         drained = await self._scheduler.join(self._drain_timeout)
         if not drained:
             log.warning("drain timed out; unfinished work is left for redelivery")
@@ -344,12 +346,16 @@ class Pipeline:
             return
         self._metrics.events_consumed.labels(topic=tp.topic).inc(len(records))
         if tp.topic == self._notify_topic:
-            duplicates = core.duplicate_pushes
+            duplicates, unproven = core.duplicate_pushes, core.unproven_pushes
             for record in records:
                 core.notify(record)
             if core.duplicate_pushes > duplicates:
                 self._metrics.bind_notifications.labels(result="duplicate").inc(
                     core.duplicate_pushes - duplicates
+                )
+            if core.unproven_pushes > unproven:
+                self._metrics.bind_notifications.labels(result="unproven").inc(
+                    core.unproven_pushes - unproven
                 )
             self._decided()
             return
@@ -395,16 +401,6 @@ class Pipeline:
                 device_id=work.device,
                 event_id=work.swap.id,
             ):
-                if work.watch is not None:  # a bind-watch poll
-                    try:
-                        polled = await self._handler.poll(work)
-                    except asyncio.CancelledError:
-                        core.abandoned(work)
-                        raise
-                    if not core.closed:
-                        core.polled(work, polled)
-                        self._decided()
-                    return
                 if not core.claim(work):
                     self._decided()
                     return
@@ -422,6 +418,41 @@ class Pipeline:
             self._decided()
 
         return job
+
+    def _start_poll(self, core: PartitionCore, work: Work) -> None:
+        """A bind-watch poll runs beside the per-device jobs, not in their queues: a poll waits
+        only for its budget share, never behind the fresh swaps that fill the scheduler (it
+        needs no per-device order: its answer applies only to the watch it was sent for)."""
+        task = asyncio.get_running_loop().create_task(self._poll(core, work))
+        self._polls[task] = core
+        task.add_done_callback(lambda done: self._polls.pop(done, None))
+
+    async def _poll(self, core: PartitionCore, work: Work) -> None:
+        with structlog.contextvars.bound_contextvars(
+            topic=work.topic,
+            partition=work.partition,
+            offset=work.origin_offset,
+            device_id=work.device,
+            event_id=work.swap.id,
+        ):
+            try:
+                if self._held is not None and not await self._until_released(core):
+                    core.abandoned(work)
+                    return
+                polled = await self._handler.poll(work)
+            except asyncio.CancelledError:
+                core.abandoned(work)
+                raise
+            if not core.closed:
+                core.polled(work, polled)
+                self._decided()
+
+    async def _cancel_polls(self, cores: set[int] | None = None) -> None:
+        """Cancel the polls of these partitions (all: None); their watches stay due."""
+        tasks = [t for t, c in self._polls.items() if cores is None or c.partition in cores]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _claim_durably(self, core: PartitionCore, work: Work) -> bool:
         """Commit the claim of a fresh swap before its call (see PartitionCore.note_claim).
@@ -473,8 +504,11 @@ class Pipeline:
             for core in list(self._cores.values()):
                 if core.closing or self._held is not None:
                     continue
-                for work in core.wake(now_ms, limit):
-                    self._scheduler.submit(work.device, self._job(core, work))
+                for work in core.wake(now_ms, limit, limit):
+                    if work.watch is not None:
+                        self._start_poll(core, work)
+                    else:
+                        self._scheduler.submit(work.device, self._job(core, work))
             self._metrics.deferred_events.set(self.waiting())
             self._wake_now.clear()
             with contextlib.suppress(TimeoutError):
@@ -614,6 +648,12 @@ class Pipeline:
             # Everything moves (the eager protocol revokes all): stop what still runs, so a
             # retry cannot reach the platform after the new owner applied a newer swap.
             await self._scheduler.cancel_all()
+        await self._cancel_polls(set(ours))  # the next owner polls them (their watches stay)
+        for p in ours:
+            # Closed before the last transaction: a result decided from now on (a job that
+            # still runs, a poll answered while the producers stop) is dropped, not left in a
+            # core that never commits again; the next owner decides it again from the ledger.
+            self._cores[p].closed = True
         await self._commit_all(final=True)
         for p in ours:
             await self._drop(p)
@@ -677,6 +717,7 @@ class Pipeline:
     def _gauge_watches(self) -> None:
         now_ms = int(time.time() * 1000)
         watched = near = 0
+        overdue_ms = 0
         for core in self._cores.values():
             ledger = core.ledger
             watched += len(ledger.watching)
@@ -684,5 +725,8 @@ class Pipeline:
                 entry = ledger.get(device)
                 if entry is not None and entry.watch is not None:
                     near += near_expiry(entry.watch, now_ms)
+                    # A poll stays due (its entry unchanged) until its answer is decided.
+                    overdue_ms = max(overdue_ms, now_ms - entry.watch.due_ms)
         self._metrics.bind_watches.set(watched)
         self._metrics.bind_near_expiry.set(near)
+        self._metrics.bind_poll_overdue.set(overdue_ms / 1000)

@@ -75,7 +75,7 @@ def test_a_watching_entry_round_trips_through_its_ledger_record() -> None:
         State.WATCHING,
         outcome="credential_updated",
         watch=POLICY.start(T0, 300),
-        early=("succeeded", T0 + 5),
+        early=("succeeded", T0 + 5, "node-new"),
         value=b'{"swap": 1}',
         headers=[("trace", b"\x00\x01")],
     )

@@ -692,6 +692,21 @@ class CoreModel(RuleBasedStateMachine):
         with self._step():
             self._wake(FAR_FUTURE_MS if far else self.clock.now_ms)
 
+    @precondition(lambda self: any(q[0].work.offset is None for q in self.member.queues.values()))
+    @rule(pick=st.integers(0, len(DEVICES) - 1))
+    def job_abandoned(self, pick: int) -> None:
+        """The head job of a woken swap or a bind-watch poll is abandoned before its answer is
+        decided (queued, waiting for the budget, or its call on the wire: the input held, the
+        call cancelled) while the partition stays with this member: the member must not forget
+        it (it is due again), and nothing is written for it."""
+        with self._step():
+            heads = sorted(d for d, q in self.member.queues.items() if q[0].work.offset is None)
+            device = heads[pick % len(heads)]
+            queue = self.member.queues[device]
+            self.member.core.abandoned(queue.popleft().work)
+            if not queue:
+                del self.member.queues[device]
+
     @precondition(lambda self: bool(self.member.republishes))
     @rule()
     def republish(self) -> None:
