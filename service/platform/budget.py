@@ -56,6 +56,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from typing import Final
 
 from service.metrics import Metrics
@@ -75,6 +76,18 @@ RECHECK_SECONDS: Final = 1.0
 """While held or without a lease, the dispatcher looks again this often (a change wakes it)."""
 
 Clock = Callable[[], float]
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """One call's worth of budget: when it was granted (budget clock), its class, the wait."""
+
+    at: float
+    deferred: bool
+    poll: bool
+    waited: float
+
+
 Sleep = Callable[[float], Awaitable[None]]
 
 
@@ -113,12 +126,12 @@ class RateBudget:
         self._counted_since = clock()
         self._held = False
         self._lease_until: float | None = None
-        self._urgent: deque[asyncio.Future[None]] = deque()
-        self._fresh: deque[asyncio.Future[None]] = deque()
-        self._deferred: deque[asyncio.Future[None]] = deque()
+        self._urgent: deque[asyncio.Future[float]] = deque()
+        self._fresh: deque[asyncio.Future[float]] = deque()
+        self._deferred: deque[asyncio.Future[float]] = deque()
         # Bind-watch polls: served first while they have had less than ``poll_share`` of the
         # limit within the window, never beyond it (a reserve and a cap).
-        self._poll: deque[asyncio.Future[None]] = deque()
+        self._poll: deque[asyncio.Future[float]] = deque()
         self._poll_times: deque[float] = deque()
         self._poll_share = 0.2
         self._interrupted = False
@@ -416,6 +429,12 @@ class RateBudget:
 
     async def acquire(self, priority: int = PRIORITY_FRESH) -> float:
         """Wait for one call's worth of budget; return the seconds waited."""
+        grant = await self.acquire_grant(priority)
+        return grant.waited
+
+    async def acquire_grant(self, priority: int = PRIORITY_FRESH) -> Grant:
+        """Wait for one call's worth of budget; the grant can be given back (:meth:`give_back`)
+        while its call has not been sent."""
         deferred = priority > PRIORITY_FRESH
         poll = priority >= PRIORITY_POLL
         start = self._clock()
@@ -426,10 +445,10 @@ class RateBudget:
         ):
             self._record(start, deferred, poll=poll)
             self._observe(0.0)
-            return 0.0
+            return Grant(start, deferred, poll, 0.0)
         if self._interrupted and priority >= PRIORITY_FRESH:
             raise asyncio.CancelledError  # see interrupt(): the work is handed over, not failed
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[float] = asyncio.get_running_loop().create_future()
         if priority < PRIORITY_FRESH:
             self._urgent.append(fut)
         elif poll:
@@ -441,10 +460,24 @@ class RateBudget:
         self._ensure_pump()
         # A caller cancelled while waiting leaves a cancelled future that the dispatcher skips;
         # one cancelled just after its grant has spent it (conservative: budget is never lent).
-        await fut
+        granted_at = await fut
         waited = max(0.0, self._clock() - start)
         self._observe(waited)
-        return waited
+        return Grant(granted_at, deferred, poll, waited)
+
+    def give_back(self, grant: Grant) -> None:
+        """A grant whose call was not sent (its token could not be had at once): it no longer
+        counts, in the window nor in the log shared with the other replicas."""
+        with contextlib.suppress(ValueError):
+            self._grants.remove((grant.at, grant.deferred))
+            if grant.deferred:
+                self._deferred_in_window -= 1
+        with contextlib.suppress(ValueError):
+            self._own.remove(grant.at)
+        if grant.poll:
+            with contextlib.suppress(ValueError):
+                self._poll_times.remove(grant.at)
+        self._changed.set()
 
     def _observe(self, waited: float) -> None:
         if self._metrics is not None:
@@ -455,11 +488,11 @@ class RateBudget:
             self._pump = asyncio.get_running_loop().create_task(self._run_pump())
 
     @staticmethod
-    def _drop_done(queue: deque[asyncio.Future[None]]) -> None:
+    def _drop_done(queue: deque[asyncio.Future[float]]) -> None:
         while queue and queue[0].done():
             queue.popleft()
 
-    def _pick(self) -> tuple[deque[asyncio.Future[None]], bool] | None:  # noqa: PLR0911
+    def _pick(self) -> tuple[deque[asyncio.Future[float]], bool] | None:  # noqa: PLR0911
         self._drop_done(self._urgent)
         self._drop_done(self._fresh)
         self._drop_done(self._deferred)
@@ -496,7 +529,7 @@ class RateBudget:
                 queue, deferred = picked
                 fut = queue.popleft()
                 self._record(now, deferred, poll=queue is self._poll)
-                fut.set_result(None)
+                fut.set_result(now)
                 await asyncio.sleep(0)  # let the granted caller run
                 continue
             self._changed.clear()

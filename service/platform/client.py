@@ -1,6 +1,7 @@
 """The platform's HTTP client: budget, token, TLS, one call, classified. Knows nothing of Kafka.
 
-Every call spends one grant of the :class:`RateBudget` first, then takes the current token, sends,
+Every call spends one grant of the :class:`RateBudget` first, then takes the current token (a grant
+whose token took longer than ``GRANT_STALE_SECONDS`` is given back and taken anew), sends,
 reads both error body shapes, classifies the answer with the error table and counts it. A 1010005
 answer reports the token as invalid (one re-login for all callers) and repeats the call once. A
 1010009 answer slows the budget down. Headers are never logged; nor are the secret or tokens.
@@ -48,6 +49,9 @@ QUERY_ACTIVATION_PATH: Final = REFRESH_KEY_PATH
 """The activation status is a GET of the refresh call's resource."""
 SUBSCRIBE_PATH: Final = "/iocm/app/sub/v1.2.0/subscriptions"
 CONNECT_TIMEOUT_MAX_SECONDS: Final = 5.0
+GRANT_STALE_SECONDS: Final = 1.0
+"""A budget grant is used only if the token was in hand within this: a call leaves when its
+grant says, so no window holds the calls granted while others waited for a token."""
 KEEPALIVE_EXPIRY_SECONDS: Final = 30.0
 CONNECTIONS_PER_POOL: Final = 4
 
@@ -321,15 +325,18 @@ class PlatformClient:
         only when its body is a JSON object with this field as a non-empty string; any other 2xx
         is ambiguous (``BAD_SUCCESS_BODY``, outcome unknown)."""
         stale: str | None = None
+        renewed = False  # the refused token was reported and replaced already
         while True:
-            await self.budget.acquire(priority)
+            grant = await self.budget.acquire_grant(priority)
+            asked = self.budget.now()
             try:
                 token = (
                     await self.tokens.get()
-                    if stale is None
+                    if stale is None or renewed
                     else await self.tokens.invalidated(stale)
                 )
             except TokenError as exc:
+                self.budget.give_back(grant)  # nothing was sent
                 return CallResult(
                     ok=False,
                     http_status=exc.http_status,
@@ -337,6 +344,14 @@ class PlatformClient:
                     error_desc=f"{exc.operation}: {exc.error_desc or exc.spec.description}",
                     spec=exc.spec,
                 )
+            if self.budget.now() - asked > GRANT_STALE_SECONDS:
+                # The token took long (a rotation, a refused login, a renewal): the grant is
+                # stale, and every call that waited with one would leave at once, on top of
+                # the calls granted meanwhile. Give it back and take a fresh one, token in hand.
+                self.tokens.release(token, sent=False)
+                self.budget.give_back(grant)
+                renewed = stale is not None
+                continue
             refused = False
             try:
                 result = await self._send(

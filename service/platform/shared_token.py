@@ -450,14 +450,14 @@ class SharedTokenProvider:
                 self._notice(self._seal.refused, {"fingerprint": fp, "by": self._instance})
         return await self._acquire(token)
 
-    def release(self, token: str, *, refused: bool = False) -> None:
+    def release(self, token: str, *, refused: bool = False, sent: bool = True) -> None:
         state = self._state
         if refused:  # at once: no other call may take it before the caller reports it
             state.refused.add(fingerprint(token))
         left = state.inflight[token] - 1
         if self._probe == token:
             self._probe = None
-            if not refused:
+            if not refused and sent:  # a probe not sent proves nothing: the next call probes
                 self._confirmed = token
         if left > 0:
             state.inflight[token] = left

@@ -73,9 +73,9 @@ class TokenProvider(Protocol):
         """``token`` was refused (1010005): a replacement (one re-login for all reporters)."""
         ...
 
-    def release(self, token: str, *, refused: bool = False) -> None:
+    def release(self, token: str, *, refused: bool = False, sent: bool = True) -> None:
         """The call that took ``token`` (from get or invalidated) has its answer; ``refused``:
-        it was 1010005."""
+        it was 1010005; ``sent`` False: the call was not sent after all (it proves nothing)."""
         ...
 
 
@@ -303,7 +303,7 @@ class TokenManager:
                     raise
         return await self.get()  # already replaced (or being replaced) by another caller
 
-    def release(self, token: str, *, refused: bool = False) -> None:
+    def release(self, token: str, *, refused: bool = False, sent: bool = True) -> None:
         """Nothing to do: one replica, nobody waits for its calls to drain."""
 
     # ------------------------------------------------------------------ refused logins

@@ -48,7 +48,7 @@ class StaticTokens:
     async def invalidated(self, token: str) -> str:
         return "unit-token"
 
-    def release(self, token: str, *, refused: bool = False) -> None:
+    def release(self, token: str, *, refused: bool = False, sent: bool = True) -> None:
         return None
 
 

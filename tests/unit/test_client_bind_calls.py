@@ -29,6 +29,7 @@ from service.platform import (
     PlatformClient,
     RateBudget,
 )
+from service.platform.budget import Grant
 from service.platform.errors import HTTP_ERROR, TIMEOUT
 
 OWN_APP = "app-1"
@@ -46,9 +47,9 @@ class RecordingBudget(RateBudget):
         self.priorities: list[int] = []
         self.penalties = 0
 
-    async def acquire(self, priority: int = PRIORITY_FRESH) -> float:
+    async def acquire_grant(self, priority: int = PRIORITY_FRESH) -> Grant:
         self.priorities.append(priority)
-        return await super().acquire(priority)
+        return await super().acquire_grant(priority)
 
     def penalize(self, seconds: float | None = None) -> None:
         self.penalties += 1
@@ -70,7 +71,7 @@ class Tokens:
         self.current = f"token-{len(self.invalidations) + 1}"
         return self.current
 
-    def release(self, token: str, *, refused: bool = False) -> None:
+    def release(self, token: str, *, refused: bool = False, sent: bool = True) -> None:
         return None
 
 

@@ -1,0 +1,87 @@
+"""A budget grant is spent only when the call can leave at once (issue 19, item 5).
+
+The client takes a grant, then the token. When the token takes long (a rotation's hold, a refused
+login waiting for the right secret), the grant is stale: had the call been sent then, every call
+granted during the hold would leave together on top of the calls granted after them, and a window
+would hold more than N. The client gives such a grant back and takes a fresh one, token in hand.
+Virtual time (the budget's clock); the calls go to an in-memory transport that notes when each
+was sent.
+"""
+
+from __future__ import annotations
+
+import httpx
+from pydantic import SecretStr
+
+from service.config import PlatformSettings
+from service.metrics import Metrics
+from service.platform import PlatformClient, RateBudget
+from service.platform.budget import PRIORITY_FRESH
+from tests.unit.test_budget import FakeClock, max_in_any_window
+
+LIMIT = 10
+
+
+class HeldTokens:
+    """A token provider whose token cannot be had during ``[hold_from, hold_until)``."""
+
+    def __init__(self, clock: FakeClock, hold_from: float, hold_until: float) -> None:
+        self.clock = clock
+        self.hold = (hold_from, hold_until)
+        self.unsent = 0
+
+    async def get(self) -> str:
+        start, end = self.hold
+        if start <= self.clock.now < end:
+            await self.clock.sleep(end - self.clock.now)
+        return "unit-token"
+
+    async def invalidated(self, token: str) -> str:
+        return await self.get()
+
+    def release(self, token: str, *, refused: bool = False, sent: bool = True) -> None:
+        self.unsent += not sent
+
+
+async def _run(hold: tuple[float, float], calls: int) -> tuple[list[float], HeldTokens]:
+    clock = FakeClock()
+    sent: list[float] = []
+
+    def respond(request: httpx.Request) -> httpx.Response:
+        sent.append(clock.now)
+        return httpx.Response(200, json={"deviceId": "dev-1", "activated": False})
+
+    budget = RateBudget(LIMIT, metrics=Metrics(), clock=clock, sleep=clock.sleep)
+    tokens = HeldTokens(clock, *hold)
+    settings = PlatformSettings(
+        base_url="https://iot.example.com:8743", app_id="app-1", secret=SecretStr("s" * 16)
+    )
+    client = PlatformClient(
+        settings, Metrics(), budget, transport=httpx.MockTransport(respond), tokens=tokens
+    )
+    try:
+        await clock.run(
+            *(client.query_activation("dev-1", None, priority=PRIORITY_FRESH) for _ in range(calls))
+        )
+    finally:
+        await client.aclose()
+        await budget.aclose()
+    return sent, tokens
+
+
+async def test_calls_granted_during_a_token_hold_do_not_leave_on_top_of_a_full_window() -> None:
+    start = FakeClock().now
+    # The first 10 calls leave at once; the next 10 are granted one window later, while the
+    # token is held for 5 s; then 10 more.
+    sent, tokens = await _run((start + 10, start + 66), 3 * LIMIT)
+    assert len(sent) == 3 * LIMIT
+    assert max_in_any_window(sent) <= LIMIT, sorted(sent)
+    assert tokens.unsent == LIMIT  # the stale grants were given back, not used
+
+
+async def test_a_short_token_wait_keeps_its_grant() -> None:
+    start = FakeClock().now
+    sent, tokens = await _run((start, start + 0.5), LIMIT)
+    assert len(sent) == LIMIT
+    assert tokens.unsent == 0
+    assert max(sent) <= start + 0.5
