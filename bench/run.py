@@ -16,7 +16,8 @@ the machine is shared and noisy. Sections:
 7. under budget saturation: refresh calls redone after one SIGKILL, against those on the wire;
 8. under budget saturation: budget use and 1010009 answers through replicas 1 -> 3 -> 1;
 9. fresh-input throughput with 10,000 deferred swaps against 0 (sections 6-9:
-   ``bench/saturation.py``).
+   ``bench/saturation.py``);
+10. the first bind-watch poll behind a saturated refresh backlog (``bench/bind_polls.py``).
 
 ``python -m bench`` (or ``python bench/run.py``); ``--quick`` shrinks every size for a smoke run;
 ``--only 1,3`` runs some sections, ``--skip 7,8`` leaves some out; ``--markdown PATH`` also
@@ -93,6 +94,8 @@ class Sizes:
     churn_measured: float = 120.0
     deferred_devices: int = 10_000
     fresh_swaps: int = 10_000
+    poll_delay_swaps: int = 300
+    """Section 10: backlog whose refreshes are watched (40 s of refreshes, 150 s of polls)."""
 
 
 QUICK = Sizes(
@@ -110,6 +113,7 @@ QUICK = Sizes(
     churn_swaps=400,
     deferred_devices=2_000,
     fresh_swaps=2_000,
+    poll_delay_swaps=100,
 )
 
 
@@ -1075,6 +1079,11 @@ async def run_all(b: Bench, rep: Report, only: set[str], skip: set[str] | None =
     async def s9() -> None:
         saturation.add_deferred_load(rep, *await saturation.bench_deferred_load(b))
 
+    async def s10() -> None:
+        from bench import bind_polls  # noqa: PLC0415 - section 10
+
+        bind_polls.add_poll_delay(rep, await bind_polls.bench_poll_delay(b))
+
     # (section, run, longest it may take: a guard so one stuck section cannot eat the run)
     steps = [
         ("1", s1, 480.0),
@@ -1086,6 +1095,7 @@ async def run_all(b: Bench, rep: Report, only: set[str], skip: set[str] | None =
         ("7", s7, 300.0),
         ("8", s8, 300.0),
         ("9", s9, 600.0),
+        ("10", s10, 600.0),
     ]
     for name, step, limit in steps:
         if (only and name not in only) or name in skip:

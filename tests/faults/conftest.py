@@ -29,7 +29,7 @@ import pytest
 from pydantic import SecretStr
 
 from service.app import Service
-from service.config import Settings
+from service.config import BindSettings, Settings
 from tests.fixtures.service import Harness
 from tests.support.accounting import Accounting, Inputs, OutcomeReader, account, produce_inputs
 from tests.support.events import swap_event
@@ -194,8 +194,10 @@ class FaultKit:
     def control(self) -> Any:
         return self.harness.sim.control
 
-    def process(self, *, instance: str = "p0", **platform: Any) -> ServiceProcess:
-        settings = self.harness.settings(instance=instance, **platform)
+    def process(
+        self, *, instance: str = "p0", bind: BindSettings | None = None, **platform: Any
+    ) -> ServiceProcess:
+        settings = self.harness.settings(instance=instance, bind=bind, **platform)
         # 6 s is the broker's minimum: a killed member leaves the group quickly.
         kafka = settings.kafka.model_copy(update={"session_timeout_ms": 6_000})
         settings = settings.model_copy(update={"kafka": kafka})

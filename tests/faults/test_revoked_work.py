@@ -21,7 +21,7 @@ from tests.support.waiting import wait_until
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 DEVICES = 30
-RETRYING = {"max_attempts": 100, "retry_backoff_max_seconds": 0.5}
+RETRYING: dict[str, Any] = {"max_attempts": 100, "retry_backoff_max_seconds": 0.5}
 
 
 @pytest.mark.timeout(240)
