@@ -28,6 +28,7 @@ from typing import Any, Final
 
 import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaTimeoutError
 
 from service.pipeline.records import OutcomeKind, Output
 
@@ -168,6 +169,13 @@ class DedupeReader:
             reader.assign([tp])
             reader.seek(tp, offset)
             batch = await reader.getmany(tp, timeout_ms=5000, max_records=1)
+            if not batch.get(tp):
+                first = (await reader.beginning_offsets([tp]))[tp]
+                if offset < first:
+                    return None  # deleted by retention
+                # Nothing came back in time (a slow or moving broker): not "compacted away",
+                # which would answer the duplicate without its outcome. Read it again later.
+                raise KafkaTimeoutError(f"no record fetched at {self.topic}:{partition}@{offset}")
         for record in batch.get(tp, ()):
             if record.offset != offset:
                 return None  # compacted away: a newer record of the key replaced it

@@ -47,6 +47,8 @@ __all__ = ["FatalPipelineError", "Handler", "Pipeline"]
 
 _MAX_COMMIT_FAILURES = 30
 _WAKE_INTERVAL_SECONDS = 0.25
+_REPUBLISH_RETRY_INITIAL_SECONDS = 0.2
+_REPUBLISH_RETRY_MAX_SECONDS = 10.0
 
 
 class Handler(Protocol):
@@ -377,13 +379,27 @@ class Pipeline:
         task.add_done_callback(self._side_tasks.discard)
 
     async def _republish(self, core: PartitionCore, job: Republish) -> None:
-        try:
-            found = await self._dedupe.fetch(core.partition, job.dedupe_offset)
-        except KafkaError:
-            log.warning("could not read a stored outcome back; the record is read again later")
+        """Read a duplicate's stored outcome back and re-publish it. A failed read is tried
+        again with a growing pause until it succeeds or the partition moves: the duplicate's
+        offset holds the partition's committed offset until it is answered."""
+        pause = _REPUBLISH_RETRY_INITIAL_SECONDS
+        while not core.closed:
+            try:
+                found = await self._dedupe.fetch(core.partition, job.dedupe_offset)
+            except KafkaError as exc:
+                log.warning(
+                    "could not read a stored outcome back; trying again",
+                    partition=core.partition,
+                    dedupe_offset=job.dedupe_offset,
+                    retry_in=pause,
+                    error=repr(exc),
+                )
+                await asyncio.sleep(pause)  # a backoff between reads, not a synchronisation
+                pause = min(pause * 2, _REPUBLISH_RETRY_MAX_SECONDS)
+                continue
+            core.republished(job, found)
+            self._decided()
             return
-        core.republished(job, found)
-        self._decided()
 
     def _job(self, core: PartitionCore, work: Work) -> Callable[[], Awaitable[None]]:
         async def job() -> None:
