@@ -229,6 +229,14 @@ class KafkaSettings(_Section):
         "a larger one is dead-lettered too_large. No record the service writes is larger. At "
         "most 960 KiB: the service's producers send at most 1 MiB per record.",
     )
+    max_clock_skew_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        le=604_800,
+        description="A swap whose CloudEvent time lies more than this after its record's "
+        "timestamp is dead-lettered clock_skew: the latest time wins, so a swap dated ahead "
+        "would make the device's later real swaps SUPERSEDED until that date.",
+    )
     connect_backoff_initial_seconds: float = Field(
         default=1.0,
         gt=0,

@@ -3,7 +3,10 @@
 A record is dead-lettered (unchanged: same key, value and headers, plus reason headers) when it
 is not a valid device-swapped CloudEvent (:func:`service.events.decode_swap` says why), or when
 its Kafka key is not its ``data.deviceId`` (``key_mismatch``): such a record sits in another
-device's partition, where per-device order, the ledger and the duplicate memory cannot see it.
+device's partition, where per-device order, the ledger and the duplicate memory cannot see it;
+or when its CloudEvent ``time`` lies more than ``REBIND_KAFKA__MAX_CLOCK_SKEW_SECONDS`` after the
+record's timestamp (``clock_skew``): the latest ``time`` wins, so a swap dated far ahead would
+make every later real swap of its device ``SUPERSEDED`` until that date.
 
 Sizes (``max_bytes``, ``REBIND_KAFKA__MAX_INPUT_BYTES``): no record the service writes may be
 larger, so
@@ -41,6 +44,7 @@ from service.pipeline.work import Work
 log = structlog.get_logger(__name__)
 
 KEY_MISMATCH: Final = "key_mismatch"
+CLOCK_SKEW: Final = "clock_skew"
 TOO_LARGE: Final = "too_large"
 LEDGER_OVERHEAD_BYTES: Final = 32_768
 """What a ledger record holds besides the swap (ids, source, times, field names), at most."""
@@ -83,8 +87,11 @@ def read_record(
     dead_letter_topic: str,
     *,
     max_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+    max_clock_skew_ms: int | None = None,
 ) -> Work | DeadLetter:
-    """Decode and check one input record; ``max_bytes``: the record size limit."""
+    """Decode and check one input record; ``max_bytes``: the record size limit;
+    ``max_clock_skew_ms``: how far the event's ``time`` may lie after the record's timestamp
+    (None: no bound)."""
     headers = list(record.headers or ())
     size = record_size(record.key, record.value, headers)
     if size > max_bytes:
@@ -107,6 +114,23 @@ def read_record(
             f"the record's key ({shown}) is not data.deviceId; produce swaps keyed by deviceId",
         )
     time_ms = int(swap.time.timestamp() * 1000) if swap.time is not None else None
+    if (
+        time_ms is not None
+        and max_clock_skew_ms is not None
+        and time_ms - record.timestamp > max_clock_skew_ms
+    ):
+        ahead = (time_ms - record.timestamp) / 1000
+        return _dead_letter(
+            record,
+            headers,
+            topic,
+            partition,
+            dead_letter_topic,
+            CLOCK_SKEW,
+            f"the event's time lies {ahead:.0f} s after the record's timestamp, more than "
+            f"{max_clock_skew_ms / 1000:g} s (REBIND_KAFKA__MAX_CLOCK_SKEW_SECONDS): it would "
+            "decide the order of the device's swaps; fix the producer's clock and replay it",
+        )
     raw_value, raw_headers = record.value, headers
     room = ledger_room(max_bytes)
     if size > room:  # the ledger could not keep it as it is, should it wait: a compact copy

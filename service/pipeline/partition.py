@@ -82,6 +82,7 @@ class PartitionCore:
         answers: Answers,
         watch: WatchPolicy | None = None,
         max_input_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+        max_clock_skew_ms: int | None = None,
     ) -> None:
         self.topic = topic
         self.partition = partition
@@ -92,6 +93,7 @@ class PartitionCore:
         self.answers = answers
         self.watch_policy = watch
         self.max_input_bytes = max_input_bytes
+        self.max_clock_skew_ms = max_clock_skew_ms
         self.notify_offset: int | None = None  # next offset of the bind-notify partition
         self._notify_committed: int | None = None
         self._binds: list[tuple[str, float | None]] = []
@@ -127,6 +129,7 @@ class PartitionCore:
             self.partition,
             self.dead_letter_topic,
             max_bytes=self.max_input_bytes,
+            max_clock_skew_ms=self.max_clock_skew_ms,
         )
         if isinstance(read, DeadLetter):
             self._emit([read.output], OutcomeKind.DEAD_LETTERED)

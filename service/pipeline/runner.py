@@ -582,6 +582,7 @@ class Pipeline:
                 answers=self._handler,
                 watch=self._watch,
                 max_input_bytes=self._kafka.max_input_bytes,
+                max_clock_skew_ms=int(self._kafka.max_clock_skew_seconds * 1000),
             )
             committers[tp.partition].core = core
             self._cores[tp.partition] = core
