@@ -229,6 +229,13 @@ class KafkaSettings(_Section):
         "a larger one is dead-lettered too_large. No record the service writes is larger. At "
         "most 960 KiB: the service's producers send at most 1 MiB per record.",
     )
+    partitioner: Literal["murmur2", "crc32"] = Field(
+        default="murmur2",
+        description="How upstream producers place a deviceId: murmur2 (Java clients, aiokafka, "
+        "Kafka Streams) or crc32 (librdkafka's consistent/consistent_random: kcat, "
+        "confluent-kafka). Input found on another partition than its key's is forwarded there; "
+        "replay and the bind listener write by it.",
+    )
     max_clock_skew_seconds: float = Field(
         default=300.0,
         gt=0,
