@@ -500,6 +500,7 @@ class Pipeline:
                     with contextlib.suppress(Exception):  # read nothing more of it until rejoined
                         self._consumer.pause(TopicPartition(self._topics.device_swapped, partition))
                 await self._drop(partition)
+                self._rejoin()
             elif isinstance(result, BaseException):
                 if committer.failures >= _MAX_COMMIT_FAILURES or final:
                     message = f"{committer.failures} transactions in a row failed: {result}"
@@ -514,6 +515,15 @@ class Pipeline:
                         error=repr(result),
                     )
         self._metrics.inflight_events.set(self.inflight())
+
+    def _rejoin(self) -> None:
+        """Ask the group to hand the partitions out again: a partition fenced without a
+        rebalance (``device-rebind ledger clear``) would otherwise stay dropped and paused until
+        the next one. Its next owner (maybe this member) reloads its state from Kafka."""
+        coordinator = getattr(self._consumer, "_coordinator", None)
+        if coordinator is not None:
+            with contextlib.suppress(Exception):
+                coordinator.request_rejoin()
 
     def _fail(self, exc: FatalPipelineError) -> None:
         self._fatal = exc
