@@ -123,6 +123,12 @@ class Metrics:
             "finished without any work.",
             registry=r,
         )
+        self.misrouted_records = Counter(
+            "rebind_misrouted_records",
+            "Input records found on another partition than their key hashes to (by "
+            "REBIND_KAFKA__PARTITIONER): forwarded to their key's partition.",
+            registry=r,
+        )
         self.bind_watches = Gauge(
             "rebind_bind_watches",
             "Refreshed devices watched until their new hardware binds.",

@@ -1,7 +1,8 @@
 """The listener for the platform's ``bindDevice`` pushes.
 
 A push is answered 2xx only once it is durably on Kafka: produced (acks=all, idempotent) to the
-bind-notify topic, keyed by deviceId, so it lands in the partition of the device's swaps. The
+bind-notify topic, keyed by deviceId, to the partition ``REBIND_KAFKA__PARTITIONER`` names for it:
+the partition of the device's swaps, whichever client produced them. The
 owner of that partition correlates it with the device's watch in the ledger, so nothing depends
 on which replica received the push, and a push acknowledged just before a crash is not lost. The
 platform may retry a push that was not answered, so the same notification can arrive several
@@ -29,6 +30,7 @@ from service.config import BindSettings
 from service.events import device_id_problem
 from service.httpserver import MAX_HEADERS, MAX_LINE_BYTES, new_guard, serve_guarded
 from service.metrics import Metrics
+from service.partitioner import Partitioner, partition_for
 
 log = structlog.get_logger(__name__)
 
@@ -93,8 +95,11 @@ class BindListener:
         topic: str,
         kafka_options: dict[str, Any],
         metrics: Metrics,
+        partitioner: Partitioner = "murmur2",
     ) -> None:
         self._settings = settings
+        self._partitioner: Partitioner = partitioner
+        self._partitions = 0  # of the bind-notify topic, read at start
         self._topic = topic
         self._metrics = metrics
         self._path = listener_path(settings)
@@ -112,6 +117,7 @@ class BindListener:
 
     async def start(self) -> None:
         await self._producer.start()
+        self._partitions = len(await self._producer.partitions_for(self._topic))
         app = web.Application(client_max_size=MAX_PUSH_BYTES)
         app.router.add_route("*", "/{tail:.*}", self._handle)
         runner = web.AppRunner(
@@ -158,10 +164,15 @@ class BindListener:
             return self._rejected(413, "push too large")
         except BadPushError as exc:
             return self._rejected(400, str(exc))
+        key = notice["deviceId"].encode()
         try:
             await (
                 await self._producer.send(
-                    self._topic, orjson.dumps(notice), key=notice["deviceId"].encode()
+                    self._topic,
+                    orjson.dumps(notice),
+                    key=key,
+                    # the partition of the device's swaps, by the producers' partitioner
+                    partition=partition_for(key, self._partitions, self._partitioner),
                 )
             )
         except Exception:

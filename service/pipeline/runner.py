@@ -34,6 +34,7 @@ from service.kafka import (
 from service.metrics import Metrics
 from service.pipeline.committer import PartitionCommitter, PartitionFencedError
 from service.pipeline.dedupe import DedupeReader
+from service.pipeline.intake import Routing
 from service.pipeline.ledger import DeviceLedger
 from service.pipeline.partition import PartitionCore, Republish
 from service.pipeline.progress import PartitionProgress
@@ -353,7 +354,7 @@ class Pipeline:
                 )
             self._decided()
             return
-        skipped = core.skipped
+        skipped, misrouted = core.skipped, core.misrouted
         for record in records:
             job = core.intake(record)
             if isinstance(job, Work):
@@ -362,6 +363,8 @@ class Pipeline:
                 self._spawn(self._republish(core, job))
         if core.skipped > skipped:
             self._metrics.redeliveries_skipped.inc(core.skipped - skipped)
+        if core.misrouted > misrouted:
+            self._metrics.misrouted_records.inc(core.misrouted - misrouted)
         self._progress.set()
         self._metrics.inflight_events.set(self.inflight())
 
@@ -576,6 +579,8 @@ class Pipeline:
             lambda tp, record: ledgers[tp.partition].load(record.key, record.value),
         )
         indexes = await self._dedupe.load([tp.partition for tp in tps])
+        count = len(consumer.partitions_for_topic(self._topics.device_swapped) or ())
+        routing = Routing(self._kafka.partitioner, count) if count else None
         for tp in tps:
             found = committed.get(tp)
             progress = PartitionProgress(
@@ -593,6 +598,7 @@ class Pipeline:
                 watch=self._watch,
                 max_input_bytes=self._kafka.max_input_bytes,
                 max_clock_skew_ms=int(self._kafka.max_clock_skew_seconds * 1000),
+                routing=routing,
             )
             committers[tp.partition].core = core
             self._cores[tp.partition] = core
