@@ -718,9 +718,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"device-rebind: {exc}", file=sys.stderr)
         return 2
-    bind = BindSettings(
+    # Only which topics are used matters here: no listener runs, so none of its rules apply
+    # (a callback URL without its port, or without a path secret, would be refused).
+    bind = BindSettings.model_construct(
         poll=not args.no_bind_watch,
-        callback_url="https://callback.invalid/" if args.callback_url else None,
+        callback_url="https://callback.invalid:443/" if args.callback_url else None,
     )
     if args.what == "replay":
         acls = replay_acls(settings.topics)

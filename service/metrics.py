@@ -155,7 +155,8 @@ class Metrics:
         self.bind_notifications = Counter(
             "rebind_bind_notifications",
             "bindDevice pushes, by result (accepted: stored on Kafka; duplicate: matched no "
-            "open watch; rejected: malformed or unknown).",
+            "open watch; rejected: malformed or unknown; wrong_path: not the secret path; "
+            "too_large: body over 64 KiB; rate_limited: over a peer's or the total rate).",
             ["result"],
             registry=r,
         )
@@ -204,7 +205,14 @@ class Metrics:
             self.throttle_rejections.labels(operation=operation)
         for result in BIND_RESULTS:
             self.bind_results.labels(result=result)
-        for result in ("accepted", "duplicate", "rejected"):
+        for result in (  # the listener's closed set (service.bind.listener.RESULTS_COUNTED)
+            "accepted",
+            "duplicate",
+            "rejected",
+            "wrong_path",
+            "too_large",
+            "rate_limited",
+        ):
             self.bind_notifications.labels(result=result)
         for result in ("renewed", "failed", "fenced"):
             self.token_rotations.labels(result=result)

@@ -20,7 +20,7 @@ from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
-PATH_SECRET = "p-8d1e0c5b"
+PATH_SECRET = "p-8d1e0c5b-Qm3xT7vKz2Lw9"  # 25 url-safe characters: over 128 bits
 
 
 def _free_port() -> int:
@@ -37,6 +37,7 @@ def push_settings(**overrides: Any) -> BindSettings:
             "host": "127.0.0.1",
             "port": port,
             "path_secret": SecretStr(PATH_SECRET),
+            "allow_plain_http": True,  # loopback
             "poll": False,
             **overrides,
         }
@@ -292,3 +293,42 @@ async def test_a_push_acknowledged_before_its_owner_reads_it_is_not_lost(
     [rebound] = await _bind_outcomes(harness, 1)
     assert rebound.data["deviceId"] == "dev-crash"
     assert rebound.data["via"] == "push"
+
+
+async def test_the_listener_bounds_every_peer_the_total_and_the_body(harness: Harness) -> None:
+    """Issue 19, item 2: 429 past a peer's rate or the total, 413 past 64 KiB, 404 off the
+    secret path; each refusal counted by its own result, none of them written to Kafka."""
+    bind = push_settings(max_requests_per_second_per_peer=2, max_requests_per_second=1000)
+    service = await harness.start_service(bind=bind)
+    base = f"http://127.0.0.1:{bind.port}/platform/bind"
+    push = {"notifyType": "bindDevice", "deviceId": "d", "resultCode": "succeeded"}
+    async with httpx.AsyncClient() as client:
+        flood = [(await client.post(f"{base}/guess-{n}", json=push)).status_code for n in range(12)]
+    count = service.metrics.registry.get_sample_value
+
+    def counted(result: str) -> float | None:
+        return count("rebind_bind_notifications_total", {"result": result})
+
+    assert flood.count(429) >= 8, flood  # burst of 2 (and what refills meanwhile), then 429
+    assert counted("rate_limited") == flood.count(429)
+    assert counted("wrong_path") == flood.count(404)
+    assert counted("accepted") == 0
+
+    other = push_settings(max_requests_per_second_per_peer=1000, max_requests_per_second=3)
+    await harness.stop_all()
+    service = await harness.start_service(bind=other)
+    url = f"http://127.0.0.1:{other.port}/platform/bind/{PATH_SECRET}"
+    async with httpx.AsyncClient() as client:
+        too_large = await client.post(url, content=b"{" + b" " * (70 * 1024) + b"}")
+        total = [(await client.post(f"{url}x", json=push)).status_code for _ in range(10)]
+    count = service.metrics.registry.get_sample_value
+    assert too_large.status_code == 413
+    assert counted("too_large") == 1
+    assert total.count(429) >= 6, total  # the total bucket (3/s) is shared by every peer
+    assert counted("rate_limited") == total.count(429)
+    print(
+        "bind listener refusals: "
+        + ", ".join(
+            f"{r}={counted(r):g}" for r in ("wrong_path", "rate_limited", "too_large", "accepted")
+        )
+    )

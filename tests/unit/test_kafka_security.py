@@ -492,7 +492,10 @@ def test_acl_descriptions_name_the_resource() -> None:
 
 def test_a_callback_url_adds_the_bind_notify_topic_and_no_watch_drops_device_rebound() -> None:
     kafka, topics = KafkaSettings(), TopicSettings()
-    pushed = BindSettings(callback_url="https://rebind.example.com:8443/push")
+    pushed = BindSettings(
+        callback_url="https://rebind.example.com:8443/push",
+        path_secret=SecretStr("Zr4r2m0d3f7pQx9sK1vB8w-x"),
+    )
     names = {(a.name, a.operation) for a in service_acls(kafka, topics, pushed)}
     assert {(topics.bind_notify, "Read"), (topics.bind_notify, "Write")} <= names
     quiet = BindSettings(poll=False)
