@@ -116,7 +116,15 @@ def service_acls(
     """The exact ACLs ``device-rebind run`` needs (topics created beforehand). ``bind``: the
     bind-watch settings (default: polling on, no callback URL)."""
     bind = bind if bind is not None else BindSettings()
-    out = [AclRequirement("Topic", topics.device_swapped, "Read", why="consume the swaps")]
+    out = [
+        AclRequirement("Topic", topics.device_swapped, "Read", why="consume the swaps"),
+        AclRequirement(
+            "Topic",
+            topics.device_swapped,
+            "Write",
+            why="forward a misrouted swap to its key's partition (REBIND_KAFKA__PARTITIONER)",
+        ),
+    ]
     outputs = [
         (topics.credential_updated, "publish credential-updated"),
         (topics.rebind_failed, "publish rebind-failed"),
