@@ -8,10 +8,18 @@ misrouted older one is answered SUPERSEDED and the newer one stands. Real broker
 
 from __future__ import annotations
 
+import io
+
+import httpx
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from pydantic import SecretStr
 
+from service.bind.listener import BindListener
+from service.config import BindSettings, KafkaOnlySettings
+from service.metrics import Metrics
 from service.partitioner import partition_for
+from service.replay import Filters, replay
 from tests.fixtures.kafka import INPUT_PARTITIONS
 from tests.fixtures.service import Harness
 from tests.support.events import swap_event
@@ -102,3 +110,90 @@ async def test_a_misrouted_older_swap_is_forwarded_and_loses_to_the_newer_one(
             for k, v in sorted(answers.items())
         )
     )
+
+
+async def _partitions_of(harness: Harness, topic: str, partitions: int) -> list[int]:
+    """The partition of every committed record of ``topic``."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=harness.bootstrap, group_id=None, enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in range(partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        found: list[int] = []
+        remaining = {tp for tp in tps if ends[tp] > 0}
+        while remaining:
+            batch = await consumer.getmany(*remaining, timeout_ms=500)
+            for tp, msgs in batch.items():
+                found.extend(tp.partition for _ in msgs)
+            remaining = {tp for tp in remaining if await consumer.position(tp) < ends[tp]}
+        return found
+    finally:
+        await consumer.stop()
+
+
+def _disagreeing_device() -> str:
+    """A deviceId that murmur2 and crc32 place on different partitions."""
+    n = 0
+    while partition_for(f"dev-c-{n}".encode(), INPUT_PARTITIONS, "murmur2") == partition_for(
+        f"dev-c-{n}".encode(), INPUT_PARTITIONS, "crc32"
+    ):
+        n += 1
+    return f"dev-c-{n}"
+
+
+async def test_replay_writes_to_the_partition_the_setting_names(harness: Harness) -> None:
+    device = _disagreeing_device()
+    producer = AIOKafkaProducer(bootstrap_servers=harness.bootstrap)
+    await producer.start()
+    try:
+        await producer.send_and_wait(
+            harness.topics.dead_letter,
+            swap_event(device, "n-1"),
+            key=device.encode(),
+            headers=[("rebind-error-reason", b"invalid_data")],
+        )
+    finally:
+        await producer.stop()
+    settings = harness.settings()
+    crc = KafkaOnlySettings(
+        kafka=settings.kafka.model_copy(update={"partitioner": "crc32"}), topics=settings.topics
+    )
+    assert await replay(crc, "dlq", Filters(), dry_run=False, out=io.StringIO()) == 1
+    found = await _partitions_of(harness, harness.topics.device_swapped, INPUT_PARTITIONS)
+    assert found == [partition_for(device.encode(), INPUT_PARTITIONS, "crc32")]
+
+
+async def test_the_bind_listener_writes_pushes_to_the_partition_the_setting_names(
+    harness: Harness,
+) -> None:
+    device = _disagreeing_device()
+    bind = BindSettings(
+        callback_url="http://127.0.0.1:1/platform/bind",
+        host="127.0.0.1",
+        port=0,
+        path_secret=SecretStr("Zr4r2m0d3f7pQx9sK1vB8w"),
+        allow_plain_http=True,
+    )
+    listener = BindListener(
+        bind,
+        harness.topics.bind_notify,
+        {"bootstrap_servers": harness.bootstrap},
+        Metrics(),
+        "crc32",
+    )
+    await listener.start()
+    try:
+        async with httpx.AsyncClient() as client:
+            answer = await client.post(
+                f"http://127.0.0.1:{listener.port}/platform/bind/Zr4r2m0d3f7pQx9sK1vB8w",
+                json={"notifyType": "bindDevice", "deviceId": device, "resultCode": "succeeded"},
+            )
+        assert answer.status_code == 200
+    finally:
+        await listener.stop()
+    found = await _partitions_of(harness, harness.topics.bind_notify, INPUT_PARTITIONS)
+    assert found == [partition_for(device.encode(), INPUT_PARTITIONS, "crc32")]
