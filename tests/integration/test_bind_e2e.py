@@ -4,15 +4,20 @@ simulator, which pushes bindDevice notifications and answers activation queries.
 from __future__ import annotations
 
 import socket
+import ssl
+from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
 import pytest
+import trustme
 from aiokafka.partitioner import DefaultPartitioner
 from pydantic import SecretStr
 
+from service.bind.listener import BindListener
 from service.config import BindSettings
+from service.metrics import Metrics
 from tests.fixtures.kafka import INPUT_PARTITIONS
 from tests.fixtures.service import Harness
 from tests.support.events import Received, swap_event
@@ -332,3 +337,54 @@ async def test_the_listener_bounds_every_peer_the_total_and_the_body(harness: Ha
             f"{r}={counted(r):g}" for r in ("wrong_path", "rate_limited", "too_large", "accepted")
         )
     )
+
+
+async def test_with_a_client_ca_the_listener_demands_client_certificates(
+    harness: Harness, tmp_path: Path
+) -> None:
+    """Mutual TLS instead of a path secret: a push without a certificate the CA signed never
+    reaches the handler; one with it is stored."""
+    ca, other = trustme.CA(), trustme.CA()
+    server = ca.issue_cert("127.0.0.1")
+    server.cert_chain_pems[0].write_to_path(str(tmp_path / "tls.crt"))
+    server.private_key_pem.write_to_path(str(tmp_path / "tls.key"))
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    bind = BindSettings(
+        callback_url="https://127.0.0.1:1/platform/bind",
+        host="127.0.0.1",
+        port=0,
+        tls_cert=tmp_path / "tls.crt",
+        tls_key=tmp_path / "tls.key",
+        client_ca=tmp_path / "ca.pem",
+    )
+    metrics = Metrics()
+    listener = BindListener(
+        bind, harness.topics.bind_notify, {"bootstrap_servers": harness.bootstrap}, metrics
+    )
+    await listener.start()
+    url = f"https://127.0.0.1:{listener.port}/platform/bind"
+    push = {"notifyType": "bindDevice", "deviceId": "d-mtls", "resultCode": "succeeded"}
+
+    def context(client: trustme.LeafCert | None) -> ssl.SSLContext:
+        ctx = ssl.create_default_context()
+        ca.configure_trust(ctx)
+        if client is not None:
+            client.configure_cert(ctx)
+        return ctx
+
+    refused = 0
+    try:
+        for client in (None, other.issue_cert("platform.test")):
+            async with httpx.AsyncClient(verify=context(client)) as http:
+                try:
+                    await http.post(url, json=push)
+                except httpx.TransportError:
+                    refused += 1
+        async with httpx.AsyncClient(verify=context(ca.issue_cert("platform.test"))) as http:
+            accepted = await http.post(url, json=push)
+    finally:
+        await listener.stop()
+    assert refused == 2
+    assert accepted.status_code == 200
+    count = metrics.registry.get_sample_value
+    assert count("rebind_bind_notifications_total", {"result": "accepted"}) == 1
