@@ -155,7 +155,8 @@ def read_record(
             CLOCK_SKEW,
             f"the event's time lies {ahead:.0f} s after the record's timestamp, more than "
             f"{max_clock_skew_ms / 1000:g} s (REBIND_KAFKA__MAX_CLOCK_SKEW_SECONDS): it would "
-            "decide the order of the device's swaps; fix the producer's clock and replay it",
+            "decide the order of the device's swaps; fix the producer's clock and send the swap "
+            "again with a correct time (a replay keeps this time)",
         )
     if routing is not None:
         right = partition_for(record.key, routing.partitions, routing.partitioner)
