@@ -85,6 +85,7 @@ class Service:
                 settings.topics.bind_notify,
                 client_options(settings.kafka),
                 self.metrics,
+                settings.kafka.partitioner,
             )
             if settings.bind.callback_url is not None
             else None

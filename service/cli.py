@@ -1,4 +1,4 @@
-"""Command line: ``device-rebind run | check-config | topics | replay``."""
+"""Command line: ``device-rebind run | check-config | topics | replay | ledger``."""
 
 from __future__ import annotations
 
@@ -87,6 +87,22 @@ def _parser() -> argparse.ArgumentParser:
         help="replication factor of created topics (default: the broker count, at most 3)",
     )
     _replay_parser(commands)
+    ledger = commands.add_parser(
+        "ledger",
+        help="inspect or clear a device's entry in the per-device ledger",
+        description="The ledger decides which swap of a device is the latest. 'clear' prints the "
+        "device's entry and writes its tombstone to the device's ledger partition, in a "
+        "transaction of that input partition's transactional id: the partition's current owner "
+        "is fenced as by a new owner, and the next owner reloads the ledger without the entry. "
+        "Use it for a device blocked by a swap dated ahead (every later swap SUPERSEDED).",
+    )
+    ledger.add_argument("action", choices=("clear",), help="clear: remove the device's entry")
+    ledger.add_argument("device_id", metavar="DEVICE_ID", help="the deviceId (the record key)")
+    ledger.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print what was found and would be done, write nothing",
+    )
     return parser
 
 
@@ -190,6 +206,25 @@ def _replay(args: argparse.Namespace) -> int:
         )
     except Exception as exc:  # noqa: BLE001 - one line, not a traceback
         return _fail(f"replay: {_one_line(exc, settings.kafka.bootstrap_servers)}", 1)
+    return 0
+
+
+def _ledger(args: argparse.Namespace) -> int:
+    try:
+        settings = load_kafka_settings()
+    except ConfigError as exc:
+        return _fail(str(exc))
+    _tool_logs(settings)
+    from service import ledger_tool  # noqa: PLC0415 - Kafka imports only when needed
+
+    try:
+        asyncio.run(
+            ledger_tool.clear(settings, args.device_id, dry_run=args.dry_run, out=sys.stdout)
+        )
+    except ledger_tool.LedgerToolError as exc:
+        return _fail(f"ledger {args.action}: {exc}", 1)
+    except Exception as exc:  # noqa: BLE001 - one line, not a traceback
+        return _fail(f"ledger {args.action}: {_one_line(exc, settings.kafka.bootstrap_servers)}", 1)
     return 0
 
 
@@ -307,6 +342,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _replay(args)
     if command == "topics":
         return _topics(args)
+    if command == "ledger":
+        return _ledger(args)
     if command == "check-config":
         return _check_config(args)
     try:

@@ -229,6 +229,21 @@ class KafkaSettings(_Section):
         "a larger one is dead-lettered too_large. No record the service writes is larger. At "
         "most 960 KiB: the service's producers send at most 1 MiB per record.",
     )
+    partitioner: Literal["murmur2", "crc32"] = Field(
+        default="murmur2",
+        description="How upstream producers place a deviceId: murmur2 (Java clients, aiokafka, "
+        "Kafka Streams) or crc32 (librdkafka's consistent/consistent_random: kcat, "
+        "confluent-kafka). Input found on another partition than its key's is forwarded there; "
+        "replay and the bind listener write by it.",
+    )
+    max_clock_skew_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        le=604_800,
+        description="A swap whose CloudEvent time lies more than this after its record's "
+        "timestamp is dead-lettered clock_skew: the latest time wins, so a swap dated ahead "
+        "would make the device's later real swaps SUPERSEDED until that date.",
+    )
     connect_backoff_initial_seconds: float = Field(
         default=1.0,
         gt=0,
@@ -458,6 +473,19 @@ class PlatformSettings(_Section):
         return self
 
 
+MIN_PATH_SECRET_CHARS = 22
+"""22 url-safe characters (6 bits each) hold 132 bits: at least 128."""
+_URL_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+
+
+def strong_path_secret(secret: SecretStr | None) -> bool:
+    """At least 128 bits: 22 or more url-safe characters (``secrets.token_urlsafe(16)`` and up)."""
+    if secret is None:
+        return False
+    value = secret.get_secret_value()
+    return len(value) >= MIN_PATH_SECRET_CHARS and set(value) <= _URL_SAFE
+
+
 class BindSettings(_Section):
     """Knowing that the new hardware bound: pushes from the platform, else polling."""
 
@@ -472,10 +500,37 @@ class BindSettings(_Section):
     path_secret: SecretStr | None = Field(
         default=None,
         description="A secret path segment appended to the callback URL's path; pushes to any "
-        "other path answer 404.",
+        "other path answer 404. With a callback URL it must hold at least 128 bits: 22 or more "
+        "url-safe characters (A-Z a-z 0-9 - _), e.g. python -c 'import secrets; "
+        "print(secrets.token_urlsafe(32))'; or set REBIND_BIND__CLIENT_CA.",
     )
     tls_cert: Path | None = Field(default=None, description="Certificate of the push listener.")
     tls_key: Path | None = Field(default=None, description="Key of the push listener.")
+    client_ca: ReadableFile | None = Field(
+        default=None,
+        description="Mutual TLS: CA bundle (PEM) the push listener checks client certificates "
+        "against; a push without a certificate it signed is refused in the TLS handshake. "
+        "Needs REBIND_BIND__TLS_CERT and REBIND_BIND__TLS_KEY.",
+    )
+    allow_plain_http: bool = Field(
+        default=False,
+        description="Accept an http:// callback URL (pushes travel unencrypted, the path secret "
+        "with them); only behind a TLS-terminating ingress on a trusted network.",
+    )
+    max_requests_per_second_per_peer: float = Field(
+        default=20.0,
+        gt=0,
+        le=10_000,
+        description="Pushes one peer address may send per second (token bucket, burst of the "
+        "same size); more answer 429.",
+    )
+    max_requests_per_second: float = Field(
+        default=200.0,
+        gt=0,
+        le=100_000,
+        description="Pushes the listener takes per second from all peers together; more answer "
+        "429. Bounds the writes to the bind-notify topic.",
+    )
     poll: bool = Field(default=True, description="Poll the activation status of refreshed devices.")
     poll_budget_share: float = Field(
         default=0.2,
@@ -528,6 +583,35 @@ class BindSettings(_Section):
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError(
                 f"{ENV_PREFIX}BIND__TLS_CERT and {ENV_PREFIX}BIND__TLS_KEY must be set together"
+            )
+        if self.client_ca is not None and self.tls_cert is None:
+            raise ValueError(
+                f"{ENV_PREFIX}BIND__CLIENT_CA needs the listener to serve TLS: set "
+                f"{ENV_PREFIX}BIND__TLS_CERT and {ENV_PREFIX}BIND__TLS_KEY"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _closed_by_default(self) -> BindSettings:
+        """A listener that anyone who can reach it may post to turns every POST into a Kafka
+        write: with a callback URL, pushes must prove something (a long path secret, or a
+        client certificate), and travel encrypted unless plain HTTP is allowed explicitly."""
+        if self.callback_url is None:
+            return self
+        var = f"{ENV_PREFIX}BIND__"
+        if self.client_ca is None and not strong_path_secret(self.path_secret):
+            why = "is not set" if self.path_secret is None else "is too weak"
+            raise ValueError(
+                f"{var}PATH_SECRET {why}: with {var}CALLBACK_URL the push listener needs a path "
+                f"secret of at least {MIN_PATH_SECRET_CHARS} url-safe characters (A-Z a-z 0-9 - "
+                "_, 128 bits or more; e.g. python -c 'import secrets; "
+                f"print(secrets.token_urlsafe(32))'), or client certificates ({var}CLIENT_CA)"
+            )
+        if urlsplit(self.callback_url).scheme == "http" and not self.allow_plain_http:
+            raise ValueError(
+                f"{var}CALLBACK_URL is http://: pushes and the path secret would travel "
+                f"unencrypted; use https://, or set {var}ALLOW_PLAIN_HTTP=true (a TLS-terminating "
+                "ingress in front, on a trusted network)"
             )
         return self
 

@@ -155,10 +155,14 @@ InvalidReason = Literal[
     "invalid_data",
     "invalid_device_id",
     "key_mismatch",
+    "clock_skew",
 ]
 """``invalid_device_id``: a deviceId that cannot stay one URL path segment (see
 :func:`device_id_problem`). ``key_mismatch``: the record's Kafka key differs from
-``data.deviceId`` (given by the pipeline, which sees the key)."""
+``data.deviceId`` (given by the pipeline, which sees the key). ``clock_skew``: the event's
+``time`` lies more than ``REBIND_KAFKA__MAX_CLOCK_SKEW_SECONDS`` after its record's timestamp
+(given by the pipeline, which sees the timestamp): trusted, it would decide the order of the
+device's swaps for as long as its clock is ahead."""
 INVALID_REASONS: Final[frozenset[str]] = frozenset(get_args(InvalidReason))
 
 

@@ -116,7 +116,15 @@ def service_acls(
     """The exact ACLs ``device-rebind run`` needs (topics created beforehand). ``bind``: the
     bind-watch settings (default: polling on, no callback URL)."""
     bind = bind if bind is not None else BindSettings()
-    out = [AclRequirement("Topic", topics.device_swapped, "Read", why="consume the swaps")]
+    out = [
+        AclRequirement("Topic", topics.device_swapped, "Read", why="consume the swaps"),
+        AclRequirement(
+            "Topic",
+            topics.device_swapped,
+            "Write",
+            why="forward a misrouted swap to its key's partition (REBIND_KAFKA__PARTITIONER)",
+        ),
+    ]
     outputs = [
         (topics.credential_updated, "publish credential-updated"),
         (topics.rebind_failed, "publish rebind-failed"),
@@ -718,9 +726,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"device-rebind: {exc}", file=sys.stderr)
         return 2
-    bind = BindSettings(
+    # Only which topics are used matters here: no listener runs, so none of its rules apply
+    # (a callback URL without its port, or without a path secret, would be refused).
+    bind = BindSettings.model_construct(
         poll=not args.no_bind_watch,
-        callback_url="https://callback.invalid/" if args.callback_url else None,
+        callback_url="https://callback.invalid:443/" if args.callback_url else None,
     )
     if args.what == "replay":
         acls = replay_acls(settings.topics)

@@ -123,6 +123,12 @@ class Metrics:
             "finished without any work.",
             registry=r,
         )
+        self.misrouted_records = Counter(
+            "rebind_misrouted_records",
+            "Input records found on another partition than their key hashes to (by "
+            "REBIND_KAFKA__PARTITIONER): forwarded to their key's partition.",
+            registry=r,
+        )
         self.bind_watches = Gauge(
             "rebind_bind_watches",
             "Refreshed devices watched until their new hardware binds.",
@@ -156,7 +162,8 @@ class Metrics:
             "rebind_bind_notifications",
             "bindDevice pushes, by result (accepted: stored on Kafka; duplicate: matched no "
             "open watch, or named another nodeId than the watched swap's; unproven: no nodeId, "
-            "settles nothing; rejected: malformed or unknown).",
+            "settles nothing; rejected: malformed or unknown; wrong_path: not the secret path; "
+            "too_large: body over 64 KiB; rate_limited: over a peer's or the total rate).",
             ["result"],
             registry=r,
         )
@@ -205,7 +212,15 @@ class Metrics:
             self.throttle_rejections.labels(operation=operation)
         for result in BIND_RESULTS:
             self.bind_results.labels(result=result)
-        for result in ("accepted", "duplicate", "unproven", "rejected"):
+        for result in (  # the listener's closed set (service.bind.listener.RESULTS_COUNTED)
+            "accepted",
+            "duplicate",
+            "unproven",
+            "rejected",
+            "wrong_path",
+            "too_large",
+            "rate_limited",
+        ):
             self.bind_notifications.labels(result=result)
         for result in ("renewed", "failed", "fenced"):
             self.token_rotations.labels(result=result)

@@ -35,6 +35,7 @@ from service.events import DLQ_DETAIL_HEADER, DLQ_REASON_HEADER, RebindFailedEve
 from service.handler import SOURCE_OFFSET_HEADER, SOURCE_PARTITION_HEADER, SOURCE_TOPIC_HEADER
 from service.kafka import kafka_client_options, partition_counts
 from service.kafka_access import check_connection
+from service.partitioner import partition_for
 
 REPLAY_NAMESPACE = uuid.UUID("2f7d4c1e-5b8a-4f63-9a0e-7c1d2b3a4e5f")
 REPLAY_OF_HEADER = "rebind-replay-of"
@@ -261,6 +262,10 @@ async def _plan_failure(
 
 
 async def send(settings: KafkaOnlySettings, planned: Sequence[Planned]) -> None:
+    """Produce the planned swaps to the partition ``REBIND_KAFKA__PARTITIONER`` names for their
+    key (where the service's owner of the device's ledger reads them)."""
+    topic = settings.topics.device_swapped
+    partitions = (await partition_counts(settings.kafka, [topic])).get(topic, 0)
     producer = AIOKafkaProducer(
         **kafka_client_options(settings.kafka), enable_idempotence=True, acks="all"
     )
@@ -268,11 +273,16 @@ async def send(settings: KafkaOnlySettings, planned: Sequence[Planned]) -> None:
         await producer.start()
         futures = [
             await producer.send(
-                settings.topics.device_swapped,
+                topic,
                 p.value,
                 key=p.key,
                 headers=p.headers,
                 timestamp_ms=p.timestamp_ms,
+                partition=(
+                    partition_for(p.key, partitions, settings.kafka.partitioner)
+                    if p.key and partitions
+                    else None
+                ),
             )
             for p in planned
         ]

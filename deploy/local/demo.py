@@ -36,7 +36,7 @@ TOPICS = {
     "rebound": "iot.device-rebound.v1",
 }
 BIND_NOTIFY_TOPIC = "device-rebind.bind-notify.v1"  # co-partitioned with the input
-BIND_PATH_SECRET = "demo-8f3a"  # noqa: S105 - the demo's own listener path
+BIND_PATH_SECRET = "demo-8f3a-Lq7Zr2xV9mK4wT"  # noqa: S105 - the demo's own listener path
 LEDGER_TOPIC = "device-rebind.ledger.v1"  # compacted, co-partitioned with the input
 DEDUPE_TOPIC = "device-rebind.dedupe.v1"  # compacted, co-partitioned with the input
 PLATFORM_LIMIT = 15  # calls per minute the simulated platform allows this application
@@ -179,6 +179,7 @@ def start_service(
         "REBIND_BIND__HOST": "127.0.0.1",
         "REBIND_BIND__PORT": str(bind_port),
         "REBIND_BIND__PATH_SECRET": BIND_PATH_SECRET,
+        "REBIND_BIND__ALLOW_PLAIN_HTTP": "true",  # loopback
         "REBIND_BIND__POLL_INITIAL_SECONDS": "2",
         "REBIND_BIND__POLL_MAX_SECONDS": "4",
         "REBIND_BIND__EXPIRY_GRACE_SECONDS": "2",

@@ -135,7 +135,12 @@ class PartitionCommitter:
             async with producer.transaction():
                 futures = [
                     await producer.send(
-                        o.topic, o.value, key=o.key, headers=o.headers, partition=o.partition
+                        o.topic,
+                        o.value,
+                        key=o.key,
+                        headers=o.headers,
+                        partition=o.partition,
+                        timestamp_ms=o.timestamp_ms,
                     )
                     for o in commit.outputs
                 ]

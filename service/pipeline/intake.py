@@ -3,7 +3,10 @@
 A record is dead-lettered (unchanged: same key, value and headers, plus reason headers) when it
 is not a valid device-swapped CloudEvent (:func:`service.events.decode_swap` says why), or when
 its Kafka key is not its ``data.deviceId`` (``key_mismatch``): such a record sits in another
-device's partition, where per-device order, the ledger and the duplicate memory cannot see it.
+device's partition, where per-device order, the ledger and the duplicate memory cannot see it;
+or when its CloudEvent ``time`` lies more than ``REBIND_KAFKA__MAX_CLOCK_SKEW_SECONDS`` after the
+record's timestamp (``clock_skew``): the latest ``time`` wins, so a swap dated far ahead would
+make every later real swap of its device ``SUPERSEDED`` until that date.
 
 Sizes (``max_bytes``, ``REBIND_KAFKA__MAX_INPUT_BYTES``): no record the service writes may be
 larger, so
@@ -35,12 +38,17 @@ from service.events import (
     encode_swap,
     record_size,
 )
+from service.partitioner import Partitioner, partition_for
 from service.pipeline.records import OutcomeKind, Output
 from service.pipeline.work import Work
 
 log = structlog.get_logger(__name__)
 
+FORWARDED_FROM_HEADER: Final = "rebind-forwarded-from"
+"""On an input record the service forwarded to its key's partition: ``topic/partition/offset``
+of the misrouted original."""
 KEY_MISMATCH: Final = "key_mismatch"
+CLOCK_SKEW: Final = "clock_skew"
 TOO_LARGE: Final = "too_large"
 LEDGER_OVERHEAD_BYTES: Final = 32_768
 """What a ledger record holds besides the swap (ids, source, times, field names), at most."""
@@ -72,6 +80,26 @@ class DeadLetter:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """A misrouted swap: it sits on another partition than its key hashes to (by
+    ``REBIND_KAFKA__PARTITIONER``). Its copy goes to the right partition of the input topic, in
+    the transaction that finishes the original; the owner of that partition works on it."""
+
+    output: Output
+    right: int
+    producer: str
+    """Who produced it, as far as the record says (the CloudEvent ``source``): for the log."""
+
+
+@dataclass(frozen=True, slots=True)
+class Routing:
+    """How the input is partitioned: the partitioner and the input's partition count."""
+
+    partitioner: Partitioner
+    partitions: int
+
+
 def order_of(work_time_ms: int | None, record_timestamp_ms: int, offset: int) -> tuple[int, int]:
     return (work_time_ms if work_time_ms is not None else record_timestamp_ms, offset)
 
@@ -83,8 +111,13 @@ def read_record(
     dead_letter_topic: str,
     *,
     max_bytes: int = DEFAULT_MAX_RECORD_BYTES,
-) -> Work | DeadLetter:
-    """Decode and check one input record; ``max_bytes``: the record size limit."""
+    max_clock_skew_ms: int | None = None,
+    routing: Routing | None = None,
+) -> Work | DeadLetter | Forward:
+    """Decode and check one input record; ``max_bytes``: the record size limit;
+    ``max_clock_skew_ms``: how far the event's ``time`` may lie after the record's timestamp
+    (None: no bound); ``routing``: check that the record sits on its key's partition (None: no
+    check)."""
     headers = list(record.headers or ())
     size = record_size(record.key, record.value, headers)
     if size > max_bytes:
@@ -107,6 +140,52 @@ def read_record(
             f"the record's key ({shown}) is not data.deviceId; produce swaps keyed by deviceId",
         )
     time_ms = int(swap.time.timestamp() * 1000) if swap.time is not None else None
+    if (
+        time_ms is not None
+        and max_clock_skew_ms is not None
+        and time_ms - record.timestamp > max_clock_skew_ms
+    ):
+        ahead = (time_ms - record.timestamp) / 1000
+        return _dead_letter(
+            record,
+            headers,
+            topic,
+            partition,
+            dead_letter_topic,
+            CLOCK_SKEW,
+            f"the event's time lies {ahead:.0f} s after the record's timestamp, more than "
+            f"{max_clock_skew_ms / 1000:g} s (REBIND_KAFKA__MAX_CLOCK_SKEW_SECONDS): it would "
+            "decide the order of the device's swaps; fix the producer's clock and send the swap "
+            "again with a correct time (a replay keeps this time)",
+        )
+    if routing is not None:
+        right = partition_for(record.key, routing.partitions, routing.partitioner)
+        if right != partition:
+            forwarded = [v for k, v in headers if k == FORWARDED_FROM_HEADER]
+            if not forwarded:
+                origin = f"{topic}/{partition}/{record.offset}".encode()
+                return Forward(
+                    Output(
+                        topic,
+                        record.key,
+                        record.value,
+                        [*headers, (FORWARDED_FROM_HEADER, origin)],
+                        partition=right,
+                        timestamp_ms=record.timestamp,
+                    ),
+                    right,
+                    swap.source,
+                )
+            # forwarded once already: the replicas disagree about the partitioner (a rollout),
+            # or the partition count changed. Worked on here rather than sent round again.
+            log.warning(
+                "forwarded input is still not on its key's partition: worked on here",
+                topic=topic,
+                partition=partition,
+                offset=record.offset,
+                expected_partition=right,
+                partitioner=routing.partitioner,
+            )
     raw_value, raw_headers = record.value, headers
     room = ledger_room(max_bytes)
     if size > room:  # the ledger could not keep it as it is, should it wait: a compact copy

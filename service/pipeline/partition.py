@@ -23,7 +23,7 @@ import structlog
 from service.bind.watch import WatchPolicy
 from service.events import DEFAULT_MAX_RECORD_BYTES, InvalidEvent, decode_swap
 from service.pipeline.dedupe import DedupeIndex, dedupe_key
-from service.pipeline.intake import DeadLetter, read_record
+from service.pipeline.intake import DeadLetter, Forward, Routing, read_record
 from service.pipeline.ledger import Claim, DeviceLedger, Entry, State, Verdict
 from service.pipeline.progress import PartitionProgress
 from service.pipeline.records import OutcomeKind, Output
@@ -85,6 +85,8 @@ class PartitionCore:
         answers: Answers,
         watch: WatchPolicy | None = None,
         max_input_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+        max_clock_skew_ms: int | None = None,
+        routing: Routing | None = None,
     ) -> None:
         self.topic = topic
         self.partition = partition
@@ -95,6 +97,9 @@ class PartitionCore:
         self.answers = answers
         self.watch_policy = watch
         self.max_input_bytes = max_input_bytes
+        self.max_clock_skew_ms = max_clock_skew_ms
+        self.routing = routing
+        self.misrouted = 0  # records forwarded to their key's partition
         self.notify_offset: int | None = None  # next offset of the bind-notify partition
         self._notify_committed: int | None = None
         self._binds: list[tuple[str, float | None]] = []
@@ -133,7 +138,15 @@ class PartitionCore:
             self.partition,
             self.dead_letter_topic,
             max_bytes=self.max_input_bytes,
+            max_clock_skew_ms=self.max_clock_skew_ms,
+            routing=self.routing,
         )
+        if isinstance(read, Forward):  # finished here: its copy is worked on where it belongs
+            self.misrouted += 1
+            note_misrouted(read, self.topic, self.partition, offset)
+            self._emit([read.output], None)
+            self._finish(offset, counted=False)
+            return None
         if isinstance(read, DeadLetter):
             self._emit([read.output], OutcomeKind.DEAD_LETTERED)
             self._finish(offset)
@@ -542,6 +555,32 @@ class PartitionCore:
         self._counts = commit.counts + self._counts
         self._stamps = commit.stamps + self._stamps
         self._binds = commit.binds + self._binds
+
+
+MAX_MISROUTING_PRODUCERS = 256
+_misrouting_producers: set[str] = set()
+
+
+def note_misrouted(forward: Forward, topic: str, partition: int, offset: int) -> None:
+    """Log a misrouted record once per producer (its CloudEvent ``source``), for a bounded number
+    of producers; the metric counts every one."""
+    producer = forward.producer
+    if producer in _misrouting_producers:
+        return
+    if len(_misrouting_producers) >= MAX_MISROUTING_PRODUCERS:
+        producer = "(other producers)"
+        if producer in _misrouting_producers:
+            return
+    _misrouting_producers.add(producer)
+    log.warning(
+        "misrouted input: forwarded to its key's partition; set the producer's partitioner "
+        "(docs/deploying.md, upstream producers)",
+        producer=producer[:256],
+        topic=topic,
+        partition=partition,
+        offset=offset,
+        expected_partition=forward.right,
+    )
 
 
 def _event_key(work: Work) -> str:

@@ -26,3 +26,4 @@ class Output:
     headers: list[tuple[str, bytes]] = field(default_factory=list)
     outcome: OutcomeKind | None = None  # the outcome this record counts as, None for none
     partition: int | None = None  # explicit partition (co-partitioned service topics)
+    timestamp_ms: int | None = None  # explicit record timestamp (a forwarded input keeps its own)

@@ -34,6 +34,7 @@ from service.kafka import (
 from service.metrics import Metrics
 from service.pipeline.committer import PartitionCommitter, PartitionFencedError
 from service.pipeline.dedupe import DedupeReader
+from service.pipeline.intake import Routing
 from service.pipeline.ledger import DeviceLedger
 from service.pipeline.partition import PartitionCore, Republish
 from service.pipeline.progress import PartitionProgress
@@ -361,7 +362,7 @@ class Pipeline:
                 )
             self._decided()
             return
-        skipped = core.skipped
+        skipped, misrouted = core.skipped, core.misrouted
         for record in records:
             job = core.intake(record)
             if isinstance(job, Work):
@@ -370,6 +371,8 @@ class Pipeline:
                 self._spawn(self._republish(core, job))
         if core.skipped > skipped:
             self._metrics.redeliveries_skipped.inc(core.skipped - skipped)
+        if core.misrouted > misrouted:
+            self._metrics.misrouted_records.inc(core.misrouted - misrouted)
         self._progress.set()
         self._metrics.inflight_events.set(self.inflight())
 
@@ -550,6 +553,7 @@ class Pipeline:
                     with contextlib.suppress(Exception):  # read nothing more of it until rejoined
                         self._consumer.pause(TopicPartition(self._topics.device_swapped, partition))
                 await self._drop(partition)
+                self._rejoin()
             elif isinstance(result, BaseException):
                 if committer.failures >= _MAX_COMMIT_FAILURES or final:
                     message = f"{committer.failures} transactions in a row failed: {result}"
@@ -564,6 +568,15 @@ class Pipeline:
                         error=repr(result),
                     )
         self._metrics.inflight_events.set(self.inflight())
+
+    def _rejoin(self) -> None:
+        """Ask the group to hand the partitions out again: a partition fenced without a
+        rebalance (``device-rebind ledger clear``) would otherwise stay dropped and paused until
+        the next one. Its next owner (maybe this member) reloads its state from Kafka."""
+        coordinator = getattr(self._consumer, "_coordinator", None)
+        if coordinator is not None:
+            with contextlib.suppress(Exception):
+                coordinator.request_rejoin()
 
     def _fail(self, exc: FatalPipelineError) -> None:
         self._fatal = exc
@@ -616,6 +629,8 @@ class Pipeline:
             lambda tp, record: ledgers[tp.partition].load(record.key, record.value),
         )
         indexes = await self._dedupe.load([tp.partition for tp in tps])
+        count = len(consumer.partitions_for_topic(self._topics.device_swapped) or ())
+        routing = Routing(self._kafka.partitioner, count) if count else None
         for tp in tps:
             found = committed.get(tp)
             progress = PartitionProgress(
@@ -632,6 +647,8 @@ class Pipeline:
                 answers=self._handler,
                 watch=self._watch,
                 max_input_bytes=self._kafka.max_input_bytes,
+                max_clock_skew_ms=int(self._kafka.max_clock_skew_seconds * 1000),
+                routing=routing,
             )
             committers[tp.partition].core = core
             self._cores[tp.partition] = core

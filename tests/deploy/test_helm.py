@@ -65,6 +65,7 @@ FILE_FIELDS = {
     "REBIND_KAFKA__SASL_OAUTH_TOKEN_FILE",
     "REBIND_BIND__TLS_CERT",
     "REBIND_BIND__TLS_KEY",
+    "REBIND_BIND__CLIENT_CA",
 }
 POD_FIELDS = {"REBIND_KAFKA__INSTANCE_ID", "REBIND_HTTP__PORT", "REBIND_BIND__PORT"}
 # Left at the service default on purpose: the bind listener must listen on the pod's addresses.
@@ -245,7 +246,7 @@ def test_rendered_configuration_is_accepted_by_the_service(
         elif "value" in entry:
             monkeypatch.setenv(name, entry["value"])
         elif "secretKeyRef" in entry["valueFrom"]:
-            monkeypatch.setenv(name, "from-a-secret")
+            monkeypatch.setenv(name, "from-a-secret-Qm3xT7vKz2Lw9")
         else:
             monkeypatch.setenv(name, "rebind-0")  # the downward API's pod name
     settings = load_settings()

@@ -4,15 +4,20 @@ simulator, which pushes bindDevice notifications and answers activation queries.
 from __future__ import annotations
 
 import socket
+import ssl
+from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
 import pytest
+import trustme
 from aiokafka.partitioner import DefaultPartitioner
 from pydantic import SecretStr
 
+from service.bind.listener import BindListener
 from service.config import BindSettings
+from service.metrics import Metrics
 from tests.fixtures.kafka import INPUT_PARTITIONS
 from tests.fixtures.service import Harness
 from tests.support.events import Received, swap_event
@@ -20,7 +25,7 @@ from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
-PATH_SECRET = "p-8d1e0c5b"
+PATH_SECRET = "p-8d1e0c5b-Qm3xT7vKz2Lw9"  # 25 url-safe characters: over 128 bits
 
 
 def _free_port() -> int:
@@ -37,6 +42,7 @@ def push_settings(**overrides: Any) -> BindSettings:
             "host": "127.0.0.1",
             "port": port,
             "path_secret": SecretStr(PATH_SECRET),
+            "allow_plain_http": True,  # loopback
             "poll": False,
             **overrides,
         }
@@ -292,3 +298,93 @@ async def test_a_push_acknowledged_before_its_owner_reads_it_is_not_lost(
     [rebound] = await _bind_outcomes(harness, 1)
     assert rebound.data["deviceId"] == "dev-crash"
     assert rebound.data["via"] == "push"
+
+
+async def test_the_listener_bounds_every_peer_the_total_and_the_body(harness: Harness) -> None:
+    """Issue 19, item 2: 429 past a peer's rate or the total, 413 past 64 KiB, 404 off the
+    secret path; each refusal counted by its own result, none of them written to Kafka."""
+    bind = push_settings(max_requests_per_second_per_peer=2, max_requests_per_second=1000)
+    service = await harness.start_service(bind=bind)
+    base = f"http://127.0.0.1:{bind.port}/platform/bind"
+    push = {"notifyType": "bindDevice", "deviceId": "d", "resultCode": "succeeded"}
+    async with httpx.AsyncClient() as client:
+        flood = [(await client.post(f"{base}/guess-{n}", json=push)).status_code for n in range(12)]
+    count = service.metrics.registry.get_sample_value
+
+    def counted(result: str) -> float | None:
+        return count("rebind_bind_notifications_total", {"result": result})
+
+    assert flood.count(429) >= 8, flood  # burst of 2 (and what refills meanwhile), then 429
+    assert counted("rate_limited") == flood.count(429)
+    assert counted("wrong_path") == flood.count(404)
+    assert counted("accepted") == 0
+
+    other = push_settings(max_requests_per_second_per_peer=1000, max_requests_per_second=3)
+    await harness.stop_all()
+    service = await harness.start_service(bind=other)
+    url = f"http://127.0.0.1:{other.port}/platform/bind/{PATH_SECRET}"
+    async with httpx.AsyncClient() as client:
+        too_large = await client.post(url, content=b"{" + b" " * (70 * 1024) + b"}")
+        total = [(await client.post(f"{url}x", json=push)).status_code for _ in range(10)]
+    count = service.metrics.registry.get_sample_value
+    assert too_large.status_code == 413
+    assert counted("too_large") == 1
+    assert total.count(429) >= 6, total  # the total bucket (3/s) is shared by every peer
+    assert counted("rate_limited") == total.count(429)
+    print(
+        "bind listener refusals: "
+        + ", ".join(
+            f"{r}={counted(r):g}" for r in ("wrong_path", "rate_limited", "too_large", "accepted")
+        )
+    )
+
+
+async def test_with_a_client_ca_the_listener_demands_client_certificates(
+    harness: Harness, tmp_path: Path
+) -> None:
+    """Mutual TLS instead of a path secret: a push without a certificate the CA signed never
+    reaches the handler; one with it is stored."""
+    ca, other = trustme.CA(), trustme.CA()
+    server = ca.issue_cert("127.0.0.1")
+    server.cert_chain_pems[0].write_to_path(str(tmp_path / "tls.crt"))
+    server.private_key_pem.write_to_path(str(tmp_path / "tls.key"))
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    bind = BindSettings(
+        callback_url="https://127.0.0.1:1/platform/bind",
+        host="127.0.0.1",
+        port=0,
+        tls_cert=tmp_path / "tls.crt",
+        tls_key=tmp_path / "tls.key",
+        client_ca=tmp_path / "ca.pem",
+    )
+    metrics = Metrics()
+    listener = BindListener(
+        bind, harness.topics.bind_notify, {"bootstrap_servers": harness.bootstrap}, metrics
+    )
+    await listener.start()
+    url = f"https://127.0.0.1:{listener.port}/platform/bind"
+    push = {"notifyType": "bindDevice", "deviceId": "d-mtls", "resultCode": "succeeded"}
+
+    def context(client: trustme.LeafCert | None) -> ssl.SSLContext:
+        ctx = ssl.create_default_context()
+        ca.configure_trust(ctx)
+        if client is not None:
+            client.configure_cert(ctx)
+        return ctx
+
+    refused = 0
+    try:
+        for client in (None, other.issue_cert("platform.test")):
+            async with httpx.AsyncClient(verify=context(client)) as http:
+                try:
+                    await http.post(url, json=push)
+                except httpx.TransportError:
+                    refused += 1
+        async with httpx.AsyncClient(verify=context(ca.issue_cert("platform.test"))) as http:
+            accepted = await http.post(url, json=push)
+    finally:
+        await listener.stop()
+    assert refused == 2
+    assert accepted.status_code == 200
+    count = metrics.registry.get_sample_value
+    assert count("rebind_bind_notifications_total", {"result": "accepted"}) == 1

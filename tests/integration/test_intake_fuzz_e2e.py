@@ -11,6 +11,7 @@ valid swap on every input partition, of a known device, must still end ``credent
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter, defaultdict
 from dataclasses import replace
 
@@ -20,16 +21,26 @@ from aiokafka import AIOKafkaProducer
 
 from service.events import DLQ_REASON_HEADER, DLQ_SOURCE_OFFSET_HEADER, DLQ_SOURCE_PARTITION_HEADER
 from service.pipeline.intake import DeadLetter, read_record
+from service.pipeline.work import Work
 from tests.fixtures.kafka import INPUT_PARTITIONS
 from tests.fixtures.service import Harness
 from tests.support.events import Received, swap_event
 from tests.support.intake_corpus import SIZES, FuzzRecord, records, sample
+from tests.support.partitioning import device_on
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
 SEED = 20261125
 COUNT = 200
+
+
+def _read(record: FuzzRecord, partition: int, skew_ms: int | None = None) -> Work | DeadLetter:
+    """The intake's disposition (its routing check left out: the corpus is produced by key);
+    ``skew_ms``: the service's time bound, against the record's timestamp."""
+    read = read_record(record, "in", partition, "dlq", max_clock_skew_ms=skew_ms)
+    assert isinstance(read, Work | DeadLetter)
+    return read
 
 
 def _corpus() -> list[FuzzRecord]:
@@ -50,10 +61,10 @@ def _corpus() -> list[FuzzRecord]:
     for n, drawn in enumerate(drawn_records):
         if drawn.key is None and drawn.value is None:
             continue
-        record, read = drawn, read_record(drawn, "in", 0, "dlq")
+        record, read = drawn, _read(drawn, 0)
         if not isinstance(read, DeadLetter) and (read.swap.source, read.swap.id) in seen:
             record = _with_id(drawn, f"{read.swap.id}#{n}")
-            read = read_record(record, "in", 0, "dlq")
+            read = _read(record, 0)
             if isinstance(read, DeadLetter) or (read.swap.source, read.swap.id) in seen:
                 continue
         if not isinstance(read, DeadLetter):
@@ -89,7 +100,7 @@ async def test_a_fuzz_sample_gets_one_answer_per_record_and_every_partition_flow
 ) -> None:
     control = harness.sim.control
     await control.configure(rate_limit_per_minute=100_000)
-    last = [f"dev-last-{p}" for p in range(INPUT_PARTITIONS)]
+    last = [device_on(p, INPUT_PARTITIONS, "dev-last") for p in range(INPUT_PARTITIONS)]
     await control.seed_devices([{"device_id": d, "node_id": f"old-{d}"} for d in last])
     service = await harness.start_service()
     corpus = _corpus()
@@ -125,7 +136,10 @@ async def test_a_fuzz_sample_gets_one_answer_per_record_and_every_partition_flow
         await producer.stop()
 
     expected = {
-        (md.partition, md.offset): read_record(r, "in", md.partition, "dlq")
+        # as the service reads it: with its timestamp on the broker, and the default time bound
+        (md.partition, md.offset): _read(
+            dataclasses.replace(r, timestamp=md.timestamp), md.partition, skew_ms=300_000
+        )
         for r, md in zip(corpus, landed, strict=True)
     }
     outs = await harness.read(len(corpus) + len(finals), timeout=60)

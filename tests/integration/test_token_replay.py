@@ -16,6 +16,7 @@ from aiokafka import AIOKafkaProducer
 from service.app import Service
 from tests.fixtures.service import Harness
 from tests.support.events import swap_event
+from tests.support.partitioning import device_on
 from tests.support.token_topic import start_service, token_records, token_topic
 from tests.support.waiting import wait_until
 
@@ -26,7 +27,7 @@ REPLICAS = 3
 
 async def _swaps(harness: Harness, prefix: str, count: int) -> list[str]:
     """``count`` swaps spread over the three input partitions (so every replica calls)."""
-    devices = [f"{prefix}-{n:03d}" for n in range(count)]
+    devices = [device_on(n % REPLICAS, REPLICAS, f"{prefix}-{n:03d}") for n in range(count)]
     await harness.sim.control.seed_devices(
         [{"device_id": d, "node_id": f"old-{d}"} for d in devices]
     )

@@ -86,13 +86,17 @@ def test_a_watching_entry_round_trips_through_its_ledger_record() -> None:
     assert back.due_ms == entry.watch.next_poll_ms
 
 
+SECRET = "s3-Zr4r2m0d3f7pQx9sK1vB8"
+
+
 def test_the_callback_url_keeps_its_port_even_the_default_one() -> None:
     """The platform requires the port in a callback URL; a URL type would drop ':443'."""
     bind = BindSettings(
-        callback_url="https://rebind.example.com:443/platform/bind", path_secret=SecretStr("s3")
+        callback_url="https://rebind.example.com:443/platform/bind",
+        path_secret=SecretStr(SECRET),
     )
-    assert subscription_url(bind) == "https://rebind.example.com:443/platform/bind/s3"
-    assert listener_path(bind) == "/platform/bind/s3"
+    assert subscription_url(bind) == f"https://rebind.example.com:443/platform/bind/{SECRET}"
+    assert listener_path(bind) == f"/platform/bind/{SECRET}"
     for bad in ("https://rebind.example.com/bind", "ftp://h:21/x", "https://h:443/x?y=1"):
         try:
             BindSettings(callback_url=bad)

@@ -385,9 +385,10 @@ def test_the_service_acl_set_is_exactly_the_documented_one() -> None:
     acls = service_acls(kafka, topics)
     assert transactional_id_prefix(kafka) == "device-rebind-device-rebind-"
     table = {(a.resource, a.name, a.pattern, a.operation) for a in acls}
-    assert len(table) == len(acls) == 15
+    assert len(table) == len(acls) == 16
     assert ("Topic", topics.device_swapped, "LITERAL", "Read") in table
-    assert ("Topic", topics.device_swapped, "LITERAL", "Write") not in table
+    # misrouted swaps are forwarded to their key's partition of the input (issue 19, item 4)
+    assert ("Topic", topics.device_swapped, "LITERAL", "Write") in table
     outputs = (topics.credential_updated, topics.rebind_failed, topics.dead_letter)
     for output in (*outputs, topics.device_rebound):
         assert ("Topic", output, "LITERAL", "Write") in table
@@ -492,7 +493,10 @@ def test_acl_descriptions_name_the_resource() -> None:
 
 def test_a_callback_url_adds_the_bind_notify_topic_and_no_watch_drops_device_rebound() -> None:
     kafka, topics = KafkaSettings(), TopicSettings()
-    pushed = BindSettings(callback_url="https://rebind.example.com:8443/push")
+    pushed = BindSettings(
+        callback_url="https://rebind.example.com:8443/push",
+        path_secret=SecretStr("Zr4r2m0d3f7pQx9sK1vB8w-x"),
+    )
     names = {(a.name, a.operation) for a in service_acls(kafka, topics, pushed)}
     assert {(topics.bind_notify, "Read"), (topics.bind_notify, "Write")} <= names
     quiet = BindSettings(poll=False)

@@ -117,6 +117,7 @@ kafkaKeyFile: REBIND_KAFKA__SSL_KEYFILE
 kafkaOauthToken: REBIND_KAFKA__SASL_OAUTH_TOKEN_FILE
 bindTlsCert: REBIND_BIND__TLS_CERT
 bindTlsKey: REBIND_BIND__TLS_KEY
+bindClientCa: REBIND_BIND__CLIENT_CA
 {{- end }}
 
 {{/*
