@@ -10,7 +10,7 @@ import time
 
 import structlog
 
-from service import logs
+from service import __version__, logs
 from service.bind.listener import BindListener, subscription_url
 from service.bind.watch import WatchPolicy
 from service.budget_exchange import BudgetExchange
@@ -58,7 +58,13 @@ class Service:
         self.tokens = SharedTokenProvider(
             p, settings.kafka, settings.topics.token, self.metrics, self.budget
         )
-        self.client = PlatformClient(p, self.metrics, self.budget, tokens=self.tokens)
+        self.client = PlatformClient(
+            p,
+            self.metrics,
+            self.budget,
+            tokens=self.tokens,
+            user_agent=f"device-rebind/{__version__} ({settings.kafka.instance_id})",
+        )
         self.handler = RebindHandler(settings, self.client, self.metrics)
         self.pipeline = Pipeline(
             settings.kafka,

@@ -278,6 +278,30 @@ def reader(settings: KafkaSettings) -> AIOKafkaConsumer:
     )
 
 
+def on_heartbeat(consumer: AIOKafkaConsumer, succeeded: Callable[[], None]) -> bool:
+    """Call ``succeeded`` after every heartbeat the group coordinator accepted.
+
+    aiokafka keeps the time of its last accepted heartbeat to itself; the service needs it as
+    the proof that it is still a member of the group (:mod:`service.ownership`). So this wraps
+    the coordinator's private ``_do_heartbeat`` (aiokafka 0.14: returns True when accepted), in
+    this one place. Returns False (and the caller falls back to assignments alone) when the
+    installed aiokafka has no such method. Call it after ``consumer.start()``.
+    """
+    coordinator = getattr(consumer, "_coordinator", None)
+    original = getattr(coordinator, "_do_heartbeat", None)
+    if coordinator is None or original is None:
+        return False
+
+    async def tracked() -> bool:
+        accepted = bool(await original())
+        if accepted:
+            succeeded()
+        return accepted
+
+    coordinator._do_heartbeat = tracked
+    return True
+
+
 async def read_to_end(
     consumer: AIOKafkaConsumer,
     partitions: Sequence[TopicPartition],

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
@@ -27,11 +28,13 @@ from service.kafka import (
     FatalPipelineError,
     client_options,
     committed_with_metadata,
+    on_heartbeat,
     partition_counts,
     read_to_end,
     reader,
 )
 from service.metrics import Metrics
+from service.ownership import CALL_GUARD
 from service.pipeline.committer import PartitionCommitter, PartitionFencedError
 from service.pipeline.dedupe import DedupeReader
 from service.pipeline.intake import Routing
@@ -138,6 +141,14 @@ class Pipeline:
         self._ledger_reader: AIOKafkaConsumer | None = None
         self._side_tasks: set[asyncio.Task[None]] = set()
         self._polls: dict[asyncio.Task[None], PartitionCore] = {}  # bind-watch polls out
+        # Proof of membership (service.ownership): the last accepted heartbeat or assignment.
+        # A call of a swap leaves only while it is younger than the session timeout less one
+        # heartbeat interval (and a second): the group cannot have given the partition away.
+        session = kafka.session_timeout_ms / 1000
+        self._heartbeat_seconds = max(1.0, session / 10)
+        self._proof_bound = max(1.0, session - max(1.0, self._heartbeat_seconds))
+        self._proof_at = -math.inf
+        self._proof = asyncio.Event()
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -198,6 +209,36 @@ class Pipeline:
             (tp for tp in self._consumer.paused() if tp.topic == topic), key=lambda tp: tp.partition
         )
 
+    def _proved(self) -> None:
+        """The group accepted a heartbeat (or assigned partitions): still a member."""
+        self._proof_at = time.monotonic()
+        self._proof.set()
+
+    def owner_fresh(self) -> bool:
+        """True while this member has recent proof that the group still counts it."""
+        return time.monotonic() - self._proof_at < self._proof_bound
+
+    async def _wait_owner(self, core: PartitionCore) -> None:
+        """The call guard of ``core``'s jobs: return while the member owns the partition with
+        fresh proof; wait while the proof is stale (frozen, cut off: the next heartbeat says);
+        CancelledError once the partition moves away or the pipeline stops."""
+        warned = False
+        while True:
+            if core.closed or core.closing or self._stopping.is_set():
+                raise asyncio.CancelledError
+            if self._cores.get(core.partition) is core and self.owner_fresh():
+                return
+            if not warned:
+                warned = True
+                log.warning(
+                    "no recent proof of owning the partition: the call waits",
+                    partition=core.partition,
+                    proof_age=round(time.monotonic() - self._proof_at, 1),
+                )
+            self._proof.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._proof.wait(), _WAKE_INTERVAL_SECONDS)
+
     async def _until_released(self, core: PartitionCore) -> bool:
         """Wait while the input is held; False when the partition moves away or the pipeline
         stops meanwhile (the job is then left to be redone)."""
@@ -230,7 +271,7 @@ class Pipeline:
             isolation_level="read_committed",
             max_poll_records=self._kafka.max_poll_records,
             session_timeout_ms=self._kafka.session_timeout_ms,
-            heartbeat_interval_ms=max(1000, self._kafka.session_timeout_ms // 10),
+            heartbeat_interval_ms=int(self._heartbeat_seconds * 1000),
             # Co-partitioning: partition p of the input and of the bind-notify topic go to one
             # member, so a device's pushes meet its ledger entry.
             partition_assignment_strategy=(RangePartitionAssignor,),
@@ -247,6 +288,9 @@ class Pipeline:
         except BaseException:
             await self._close_clients()
             raise
+        if not on_heartbeat(self._consumer, self._proved):
+            log.warning("heartbeats not observable: ownership is proved by assignments only")
+            self._proof_bound = math.inf
         subscribed = [self._topics.device_swapped]
         if self._notify_topic is not None:
             subscribed.append(self._notify_topic)
@@ -406,6 +450,13 @@ class Pipeline:
 
     def _job(self, core: PartitionCore, work: Work) -> Callable[[], Awaitable[None]]:
         async def job() -> None:
+            guard = CALL_GUARD.set(lambda: self._wait_owner(core))
+            try:
+                await run()
+            finally:
+                CALL_GUARD.reset(guard)
+
+        async def run() -> None:
             if core.closed or core.closing:
                 core.abandoned(work)
                 return  # the partition moves away: its next owner does this work
@@ -447,6 +498,7 @@ class Pipeline:
         task.add_done_callback(lambda done: self._polls.pop(done, None))
 
     async def _poll(self, core: PartitionCore, work: Work) -> None:
+        CALL_GUARD.set(lambda: self._wait_owner(core))  # this task's own context
         with structlog.contextvars.bound_contextvars(
             topic=work.topic,
             partition=work.partition,
@@ -596,6 +648,7 @@ class Pipeline:
             self._paused = False
             if self._held is not None:  # held: newly assigned input partitions stay paused
                 consumer.pause(*inputs)
+        self._proved()  # the group just counted this member in
         if self._on_drain is not None:
             self._on_drain(False)
         log.info("partitions assigned", partitions=sorted(tp.partition for tp in inputs))
@@ -671,6 +724,11 @@ class Pipeline:
         if ours and len(ours) == len(self._cores) and self._on_drain is not None:
             self._on_drain(True)  # everything moves: what waits for the budget is not drained
         loop = asyncio.get_running_loop()
+        if ours and not self.owner_fresh():
+            # The group gave the partitions away already (this member was frozen or cut off):
+            # nothing it still runs may reach the platform; cancel instead of draining.
+            log.warning("revoked after losing the group: running jobs cancelled", partitions=ours)
+            await self._scheduler.cancel_all()
         # The group waits for this member only for the rebalance timeout (= the session timeout).
         deadline = loop.time() + min(self._drain_timeout, self._kafka.session_timeout_ms / 3000)
         while self._scheduler.running and loop.time() < deadline:

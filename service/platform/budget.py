@@ -419,6 +419,8 @@ class RateBudget:
     # ------------------------------------------------------------------ acquire
     def try_acquire(self, priority: int = PRIORITY_FRESH) -> bool:
         """Take one call's worth of budget now if nobody waits and it is free (no waiting)."""
+        if self._interrupted and priority >= PRIORITY_FRESH:
+            return False
         now = self._clock()
         poll = priority >= PRIORITY_POLL
         if self.waiting() or not self._can_grant(now) or (poll and not self._poll_allowed(now)):
@@ -437,6 +439,8 @@ class RateBudget:
         while its call has not been sent."""
         deferred = priority > PRIORITY_FRESH
         poll = priority >= PRIORITY_POLL
+        if self._interrupted and priority >= PRIORITY_FRESH:
+            raise asyncio.CancelledError  # see interrupt(): nothing is granted, not even at once
         start = self._clock()
         if (
             not self.waiting()
@@ -446,8 +450,6 @@ class RateBudget:
             self._record(start, deferred, poll=poll)
             self._observe(0.0)
             return Grant(start, deferred, poll, 0.0)
-        if self._interrupted and priority >= PRIORITY_FRESH:
-            raise asyncio.CancelledError  # see interrupt(): the work is handed over, not failed
         fut: asyncio.Future[float] = asyncio.get_running_loop().create_future()
         if priority < PRIORITY_FRESH:
             self._urgent.append(fut)

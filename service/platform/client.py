@@ -9,6 +9,7 @@ answer reports the token as invalid (one re-login for all callers) and repeats t
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import math
 import ssl
@@ -23,6 +24,7 @@ import structlog
 
 from service.config import PlatformSettings
 from service.metrics import Metrics
+from service.ownership import await_call_guard
 from service.platform.budget import PRIORITY_FRESH, RateBudget
 from service.platform.errors import (
     BAD_SUCCESS_BODY,
@@ -138,8 +140,11 @@ class PlatformClient:
         transport: httpx.AsyncBaseTransport | None = None,
         tokens: TokenProvider | None = None,
         clock: Callable[[], float] = time.monotonic,
+        user_agent: str = "device-rebind",
     ) -> None:
         self._settings = settings
+        # Names the replica in the platform's access logs (e.g. "device-rebind/0.1.0 (pod-0)").
+        self._user_agent = user_agent
         self._metrics = metrics
         self.budget = budget
         self._clock = clock
@@ -344,8 +349,15 @@ class PlatformClient:
                     error_desc=f"{exc.operation}: {exc.error_desc or exc.spec.description}",
                     spec=exc.spec,
                 )
+            try:
+                await await_call_guard()  # only the partition's owner calls (service.ownership)
+            except asyncio.CancelledError:
+                self.tokens.release(token, sent=False)
+                self.budget.give_back(grant)
+                raise
             if self.budget.now() - asked > GRANT_STALE_SECONDS:
-                # The token took long (a rotation, a refused login, a renewal): the grant is
+                # The token (or the proof of ownership) took long (a rotation, a refused login,
+                # a renewal, a member that was frozen): the grant is
                 # stale, and every call that waited with one would leave at once, on top of
                 # the calls granted meanwhile. Give it back and take a fresh one, token in hand.
                 self.tokens.release(token, sent=False)
@@ -383,7 +395,11 @@ class PlatformClient:
         token: str,
         success_field: str | None = None,
     ) -> CallResult:
-        headers = {"app_key": self._settings.app_id, "Authorization": f"Bearer {token}"}
+        headers = {
+            "app_key": self._settings.app_id,
+            "Authorization": f"Bearer {token}",
+            "User-Agent": self._user_agent,
+        }
         started = self._clock()
         try:
             resp = await next(self._next_pool).request(

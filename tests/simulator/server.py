@@ -321,6 +321,7 @@ class Simulator:
             body=_masked(body),
             token_fp=fingerprint(token),
             app=identity,
+            user_agent=request.headers.get("User-Agent"),
         )
         st.record(rec)
         fault = st.take_fault(operation, device_id, identity)

@@ -345,6 +345,8 @@ class CallRecord:
     error_code: str | None = None
     fault: str | None = None
     """Name of the fault action that shaped this call, if any."""
+    user_agent: str | None = None
+    """The caller's User-Agent (device-rebind names its replica there)."""
 
     def public(self) -> dict[str, Any]:
         return asdict(self)

@@ -10,11 +10,15 @@ was sent.
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
+import pytest
 from pydantic import SecretStr
 
 from service.config import PlatformSettings
 from service.metrics import Metrics
+from service.ownership import CALL_GUARD
 from service.platform import PlatformClient, RateBudget
 from service.platform.budget import PRIORITY_FRESH
 from tests.unit.test_budget import FakeClock, max_in_any_window
@@ -85,3 +89,54 @@ async def test_a_short_token_wait_keeps_its_grant() -> None:
     assert len(sent) == LIMIT
     assert tokens.unsent == 0
     assert max(sent) <= start + 0.5
+
+
+async def test_a_call_whose_partition_moved_away_is_not_sent_and_gives_its_grant_back() -> None:
+    """Only the owner calls (issue 19, item 6): the call guard bound by the pipeline is awaited
+    right before the call leaves; when it says the partition moved away, nothing is sent and the
+    grant no longer counts."""
+    clock = FakeClock()
+    sent: list[float] = []
+
+    def respond(request: httpx.Request) -> httpx.Response:
+        sent.append(clock.now)
+        return httpx.Response(200, json={"deviceId": "dev-1", "activated": False})
+
+    budget = RateBudget(LIMIT, metrics=Metrics(), clock=clock, sleep=clock.sleep)
+    tokens = HeldTokens(clock, 0, 0)
+    settings = PlatformSettings(
+        base_url="https://iot.example.com:8743", app_id="app-1", secret=SecretStr("s" * 16)
+    )
+    client = PlatformClient(
+        settings, Metrics(), budget, transport=httpx.MockTransport(respond), tokens=tokens
+    )
+
+    async def moved_away() -> None:
+        raise asyncio.CancelledError
+
+    async def call() -> None:
+        CALL_GUARD.set(moved_away)
+        with pytest.raises(asyncio.CancelledError):
+            await client.query_activation("dev-1", None, priority=PRIORITY_FRESH)
+
+    try:
+        await asyncio.create_task(call())
+    finally:
+        await client.aclose()
+        await budget.aclose()
+    assert sent == []
+    assert tokens.unsent == 1
+    assert budget.in_window() == 0
+
+
+async def test_the_budget_grants_nothing_after_interrupt_even_when_it_is_free() -> None:
+    clock = FakeClock()
+    budget = RateBudget(LIMIT, metrics=Metrics(), clock=clock, sleep=clock.sleep)
+    budget.interrupt()
+    with pytest.raises(asyncio.CancelledError):
+        await budget.acquire(PRIORITY_FRESH)
+    assert not budget.try_acquire(PRIORITY_FRESH)
+    assert budget.in_window() == 0
+    budget.resume()
+    assert await budget.acquire(PRIORITY_FRESH) == 0.0
+    await budget.aclose()
