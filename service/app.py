@@ -118,10 +118,8 @@ class Service:
         # A replica without input partitions still needs a sliver (a login, a deferred retry).
         share = max(mine / total, 1e-6) if total else 1.0
         log.info("rate budget share", partitions=mine, of=total, share=round(share, 3))
-        input_topic = self.settings.topics.device_swapped
-        self.tokens.set_holder(
-            any(tp.topic == input_topic and tp.partition == 0 for tp in self.pipeline.assigned())
-        )
+        # The group's assignment decides, whether or not the partition is open yet.
+        self.tokens.set_holder(0 in self.pipeline.group_assignment())
         await self.budget_exchange.on_assigned(share)
 
     async def _before_revocation(self) -> None:
@@ -132,13 +130,19 @@ class Service:
     def alive(self) -> bool:
         return time.monotonic() - self._heartbeat < 30
 
-    def readiness(self) -> tuple[bool, str]:
+    def readiness(self) -> tuple[bool, str]:  # noqa: PLR0911 - one return per reason
         if not self.pipeline.started.is_set():
             return False, self.startup.reason or "kafka: not connected yet"
         if not self._assigned_once:
             return False, "kafka: waiting for the consumer group to assign partitions"
         if self.tokens.gate.blocked:
             return False, self.tokens.gate.reason or "platform: login refused"
+        unopened = self.pipeline.unopened()
+        if unopened:
+            return (
+                False,
+                f"kafka: assigned partitions {unopened} could not be opened yet (retrying)",
+            )
         stuck = self.pipeline.stuck_partitions()
         if stuck:
             return False, (

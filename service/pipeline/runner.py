@@ -51,6 +51,8 @@ __all__ = ["FatalPipelineError", "Handler", "Pipeline"]
 
 _MAX_COMMIT_FAILURES = 30
 _WAKE_INTERVAL_SECONDS = 0.25
+_OPEN_RETRY_INITIAL_SECONDS = 0.5
+_OPEN_RETRY_MAX_SECONDS = 15.0
 _REPUBLISH_RETRY_INITIAL_SECONDS = 0.2
 _REPUBLISH_RETRY_MAX_SECONDS = 10.0
 
@@ -149,6 +151,8 @@ class Pipeline:
         self._proof_bound = max(1.0, session - max(1.0, self._heartbeat_seconds))
         self._proof_at = -math.inf
         self._proof = asyncio.Event()
+        self._open_retry_in = 0.0  # the pause before the next try at a failed partition open
+        self._open_retry_at = 0.0
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -344,6 +348,7 @@ class Pipeline:
             while not self._stopping.is_set():
                 if self._fatal is not None:
                     raise FatalPipelineError(str(self._fatal)) from self._fatal
+                await self._retry_open()
                 self._apply_backpressure()
                 batches = await self._consumer.getmany(
                     timeout_ms=100, max_records=self._kafka.max_poll_records
@@ -643,11 +648,11 @@ class Pipeline:
         new = [tp for tp in inputs if tp.partition not in self._cores]
         if new:
             consumer.pause(*assigned)
-            await self._open(new)
-            consumer.resume(*assigned)
-            self._paused = False
-            if self._held is not None:  # held: newly assigned input partitions stay paused
-                consumer.pause(*inputs)
+            if await self._try_open(new):
+                consumer.resume(*assigned)
+                self._paused = False
+                if self._held is not None:  # held: newly assigned input partitions stay paused
+                    consumer.pause(*inputs)
         self._proved()  # the group just counted this member in
         if self._on_drain is not None:
             self._on_drain(False)
@@ -658,6 +663,59 @@ class Pipeline:
             if result is not None:
                 await result
         self._wake_now.set()
+
+    async def _try_open(self, tps: list[TopicPartition]) -> bool:
+        """Open ``tps``; on failure (a broker hiccup while fencing or loading) they stay
+        assigned and paused, :meth:`unopened` names them (``/readyz`` 503), and the consume
+        loop tries again with a growing pause (aiokafka would only log the callback's error)."""
+        try:
+            await self._open(tps)
+        except Exception as exc:  # noqa: BLE001 - any failure: retried, and visible meanwhile
+            for tp in tps:
+                committer = self._committers.pop(tp.partition, None)
+                self._cores.pop(tp.partition, None)
+                if committer is not None:
+                    await committer.stop()
+            self._open_retry_in = min(
+                max(self._open_retry_in * 2, _OPEN_RETRY_INITIAL_SECONDS),
+                _OPEN_RETRY_MAX_SECONDS,
+            )
+            self._open_retry_at = time.monotonic() + self._open_retry_in
+            log.error(  # noqa: TRY400 - the error is in the line; no traceback needed
+                "could not open the assigned partitions; trying again",
+                partitions=sorted(tp.partition for tp in tps),
+                retry_in=self._open_retry_in,
+                error=repr(exc),
+            )
+            return False
+        self._open_retry_in = 0.0
+        return True
+
+    def group_assignment(self) -> list[int]:
+        """The input partitions the group assigned to this member (open or not)."""
+        if self._consumer is None:
+            return []
+        topic = self._topics.device_swapped
+        return sorted(tp.partition for tp in self._consumer.assignment() if tp.topic == topic)
+
+    def unopened(self) -> list[int]:
+        """Input partitions the group assigned to this member that are not open (yet)."""
+        return [p for p in self.group_assignment() if p not in self._cores]
+
+    async def _retry_open(self) -> None:
+        """The consume loop's turn at partitions whose opening failed."""
+        consumer = self._consumer
+        assert consumer is not None
+        missing = self.unopened()
+        if not missing or time.monotonic() < self._open_retry_at:
+            return
+        topic = self._topics.device_swapped
+        tps = [TopicPartition(topic, p) for p in missing]
+        if await self._try_open(tps):
+            log.info("partitions opened", partitions=missing)
+            if self._held is None and not self._paused:
+                consumer.resume(*tps)
+            self._wake_now.set()
 
     async def _open(self, tps: list[TopicPartition]) -> None:
         """Take the partitions over: fence their earlier owners first, then read their state."""

@@ -176,15 +176,28 @@ async def test_repeated_and_late_pushes_are_harmless(harness: Harness) -> None:
     assert rebound.data["via"] == "push"
     # a late, out-of-order 'expired' for the same device after the bind changes nothing
     await control.send_notification(
+        {
+            "notifyType": "bindDevice",
+            "deviceId": "dev-rep",
+            "resultCode": "expired",
+            "deviceInfo": {"nodeId": "new-rep"},
+        }
+    )
+    # and a push that names no nodeId proves nothing: counted apart, settles nothing
+    await control.send_notification(
         {"notifyType": "bindDevice", "deviceId": "dev-rep", "resultCode": "expired"}
     )
     metrics = service.metrics.registry
 
-    def duplicates() -> float:
-        value = metrics.get_sample_value("rebind_bind_notifications_total", {"result": "duplicate"})
+    def count(result: str) -> float:
+        value = metrics.get_sample_value("rebind_bind_notifications_total", {"result": result})
         return value or 0.0
 
-    await wait_until(lambda: duplicates() >= 3, timeout=30, what="repeats seen as duplicates")
+    await wait_until(
+        lambda: count("duplicate") >= 3 and count("unproven") >= 1,
+        timeout=30,
+        what="repeats seen as duplicates, the push without a nodeId as unproven",
+    )
     outs = await _bind_outcomes(harness, 1)
     assert len(outs) == 1  # still exactly one bind outcome
     assert metrics.get_sample_value("rebind_bind_results_total", {"result": "bound_push"}) == 1
@@ -286,7 +299,12 @@ async def test_a_push_acknowledged_before_its_owner_reads_it_is_not_lost(
         answer = await client.post(
             f"http://127.0.0.1:{bind.port}/platform/bind/{PATH_SECRET}",
             content=orjson.dumps(
-                {"notifyType": "bindDevice", "deviceId": "dev-crash", "resultCode": "succeeded"}
+                {
+                    "notifyType": "bindDevice",
+                    "deviceId": "dev-crash",
+                    "resultCode": "succeeded",
+                    "deviceInfo": {"nodeId": "new-crash"},
+                }
             ),
             headers={"content-type": "application/json"},
         )
