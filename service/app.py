@@ -126,13 +126,20 @@ class Service:
     def alive(self) -> bool:
         return time.monotonic() - self._heartbeat < 30
 
-    def readiness(self) -> tuple[bool, str]:
+    def readiness(self) -> tuple[bool, str]:  # noqa: PLR0911 - one return per reason
         if not self.pipeline.started.is_set():
             return False, self.startup.reason or "kafka: not connected yet"
         if not self._assigned_once:
             return False, "kafka: waiting for the consumer group to assign partitions"
         if self.tokens.gate.blocked:
             return False, self.tokens.gate.reason or "platform: login refused"
+        if self.budget.lease_expired():
+            exchange = self.budget_exchange
+            return False, (
+                f"budget lease expired: no record acknowledged by the budget topic "
+                f"(REBIND_TOPICS__BUDGET={self.settings.topics.budget}) for "
+                f"{exchange.lease_seconds:g} s; platform calls wait"
+            )
         stuck = self.pipeline.stuck_partitions()
         if stuck:
             return False, (

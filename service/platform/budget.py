@@ -133,6 +133,8 @@ class RateBudget:
         # limit within the window, never beyond it (a reserve and a cap).
         self._poll: deque[asyncio.Future[float]] = deque()
         self._poll_times: deque[float] = deque()
+        if metrics is not None:
+            metrics.budget_lease_expired.set_function(lambda: 1.0 if self.lease_expired() else 0.0)
         self._poll_share = 0.2
         self._interrupted = False
         self._paused_until = 0.0
@@ -248,6 +250,10 @@ class RateBudget:
     def lease_until(self) -> float:
         """Grants stop at this time (budget clock) unless the lease is renewed; inf: no lease."""
         return math.inf if self._lease_until is None else self._lease_until
+
+    def lease_expired(self) -> bool:
+        """A lease was set and has run out: nothing is granted until it is renewed."""
+        return self._lease_until is not None and self._clock() >= self._lease_until
 
     def renew_lease(self, until: float | None) -> None:
         """Grant only before ``until`` (budget clock); None: no lease (the default)."""
