@@ -143,6 +143,13 @@ class Service:
                 False,
                 f"kafka: assigned partitions {unopened} could not be opened yet (retrying)",
             )
+        if self.budget.lease_expired():
+            exchange = self.budget_exchange
+            return False, (
+                f"budget lease expired: no record acknowledged by the budget topic "
+                f"(REBIND_TOPICS__BUDGET={self.settings.topics.budget}) for "
+                f"{exchange.lease_seconds:g} s; platform calls wait"
+            )
         stuck = self.pipeline.stuck_partitions()
         if stuck:
             return False, (

@@ -73,6 +73,10 @@ READ_RETRY_SECONDS: Final = 1.0
 SEGMENT_MS: Final = 600_000
 """Segments roll every 10 minutes, so compaction keeps the topic near one record per replica."""
 SPAN_SECONDS: Final = WINDOW_SECONDS + DEFAULT_SAFETY_MARGIN_SECONDS
+LOG_APPEND_TIME: Final = 1
+"""The timestamp type of a record the broker stamps (topic: LogAppendTime)."""
+CLOCK_STEP_LOGGED_SECONDS: Final = 1.0
+"""A re-anchoring that moves the epoch conversion by more than this is logged."""
 
 
 class InvalidBudgetRecordError(Exception):
@@ -287,7 +291,9 @@ def build_global_log(
 class RecordLog(Protocol):
     """The topic without Kafka (tests, simulations): appended records, read back in order."""
 
-    async def append(self, key: bytes, value: bytes) -> None: ...
+    async def append(self, key: bytes, value: bytes) -> float | None:
+        """Append; the broker's append time of the record (epoch seconds), if it stamps one."""
+        ...
 
     def read_from(self, position: int) -> Sequence[tuple[bytes | None, bytes | None]]:
         """The records from ``position`` (0-based) to the current end."""
@@ -356,6 +362,9 @@ class BudgetExchange:
         self._inherited: list[float] = []
         self._publish_lock = asyncio.Lock()
         self._lease_lost = False
+        self.broker_time = False
+        """The budget's epoch times are anchored to the broker's append times (else to this
+        host's wall clock, read again at every publication)."""
         self._unwired_warned = False
         self.publications = 0
         self.rebalances = 0
@@ -458,7 +467,8 @@ class BudgetExchange:
                 await task
 
     async def _ensure_topic(self) -> None:
-        configs = {"segment.ms": str(SEGMENT_MS)}
+        # The broker stamps each record with its append time: the replicas' common clock.
+        configs = {"segment.ms": str(SEGMENT_MS), "message.timestamp.type": "LogAppendTime"}
         if await ensure_compacted_topic(
             self._options, self._topic, setting="REBIND_TOPICS__BUDGET", configs=configs
         ):
@@ -557,6 +567,7 @@ class BudgetExchange:
             return False
         async with self._publish_lock:
             phase, assignment = self._phase, self._assignment
+            self._anchor()
             sent_at = self.budget.now()
             record = BudgetRecord(
                 instance=self._instance,
@@ -573,19 +584,28 @@ class BudgetExchange:
             value = encode_record(record)
             try:
                 if io is not None:
-                    await io.append(self._key.encode(), value)
+                    stamped = await io.append(self._key.encode(), value)
                 else:
                     assert producer is not None
-                    await asyncio.wait_for(
+                    metadata = await asyncio.wait_for(
                         producer.send_and_wait(
                             self._topic, value, key=self._key.encode(), partition=0
                         ),
                         self._publish_timeout,
                     )
+                    stamped = (
+                        metadata.timestamp / 1000.0
+                        if metadata.timestamp_type == LOG_APPEND_TIME and metadata.timestamp > 0
+                        else None
+                    )
             except Exception as exc:  # noqa: BLE001 - the lease runs out; the budget stops
                 log.warning("budget_publish_failed", error=type(exc).__name__, held=record.held)
                 return False
         self.publications += 1
+        if stamped is not None:
+            # Appended after we sent it: taking its stamp for the send time puts our clock a
+            # round trip ahead of the broker's at most (our calls look younger: safe).
+            self._anchor(stamped, at=sent_at)
         self.budget.renew_lease(sent_at + self.lease_seconds)
         if self._lease_lost:
             self._lease_lost = False
@@ -598,6 +618,21 @@ class BudgetExchange:
         ):
             self.budget.release()
         return True
+
+    def _anchor(self, broker: float | None = None, *, at: float | None = None) -> None:
+        """Re-anchor the budget's epoch conversion: to the broker's append time of a record just
+        acknowledged, or (never anchored to the broker yet) to this host's wall clock now."""
+        if broker is None and self.broker_time:
+            return
+        step = self.budget.reanchor(broker, at=at)
+        first = broker is not None and not self.broker_time
+        self.broker_time = self.broker_time or broker is not None
+        if abs(step) > CLOCK_STEP_LOGGED_SECONDS or first:
+            log.info(
+                "budget_clock_anchored",
+                anchor="broker" if broker is not None else "wall clock",
+                step_seconds=round(step, 3),
+            )
 
     async def _publish_loop(self) -> None:
         while True:
@@ -642,6 +677,7 @@ class BudgetExchange:
             announced = False
             await self.on_revoked()
         self._assignment += 1
+        self._anchor()
         self._assigned_at = self.budget.wall_now()
         caught_up = await self.catch_up()
         now = self.budget.wall_now()

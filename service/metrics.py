@@ -100,6 +100,13 @@ class Metrics:
             "This replica's share of the application's calls per minute.",
             registry=r,
         )
+        self.budget_lease_expired = Gauge(
+            "rebind_budget_lease_expired",
+            "1 while this replica's budget lease has run out: no record of its calls was "
+            "acknowledged by the budget topic for the lease (3 publication intervals, 6 s), so "
+            "it makes no platform call until one is.",
+            registry=r,
+        )
         self.deferred_events = Gauge(
             "rebind_deferred_events",
             "Swaps waiting for their device to go offline.",

@@ -44,8 +44,11 @@ the window, and each replica's new grants stay within ``limit - share * G``: tog
 holds between a revocation and the next assignment, so the log it published stays complete), and
 :meth:`renew_lease` lets grants happen only until a given time (the exchange renews it after each
 acknowledged publication, so a replica that can no longer publish stops calling soon after).
-Decisions use the monotonic clock; the log travels as wall-clock epoch seconds, converted with an
-offset fixed at construction.
+Decisions use the monotonic clock; the log travels as epoch seconds, converted with an offset
+that :meth:`reanchor` sets again: the exchange re-anchors it at every publication, to the broker's
+append time of its last acknowledged record when the budget topic stamps one, else to the wall
+clock read then (docs/budget.md, *Clocks*). A clock step therefore shifts the shared log for at
+most one publication interval, not for the rest of the process.
 """
 
 from __future__ import annotations
@@ -122,7 +125,9 @@ class RateBudget:
         self._preload: deque[tuple[float, int]] = deque()  # (time, calls) of the global log
         self._preload_calls = 0
         self._preload_weight = 0.0
-        self._wall_offset = time.time() - clock() if wall_offset is None else wall_offset
+        fixed = wall_offset  # given: a wall clock that never steps (tests, simulations)
+        self._wall: Clock = time.time if fixed is None else (lambda: clock() + fixed)
+        self._wall_offset = self._wall() - clock()
         self._counted_since = clock()
         self._held = False
         self._lease_until: float | None = None
@@ -133,6 +138,8 @@ class RateBudget:
         # limit within the window, never beyond it (a reserve and a cap).
         self._poll: deque[asyncio.Future[float]] = deque()
         self._poll_times: deque[float] = deque()
+        if metrics is not None:
+            metrics.budget_lease_expired.set_function(lambda: 1.0 if self.lease_expired() else 0.0)
         self._poll_share = 0.2
         self._interrupted = False
         self._paused_until = 0.0
@@ -172,6 +179,19 @@ class RateBudget:
 
     def to_wall(self, monotonic: float) -> float:
         return monotonic + self._wall_offset
+
+    def reanchor(self, wall: float | None = None, *, at: float | None = None) -> float:
+        """The epoch time was ``wall`` at budget-clock time ``at`` (default: the wall clock, now).
+
+        Own grants are kept on the monotonic clock, so the next :meth:`grant_log` carries them at
+        their true age whatever the wall clock did since they were granted. Returns the step
+        (the new offset minus the old one).
+        """
+        when = self._clock() if at is None else at
+        offset = (self._wall() if wall is None else wall) - when
+        step = offset - self._wall_offset
+        self._wall_offset = offset
+        return step
 
     def set_share(self, fraction: float) -> None:
         """This replica's fraction of the application's budget (0 < fraction <= 1)."""
@@ -248,6 +268,10 @@ class RateBudget:
     def lease_until(self) -> float:
         """Grants stop at this time (budget clock) unless the lease is renewed; inf: no lease."""
         return math.inf if self._lease_until is None else self._lease_until
+
+    def lease_expired(self) -> bool:
+        """A lease was set and has run out: nothing is granted until it is renewed."""
+        return self._lease_until is not None and self._clock() >= self._lease_until
 
     def renew_lease(self, until: float | None) -> None:
         """Grant only before ``until`` (budget clock); None: no lease (the default)."""

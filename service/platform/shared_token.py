@@ -288,8 +288,20 @@ class SharedTokenProvider:
         try:
             token = self._seal.open_token(value)
         except InvalidRecordError as exc:
-            log.warning("token_record_ignored", offset=offset, reason=str(exc))
-            self._undecrypted = (value, offset)
+            # Lost (a tombstone), forged, corrupt or under another secret. On the holder: the
+            # record compaction keeps, and the one a replica starting later reads last, must be
+            # a readable token, so the holder writes its token again (rate-limited).
+            holder = self.is_holder and self.manager.current() is not None
+            log.warning(
+                "token_record_ignored",
+                offset=offset,
+                reason=str(exc),
+                action="republish" if holder else "ignored",
+            )
+            if holder:
+                self.holder.republish("unreadable_record")
+            else:
+                self._undecrypted = (value, offset)
             return
         self._undecrypted = None
         self._holder_heard_at = state.clock()
@@ -311,7 +323,7 @@ class SharedTokenProvider:
                 action="republish" if self.is_holder else "ignored",
             )
             if self.is_holder:
-                self.holder.republish()
+                self.holder.republish("stale_record")
             return
         self._take(token)
         if previous is None or previous.access != token.access:
@@ -341,9 +353,14 @@ class SharedTokenProvider:
         state.signal()
 
     def _receive_need(self, notice: dict[str, Any]) -> None:
+        """A replica has no usable token (it started after the token record was lost, or could
+        not read it): a holder with a token writes it again (rate-limited), one without logs in."""
         self._state.demand = True
         if self.is_holder:
-            self.holder.wake()
+            if self.manager.current() is not None:
+                self.holder.republish("need")
+            else:
+                self.holder.wake()
 
     def _receive_rotating(self, notice: dict[str, Any]) -> None:
         state = self._state
@@ -404,7 +421,7 @@ class SharedTokenProvider:
                 # A follower was refused a token that is not ours: it holds an older one.
                 # Publish ours again; it is newer than whatever that follower holds.
                 log.info("token_refused_notice_for_an_older_token", action="republish")
-                self.holder.republish()
+                self.holder.republish("refused_older_token")
             self.holder.wake()
         state.signal()
 

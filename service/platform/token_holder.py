@@ -37,6 +37,10 @@ RETRY_MAX_SECONDS: Final = 30.0
 POLL_SECONDS: Final = 0.25
 REFRESH_REFUSED_CODE: Final = "100208"
 """A refreshToken answered this: the refresh token is spent or unknown."""
+REPUBLISH_MIN_SECONDS: Final = 1.0
+"""The holder writes its unchanged token again (for a /need, an unreadable record, a replay, a
+follower refused an older token) at most once per this interval: a flood of notices or bad
+records costs one record per interval, never a write loop."""
 
 
 class HolderTokens(TokenManager):
@@ -100,6 +104,10 @@ class TokenHolder:
         the refresh token and replaced the access token, so the next renewal is a login."""
         self._refresh_spent = False
         self._republish = False
+        self._republish_reason = "claim"
+        self._republished_at: float | None = None
+        """When the unchanged token was last written again (the rate limit's start)."""
+        self.republished = 0
         self.renewal_failure: TokenError | None = None
         self.renewal_failures = 0
         """The last failed renewal, and how many failed: a caller waiting for a token on the
@@ -140,8 +148,12 @@ class TokenHolder:
     def wake(self) -> None:
         self._wake.set()
 
-    def republish(self) -> None:
-        """Publish the current token again (a replay was read, a follower holds an old one)."""
+    def republish(self, reason: str) -> None:
+        """Publish the current token again (a follower needs one or holds an old one, a replay
+        or an unreadable token record was read), at most once per ``REPUBLISH_MIN_SECONDS``;
+        requests meanwhile are answered together, once the interval has passed."""
+        if not self._republish:
+            self._republish_reason = reason
         self._republish = True
         self.wake()
 
@@ -242,7 +254,8 @@ class TokenHolder:
         if latest is None:
             return
         self.manager.adopt(latest, state.wall())
-        self._republish = True  # a claim: the followers hear a live holder
+        self._republish, self._republish_reason = True, "claim"  # followers hear a live holder
+        self._republished_at = None  # a claim is not rate-limited
         log.info(
             "token_adopted",
             previous_holder=latest.holder,
@@ -276,7 +289,16 @@ class TokenHolder:
                 self.manager.discard()  # nobody needs one: log in when someone does
                 return True
             return await self._rotate(channel, login=self._orphan or not can_refresh)
-        elif self._republish or state.latest is None or state.latest.access != held.access:
+        elif state.latest is None or state.latest.access != held.access:
+            await self._publish(channel, held)
+        elif self._republish:
+            since = self._republished_at
+            if since is not None and now < since + REPUBLISH_MIN_SECONDS:
+                await self._sleep_or_wake(since + REPUBLISH_MIN_SECONDS - now)
+                return True  # woken by the next notice of a flood: nothing written
+            self._republished_at = now
+            self.republished += 1
+            log.info("token_republished", reason=self._republish_reason)
             await self._publish(channel, held)
         else:
             await self._sleep_or_wake(max(0.0, held.renew_at - now))

@@ -74,6 +74,9 @@ async def test_the_topic_is_created_compacted_with_one_partition(
         assert len(described[0]["partitions"]) == 1
         entries = {c[0]: c[1] for c in configs[0].resources[0][4]}
         assert entries["cleanup.policy"] == "compact"
+        # the broker stamps the records: the replicas' epoch is the broker's (docs/budget.md)
+        assert entries["message.timestamp.type"] == "LogAppendTime"
+        assert a.broker_time
         # a held record (nothing is granted before the first assignment) is on the topic
         consumer = AIOKafkaConsumer(
             budget_topic, bootstrap_servers=kafka_broker.bootstrap, auto_offset_reset="earliest"

@@ -26,8 +26,9 @@ class MemoryTopic:
     def __init__(self) -> None:
         self.records: list[tuple[bytes | None, bytes | None]] = []
 
-    async def append(self, key: bytes, value: bytes) -> None:
+    async def append(self, key: bytes, value: bytes) -> float | None:
         self.records.append((key, value))
+        return None  # no broker append time: the replicas anchor to their wall clocks
 
     def read_from(self, position: int) -> Sequence[tuple[bytes | None, bytes | None]]:
         return self.records[position:]

@@ -561,3 +561,77 @@ async def test_the_holder_republishes_when_a_follower_is_refused_an_older_token(
 async def _published_with(rig: Rig, suffix: bytes) -> list[tuple[bytes, bytes]]:
     await _until(lambda: any(k.endswith(suffix) for k, _ in rig.published))
     return [(k, v) for k, v in rig.published if k.endswith(suffix)]
+
+
+# ---------------------------------------------------------------------- republish (issue 19.7)
+async def _holder_with_token(rig: Rig) -> SharedTokenProvider:
+    holder = rig.make("i0")
+    holder.set_holder(True)
+    assert await holder.get() == "access-1"
+    await _until(lambda: len(_tokens(rig)) == 1)
+    holder.release("access-1")
+    return holder
+
+
+async def test_the_holder_answers_a_need_notice_by_republishing_its_token(rig: Rig) -> None:
+    """A restarting follower found no usable token record (lost, compacted to a bad one): its
+    /need is answered with the current token at once, not after the takeover grace."""
+    holder = await _holder_with_token(rig)
+    holder.receive(KEY + b"/need", rig.codec.encrypt({"by": "i1"}, KEY + b"/need"))
+    await _until(lambda: len(_tokens(rig)) == 2, "the token republished for the need")
+    first, again = _tokens(rig)
+    assert again.access == "access-1"  # the same token, a newer record
+    assert (again.sequence or 0) > (first.sequence or 0)
+    assert again.holder == "i0"
+    assert rig.platform.calls == ["login"]  # republished, not renewed
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        None,  # a tombstone: the token record is gone
+        TokenCodec(APP, "not-the-secret").encode_token(_token("tok-EVIL"), KEY),
+        b"\x01garbage",
+    ],
+    ids=["tombstone", "another-secret", "garbage"],
+)
+async def test_the_holder_republishes_over_an_unreadable_token_record(
+    rig: Rig, value: bytes | None
+) -> None:
+    """The topic's last token record does not decrypt: compaction would keep it and every
+    replica starting later would read nothing usable. The holder writes its token again."""
+    holder = await _holder_with_token(rig)
+    with capture_logs() as logs:
+        holder.receive(KEY, value, offset=9)
+        await _until(lambda: len(_tokens(rig)) == 2, "the token republished")
+    assert _tokens(rig)[1].access == "access-1"
+    assert rig.platform.calls == ["login"]
+    [ignored] = [e for e in logs if e["event"] == "token_record_ignored"]
+    assert ignored["action"] == "republish"
+    assert "tok" not in json.dumps(logs, default=str).replace("token_", "")
+
+
+async def test_a_flood_of_needs_and_unreadable_records_cannot_make_the_holder_write_in_a_loop(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("service.platform.token_holder.REPUBLISH_MIN_SECONDS", 0.5)
+    holder = await _holder_with_token(rig)
+    need = rig.codec.encrypt({"by": "i1"}, KEY + b"/need")
+    holder.receive(KEY + b"/need", need)
+    await _until(lambda: len(_tokens(rig)) == 2, "the first answer")
+    for n in range(200):  # a flood: notices and unreadable records, right after the answer
+        holder.receive(KEY + b"/need", need)
+        holder.receive(KEY, b"\x01garbage", offset=100 + n)
+    await _until(lambda: len(_tokens(rig)) == 3, "one more answer, after the interval")
+    await asyncio.sleep(0.8)  # a while in which nothing may happen (not a synchronisation)
+    assert len(_tokens(rig)) == 3  # the flood cost one record, not 400
+    assert rig.platform.calls == ["login"]
+
+
+async def test_a_follower_does_not_republish_an_unreadable_record(rig: Rig) -> None:
+    follower = rig.make("i1")
+    follower.receive(KEY, rig.codec.encode_token(_token("tok-A", sequence=1), KEY))
+    follower.receive(KEY, None, offset=3)
+    follower.receive(KEY + b"/need", rig.codec.encrypt({"by": "i2"}, KEY + b"/need"))
+    await asyncio.sleep(0.2)  # a while in which nothing may happen (not a synchronisation)
+    assert rig.published == []  # only the holder writes token records
