@@ -152,6 +152,7 @@ class Pipeline:
         self._proof_at = -math.inf
         self._proof = asyncio.Event()
         self._open_retry_in = 0.0  # the pause before the next try at a failed partition open
+        self._failed_open: set[int] = set()  # assigned partitions whose opening failed
         self._open_retry_at = 0.0
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -228,9 +229,14 @@ class Pipeline:
         CancelledError once the partition moves away or the pipeline stops."""
         warned = False
         while True:
-            if core.closed or core.closing or self._stopping.is_set():
+            if (
+                core.closed
+                or core.closing
+                or self._stopping.is_set()
+                or self._cores.get(core.partition) is not core  # dropped, or opened anew
+            ):
                 raise asyncio.CancelledError
-            if self._cores.get(core.partition) is core and self.owner_fresh():
+            if self.owner_fresh():
                 return
             if not warned:
                 warned = True
@@ -671,6 +677,7 @@ class Pipeline:
         try:
             await self._open(tps)
         except Exception as exc:  # noqa: BLE001 - any failure: retried, and visible meanwhile
+            self._failed_open.update(tp.partition for tp in tps)
             for tp in tps:
                 committer = self._committers.pop(tp.partition, None)
                 self._cores.pop(tp.partition, None)
@@ -688,6 +695,7 @@ class Pipeline:
                 error=repr(exc),
             )
             return False
+        self._failed_open.difference_update(tp.partition for tp in tps)
         self._open_retry_in = 0.0
         return True
 
@@ -699,8 +707,12 @@ class Pipeline:
         return sorted(tp.partition for tp in self._consumer.assignment() if tp.topic == topic)
 
     def unopened(self) -> list[int]:
-        """Input partitions the group assigned to this member that are not open (yet)."""
-        return [p for p in self.group_assignment() if p not in self._cores]
+        """Input partitions the group assigned to this member whose opening failed (and is
+        being tried again). A partition dropped because it was fenced is not one of them: it
+        waits for the rebalance its drop asked for."""
+        return [
+            p for p in self.group_assignment() if p in self._failed_open and p not in self._cores
+        ]
 
     async def _retry_open(self) -> None:
         """The consume loop's turn at partitions whose opening failed."""
@@ -776,6 +788,7 @@ class Pipeline:
     async def partitions_revoked(self, revoked: list[TopicPartition]) -> None:
         """Settle the revoked partitions' work before they move: finish, or leave it to the
         next owner (who skips what was published and redoes the rest)."""
+        self._failed_open.difference_update(tp.partition for tp in revoked)
         ours = [tp.partition for tp in revoked if tp.partition in self._cores]
         for p in ours:
             self._cores[p].closing = True  # queued jobs of these partitions will not start

@@ -26,8 +26,10 @@ from aiokafka.structs import RecordMetadata
 from service.config import KafkaSettings
 from service.events import DLQ_REASON_HEADER, DLQ_SOURCE_OFFSET_HEADER, DLQ_SOURCE_PARTITION_HEADER
 from service.pipeline.committer import MAX_REQUEST_BYTES
+from tests.fixtures.kafka import INPUT_PARTITIONS
 from tests.fixtures.service import Harness
 from tests.support.events import Received, swap_event
+from tests.support.partitioning import device_on
 
 pytestmark = pytest.mark.integration
 
@@ -78,17 +80,23 @@ async def test_oversized_input_is_answered_and_the_partition_keeps_flowing(
     harness: Harness,
 ) -> None:
     control = harness.sim.control
-    devices = ["dev-2mib", "dev-1mib", "dev-limit", "dev-small"]
+    # keys that hash to partition 0, where they are produced (a record on another partition
+    # than its key's would be forwarded there)
+    d2, d1, dl, ds = (
+        device_on(0, INPUT_PARTITIONS, name)
+        for name in ("dev-2mib", "dev-1mib", "dev-limit", "dev-small")
+    )
+    devices = [d2, d1, dl, ds]
     await control.seed_devices([{"device_id": d, "node_id": f"old-{d}"} for d in devices])
     service = await harness.start_service()
-    two_mib = _swap_of_size("dev-2mib", "evt-2mib", 2 * MiB)
+    two_mib = _swap_of_size(d2, "evt-2mib", 2 * MiB)
     assert len(gzip.compress(two_mib)) < MiB  # it passes the broker compressed
-    near_limit = _swap_of_size("dev-limit", "evt-limit", LIMIT - 200)
+    near_limit = _swap_of_size(dl, "evt-limit", LIMIT - 200)
     records = [
-        ("dev-2mib", two_mib),
-        ("dev-1mib", _swap_of_size("dev-1mib", "evt-1mib", MiB - 200)),
-        ("dev-limit", near_limit),
-        ("dev-small", swap_event("dev-small", "new-dev-small", event_id="evt-small")),
+        (d2, two_mib),
+        (d1, _swap_of_size(d1, "evt-1mib", MiB - 200)),
+        (dl, near_limit),
+        (ds, swap_event(ds, f"new-{ds}", event_id="evt-small")),
     ]
     landed = await _produce(harness, records)
 
@@ -117,16 +125,13 @@ async def test_oversized_input_is_answered_and_the_partition_keeps_flowing(
     small = by_offset[landed[3].offset]
     assert small.topic == harness.topics.credential_updated
     assert "contextTruncated" not in small.data
-    assert [c["device_id"] for c in await control.calls(operation="refresh_key")] == [
-        "dev-limit",
-        "dev-small",
-    ]
+    assert [c["device_id"] for c in await control.calls(operation="refresh_key")] == [dl, ds]
 
     # the duplicate memory kept a copy of the trimmed outcome: the swap sent again is answered
     # with it, without a call
-    await _produce(harness, [("dev-limit", near_limit)])
+    await _produce(harness, [(dl, near_limit)])
     outs = await harness.read(5, timeout=60)
-    again = max((o for o in outs if o.key == b"dev-limit"), key=lambda o: o.offset)
+    again = max((o for o in outs if o.key == dl.encode()), key=lambda o: o.offset)
     assert again.offset != big.offset
     assert again.value == big.value
     assert len(await control.calls(operation="refresh_key")) == 2
