@@ -76,6 +76,13 @@ class PartitionCommitter:
         )
         self._lock = asyncio.Lock()
         self.failures = 0
+        # Tickets order what is noted in the core against transactions: a transaction takes the
+        # ticket current when it takes its commit (everything noted before is in it, or in the
+        # core again if it failed) and moves the counter on; ``_durable`` is the ticket of the
+        # latest transaction that committed, or found nothing to write.
+        self._next_ticket = 1
+        self._durable = 0
+        self._ended = asyncio.Event()  # set (and replaced) at the end of every attempt
 
     async def start(self) -> None:
         """Initialise the transactional id: fences the partition's earlier owner."""
@@ -92,16 +99,24 @@ class PartitionCommitter:
         if core is None:
             return
         async with self._lock:
-            commit = core.take_commit()
-            if commit is None:
-                return
-            self._leave_out_oversized(commit)
+            ticket = self._next_ticket
+            self._next_ticket += 1
             try:
-                written = await self._transact(commit)
-            except BaseException:
-                core.restore(commit)
-                raise
-            core.committed(commit, written)
+                commit = core.take_commit()
+                if commit is None:
+                    self._durable = ticket
+                    return
+                self._leave_out_oversized(commit)
+                try:
+                    written = await self._transact(commit)
+                except BaseException:
+                    core.restore(commit)
+                    raise
+                core.committed(commit, written)
+                self._durable = ticket
+            finally:
+                ended, self._ended = self._ended, asyncio.Event()
+                ended.set()
             self.failures = 0
             now_ms = time.time() * 1000
             for stamp in commit.stamps:
@@ -112,6 +127,26 @@ class PartitionCommitter:
                 self._metrics.bind_results.labels(result=result).inc()
                 if seconds is not None:
                     self._metrics.bind_seconds.observe(seconds)
+
+    async def durable(self) -> bool:
+        """Return True once everything the core noted before this call is committed; False
+        when the partition is being revoked first. Raises like :meth:`commit`.
+
+        A claim does not start a transaction of its own when one is running: it waits for that
+        one to end, and the next one (begun by the first waiter, or by the commit loop) carries
+        every claim and outcome noted meanwhile. So jobs that start together share one
+        transaction, and a job whose claim a transaction already carried calls the platform at
+        once instead of queueing for a transaction of its own."""
+        ticket = self._next_ticket
+        while self._durable < ticket:
+            core = self.core
+            if core is None or core.closed or core.closing:
+                return False
+            if self._lock.locked():
+                await self._ended.wait()
+            else:
+                await self.commit()
+        return True
 
     def _leave_out_oversized(self, commit: Commit) -> None:
         """Last line of defence: a record the producer would refuse would fail every transaction
