@@ -82,7 +82,8 @@ class PartitionCommitter:
         # latest transaction that committed, or found nothing to write.
         self._next_ticket = 1
         self._durable = 0
-        self._ended = asyncio.Event()  # set (and replaced) at the end of every attempt
+        self._ended = asyncio.Event()  # set (and replaced) at the end of every commit()
+        self._committing = 0  # commit() calls running or waiting for the lock
 
     async def start(self) -> None:
         """Initialise the transactional id: fences the partition's earlier owner."""
@@ -98,25 +99,30 @@ class PartitionCommitter:
         core = self.core
         if core is None:
             return
+        self._committing += 1  # waiting for the lock included: see durable()
+        try:
+            await self._commit(core)
+        finally:
+            self._committing -= 1
+            ended, self._ended = self._ended, asyncio.Event()
+            ended.set()
+
+    async def _commit(self, core: PartitionCore) -> None:
         async with self._lock:
             ticket = self._next_ticket
             self._next_ticket += 1
-            try:
-                commit = core.take_commit()
-                if commit is None:
-                    self._durable = ticket
-                    return
-                self._leave_out_oversized(commit)
-                try:
-                    written = await self._transact(commit)
-                except BaseException:
-                    core.restore(commit)
-                    raise
-                core.committed(commit, written)
+            commit = core.take_commit()
+            if commit is None:
                 self._durable = ticket
-            finally:
-                ended, self._ended = self._ended, asyncio.Event()
-                ended.set()
+                return
+            self._leave_out_oversized(commit)
+            try:
+                written = await self._transact(commit)
+            except BaseException:
+                core.restore(commit)
+                raise
+            core.committed(commit, written)
+            self._durable = ticket
             self.failures = 0
             now_ms = time.time() * 1000
             for stamp in commit.stamps:
@@ -142,7 +148,9 @@ class PartitionCommitter:
             core = self.core
             if core is None or core.closed or core.closing:
                 return False
-            if self._lock.locked():
+            if self._committing:
+                # Not the lock's own queue: every waiter queued there would run a transaction
+                # of its own in turn (a convoy, one claim per transaction, measured in issue 24).
                 await self._ended.wait()
             else:
                 await self.commit()
