@@ -84,6 +84,7 @@ class PartitionCommitter:
         self._durable = 0
         self._ended = asyncio.Event()  # set (and replaced) at the end of every commit()
         self._committing = 0  # commit() calls running or waiting for the lock
+        self._carried = 0  # the latest ticket the running transaction carries
 
     async def start(self) -> None:
         """Initialise the transactional id: fences the partition's earlier owner."""
@@ -116,13 +117,14 @@ class PartitionCommitter:
                 self._durable = ticket
                 return
             self._leave_out_oversized(commit)
+            self._carried = ticket  # _transact moves it on when it takes late outputs too
             try:
                 written = await self._transact(commit)
             except BaseException:
                 core.restore(commit)
                 raise
             core.committed(commit, written)
-            self._durable = ticket
+            self._durable = self._carried
             self.failures = 0
             now_ms = time.time() * 1000
             for stamp in commit.stamps:
@@ -196,15 +198,11 @@ class PartitionCommitter:
         producer = self._producer
         try:
             async with producer.transaction():
-                futures = [
-                    await producer.send(
-                        o.topic, o.value, key=o.key, headers=o.headers, partition=o.partition
-                    )
-                    for o in commit.outputs
-                ]
+                written = await self._send(commit.outputs)
+                self._take_late(commit)
+                written += await self._send(commit.outputs[len(written) :])
                 # The records first, the offsets once every record is acknowledged: never both
                 # at once (see the docstring).
-                written = [m.offset for m in await asyncio.gather(*futures)] if futures else []
                 offsets: dict[TopicPartition, OffsetAndMetadata] = {}
                 if commit.offset is not None:
                     tp = TopicPartition(self.topic, self.partition)
@@ -233,6 +231,38 @@ class PartitionCommitter:
             raise
         self._metrics.transactions.labels(result="committed").inc()
         return written
+
+    async def _send(self, outputs: list[Output]) -> list[int]:
+        """Send ``outputs`` in the open transaction; their offsets once all are acknowledged."""
+        producer = self._producer
+        futures = [
+            await producer.send(
+                o.topic, o.value, key=o.key, headers=o.headers, partition=o.partition
+            )
+            for o in outputs
+        ]
+        return [m.offset for m in await asyncio.gather(*futures)] if futures else []
+
+    def _take_late(self, commit: Commit) -> None:
+        """Add to the open transaction what the core noted while its records were on their way
+        (claims of jobs that started meanwhile, outcomes decided meanwhile), with the newer
+        offset: a claim then waits for the transaction in progress rather than for the next
+        one. Once, before the offsets: the transaction ends soon after."""
+        core = self.core
+        if core is None or core.closed:
+            return
+        late = core.take_commit()
+        if late is None:
+            return
+        self._carried = self._next_ticket
+        self._next_ticket += 1
+        self._leave_out_oversized(late)
+        commit.outputs += late.outputs
+        commit.offset, commit.metadata = late.offset, late.metadata
+        commit.counts += late.counts
+        commit.stamps += late.stamps
+        commit.binds += late.binds
+        commit.notify_offset = late.notify_offset
 
 
 def producer_fatal(producer: AIOKafkaProducer) -> bool:
