@@ -140,11 +140,12 @@ class PartitionCommitter:
         """Return True once everything the core noted before this call is committed; False
         when the partition is being revoked first. Raises like :meth:`commit`.
 
-        A claim does not start a transaction of its own when one is running: it waits for that
-        one to end, and the next one (begun by the first waiter, or by the commit loop) carries
-        every claim and outcome noted meanwhile. So jobs that start together share one
-        transaction, and a job whose claim a transaction already carried calls the platform at
-        once instead of queueing for a transaction of its own."""
+        A claim does not start a transaction of its own when one is running: that one takes it
+        too if it has not yet taken its second look (:meth:`_take_late`), else the next one
+        (begun by the first waiter, or by the commit loop) carries every claim and outcome
+        noted meanwhile. So jobs that start together share one transaction, and a job whose
+        claim a transaction already carried calls the platform at once instead of queueing for
+        a transaction of its own."""
         ticket = self._next_ticket
         while self._durable < ticket:
             core = self.core
