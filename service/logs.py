@@ -9,16 +9,24 @@ without frame locals (a traceback's locals hold the app secret, httpx's form dat
 :func:`redact`, which masks the values registered with :func:`register_secret` (the settings'
 secrets, every access and refresh token the service obtains) wherever they appear, ``Bearer <x>``,
 ``secret=<x>`` / ``"secret": "<x>"`` and the like, and the values of secret-named keys.
+
+Warnings the Kafka client repeats (a produce retried, a connection refused while a broker
+restarts) are rate-limited by :class:`RepeatLimiter`: the first of a kind is logged at once, the
+repeats that follow within :data:`REPEAT_INTERVAL_SECONDS` become one line per interval with
+``repeated`` (how many) and ``seconds`` (over how long), so a flood cannot hide other lines.
 """
 
 from __future__ import annotations
 
+import atexit
 import io
 import logging
 import re
 import sys
 import threading
-from collections.abc import Mapping, MutableMapping
+import time
+from collections.abc import Callable, Mapping, MutableMapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 import orjson
@@ -165,6 +173,136 @@ _dict_tracebacks: Final = structlog.processors.ExceptionRenderer(
 )
 
 
+REPEAT_INTERVAL_SECONDS: Final = 10.0
+"""Repeats of one kind of library warning are logged as one line per this many seconds."""
+RATE_LIMITED_LOGGERS: Final = ("aiokafka",)
+"""Loggers (and their children) whose WARNING records are rate-limited by kind."""
+
+
+_Kind = tuple[str, str, tuple[str, ...]]
+
+
+@dataclass(slots=True)
+class _Repeats:
+    until: float  # the end of the current interval
+    started: float  # when the repeats counted in ``count`` began
+    count: int = 0  # repeats held back in this interval
+    last: logging.LogRecord | None = None
+    timer: threading.Timer | None = None
+
+
+class RepeatLimiter(logging.Filter):
+    """Rate-limits repeated WARNING records of the library loggers, kind by kind.
+
+    A kind is the logger, the message template and the exception classes among its arguments
+    (``Got error produce response on topic-partition %s, retrying. Error: %s`` with
+    NotEnoughReplicasError is one kind, whatever the partition). The first record of a kind
+    passes; the repeats within ``interval`` seconds are held back and counted; when the interval
+    ends (a timer, or the next record of the kind, whichever comes first) one line is emitted:
+    the last repeat, with ``repeated`` = how many were held back and ``seconds`` = over how long.
+    While the repeats go on, that is one line per interval. Other records pass untouched.
+    """
+
+    def __init__(
+        self,
+        emit: Callable[[logging.LogRecord], object],
+        *,
+        interval: float = REPEAT_INTERVAL_SECONDS,
+        loggers: tuple[str, ...] = RATE_LIMITED_LOGGERS,
+        clock: Callable[[], float] = time.monotonic,
+        timers: bool = True,
+    ) -> None:
+        super().__init__()
+        self._emit = emit
+        self._interval = interval
+        self._loggers = loggers
+        self._clock = clock
+        self._timers = timers  # False: only the next record of a kind or flush() ends a wait
+        self._kinds: dict[_Kind, _Repeats] = {}
+        self._lock = threading.Lock()
+
+    def _limited(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.WARNING or hasattr(record, "repeated"):
+            return False
+        name = record.name
+        return any(name == n or name.startswith(n + ".") for n in self._loggers)
+
+    @staticmethod
+    def _kind(record: logging.LogRecord) -> _Kind:
+        args = record.args if isinstance(record.args, tuple) else ()
+        errors = tuple(
+            a.__name__ if isinstance(a, type) else type(a).__name__
+            for a in args
+            if (isinstance(a, type) and issubclass(a, BaseException))
+            or isinstance(a, BaseException)
+        )
+        return (record.name, str(record.msg), errors)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self._limited(record):
+            return True
+        kind = self._kind(record)
+        now = self._clock()
+        due: logging.LogRecord | None = None
+        with self._lock:
+            repeats = self._kinds.get(kind)
+            if repeats is not None and now >= repeats.until:
+                due = self._take(kind, repeats, now)
+                repeats = self._kinds.get(kind)
+            if repeats is None:  # the first of its kind for a while: it passes
+                self._kinds[kind] = _Repeats(until=now + self._interval, started=now)
+                passes = True
+            else:
+                if repeats.count == 0:
+                    repeats.started = now
+                repeats.count += 1
+                repeats.last = record
+                if self._timers and repeats.timer is None:
+                    timer = threading.Timer(max(0.0, repeats.until - now), self._expire, (kind,))
+                    timer.daemon = True
+                    repeats.timer = timer
+                    timer.start()
+                passes = False
+        if due is not None:
+            self._emit(due)
+        return passes
+
+    def _take(self, kind: _Kind, repeats: _Repeats, now: float) -> logging.LogRecord | None:
+        """End the interval of ``kind`` (the lock held): the summary record of its repeats, if
+        any; a kind with repeats goes on with a new interval, one without is forgotten."""
+        if repeats.timer is not None:
+            repeats.timer.cancel()
+            repeats.timer = None
+        if repeats.count == 0 or repeats.last is None:
+            del self._kinds[kind]
+            return None
+        summary = logging.makeLogRecord(repeats.last.__dict__)
+        summary.repeated = repeats.count
+        summary.seconds = round(max(0.0, now - repeats.started), 1)
+        repeats.count, repeats.last = 0, None
+        repeats.until = now + self._interval
+        return summary
+
+    def _expire(self, kind: _Kind) -> None:
+        with self._lock:
+            repeats = self._kinds.get(kind)
+            if repeats is None:
+                return
+            repeats.timer = None
+            due = self._take(kind, repeats, self._clock())
+        if due is not None:
+            self._emit(due)
+
+    def flush(self) -> None:
+        """Emit every held-back count now (at exit, or in a test)."""
+        now = self._clock()
+        with self._lock:
+            due = [self._take(kind, r, now) for kind, r in list(self._kinds.items())]
+        for record in due:
+            if record is not None:
+                self._emit(record)
+
+
 class _ToStructlog(logging.Handler):
     """A standard-library handler that re-emits each record through structlog."""
 
@@ -177,6 +315,10 @@ class _ToStructlog(logging.Handler):
         level = record.levelname.lower()
         method = level if level in ("debug", "info", "warning", "error", "critical") else "error"
         kwargs: dict[str, Any] = {"logger": record.name}
+        repeated = getattr(record, "repeated", None)
+        if repeated is not None:  # a RepeatLimiter summary
+            kwargs["repeated"] = repeated
+            kwargs["seconds"] = getattr(record, "seconds", None)
         if record.exc_info and record.exc_info[0] is not None:
             kwargs["exc_info"] = record.exc_info
         getattr(structlog.get_logger(record.name), method)(event, **kwargs)
@@ -235,7 +377,22 @@ def configure(
     # Libraries (aiokafka, aiohttp, asyncio) log through the standard library: keep them quiet
     # unless something is wrong, and send their records through the very same structlog pipeline
     # (same JSON shape, exceptions without locals, redaction), with the library's logger name.
+    # Their repeated warnings are rate-limited (RepeatLimiter): one line per kind and interval.
     handler = _ToStructlog()
+    limiter = RepeatLimiter(handler.handle)
+    handler.addFilter(limiter)
+    _flush_at_exit(limiter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(max(level, logging.WARNING))
+
+
+_current_limiter: RepeatLimiter | None = None
+
+
+def _flush_at_exit(limiter: RepeatLimiter) -> None:
+    """At exit, log the counts the latest :class:`RepeatLimiter` still holds back."""
+    global _current_limiter  # noqa: PLW0603 - the process-wide logging setup
+    if _current_limiter is None:
+        atexit.register(lambda: _current_limiter.flush() if _current_limiter else None)
+    _current_limiter = limiter

@@ -76,6 +76,15 @@ class PartitionCommitter:
         )
         self._lock = asyncio.Lock()
         self.failures = 0
+        # Tickets order what is noted in the core against transactions: a transaction takes the
+        # ticket current when it takes its commit (everything noted before is in it, or in the
+        # core again if it failed) and moves the counter on; ``_durable`` is the ticket of the
+        # latest transaction that committed, or found nothing to write.
+        self._next_ticket = 1
+        self._durable = 0
+        self._ended = asyncio.Event()  # set (and replaced) at the end of every commit()
+        self._committing = 0  # commit() calls running or waiting for the lock
+        self._carried = 0  # the latest ticket the running transaction carries
 
     async def start(self) -> None:
         """Initialise the transactional id: fences the partition's earlier owner."""
@@ -91,17 +100,31 @@ class PartitionCommitter:
         core = self.core
         if core is None:
             return
+        self._committing += 1  # waiting for the lock included: see durable()
+        try:
+            await self._commit(core)
+        finally:
+            self._committing -= 1
+            ended, self._ended = self._ended, asyncio.Event()
+            ended.set()
+
+    async def _commit(self, core: PartitionCore) -> None:
         async with self._lock:
+            ticket = self._next_ticket
+            self._next_ticket += 1
             commit = core.take_commit()
             if commit is None:
+                self._durable = ticket
                 return
             self._leave_out_oversized(commit)
+            self._carried = ticket  # _transact moves it on when it takes late outputs too
             try:
                 written = await self._transact(commit)
             except BaseException:
                 core.restore(commit)
                 raise
             core.committed(commit, written)
+            self._durable = self._carried
             self.failures = 0
             now_ms = time.time() * 1000
             for stamp in commit.stamps:
@@ -112,6 +135,29 @@ class PartitionCommitter:
                 self._metrics.bind_results.labels(result=result).inc()
                 if seconds is not None:
                     self._metrics.bind_seconds.observe(seconds)
+
+    async def durable(self) -> bool:
+        """Return True once everything the core noted before this call is committed; False
+        when the partition is being revoked first. Raises like :meth:`commit`.
+
+        A claim does not start a transaction of its own when one is running: that one takes it
+        too if it has not yet taken its second look (:meth:`_take_late`), else the next one
+        (begun by the first waiter, or by the commit loop) carries every claim and outcome
+        noted meanwhile. So jobs that start together share one transaction, and a job whose
+        claim a transaction already carried calls the platform at once instead of queueing for
+        a transaction of its own."""
+        ticket = self._next_ticket
+        while self._durable < ticket:
+            core = self.core
+            if core is None or core.closed or core.closing:
+                return False
+            if self._committing:
+                # Not the lock's own queue: every waiter queued there would run a transaction
+                # of its own in turn (a convoy, one claim per transaction, measured in issue 24).
+                await self._ended.wait()
+            else:
+                await self.commit()
+        return True
 
     def _leave_out_oversized(self, commit: Commit) -> None:
         """Last line of defence: a record the producer would refuse would fail every transaction
@@ -130,20 +176,34 @@ class PartitionCommitter:
             commit.outputs = [o for o in commit.outputs if fits(o)]
 
     async def _transact(self, commit: Commit) -> list[int]:
+        """One transaction: the records, then (once they are acknowledged) the offsets.
+
+        Why in that order (issue 24): brokers since Kafka 3.6 verify that a transactional
+        produce belongs to an ongoing transaction (KIP-890), the partition's leader asking the
+        transaction coordinator. While the coordinator writes a state change of the transaction,
+        such as the AddOffsetsToTxn of ``send_offsets_to_transaction``, it answers
+        CONCURRENT_TRANSACTIONS, which the leader turns into the retriable NOT_ENOUGH_REPLICAS
+        for clients of aiokafka's protocol versions: aiokafka logs "Got error produce response
+        ... NotEnoughReplicasError" and sends the records again after ``retry_backoff_ms``
+        (100 ms). Measured with ``bench/txn_probe.py`` (docs/benchmarks.md): with the offsets
+        sent while records were in flight, about one retry every two transactions, however far
+        apart the transactions were (200 ms too), and a shorter backoff only retried more; with
+        the offsets sent once the records are acknowledged, none. The price is that the
+        AddOffsetsToTxn round trip no longer overlaps the produce (a few ms against 100).
+
+        A transaction may begin as soon as the previous one ended: its first AddPartitionsToTxn,
+        while the coordinator still writes the previous one's markers, is answered
+        CONCURRENT_TRANSACTIONS before any record is sent, and aiokafka retries that one after
+        20 ms, without a warning.
+        """
         producer = self._producer
         try:
             async with producer.transaction():
-                futures = [
-                    await producer.send(
-                        o.topic,
-                        o.value,
-                        key=o.key,
-                        headers=o.headers,
-                        partition=o.partition,
-                        timestamp_ms=o.timestamp_ms,
-                    )
-                    for o in commit.outputs
-                ]
+                written = await self._send(commit.outputs)
+                self._take_late(commit)
+                written += await self._send(commit.outputs[len(written) :])
+                # The records first, the offsets once every record is acknowledged: never both
+                # at once (see the docstring).
                 offsets: dict[TopicPartition, OffsetAndMetadata] = {}
                 if commit.offset is not None:
                     tp = TopicPartition(self.topic, self.partition)
@@ -153,7 +213,6 @@ class PartitionCommitter:
                     offsets[tp] = OffsetAndMetadata(commit.notify_offset, "")
                 if offsets:
                     await producer.send_offsets_to_transaction(offsets, self._kafka.group_id)
-                written = [m.offset for m in await asyncio.gather(*futures)] if futures else []
         except ProducerFenced as exc:
             self._metrics.transactions.labels(result="aborted").inc()
             raise PartitionFencedError(
@@ -173,6 +232,43 @@ class PartitionCommitter:
             raise
         self._metrics.transactions.labels(result="committed").inc()
         return written
+
+    async def _send(self, outputs: list[Output]) -> list[int]:
+        """Send ``outputs`` in the open transaction; their offsets once all are acknowledged."""
+        producer = self._producer
+        futures = [
+            await producer.send(
+                o.topic,
+                o.value,
+                key=o.key,
+                headers=o.headers,
+                partition=o.partition,
+                timestamp_ms=o.timestamp_ms,
+            )
+            for o in outputs
+        ]
+        return [m.offset for m in await asyncio.gather(*futures)] if futures else []
+
+    def _take_late(self, commit: Commit) -> None:
+        """Add to the open transaction what the core noted while its records were on their way
+        (claims of jobs that started meanwhile, outcomes decided meanwhile), with the newer
+        offset: a claim then waits for the transaction in progress rather than for the next
+        one. Once, before the offsets: the transaction ends soon after."""
+        core = self.core
+        if core is None or core.closed:
+            return
+        late = core.take_commit()
+        if late is None:
+            return
+        self._carried = self._next_ticket
+        self._next_ticket += 1
+        self._leave_out_oversized(late)
+        commit.outputs += late.outputs
+        commit.offset, commit.metadata = late.offset, late.metadata
+        commit.counts += late.counts
+        commit.stamps += late.stamps
+        commit.binds += late.binds
+        commit.notify_offset = late.notify_offset
 
 
 def producer_fatal(producer: AIOKafkaProducer) -> bool:

@@ -538,22 +538,21 @@ class Pipeline:
 
     async def _claim_durably(self, core: PartitionCore, work: Work) -> bool:
         """Commit the claim of a fresh swap before its call (see PartitionCore.note_claim).
-        Concurrent claims of a partition share the next transaction. False when the partition
-        moves away meanwhile: the next owner does the work."""
+        Concurrent claims of a partition share the next transaction, with the outcomes decided
+        meanwhile (PartitionCommitter.durable). False when the partition moves away meanwhile:
+        the next owner does the work."""
         core.note_claim(work)
         while not (core.closed or core.closing):
             committer = self._committers.get(core.partition)
             if committer is None or committer.core is not core:
                 return False
             try:
-                await committer.commit()
+                return await committer.durable()
             except PartitionFencedError:
                 return False
             except Exception:  # noqa: BLE001 - any failed transaction: the commit loop retries too
                 log.warning("could not commit a claim; trying again", partition=core.partition)
                 await asyncio.sleep(0.5)  # the commit loop retries too: a broker hiccup
-                continue
-            return True
         return False
 
     def _decided(self) -> None:

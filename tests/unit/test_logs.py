@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import time
 from collections.abc import Iterator
 from datetime import datetime
 from typing import Literal
@@ -309,3 +310,112 @@ def test_aiokafka_lines_come_out_in_the_service_s_own_shape() -> None:
     assert theirs["partition"] == 2
     assert theirs["event"].startswith("Unable connect to 'kafka-0:9092': refused")
     assert "hunter22" not in kafka
+
+
+# ---- repeated library warnings (issue 24) ----------------------------------------------------
+
+_RETRY = "Got error produce response on topic-partition %s, retrying. Error: %s"
+
+
+class _NotEnoughReplicasError(Exception):
+    """Stands for aiokafka's error class (the limiter keys on the class name)."""
+
+
+class _NotLeaderForPartitionError(Exception):
+    pass
+
+
+def _retry_record(
+    partition: int, error: type[Exception] = _NotEnoughReplicasError
+) -> logging.LogRecord:
+    return logging.LogRecord(
+        "aiokafka.producer.sender",
+        logging.WARNING,
+        __file__,
+        1,
+        _RETRY,
+        (f"tp-{partition}", error),
+        None,
+    )
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_repeated_aiokafka_warnings_become_one_line_with_a_count() -> None:
+    with captured_logs() as cap:
+        sender = logging.getLogger("aiokafka.producer.sender")
+        for i in range(100):
+            sender.warning(_RETRY, f"tp-{i % 6}", _NotEnoughReplicasError)
+        assert len(cap.lines()) == 1  # the first passes at once, the repeats are held back
+        assert logs._current_limiter is not None
+        logs._current_limiter.flush()
+    first, summary = cap.lines()
+    assert first["logger"] == summary["logger"] == "aiokafka.producer.sender"
+    assert "repeated" not in first
+    assert "NotEnoughReplicasError" in summary["event"]
+    assert summary["level"] == "warning"
+    assert summary["repeated"] == 99
+    assert isinstance(summary["seconds"], float)
+
+
+def test_kinds_are_counted_apart_and_other_lines_pass() -> None:
+    emitted: list[logging.LogRecord] = []
+    limiter = logs.RepeatLimiter(emitted.append, clock=_Clock(), timers=False)
+    passed = [
+        limiter.filter(record)
+        for record in (
+            _retry_record(0),
+            _retry_record(1),  # same kind, another partition: held back
+            _retry_record(0, _NotLeaderForPartitionError),  # another error: another kind
+            _retry_record(2, _NotLeaderForPartitionError),
+        )
+    ]
+    assert passed == [True, False, True, False]
+    for other in (
+        logging.LogRecord("aiokafka.conn", logging.ERROR, __file__, 1, "boom %s", ("x",), None),
+        logging.LogRecord("service.x", logging.WARNING, __file__, 1, _RETRY, ("a", "b"), None),
+        logging.LogRecord("aiokafkaesque", logging.WARNING, __file__, 1, _RETRY, ("a", "b"), None),
+    ):
+        assert limiter.filter(other)
+        assert limiter.filter(other)  # never limited
+    limiter.flush()
+    held = {str(r.getMessage()).rsplit(".", 1)[-1][:-2]: r.repeated for r in emitted}  # type: ignore[attr-defined]
+    assert held == {"_NotEnoughReplicasError": 1, "_NotLeaderForPartitionError": 1}
+    limiter.flush()  # nothing held back any more: nothing more
+    assert len(emitted) == 2
+
+
+def test_a_steady_flood_is_one_line_per_interval() -> None:
+    clock = _Clock()
+    emitted: list[logging.LogRecord] = []
+    limiter = logs.RepeatLimiter(emitted.append, interval=10.0, clock=clock, timers=False)
+    passed = 0
+    for _ in range(351):  # 35 s, one every 0.1 s
+        passed += limiter.filter(_retry_record(3))
+        clock.now += 0.1
+    limiter.flush()
+    assert passed == 1
+    counts = [r.repeated for r in emitted]  # type: ignore[attr-defined]
+    assert len(counts) == 4  # after 10, 20 and 30 s, and the rest at the flush
+    assert passed + sum(counts) == 351  # every record counted once
+    clock.now += 60  # quiet for a while: the next one passes again
+    assert limiter.filter(_retry_record(3))
+
+
+def test_the_count_comes_out_when_the_interval_ends_without_more_records() -> None:
+    emitted: list[logging.LogRecord] = []
+    limiter = logs.RepeatLimiter(emitted.append, interval=0.05)
+    assert limiter.filter(_retry_record(0))
+    assert not limiter.filter(_retry_record(1))
+    assert not limiter.filter(_retry_record(2))
+    deadline = time.monotonic() + 5
+    while not emitted and time.monotonic() < deadline:
+        time.sleep(0.01)  # polling the condition, with a deadline
+    [summary] = emitted
+    assert summary.repeated == 2  # type: ignore[attr-defined]
