@@ -35,6 +35,7 @@ class PollDelayResult:
     limit: int
     swaps: int
     polled: int
+    """Devices polled by the end (the others count in the delays with their overdue so far)."""
     p50: float
     p90: float
     max: float
@@ -76,11 +77,18 @@ async def bench_poll_delay(b: Bench) -> PollDelayResult:
             },
         )
         try:
-            # refreshes at (1 - s) N, polls at s N: the last poll comes about swaps / (s N) min in
-            deadline = time.monotonic() + swaps / (SHARE * limit) * 60 + 120
+            # The backlog is larger than a window: once the first window is spent, refreshes and
+            # polls compete for every call. The run ends 30 s after the last refresh.
+            deadline = time.monotonic() + swaps / ((1 - SHARE) * limit) * 60 + 120
+            last_refresh_seen = None
             while time.monotonic() < deadline:
-                polled = {c["device_id"] for c in await control.calls(operation="query_activation")}
-                if len(polled) >= swaps:
+                done = sum(
+                    c["status"] == 200 and not c["error_code"]
+                    for c in await control.calls(operation="refresh_key")
+                )
+                if done >= swaps and last_refresh_seen is None:
+                    last_refresh_seen = time.monotonic()
+                if last_refresh_seen is not None and time.monotonic() - last_refresh_seen > 30:
                     break
                 await saturation.until(time.time() + 1.0)
             calls = await control.calls()
@@ -95,14 +103,20 @@ async def bench_poll_delay(b: Bench) -> PollDelayResult:
         elif c["operation"] == "query_activation":
             first_poll.setdefault(c["device_id"], float(c["time"]))
     delays = [first_poll[d] - refreshed[d] - POLL_INITIAL for d in first_poll if d in refreshed]
+    end = max((float(c["time"]) for c in calls), default=0.0)
+    # devices not polled by the end: overdue by at least (end - due)
+    delays += [end - t - POLL_INITIAL for d, t in refreshed.items() if d not in first_poll]
+    times = sorted(float(c["time"]) for c in calls)
     last_refresh = max(refreshed.values(), default=0.0)
-    during = [c for c in calls if c["time"] <= last_refresh]
+    # the saturated period: from the moment a first window's worth of calls was made
+    saturated_from = times[limit - 1] if len(times) >= limit else last_refresh
+    during = [c for c in calls if saturated_from <= float(c["time"]) <= last_refresh]
     polls_during = sum(c["operation"] == "query_activation" for c in during)
     minutes = (last_refresh - min(refreshed.values(), default=0.0)) / 60
     result = PollDelayResult(
         limit,
         swaps,
-        len(delays),
+        len(first_poll),
         run.percentile(delays, 0.5),
         run.percentile(delays, 0.9),
         max(delays, default=float("nan")),
@@ -117,13 +131,13 @@ async def bench_poll_delay(b: Bench) -> PollDelayResult:
         f"swaps): delay p50 {result.p50:.1f}s, p90 {result.p90:.1f}s, max {result.max:.1f}s "
         f"(expected max ~{result.expected_max:.0f}s); polls' share while refreshing "
         f"{result.poll_share:.1%}; busiest window {result.busiest}/{limit}; 1010009 "
-        f"{result.throttled}; {len(delays)} polled in {seconds:.0f}s"
+        f"{result.throttled}; {len(first_poll)}/{swaps} polled in {seconds:.0f}s"
     )
     return result
 
 
 def add_poll_delay(rep: Report, r: PollDelayResult) -> None:
-    run_ok = r.polled == r.swaps and r.throttled == 0 and r.busiest <= r.limit
+    run_ok = r.throttled == 0 and r.busiest <= r.limit
     rep.add(
         f"10. first bind poll behind a saturated backlog ({r.swaps} swaps, {r.limit}/min, "
         f"share {SHARE:.0%}): delay p50 / p90 / max",
@@ -134,6 +148,6 @@ def add_poll_delay(rep: Report, r: PollDelayResult) -> None:
     rep.add(
         "10. polls' share of the calls while refreshes ran; busiest window; 1010009",
         f"{r.poll_share:.1%}; {r.busiest}/{r.limit}; {r.throttled}",
-        f"<= {SHARE:.0%} (+ rounding); <= N; 0",
-        "ok" if r.poll_share <= SHARE + 0.03 and run_ok else "CHECK",
+        f"~{SHARE:.0%} (reserved and capped); <= N; 0",
+        "ok" if SHARE / 2 <= r.poll_share <= SHARE + 0.03 and run_ok else "CHECK",
     )

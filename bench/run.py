@@ -98,8 +98,8 @@ class Sizes:
     churn_measured: float = 120.0
     deferred_devices: int = 10_000
     fresh_swaps: int = 10_000
-    poll_delay_swaps: int = 300
-    """Section 10: backlog whose refreshes are watched (40 s of refreshes, 150 s of polls)."""
+    poll_delay_swaps: int = 900
+    """Section 10: a watched backlog of 1.5 windows (refreshes end in the third minute)."""
 
 
 QUICK = Sizes(
@@ -117,7 +117,7 @@ QUICK = Sizes(
     churn_swaps=400,
     deferred_devices=2_000,
     fresh_swaps=2_000,
-    poll_delay_swaps=100,
+    poll_delay_swaps=180,
 )
 
 
