@@ -119,9 +119,9 @@ class PartitionCommitter:
             self._leave_out_oversized(commit)
             self._carried = ticket  # _transact moves it on when it takes late outputs too
             try:
-                written = await self._transact(commit)
+                written, cancelled = await self._to_its_end(commit)
             except BaseException:
-                core.restore(commit)
+                core.restore(commit)  # the transaction failed: its outputs go in the next one
                 raise
             core.committed(commit, written)
             self._durable = self._carried
@@ -135,6 +135,32 @@ class PartitionCommitter:
                 self._metrics.bind_results.labels(result=result).inc()
                 if seconds is not None:
                     self._metrics.bind_seconds.observe(seconds)
+            if cancelled:
+                raise asyncio.CancelledError
+
+    async def _to_its_end(self, commit: Commit) -> tuple[list[int], bool]:
+        """Run the transaction to its end, even when the caller is cancelled meanwhile (a
+        revocation's cancel_all, a stop). Once EndTxn may have been sent, only the end says
+        whether the outputs were committed: restoring them on a cancellation and sending them
+        again in a later transaction could publish them twice. Returns the offsets written and
+        whether the caller was cancelled (the caller settles the commit, then passes the
+        cancellation on); raises the transaction's failure (CancelledError when the caller was
+        cancelled)."""
+        task = asyncio.ensure_future(self._transact(commit))
+        cancelled = False
+        while not task.done():
+            try:
+                await asyncio.wait({task})
+            except asyncio.CancelledError:
+                cancelled = True  # the transaction goes on; its end is settled first
+        if task.cancelled():
+            raise asyncio.CancelledError
+        failure = task.exception()
+        if failure is not None:
+            if cancelled:
+                raise asyncio.CancelledError from failure
+            raise failure
+        return task.result(), cancelled
 
     async def durable(self) -> bool:
         """Return True once everything the core noted before this call is committed; False

@@ -217,3 +217,41 @@ async def test_a_partition_being_revoked_stops_the_wait() -> None:
     await running
     assert await waiting is False
     assert held.started == [["a"]]
+
+
+async def test_a_commit_cancelled_while_its_transaction_ends_never_sends_its_outputs_again() -> (
+    None
+):
+    """Issue 19, item 7: a commit cancelled after EndTxn was sent used to restore its outputs,
+    and a later transaction sent them again (published twice once the first one committed).
+    Now the transaction runs to its end; a committed one stays committed, then the
+    cancellation passes on."""
+    committer, core, held = _committer(hold="end")
+    core.note("a")
+    commit = asyncio.ensure_future(committer.commit())
+    await _settle()
+    assert held.started == [["a"]]
+    commit.cancel()  # e.g. a revocation's cancel_all, while EndTxn is on its way
+    await _settle()
+    await held.release(1)  # the broker commits the transaction
+    with pytest.raises(asyncio.CancelledError):
+        await commit
+    assert core.committed_batches == [["a"]]
+    assert core.pending == []  # not restored: nothing is sent again
+    await committer.commit()
+    assert held.started == [["a"]]
+
+
+async def test_a_commit_cancelled_while_its_transaction_fails_keeps_its_outputs() -> None:
+    committer, core, held = _committer(hold="end")
+    held.fail_next = True
+    core.note("a")
+    commit = asyncio.ensure_future(committer.commit())
+    await _settle()
+    commit.cancel()
+    await _settle()
+    await held.release(1)  # the transaction fails (aborted)
+    with pytest.raises(asyncio.CancelledError):
+        await commit
+    assert core.committed_batches == []
+    assert [(o.key or b"").decode() for o in core.pending] == ["a"]  # for the next transaction
