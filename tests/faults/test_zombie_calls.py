@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from tests.faults.conftest import FaultKit
-from tests.support.group import group_state
+from tests.support.group import stable_with
 from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -66,11 +66,11 @@ async def test_a_member_frozen_while_its_swaps_retry_calls_nothing_when_it_wakes
 
     await successor.start_ready()
 
-    async def only_successor() -> bool:
-        state, members = await group_state(harness.bootstrap, harness.group_id)
-        return state == "Stable" and len(members) == 1
-
-    await wait_until(only_successor, 60, "the group without the frozen member")
+    await wait_until(
+        lambda: stable_with(harness.bootstrap, harness.group_id, 1),
+        60,
+        "the group without the frozen member",
+    )
     await control.clear_faults()
     await reader.wait_answered(inputs, timeout=120)  # the successor answered every swap
 
@@ -80,8 +80,7 @@ async def test_a_member_frozen_while_its_swaps_retry_calls_nothing_when_it_wakes
     async def zombie_settled() -> bool:
         if not zombie.running():
             return True
-        state, members = await group_state(harness.bootstrap, harness.group_id)
-        return state == "Stable" and len(members) == 2
+        return await stable_with(harness.bootstrap, harness.group_id, 2)
 
     await wait_until(zombie_settled, 90, "the woken member to rejoin (or exit)")
     after_wake = [c for c in await control.calls(since=woke_seq) if by_zombie(c)]

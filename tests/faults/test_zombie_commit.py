@@ -18,7 +18,7 @@ import pytest
 
 from tests.faults.conftest import FaultKit, ServiceProcess
 from tests.support.accounting import Produced, duplicate_outcome_ids
-from tests.support.group import committed_offsets, group_state
+from tests.support.group import committed_offsets, stable_with
 from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -92,11 +92,11 @@ async def test_a_member_paused_past_its_session_timeout_duplicates_nothing(
 
     await successor.start_ready()
 
-    async def only_successor() -> bool:
-        state, members = await group_state(harness.bootstrap, harness.group_id)
-        return state == "Stable" and len(members) == 1
-
-    await wait_until(only_successor, 60, "the group without the frozen member")
+    await wait_until(
+        lambda: stable_with(harness.bootstrap, harness.group_id, 1),
+        60,
+        "the group without the frozen member",
+    )
 
     # The successor redoes the frozen member's uncommitted work (a call for each of those
     # devices after the freeze) and goes on.
@@ -111,8 +111,7 @@ async def test_a_member_paused_past_its_session_timeout_duplicates_nothing(
     async def zombie_settled() -> bool:
         if not zombie.running():
             return True
-        state, members = await group_state(harness.bootstrap, harness.group_id)
-        return state == "Stable" and len(members) == 2
+        return await stable_with(harness.bootstrap, harness.group_id, 2)
 
     await wait_until(zombie_settled, 60, "the woken member to exit or rejoin")
     after = await asyncio.to_thread(committed_by, zombie) if zombie.running() else None

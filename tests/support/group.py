@@ -51,3 +51,9 @@ async def group_state(bootstrap: str, group_id: str) -> tuple[str, list[str]]:
     state = str(group[2])
     members = [str(m[1]) for m in group[5]]
     return state, members
+
+
+async def stable_with(bootstrap: str, group_id: str, members: int) -> bool:
+    """True when the group is Stable with exactly ``members`` members (a wait_until condition)."""
+    state, found = await group_state(bootstrap, group_id)
+    return state == "Stable" and len(found) == members
