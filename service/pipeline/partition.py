@@ -115,6 +115,10 @@ class PartitionCore:
         self._last: tuple[int | None, str] = (progress.base, "")
         self._woken = 0
         self._polling = 0
+        # Woken swaps claimed and not decided yet (at most the wake limit): a newer swap read
+        # meanwhile does not answer them (their entry was no longer waiting), so one abandoned
+        # here must answer itself SUPERSEDED, as its decision would have.
+        self._claimed_woken: set[tuple[str, tuple[int, int]]] = set()
         # Events handed out as jobs (read or woken) and not decided yet. A duplicate of one of
         # them is neither in the duplicate memory (no outcome yet) nor, once a newer swap of the
         # device arrived, the ledger's latest entry: the ledger would judge it a swap of its own,
@@ -212,6 +216,8 @@ class PartitionCore:
         """Called when the job starts: True when the platform must be called for it."""
         verdict, newer = self.ledger.claim(work)
         if verdict is Claim.CLAIMED:
+            if work.offset is None:
+                self._claimed_woken.add((_event_key(work), work.order))
             return True
         self._settled(work)
         if verdict is Claim.SUPERSEDED:
@@ -227,6 +233,7 @@ class PartitionCore:
         self._settled(work)
         if work.offset is None:
             self._woken -= 1
+            self._claimed_woken.discard((_event_key(work), work.order))
         if isinstance(result, Outcome):
             self._final(work, result)
             return
@@ -252,6 +259,13 @@ class PartitionCore:
             if work.watch is None:
                 self._woken -= 1
             entry = self.ledger.get(work.device)
+            claimed = (_event_key(work), work.order)
+            if work.watch is None and claimed in self._claimed_woken:
+                self._claimed_woken.discard(claimed)
+                if entry is not None and not self.ledger.is_latest(work):
+                    # A newer swap was read while this one was claimed: nothing else answers it.
+                    self._final(work, self.answers.superseded(work, entry.event_id))
+                    return
             if not self.ledger.is_latest(work) or entry is None:
                 return
             if entry.state is State.PENDING and work.wait is not None:

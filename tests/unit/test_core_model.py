@@ -1073,3 +1073,34 @@ def test_a_refresh_overtaken_during_its_call_still_ends_with_a_bind_result() -> 
     state.job_overtaken(pick=0, count=1, newer=False, delta=0)  # evt-2 read during the call
     state.commit(abort=False)
     state.teardown()  # evt-2 is applied and bound; evt-1 must have ended BIND_NOT_CONFIRMED
+
+
+def test_an_abandoned_woken_swap_keeps_its_offset_unanswered_until_it_ends() -> None:
+    """Minimal example found by the model in CI. dev-b's swap evt-1 waits (device online); it is
+    woken and claimed; the newer evt-3 of dev-b is read meanwhile (evt-1's entry was no longer
+    waiting, so intake does not answer it); then evt-1's job is abandoned while the partition
+    stays. evt-3's claim then replaces evt-1 in the ledger topic: unless the abandoned evt-1 is
+    answered SUPERSEDED, as its decision would have been, its offset is committed unanswered."""
+    state = CoreModel()
+    state.setup(online=set(), watch="poll")
+    state.platform_change(change="online", device="dev-a", pick=0)
+    state.platform_change(change="online", device="dev-a", pick=0)
+    state.platform_change(change="online", device="dev-b", pick=0)
+    state.produce(delta=0, device="dev-b", kind="swap", node=0, pick=0)
+    state.poll(count=1)
+    state.job(pick=0, to_end=False)
+    state.job(pick=0, to_end=False)
+    state.job(pick=0, to_end=False)
+    state.produce(delta=0, device="dev-a", kind="swap", node=0, pick=0)
+    state.wake(far=True)
+    state.commit(abort=False)
+    state.job(pick=0, to_end=False)
+    state.produce(delta=0, device="dev-b", kind="swap", node=0, pick=0)
+    state.poll(count=2)
+    state.job_abandoned(pick=0)
+    state.accounting()
+    state.job(pick=1, to_end=False)
+    state.accounting()
+    state.job(pick=1, to_end=False)
+    state.accounting()
+    state.teardown()
