@@ -5,7 +5,8 @@ One Kafka broker (``tests.support.kafka_broker``), the platform simulator as its
 variables, exactly as deployed. Every figure is measured in this run, baseline included, because
 the machine is shared and noisy. Sections:
 
-1. throughput and CPU per event: a pre-produced backlog, service vs the bare baseline
+1. throughput and CPU per event: a pre-produced backlog, service (bind watch without polls: the
+same job as the baseline; then again with one bind-watch poll per swap) vs the bare baseline
    (``bench/baseline.py``), both as subprocesses, CPU from ``/proc/<pid>/stat``;
 2. budget use: the simulator enforcing N calls/min, the service configured with N, 1 and 3
    replicas: busiest 60 s window / N, and the 1010009 answers;
@@ -588,6 +589,9 @@ class ThroughputResult:
     """aiokafka's retried produce requests in the service's log (issue 24: target 0)."""
     transactions: float = 0.0
     """The service's committed transactions (``rebind_kafka_transactions_total``)."""
+    polled_eps: float = 0.0
+    """The service with its bind watch polling once per swap."""
+    polled_cpu: float = 0.0
 
 
 def produce_retries(log_path: Path) -> int:
@@ -604,6 +608,59 @@ def produce_retries(log_path: Path) -> int:
     return total
 
 
+async def seed_binding(control: SimulatorControl, count: int, chunk: int = 2_000) -> None:
+    """Like :func:`seed`, each device's new hardware connecting as soon as its key is refreshed
+    (one bind-watch poll ends its watch)."""
+    for start in range(0, count, chunk):
+        await control.seed_devices(
+            [
+                {"device_id": device_id(i), "node_id": f"old-{i:07d}", "connect_after_refresh": 0}
+                for i in range(start, min(count, start + chunk))
+            ]
+        )
+
+
+@dataclass
+class ServiceRun:
+    progress: Progress
+    sim_cpu: float
+    retries: int
+    transactions: float
+
+
+async def run_service_backlog(
+    b: Bench, topics: Topics, n: int, *, polls: bool, spy: bool
+) -> ServiceRun:
+    """The service working off ``n`` pre-produced swaps, unlimited budget. ``polls``: the bind
+    watch polls (first poll 1 s after the refresh, the hardware binds at once, so one poll per
+    swap, inside the run); without, the watch waits for a push as the baseline waits for
+    nothing."""
+    with simulator(UNLIMITED) as (url, control, sim_pid):
+        await (seed_binding(control, n) if polls else seed(control, n))
+        sim_cpu0 = cpu_seconds(sim_pid)
+        env = (
+            {"REBIND_BIND__POLL": "true", "REBIND_BIND__POLL_INITIAL_SECONDS": "1"}
+            if polls
+            else {"REBIND_BIND__POLL": "false"}
+        )
+        svc = b.start_service(topics, url, rate=UNLIMITED, extra_env=env)
+        if spy:
+            b.spy(svc.pid, "service")
+        progress = Progress(n, pid=svc.pid)
+        await read_outcomes(b.bootstrap, topics.outcomes, progress, timeout=300, alive=svc.alive)
+        sim_cpu = cpu_seconds(sim_pid) - sim_cpu0
+        if spy:
+            b.unspy()
+        transactions = 0.0
+        with contextlib.suppress(OSError):
+            transactions = svc.metric("rebind_kafka_transactions_total")
+        svc.stop()
+    retries = produce_retries(svc.log_path)
+    if progress.count < n:
+        raise RuntimeError(f"service: only {progress.count}/{n} outcomes; log {svc.log_path}")
+    return ServiceRun(progress, sim_cpu, retries, transactions)
+
+
 async def bench_throughput(b: Bench) -> ThroughputResult:
     n = b.sizes.throughput
     topics = b.topics("throughput")
@@ -611,29 +668,25 @@ async def bench_throughput(b: Bench) -> ThroughputResult:
     took = await produce_backlog(b.bootstrap, topics.input, n)
     say(f"throughput: {n} swaps pre-produced to {PARTITIONS} partitions in {took:.1f}s")
 
-    # the service
-    with simulator(UNLIMITED) as (url, control, sim_pid):
-        await seed(control, n)
-        sim_cpu0 = cpu_seconds(sim_pid)
-        svc = b.start_service(topics, url, rate=UNLIMITED)
-        b.spy(svc.pid, "service")
-        progress = Progress(n, pid=svc.pid)
-        await read_outcomes(b.bootstrap, topics.outcomes, progress, timeout=300, alive=svc.alive)
-        sim_cpu_service = cpu_seconds(sim_pid) - sim_cpu0
-        b.unspy()
-        transactions = 0.0
-        with contextlib.suppress(OSError):
-            transactions = svc.metric("rebind_kafka_transactions_total")
-        svc.stop()
-    retries = produce_retries(svc.log_path)
+    # the service: the same job as the baseline (no bind-watch polls)
+    run = await run_service_backlog(b, topics, n, polls=False, spy=True)
+    progress, retries, transactions = run.progress, run.retries, run.transactions
     say(
         f"  service : {retries} retried produce requests "
         f"({retries / max(1, progress.count) * 1000:.1f} per 1000 outcomes), "
         f"{transactions:.0f} transactions for {progress.count} outcomes"
     )
-    if progress.count < n:
-        raise RuntimeError(f"service: only {progress.count}/{n} outcomes; log {svc.log_path}")
     say(f"  service : {progress.rate:7.0f} events/s, {progress.cpu_per_1000:.2f} CPU s/1000 events")
+
+    # the service with its bind watch polling: one activation query per swap on top
+    polled_topics = b.topics("throughput-polls")
+    await polled_topics.create(b.bootstrap)
+    await produce_backlog(b.bootstrap, polled_topics.input, n)
+    polled = await run_service_backlog(b, polled_topics, n, polls=True, spy=False)
+    say(
+        f"  service with polls: {polled.progress.rate:7.0f} events/s, "
+        f"{polled.progress.cpu_per_1000:.2f} CPU s/1000 events"
+    )
 
     # the baseline, on the same backlog (its own consumer group and output topic)
     with simulator(UNLIMITED) as (url, control, sim_pid):
@@ -658,10 +711,12 @@ async def bench_throughput(b: Bench) -> ThroughputResult:
         progress.cpu_per_1000,
         base.rate,
         base.cpu_per_1000,
-        sim_cpu_service,
+        run.sim_cpu,
         sim_cpu_baseline,
         retries,
         transactions,
+        polled.progress.rate,
+        polled.progress.cpu_per_1000,
     )
 
 
@@ -992,7 +1047,7 @@ class Report:
 def add_throughput(rep: Report, t: ThroughputResult) -> None:
     ratio = t.service_eps / t.baseline_eps if t.baseline_eps else 0.0
     rep.add(
-        f"1. throughput, service ({t.events} backlog)",
+        f"1. throughput, service ({t.events} backlog, no bind polls)",
         f"{t.service_eps:.0f} events/s",
         f">= {TARGET_EPS:.0f}/s",
         verdict(t.service_eps >= TARGET_EPS),
@@ -1012,6 +1067,10 @@ def add_throughput(rep: Report, t: ThroughputResult) -> None:
         f"{cost:.2f}x",
         f"<= {TARGET_CPU_RATIO}x",
         verdict(0 < cost <= TARGET_CPU_RATIO),
+    )
+    rep.add(
+        "1. with bind polls (1 per swap): events/s; CPU s / 1000",
+        f"{t.polled_eps:.0f}; {t.polled_cpu:.2f}",
     )
     per_1000 = t.produce_retries / t.events * 1000 if t.events else 0.0
     rep.add(
