@@ -5,9 +5,9 @@ One Kafka broker (``tests.support.kafka_broker``), the platform simulator as its
 variables, exactly as deployed. Every figure is measured in this run, baseline included, because
 the machine is shared and noisy. Sections:
 
-1. throughput and CPU per event: a pre-produced backlog, service (bind watch without polls: the
-same job as the baseline; then again with one bind-watch poll per swap) vs the bare baseline
-   (``bench/baseline.py``), both as subprocesses, CPU from ``/proc/<pid>/stat``;
+1. throughput and CPU per event: a pre-produced backlog, service (bind watch without polls:
+   the same job as the baseline; then again with one bind-watch poll per swap) vs the bare
+   baseline (``bench/baseline.py``), both as subprocesses, CPU from ``/proc/<pid>/stat``;
 2. budget use: the simulator enforcing N calls/min, the service configured with N, 1 and 3
    replicas: busiest 60 s window / N, and the 1010009 answers;
 3. backlog memory: peak RSS (``VmHWM``) working a 10k and a 200k backlog;
