@@ -119,6 +119,13 @@ class PartitionCore:
         # meanwhile does not answer them (their entry was no longer waiting), so one abandoned
         # here must answer itself SUPERSEDED, as its decision would have.
         self._claimed_woken: set[tuple[str, tuple[int, int]]] = set()
+        # Fresh swaps admitted while their device had no open swap in the ledger (no entry, or
+        # its last swap done): their claim need not be durable before their call (note_claim).
+        # Bounded by the swaps handed out and not settled.
+        self._quiet: set[tuple[str, tuple[int, int]]] = set()
+        # Devices with ledger records written but not committed yet (with how many), bounded by
+        # the outputs of the transaction on its way and the next one.
+        self._unsettled: Counter[bytes] = Counter()
         # Events handed out as jobs (read or woken) and not decided yet. A duplicate of one of
         # them is neither in the duplicate memory (no outcome yet) nor, once a newer swap of the
         # device arrived, the ledger's latest entry: the ledger would judge it a swap of its own,
@@ -170,6 +177,7 @@ class PartitionCore:
             self._emit([], OutcomeKind.DUPLICATE)
             self._finish(offset)
             return None
+        prior = self.ledger.get(work.device)
         admission = self.ledger.admit(work)
         if admission.replaced is not None:
             self._supersede_waiting(work.device, admission.replaced, work.swap.id)
@@ -187,6 +195,8 @@ class PartitionCore:
             self._final(work, self.answers.superseded(work, admission.newer_event_id))
             return None
         self._undecided[_event_key(work)] += 1
+        if prior is None or prior.state is State.DONE:
+            self._quiet.add((_event_key(work), work.order))
         return replace(work, repeat=True) if admission.repeat else work
 
     def republished(self, job: Republish, found: tuple[Output, int | None] | None) -> None:
@@ -204,13 +214,26 @@ class PartitionCore:
 
     # ---- jobs ------------------------------------------------------------------------------
 
-    def note_claim(self, work: Work) -> None:
+    def note_claim(self, work: Work) -> bool:
         """Put the device's ledger record, naming the claimed swap as its latest, into the next
-        transaction. The pipeline calls the platform only once that transaction committed: a
-        crash after the call then leaves a ledger that knows this swap, so the next owner never
-        applies an older swap of the device before reading this one again."""
+        transaction; True when the platform may be called only once that transaction committed.
+
+        The wait is what keeps a crash after the call from undoing a newer swap: the next owner
+        never applies an older swap of the device before reading this one again. The only older
+        swaps it could apply before re-reading this one are those the committed ledger holds
+        open (waiting or watched swaps, woken before the first fetch; a claimed swap). So the
+        wait is needed unless the swap was admitted while the device had nothing open, and every
+        ledger record of the device is committed. Otherwise the record still rides the next
+        transaction, so that after most crashes the next owner knows the call may have been
+        made (a repeat); when it does not, a repeat's 100611 defers once and the woken retry
+        reconciles (docs/core.md)."""
+        key = (_event_key(work), work.order)
+        quiet = key in self._quiet
+        self._quiet.discard(key)
+        unsettled = self._unsettled[work.device.encode()] > 0
         if self.ledger.is_latest(work):
             self._emit([self.ledger.record(work.device)], None)
+        return not quiet or unsettled
 
     def claim(self, work: Work) -> bool:
         """Called when the job starts: True when the platform must be called for it."""
@@ -443,6 +466,7 @@ class PartitionCore:
     def _settled(self, work: Work) -> None:
         """A job handed out by :meth:`intake` or :meth:`wake` ended."""
         key = _event_key(work)
+        self._quiet.discard((key, work.order))
         self._undecided[key] -= 1
         if self._undecided[key] <= 0:
             del self._undecided[key]
@@ -520,6 +544,9 @@ class PartitionCore:
 
     def _emit(self, outputs: list[Output], kind: OutcomeKind | None) -> None:
         self._outputs.extend(outputs)
+        for output in outputs:
+            if output.topic == self.ledger.topic and output.key is not None:
+                self._unsettled[output.key] += 1
         if kind is not None:
             self._counts.append(kind)
 
@@ -562,6 +589,10 @@ class PartitionCore:
         for output, offset in zip(commit.outputs, written, strict=True):
             if output.topic == self.dedupe.topic and output.key is not None:
                 self.dedupe.committed(output.key, offset)
+            elif output.topic == self.ledger.topic and output.key is not None:
+                self._unsettled[output.key] -= 1
+                if self._unsettled[output.key] <= 0:
+                    del self._unsettled[output.key]
 
     def restore(self, commit: Commit) -> None:
         """The transaction failed: its outputs go into the next one."""

@@ -540,8 +540,10 @@ class Pipeline:
         """Commit the claim of a fresh swap before its call (see PartitionCore.note_claim).
         Concurrent claims of a partition share the next transaction, with the outcomes decided
         meanwhile (PartitionCommitter.durable). False when the partition moves away meanwhile:
-        the next owner does the work."""
-        core.note_claim(work)
+        the next owner does the work. A claim that need not be durable first (the device had
+        nothing open: PartitionCore.note_claim) rides the next transaction without a wait."""
+        if not core.note_claim(work):
+            return not (core.closed or core.closing)
         while not (core.closed or core.closing):
             committer = self._committers.get(core.partition)
             if committer is None or committer.core is not core:

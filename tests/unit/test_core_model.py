@@ -533,9 +533,9 @@ class CoreModel(RuleBasedStateMachine):
             else:
                 queue.popleft()
         elif job.phase == "claimed":
-            if job.work.offset is not None:
-                # As the runner does: the claim's ledger record commits before the call.
-                member.core.note_claim(job.work)
+            # As the runner does: the claim's ledger record commits before the call, when the
+            # device had a swap open (PartitionCore.note_claim).
+            if job.work.offset is not None and member.core.note_claim(job.work):
                 self._commit()
             job.result = self.loop.run_until_complete(self.handler.handle(job.work))
             job.phase = "called"
