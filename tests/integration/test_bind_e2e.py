@@ -201,6 +201,11 @@ async def test_repeated_and_late_pushes_are_harmless(harness: Harness) -> None:
     outs = await _bind_outcomes(harness, 1)
     assert len(outs) == 1  # still exactly one bind outcome
     assert metrics.get_sample_value("rebind_bind_results_total", {"result": "bound_push"}) == 1
+    print(
+        "bind pushes that settled nothing: "
+        + ", ".join(f"{r}={count(r):g}" for r in ("duplicate", "unproven", "accepted"))
+        + "; bind outcomes: 1"
+    )
 
 
 async def test_malformed_pushes_get_a_4xx_and_a_metric(harness: Harness) -> None:
