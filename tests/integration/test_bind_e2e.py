@@ -20,6 +20,7 @@ from service.config import BindSettings
 from service.metrics import Metrics
 from tests.fixtures.kafka import INPUT_PARTITIONS
 from tests.fixtures.service import Harness
+from tests.support.accounting import OutcomeReader
 from tests.support.events import Received, swap_event
 from tests.support.waiting import wait_until
 
@@ -201,6 +202,112 @@ async def test_repeated_and_late_pushes_are_harmless(harness: Harness) -> None:
     outs = await _bind_outcomes(harness, 1)
     assert len(outs) == 1  # still exactly one bind outcome
     assert metrics.get_sample_value("rebind_bind_results_total", {"result": "bound_push"}) == 1
+    print(
+        "bind pushes that settled nothing: "
+        + ", ".join(f"{r}={count(r):g}" for r in ("duplicate", "unproven", "accepted"))
+        + "; bind outcomes: 1"
+    )
+
+
+async def test_a_late_push_about_the_old_hardware_does_not_settle_the_newer_swap(
+    harness: Harness,
+) -> None:
+    """Issue 19.1, end to end: swap 1 (n1) is watched; its hardware binds but the push is lost;
+    swap 2 (n2) replaces it and waits for the online device; swap 1's push arrives late. Before
+    the fix it was kept (without its nodeId) and settled swap 2's watch as soon as n2 was
+    refreshed: ``device.rebound via=push`` for hardware that never bound."""
+    control = harness.sim.control
+    topics = harness.topics
+    await control.seed_device("dev-late", "old-late")
+    reader = OutcomeReader(harness.bootstrap, [*harness.output_topics, topics.device_rebound])
+    await reader.start()
+    try:
+        service = await harness.start_service(
+            bind=push_settings(),
+            online_retry_initial_seconds=0.5,
+            online_retry_max_seconds=1.0,
+        )
+        await _subscribed(harness)
+        metrics = service.metrics.registry
+
+        def count(result: str) -> float:
+            value = metrics.get_sample_value("rebind_bind_notifications_total", {"result": result})
+            return value or 0.0
+
+        def outcomes(topic: str) -> list[Received]:
+            return [r for r in reader.records if r.topic == topic]
+
+        def bound_2() -> list[Received]:
+            return [
+                r for r in outcomes(topics.device_rebound) if r.data["swapEventId"] == "e-late-2"
+            ]
+
+        await harness.produce(
+            [(b"dev-late", swap_event("dev-late", "n1-late", event_id="e-late-1"))]
+        )
+        await wait_until(
+            lambda: len(outcomes(topics.credential_updated)) == 1, 60, "swap 1 refreshed"
+        )
+        # n1's hardware connects (the device binds, ONLINE); the platform's push is lost.
+        await control.drop_pushes(1)
+        await control.set_status("dev-late", "ONLINE")
+        await harness.produce(
+            [
+                (
+                    b"dev-late",
+                    swap_event(
+                        "dev-late",
+                        "n2-late",
+                        event_id="e-late-2",
+                        ce_time="2026-11-25T09:40:00Z",
+                    ),
+                )
+            ]
+        )
+
+        def waiting() -> bool:
+            return (metrics.get_sample_value("rebind_deferred_events") or 0) >= 1
+
+        await wait_until(waiting, 30, "swap 2 waiting for the online device")
+        # swap 1's push, late: it names n1
+        await control.send_notification(
+            {
+                "notifyType": "bindDevice",
+                "deviceId": "dev-late",
+                "resultCode": "succeeded",
+                "deviceInfo": {"nodeId": "n1-late"},
+            }
+        )
+        await wait_until(lambda: count("accepted") >= 1, 30, "the late push stored")
+        await control.set_status("dev-late", "OFFLINE")  # swap 2 can go: n2 is refreshed
+        await wait_until(
+            lambda: len(outcomes(topics.credential_updated)) == 2, 60, "swap 2 refreshed"
+        )
+        await wait_until(
+            lambda: count("duplicate") >= 1 or bound_2(),
+            30,
+            "the late push counted as settling nothing (or a bind outcome)",
+        )
+        # (swap 1's watch ended BIND_NOT_CONFIRMED when swap 2 replaced it: right)
+        settled_by_late_push = [
+            r
+            for r in outcomes(topics.device_rebound) + outcomes(topics.rebind_failed)
+            if r.data.get("swapEventId") == "e-late-2"
+        ]
+        print(
+            f"late push about the old hardware: duplicate={count('duplicate'):g} "
+            f"bind outcomes before n2 bound={len(settled_by_late_push)}"
+        )
+        assert not settled_by_late_push, [r.data for r in settled_by_late_push]
+
+        await control.connect("dev-late")  # n2's hardware connects: the platform pushes
+        await wait_until(bound_2, 60, "swap 2 bound")
+        [rebound] = outcomes(topics.device_rebound)
+        assert rebound.data["swapEventId"] == "e-late-2"
+        assert rebound.data["nodeId"] == "n2-late"
+        assert rebound.data["via"] == "push"
+    finally:
+        await reader.stop()
 
 
 async def test_malformed_pushes_get_a_4xx_and_a_metric(harness: Harness) -> None:
