@@ -1075,7 +1075,7 @@ def test_a_refresh_overtaken_during_its_call_still_ends_with_a_bind_result() -> 
     state.teardown()  # evt-2 is applied and bound; evt-1 must have ended BIND_NOT_CONFIRMED
 
 
-def test_an_abandoned_woken_swap_keeps_its_offset_unanswered_until_it_ends() -> None:
+def test_an_abandoned_woken_swap_overtaken_by_a_newer_one_is_answered_superseded() -> None:
     """Minimal example found by the model in CI. dev-b's swap evt-1 waits (device online); it is
     woken and claimed; the newer evt-3 of dev-b is read meanwhile (evt-1's entry was no longer
     waiting, so intake does not answer it); then evt-1's job is abandoned while the partition
