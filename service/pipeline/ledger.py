@@ -182,7 +182,13 @@ class DeviceLedger:
         """The device's entry (a packed one is unpacked into a new object: change it through
         the ledger's methods only)."""
         entry = self._entries.get(device)
-        return entry if entry is not None else self._done.get(device)
+        if entry is not None:
+            return entry
+        done = self._done.get(device)
+        if done is None:
+            return None
+        event_id, source, order, node_id, outcome = done
+        return Entry(event_id, source, order, node_id, State.DONE, outcome=outcome)
 
     def _entry(self, device: str) -> Entry:
         entry = self.get(device)

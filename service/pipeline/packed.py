@@ -6,17 +6,17 @@ arrives. As Python objects (an ``Entry``, its tuple, its strings, a dict slot) s
 about 750 bytes of RSS (docs/benchmarks.md, section 11). Here it is one record in a byte blob,
 found through an open-addressing table of offsets:
 
-    record = length u16 | key length u8 | key | timeMs i64 | offset i64 | source u16
-             | outcome u16 | eventId length u8 | nodeId length u8 | eventId | nodeId
+    record = length u16 | key length u8 | timeMs i64 | offset i64 | source u16 | outcome u16
+             | eventId length u8 | nodeId length u8 | key | eventId | nodeId
 
 Texts are UTF-8, or, for a canonical lowercase UUID, the byte 0xFF (never in UTF-8) and its 16
 bytes. The CloudEvent source and the outcome are indexes into a small table of distinct strings.
 An entry that does not fit (a text over 254 bytes, a source past the table's bound, a field of
 another type) is not packed: the ledger keeps it as an object, as before.
 
-An ``Entry`` is built from the record only when it is asked for (a swap of the device arrived, a
-record of it is written). Replacing or removing a record leaves its bytes unused in the blob; the
-blob is rewritten once the unused bytes outgrow the used ones.
+The ledger builds an ``Entry`` from a record only when it is asked for (a swap of the device
+arrived, a record of it is written). Replacing or removing a record leaves its bytes unused in the
+blob; the blob is rewritten once the unused bytes outgrow the used ones.
 
 The blob is a list of fixed-size chunks, and a record's offset is its chunk's index times the
 chunk size plus its position in it (a record never spans two chunks).
@@ -26,16 +26,14 @@ from __future__ import annotations
 
 import struct
 from array import array
-from typing import TYPE_CHECKING, Final
-
-if TYPE_CHECKING:
-    from service.pipeline.ledger import Entry
+from typing import Final
 
 _EMPTY: Final = -1
 _DELETED: Final = -2
 _UUID: Final = 0xFF
-_HEAD: Final = struct.Struct("<HB")  # record length, key length
-_FIELDS: Final = struct.Struct("<qqHHBB")  # timeMs, offset, source, outcome, eventId, nodeId
+_HEAD: Final = struct.Struct("<HBqqHHBB")
+"""Record length, key length, timeMs, offset, source, outcome, eventId length, nodeId length."""
+_KEY: Final = _HEAD.size  # where the key starts in a record
 _MAX_TEXT: Final = 254
 MAX_STRINGS: Final = 4_096
 """Distinct sources and outcomes packed by index (a fleet has a handful of producers); an entry
@@ -155,11 +153,11 @@ class PackedEntries:
                     free = i
             else:
                 chunk, pos = chunks[off >> _CHUNK_BITS], off & _POS
-                if chunk[pos + 2] == size and chunk[pos + 3 : pos + 3 + size] == key:
+                if chunk[pos + 2] == size and chunk[pos + _KEY : pos + _KEY + size] == key:
                     return i, free
             i = (i + 1) & mask
 
-    def get(self, device: str) -> Entry | None:
+    def get(self, device: str) -> DoneFields | None:
         key = pack_text(device)
         if key is None:
             return None
@@ -168,23 +166,21 @@ class PackedEntries:
             return None
         return self._entry(self._slots[slot])
 
-    def _entry(self, off: int) -> Entry:
-        from service.pipeline.ledger import Entry, State  # noqa: PLC0415 - a cycle otherwise
-
+    def _entry(self, off: int) -> DoneFields:
         blob, off = self._chunks[off >> _CHUNK_BITS], off & _POS
-        start = off + 3 + blob[off + 2]
-        time_ms, offset, source, outcome, event_size, node_size = _FIELDS.unpack_from(blob, start)
-        start += _FIELDS.size
+        _, key_size, time_ms, offset, source, outcome, event_size, node_size = _HEAD.unpack_from(
+            blob, off
+        )
+        start = off + _KEY + key_size
         event_id = unpack_text(bytes(blob[start : start + event_size]))
         start += event_size
         node_id = unpack_text(bytes(blob[start : start + node_size]))
-        return Entry(
+        return (
             event_id,
             self._strings[source] or "",
             (time_ms, offset),
             node_id,
-            State.DONE,
-            outcome=self._strings[outcome],
+            self._strings[outcome],
         )
 
     # ---- changes ---------------------------------------------------------------------------
@@ -198,18 +194,21 @@ class PackedEntries:
             return False
         event = pack_text(event_id)
         node = pack_text(node_id)
-        source_id = self._string_id(source)
-        outcome_id = 0 if outcome is None else self._string_id(outcome)
+        ids = self._string_ids
+        source_id = ids.get(source) or self._string_id(source)
+        outcome_id = 0 if outcome is None else ids.get(outcome) or self._string_id(outcome)
         if event is None or node is None or source_id is None or outcome_id is None:
             self.discard(device)
             return False
+        size = _KEY + len(key) + len(event) + len(node)
         try:
-            fields = _FIELDS.pack(order[0], order[1], source_id, outcome_id, len(event), len(node))
+            head = _HEAD.pack(
+                size, len(key), order[0], order[1], source_id, outcome_id, len(event), len(node)
+            )
         except struct.error:  # an int past 64 bits
             self.discard(device)
             return False
-        size = _HEAD.size + len(key) + len(fields) + len(event) + len(node)
-        record = b"".join((_HEAD.pack(size, len(key)), key, fields, event, node))
+        record = b"".join((head, key, event, node))
         slot, free = self._probe(key)
         slots = self._slots
         if slot >= 0:
@@ -271,7 +270,7 @@ class PackedEntries:
             if off < 0:
                 continue
             chunk, pos = chunks[off >> _CHUNK_BITS], off & _POS
-            i = hash(bytes(chunk[pos + 3 : pos + 3 + chunk[pos + 2]])) & mask
+            i = hash(bytes(chunk[pos + _KEY : pos + _KEY + chunk[pos + 2]])) & mask
             while slots[i] != _EMPTY:
                 i = (i + 1) & mask
             size = chunk[pos] | chunk[pos + 1] << 8
