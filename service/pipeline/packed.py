@@ -208,7 +208,6 @@ class PackedEntries:
         except struct.error:  # an int past 64 bits
             self.discard(device)
             return False
-        record = b"".join((head, key, event, node))
         slot, free = self._probe(key)
         slots = self._slots
         if slot >= 0:
@@ -217,9 +216,18 @@ class PackedEntries:
             slot = free
             if slots[slot] == _EMPTY:
                 self._used += 1
-        slots[slot] = self._append(record)
+        fill = self._fill
+        if fill + size > _CHUNK:  # (_append, inline: this is the load's inner loop)
+            self._garbage += _CHUNK - fill if self._chunks else 0  # the chunk's tail
+            self._chunks.append(bytearray(_CHUNK))
+            fill = 0
+        chunk = self._chunks[-1]
+        chunk[fill : fill + size] = b"".join((head, key, event, node))
+        slots[slot] = (len(self._chunks) - 1) << _CHUNK_BITS | fill
+        self._fill = fill + size
         self._count += 1
-        self._tidy()
+        if self._used * 3 >= len(slots) * 2 or self._garbage > _MIN_GARBAGE:
+            self._tidy()
         return True
 
     def discard(self, device: str) -> None:
