@@ -1,18 +1,19 @@
-"""The ledger's ``done`` entries, packed: a few dozen bytes per device instead of an object.
+"""The ledger's ``done`` entries, packed: about 100 bytes per device instead of an object.
 
 A partition's ledger holds one entry per device ever swapped, and almost all of them are ``done``:
 nothing is due, and the entry only answers "is this swap the latest?" when a swap of the device
 arrives. As Python objects (an ``Entry``, its tuple, its strings, a dict slot) such an entry cost
-about 750 bytes of RSS (docs/benchmarks.md, section 11). Here it is one record in a byte blob,
-found through an open-addressing table of offsets:
+775 bytes of RSS (docs/benchmarks.md, section 11; 99 bytes packed). Here it is one record in a
+byte blob, found through an open-addressing table of offsets:
 
     record = length u16 | key length u8 | timeMs i64 | offset i64 | source u16 | outcome u16
              | eventId length u8 | nodeId length u8 | key | eventId | nodeId
 
 Texts are UTF-8, or, for a canonical lowercase UUID, the byte 0xFF (never in UTF-8) and its 16
 bytes. The CloudEvent source and the outcome are indexes into a small table of distinct strings.
-An entry that does not fit (a text over 254 bytes, a source past the table's bound, a field of
-another type) is not packed: the ledger keeps it as an object, as before.
+An entry that does not fit (a text over 254 bytes, a source or outcome over 256 characters or
+past the table's bound, a field of another type) is not packed: the ledger keeps it as an
+object, as before.
 
 The ledger builds an ``Entry`` from a record only when it is asked for (a swap of the device
 arrived, a record of it is written). Replacing or removing a record leaves its bytes unused in the
@@ -100,7 +101,8 @@ class PackedEntries:
         # of replaced records, at most as many as the live ones (then the blob is rewritten).
         self._chunks: list[bytearray] = []
         self._fill = _CHUNK  # bytes used in the last chunk (a full one: none yet)
-        # Offsets of the records in the blob: between 1.5 and 3 slots per packed device.
+        # Offsets of the records in the blob: at least 1.5 slots per packed device (rebuilt to
+        # 2 to 4 when used slots, deleted marks included, reach two thirds).
         self._slots = array("q", [_EMPTY]) * _MIN_SLOTS
         self._count = 0  # packed devices
         self._used = 0  # slots not empty: packed devices and deleted marks
