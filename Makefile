@@ -61,7 +61,7 @@ demo: venv kafka ## start broker, simulator and service; play a story of swaps; 
 	PYTHONPATH=. $(BIN)/python deploy/local/demo.py
 
 .PHONY: bench
-bench: venv kafka ## measure the real service on this machine (broker, simulator, baseline): about 20 min (sections 6-9 add 7; --skip 6,7,8,9)
+bench: venv kafka ## measure the real service on this machine (broker, simulator, baseline): about 20 min (sections 6-9 add 7, 11 adds 1; --skip 6,7,8,9,11)
 	PYTHONPATH=. $(BIN)/python -m bench $(BENCH_ARGS)
 
 .PHONY: image

@@ -18,7 +18,9 @@ the machine is shared and noisy. Sections:
 8. under budget saturation: budget use and 1010009 answers through replicas 1 -> 3 -> 1;
 9. fresh-input throughput with 10,000 deferred swaps against 0 (sections 6-9:
    ``bench/saturation.py``);
-10. the first bind-watch poll behind a saturated refresh backlog (``bench/bind_polls.py``).
+10. the first bind-watch poll behind a saturated refresh backlog (``bench/bind_polls.py``);
+11. the ledger's memory per ``done`` device and its load rate, 1,000,000 devices, before and
+    after issue 20's packed entries (``bench/ledger_memory.py``; no broker).
 
 ``python -m bench`` (or ``python bench/run.py``); ``--quick`` shrinks every size for a smoke run;
 ``--only 1,3`` runs some sections, ``--skip 7,8`` leaves some out; ``--markdown PATH`` also
@@ -101,6 +103,8 @@ class Sizes:
     fresh_swaps: int = 10_000
     poll_delay_swaps: int = 900
     """Section 10: a watched backlog of 1.5 windows (refreshes end in the third minute)."""
+    ledger_devices: int = 1_000_000
+    """Section 11: done devices loaded into one partition's ledger."""
 
 
 QUICK = Sizes(
@@ -119,6 +123,7 @@ QUICK = Sizes(
     deferred_devices=2_000,
     fresh_swaps=2_000,
     poll_delay_swaps=180,
+    ledger_devices=100_000,
 )
 
 
@@ -1192,6 +1197,11 @@ async def run_all(b: Bench, rep: Report, only: set[str], skip: set[str] | None =
 
         bind_polls.add_poll_delay(rep, await bind_polls.bench_poll_delay(b))
 
+    async def s11() -> None:
+        from bench import ledger_memory  # noqa: PLC0415 - section 11
+
+        ledger_memory.add_ledger_memory(rep, await ledger_memory.bench_ledger_memory(b))
+
     # (section, run, longest it may take: a guard so one stuck section cannot eat the run)
     steps = [
         ("1", s1, 480.0),
@@ -1204,6 +1214,7 @@ async def run_all(b: Bench, rep: Report, only: set[str], skip: set[str] | None =
         ("8", s8, 300.0),
         ("9", s9, 600.0),
         ("10", s10, 600.0),
+        ("11", s11, 300.0),
     ]
     for name, step, limit in steps:
         if (only and name not in only) or name in skip:
@@ -1224,7 +1235,8 @@ def main(argv: list[str] | None = None) -> int:
         "--skip",
         default="",
         help="comma-separated sections to leave out, e.g. 7,8 (6: answer -> visible, 7: SIGKILL "
-        "redo, 8: 1 -> 3 -> 1 budget, 9: deferred load; each is one figure of the table)",
+        "redo, 8: 1 -> 3 -> 1 budget, 9: deferred load, 11: ledger memory; each is one figure "
+        "of the table)",
     )
     p.add_argument("--markdown", type=Path, default=None, help="also write the table here")
     p.add_argument("--py-spy", default=None, help="py-spy binary: profile section 1's processes")

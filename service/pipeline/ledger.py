@@ -5,7 +5,9 @@ and rebalances. Durably, it is a compacted topic (``REBIND_TOPICS__LEDGER``) key
 co-partitioned with the input: partition p of the ledger holds the devices of input partition p,
 and its records are written in the same transactions as the outcomes and offsets of that input
 partition. In memory, the owner of a partition holds one small entry per device of it, loaded from
-the ledger when the partition is assigned.
+the ledger when the partition is assigned: a ``done`` entry packed in a few dozen bytes
+(:mod:`service.pipeline.packed`), an object only while the device's swap is pending, waiting or
+watched.
 
 Which swap is the latest: the one with the later CloudEvent ``time`` (the record's timestamp when
 the event has none); of two with the same time, the one read later from the input. So a swap
@@ -36,6 +38,7 @@ from typing import Any, Final
 
 import orjson
 
+from service.pipeline.packed import DoneFields, PackedEntries
 from service.pipeline.records import Output
 from service.pipeline.work import WaitState, Watch, Work
 
@@ -107,7 +110,10 @@ class DeviceLedger:
     def __init__(self, topic: str, partition: int) -> None:
         self.topic = topic
         self.partition = partition
+        # Entries as objects: pending, waiting and watched swaps (bounded by the swaps not done
+        # yet), and the rare done entry that does not pack. Every other done entry is packed.
         self._entries: dict[str, Entry] = {}
+        self._done = PackedEntries()  # one record per device of the partition
         # (due_ms, sequence, device), lazily cleaned: waiting swaps, and bind watches apart, so
         # the ones never queue behind the others (each has its own room in the wake loop).
         self._due: list[tuple[int, int, str]] = []
@@ -129,13 +135,17 @@ class DeviceLedger:
             return
         device = key.decode("utf-8", "replace")
         old = self._entries.pop(device, None)
-        if old is not None and old.state is State.WAITING:
-            self._waiting -= 1
-        self.watching.discard(device)
-        if not value:
-            return  # a tombstone
-        entry = decode_entry(value)
+        if old is not None:
+            if old.state is State.WAITING:
+                self._waiting -= 1
+            self.watching.discard(device)
+        done = _done_fields(value) if value else None
+        if done is not None and self._done.put(device, done):  # most records: no object
+            self._live.pop(device, None)
+            return
+        entry = decode_entry(value) if value else None  # no value: a tombstone
         if entry is None:
+            self._done.discard(device)
             return
         self._put(device, entry)
 
@@ -143,6 +153,15 @@ class DeviceLedger:
         old = self._entries.get(device)
         if old is not None and old.state is State.WAITING:
             self._waiting -= 1
+        if _packable(entry) and self._done.put(
+            device, (entry.event_id, entry.source, entry.order, entry.node_id, entry.outcome)
+        ):
+            if old is not None:
+                del self._entries[device]
+                self.watching.discard(device)
+            self._live.pop(device, None)  # nothing of a done entry is due
+            return
+        self._done.discard(device)
         self._entries[device] = entry
         if entry.state is State.WAITING:
             self._waiting += 1
@@ -160,11 +179,26 @@ class DeviceLedger:
     # ---- decisions -------------------------------------------------------------------------
 
     def get(self, device: str) -> Entry | None:
-        return self._entries.get(device)
+        """The device's entry (a packed one is unpacked into a new object: change it through
+        the ledger's methods only)."""
+        entry = self._entries.get(device)
+        if entry is not None:
+            return entry
+        done = self._done.get(device)
+        if done is None:
+            return None
+        event_id, source, order, node_id, outcome = done
+        return Entry(event_id, source, order, node_id, State.DONE, outcome=outcome)
+
+    def _entry(self, device: str) -> Entry:
+        entry = self.get(device)
+        if entry is None:
+            raise KeyError(device)
+        return entry
 
     def admit(self, work: Work) -> Admission:
         """A swap read from the input: what to do with it."""
-        entry = self._entries.get(work.device)
+        entry = self.get(work.device)
         if entry is not None and entry.same_event(work):
             if entry.order[1] != work.order[1]:
                 return Admission(Verdict.DUPLICATE)
@@ -186,7 +220,7 @@ class DeviceLedger:
 
     def claim(self, work: Work) -> tuple[Claim, str | None]:
         """When a job starts: is its swap still the one to apply? (and the newer event id)."""
-        entry = self._entries.get(work.device)
+        entry = self.get(work.device)
         if entry is None:
             return Claim.GONE, None
         if entry.same_event(work) and entry.order == work.order:
@@ -202,7 +236,7 @@ class DeviceLedger:
         return Claim.SUPERSEDED, entry.event_id
 
     def is_latest(self, work: Work) -> bool:
-        entry = self._entries.get(work.device)
+        entry = self.get(work.device)
         return entry is not None and entry.same_event(work) and entry.order == work.order
 
     def done(self, work: Work, outcome: str) -> bool:
@@ -210,7 +244,7 @@ class DeviceLedger:
         outcome stands, the ledger keeps the newer swap)."""
         if not self.is_latest(work):
             return False
-        entry = self._entries[work.device]
+        entry = self._entry(work.device)
         self._put(work.device, _replace_state(entry, State.DONE, outcome=outcome))
         return True
 
@@ -220,7 +254,7 @@ class DeviceLedger:
         replaced it meanwhile."""
         if not self.is_latest(work):
             return None
-        entry = self._entries[work.device]
+        entry = self._entry(work.device)
         watched = _replace_state(entry, State.WATCHING, outcome="credential_updated")
         watched.watch = watch
         watched.early = entry.early
@@ -231,7 +265,7 @@ class DeviceLedger:
 
     def rewatch(self, device: str, watch: Watch) -> None:
         """The next poll of a watched device."""
-        entry = self._entries[device]
+        entry = self._entry(device)
         entry_next = _replace_state(entry, State.WATCHING, outcome=entry.outcome)
         entry_next.watch = watch
         entry_next.value, entry_next.headers = entry.value, entry.headers
@@ -239,7 +273,7 @@ class DeviceLedger:
 
     def end_watch(self, device: str, result: str) -> None:
         """The watch of ``device`` ended (bound, expired or unconfirmed)."""
-        entry = self._entries[device]
+        entry = self._entry(device)
         self._put(device, _replace_state(entry, State.DONE, outcome=result))
 
     def note_push(self, device: str, result: str, at_ms: int, node_id: str) -> Entry | None:
@@ -247,7 +281,7 @@ class DeviceLedger:
         very nodeId (settle it now). A push about the nodeId of a swap that is still running is
         kept in the entry (``early``) and settles the watch when it starts. A push about any
         other nodeId (an older swap's hardware, a forgery) changes nothing: None."""
-        entry = self._entries.get(device)
+        entry = self.get(device)
         if entry is None or entry.node_id != node_id:
             return None
         if entry.state is State.WATCHING:
@@ -260,7 +294,7 @@ class DeviceLedger:
         """The swap waits for its next try; False when a newer swap replaced it meanwhile."""
         if not self.is_latest(work):
             return False
-        entry = self._entries[work.device]
+        entry = self._entry(work.device)
         waiting = _replace_state(entry, State.WAITING, wait=state)
         waiting.early = entry.early
         waiting.value = work.raw_value
@@ -293,7 +327,7 @@ class DeviceLedger:
     def requeue(self, device: str) -> None:
         """A woken swap or a poll handed out by :meth:`pop_due` was abandoned before it was
         decided: the entry is due again as it stands (its heap item was taken)."""
-        entry = self._entries.get(device)
+        entry = self.get(device)
         if entry is not None and entry.due_ms is not None:
             self._put(device, entry)
 
@@ -309,14 +343,56 @@ class DeviceLedger:
         return False
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._entries) + len(self._done)
 
     # ---- records ---------------------------------------------------------------------------
 
     def record(self, device: str) -> Output:
         """The ledger record of ``device`` as it stands now."""
-        entry = self._entries[device]
+        entry = self._entry(device)
         return Output(self.topic, device.encode(), encode_entry(entry), partition=self.partition)
+
+
+_DONE_KEYS: Final = frozenset(
+    ("v", "eventId", "source", "timeMs", "offset", "nodeId", "state", "outcome")
+)
+
+
+def _done_fields(value: bytes) -> DoneFields | None:
+    """The fields of a record of a plain done entry (one :func:`decode_entry` would make a
+    packable entry of), read without building the entry; None for any other record."""
+    try:
+        doc = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(doc, dict) or doc.get("state") != "done" or not _DONE_KEYS.issuperset(doc):
+        return None
+    event_id, source, node_id = doc.get("eventId"), doc.get("source"), doc.get("nodeId")
+    time_ms, offset, outcome = doc.get("timeMs"), doc.get("offset"), doc.get("outcome")
+    if (
+        type(event_id) is str
+        and type(source) is str
+        and type(node_id) is str
+        and type(time_ms) is int
+        and type(offset) is int
+        and (outcome is None or type(outcome) is str)
+    ):
+        return event_id, source, (time_ms, offset), node_id, outcome
+    return None
+
+
+def _packable(entry: Entry) -> bool:
+    """A done entry with nothing but what a done record holds (what :meth:`DeviceLedger.done`
+    and :meth:`DeviceLedger.end_watch` write)."""
+    return (
+        entry.state is State.DONE
+        and entry.wait is None
+        and entry.watch is None
+        and entry.early is None
+        and entry.value is None
+        and not entry.headers
+        and (entry.outcome is None or isinstance(entry.outcome, str))
+    )
 
 
 def _replace_state(

@@ -48,6 +48,7 @@ import asyncio
 import contextlib
 import os
 import random
+import uuid
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -96,7 +97,8 @@ from service.platform.errors import (
 from tests.support.events import swap_event
 
 PARTITION: Final = 3
-DEVICES: Final = ("dev-a", "dev-b")
+# One deviceId of each form the ledger packs: text, and a canonical UUID (kept in 16 bytes).
+DEVICES: Final = ("dev-a", "5b0c3d2e-8f41-4a6b-9c1d-2e3f4a5b6c7d")
 SOURCE: Final = "/inventory/model"
 T0: Final = datetime(2026, 11, 25, 9, 30, tzinfo=UTC)
 CLOCK_START_MS: Final = int(datetime(2026, 11, 25, 10, 0, tzinfo=UTC).timestamp() * 1000)
@@ -442,7 +444,9 @@ class CoreModel(RuleBasedStateMachine):
     def _produce_swap(self, device: str, node: int, delta: int) -> None:
         """A swap; a negative ``delta`` makes it older than the device's previous swap."""
         self.serial += 1
-        event_id = f"evt-{self.serial}"
+        # event ids of both forms the ledger packs, as for deviceIds ("evt-N" in the comments
+        # below: the N-th swap produced, whichever form its id has)
+        event_id = f"evt-{self.serial}" if self.serial % 2 else str(uuid.UUID(int=self.serial))
         verify = f"vc-{self.serial}"
         seconds = self.event_seconds.get(device, 100) + delta
         self.event_seconds[device] = max(seconds, self.event_seconds.get(device, 100))
@@ -1085,8 +1089,8 @@ def test_an_abandoned_woken_swap_overtaken_by_a_newer_one_is_answered_superseded
     state.setup(online=set(), watch="poll")
     state.platform_change(change="online", device="dev-a", pick=0)
     state.platform_change(change="online", device="dev-a", pick=0)
-    state.platform_change(change="online", device="dev-b", pick=0)
-    state.produce(delta=0, device="dev-b", kind="swap", node=0, pick=0)
+    state.platform_change(change="online", device=DEVICES[1], pick=0)
+    state.produce(delta=0, device=DEVICES[1], kind="swap", node=0, pick=0)
     state.poll(count=1)
     state.job(pick=0, to_end=False)
     state.job(pick=0, to_end=False)
@@ -1095,7 +1099,7 @@ def test_an_abandoned_woken_swap_overtaken_by_a_newer_one_is_answered_superseded
     state.wake(far=True)
     state.commit(abort=False)
     state.job(pick=0, to_end=False)
-    state.produce(delta=0, device="dev-b", kind="swap", node=0, pick=0)
+    state.produce(delta=0, device=DEVICES[1], kind="swap", node=0, pick=0)
     state.poll(count=2)
     state.job_abandoned(pick=0)
     state.accounting()
