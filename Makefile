@@ -45,8 +45,8 @@ typecheck: venv ## mypy --strict on the package and the tests
 	$(BIN)/mypy
 
 .PHONY: test
-test: deps lint typecheck ## everything CI runs: lint, types, unit, integration, fault, deploy tests
-	$(BIN)/pytest $(PYTEST_ARGS)
+test: venv ## everything CI runs: lint, types, unit, integration, fault, deploy tests; then the time of each part
+	MAKE="$(MAKE)" BIN="$(BIN)" PYTEST_ARGS="$(PYTEST_ARGS)" bash scripts/test.sh
 
 .PHONY: test-quick
 test-quick: venv kafka lint typecheck ## the inner loop: skips the slow fault tests
