@@ -48,6 +48,10 @@ typecheck: venv ## mypy --strict on the package and the tests
 test: venv ## everything CI runs: lint, types, unit, integration, fault, deploy tests; then the time of each part
 	MAKE="$(MAKE)" BIN="$(BIN)" PYTEST_ARGS="$(PYTEST_ARGS)" bash scripts/test.sh
 
+.PHONY: soak
+soak: venv kafka ## the fault and budget tests at full length (60 s windows, 20 s tokens), outside CI: ~40 min (estimated)
+	TEST_SOAK=1 $(BIN)/pytest tests/faults tests/integration/test_budget_e2e.py $(PYTEST_ARGS)
+
 .PHONY: test-quick
 test-quick: venv kafka lint typecheck ## the inner loop: skips the slow fault tests
 	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
