@@ -32,7 +32,7 @@ if [ "$rc" -eq 0 ]; then
     part "lint+types" "$MAKE" --no-print-directory lint typecheck || rc=$?
 fi
 if [ "$rc" -eq 0 ]; then
-    TEST_PART_TIMES=$work/pytest.json "$BIN/pytest" "${pytest_args[@]}" || rc=$?
+    TEST_PART_TIMES=$work/pytest.json part "pytest" "$BIN/pytest" "${pytest_args[@]}" || rc=$?
 fi
 report
 exit "$rc"

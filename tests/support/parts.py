@@ -95,10 +95,25 @@ def _clock(seconds: float) -> str:
 
 
 def table(data: dict[str, Any], outside: list[tuple[str, float]]) -> list[str]:
-    """The parts (``outside`` pytest first), their total, and the slowest tests."""
-    rows = [(name, secs, "") for name, secs in outside]
-    rows += [(p["name"], p["wall"], f"{p['tests']} tests") for p in data["parts"]]
-    total = sum(secs for _, secs, _ in rows)
+    """The parts (``outside`` pytest first), their total, and the slowest tests. When
+    ``outside`` times the whole pytest run (a part named ``pytest``), pytest's parts are listed
+    under it, with what none of them holds (collection, start-up) as ``other``."""
+    inner = [(f"{p['name']}", p["wall"], f"{p['tests']} tests") for p in data["parts"]]
+    rows: list[tuple[str, float, str]] = []
+    total = 0.0
+    for name, secs in outside:
+        total += secs
+        if name == "pytest":
+            rows.append((name, secs, "every test, in one run:"))
+            rows += [(f"  {n}", s, what) for n, s, what in inner]
+            rows.append(
+                ("  other", max(0.0, secs - sum(s for _, s, _ in inner)), "collection, start-up")
+            )
+            inner = []
+        else:
+            rows.append((name, secs, ""))
+    rows += inner
+    total += sum(s for _, s, _ in inner)
     lines = [f"  {name:<16} {_clock(secs):>7}  {what}".rstrip() for name, secs, what in rows]
     lines.append(f"  {'total':<16} {_clock(total):>7}")
     if data["slowest"]:
