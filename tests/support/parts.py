@@ -51,7 +51,7 @@ class Part:
         return max(0.0, self.last - self.first)
 
 
-@dataclass
+@dataclass(eq=False)  # hashable: pluggy keeps plugins in sets
 class Recorder:
     parts: dict[str, Part] = field(default_factory=lambda: defaultdict(Part))
     tests: dict[str, float] = field(default_factory=lambda: defaultdict(float))
