@@ -46,7 +46,7 @@ typecheck: venv ## mypy --strict on the package and the tests
 
 .PHONY: test
 test: venv ## everything CI runs: lint, types, unit, integration, fault, deploy tests; then the time of each part
-	MAKE="$(MAKE)" BIN="$(BIN)" PYTEST_ARGS="$(PYTEST_ARGS)" bash scripts/test.sh
+	BIN="$(BIN)" PYTEST_ARGS="$(PYTEST_ARGS)" bash scripts/test.sh
 
 .PHONY: soak
 soak: venv kafka ## the fault and budget tests at full length (60 s windows, 20 s tokens), outside CI: ~40 min (estimated)
