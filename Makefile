@@ -45,8 +45,12 @@ typecheck: venv ## mypy --strict on the package and the tests
 	$(BIN)/mypy
 
 .PHONY: test
-test: deps lint typecheck ## everything CI runs: lint, types, unit, integration, fault, deploy tests
-	$(BIN)/pytest $(PYTEST_ARGS)
+test: venv ## everything CI runs: lint, types, unit, integration, fault, deploy tests; then the time of each part
+	BIN="$(BIN)" PYTEST_ARGS="$(PYTEST_ARGS)" bash scripts/test.sh
+
+.PHONY: soak
+soak: venv kafka ## the fault and budget tests at full length (60 s windows, 20 s tokens), outside CI: ~40 min (estimated)
+	TEST_SOAK=1 $(BIN)/pytest tests/faults tests/integration/test_budget_e2e.py $(PYTEST_ARGS)
 
 .PHONY: test-quick
 test-quick: venv kafka lint typecheck ## the inner loop: skips the slow fault tests

@@ -36,7 +36,9 @@ class Service:
         self.settings = settings
         self.metrics = metrics or Metrics()
         p = settings.platform
-        self.budget = RateBudget(p.rate_limit_per_minute, metrics=self.metrics)
+        self.budget = RateBudget(
+            p.rate_limit_per_minute, metrics=self.metrics, window_seconds=p.rate_window_seconds
+        )
         self.budget.set_poll_share(settings.bind.poll_budget_share)
         self._subscription: asyncio.Task[None] | None = None
         self._build()
@@ -266,6 +268,7 @@ async def run(settings: Settings) -> int:
         input=settings.topics.device_swapped,
         platform=str(settings.platform.base_url),
         budget_per_minute=settings.platform.rate_limit_per_minute,
+        budget_window_seconds=settings.platform.rate_window_seconds,
     )
     try:
         await service.run()

@@ -73,6 +73,7 @@ READ_RETRY_SECONDS: Final = 1.0
 SEGMENT_MS: Final = 600_000
 """Segments roll every 10 minutes, so compaction keeps the topic near one record per replica."""
 SPAN_SECONDS: Final = WINDOW_SECONDS + DEFAULT_SAFETY_MARGIN_SECONDS
+"""How long a call counts with the default window; the exchange uses its budget's span."""
 LOG_APPEND_TIME: Final = 1
 """The timestamp type of a record the broker stamps (topic: LogAppendTime)."""
 CLOCK_STEP_LOGGED_SECONDS: Final = 1.0
@@ -226,10 +227,12 @@ def is_complete(
     )
 
 
-def phantom_calls(record: BudgetRecord, lease_seconds: float) -> list[float]:
+def phantom_calls(
+    record: BudgetRecord, lease_seconds: float, span_seconds: float = SPAN_SECONDS
+) -> list[float]:
     """Calls a vanished replica may have made after ``record``, all at the latest possible time."""
     end = record.published_at + lease_seconds
-    since = max(end - SPAN_SECONDS, record.counted_since)
+    since = max(end - span_seconds, record.counted_since)
     counting = sum(1 for t in record.grants if t > since)
     return [end] * max(0, record.limit - counting)
 
@@ -256,6 +259,7 @@ def build_global_log(
     now: float,
     lease_seconds: float,
     recent_after: float | None = None,
+    span_seconds: float = SPAN_SECONDS,
 ) -> GlobalLog:
     """The application's calls in the window ending ``now`` (epoch seconds).
 
@@ -263,7 +267,7 @@ def build_global_log(
     replaced by ``own_grants`` (live). A record that is not :func:`is_complete` adds
     :func:`phantom_calls`.
     """
-    horizon = now - SPAN_SECONDS
+    horizon = now - span_seconds
     calls = [t for t in own_grants if t > horizon]
     logged = len(calls)
     phantom = 0
@@ -275,7 +279,7 @@ def build_global_log(
         mine = [t for t in record.grants if t > horizon]
         extra: list[float] = []
         if not is_complete(record, fresh_after, recent_after):
-            extra = [t for t in phantom_calls(record, lease_seconds) if t > horizon]
+            extra = [t for t in phantom_calls(record, lease_seconds, span_seconds) if t > horizon]
             if extra:
                 stale.append(record.instance)
         if not mine and not extra:
@@ -544,8 +548,9 @@ class BudgetExchange:
         if previous is None:
             return
         now = self.budget.wall_now()
-        horizon = now - SPAN_SECONDS
-        extra = [] if previous.held else phantom_calls(previous, self.lease_seconds)
+        span = self.budget.span_seconds
+        horizon = now - span
+        extra = [] if previous.held else phantom_calls(previous, self.lease_seconds, span)
         self._inherited = sorted(t for t in (*previous.grants, *extra) if t > horizon)
         log.info(
             "budget_previous_incarnation",
@@ -556,7 +561,7 @@ class BudgetExchange:
 
     # ------------------------------------------------------------------ publishing
     def _own_log(self) -> list[float]:
-        horizon = self.budget.wall_now() - SPAN_SECONDS
+        horizon = self.budget.wall_now() - self.budget.span_seconds
         self._inherited = [t for t in self._inherited if t > horizon]
         return sorted((*self._inherited, *self.budget.grant_log()))
 
@@ -691,6 +696,7 @@ class BudgetExchange:
             # Without announced revocations, live replicas' latest records are periodic ones:
             # take the recent ones as complete (best effort; their last seconds are missed).
             recent_after=None if announced else now - self.publish_interval - 1.0,
+            span_seconds=self.budget.span_seconds,
         )
         calls = glog.calls
         if not caught_up:

@@ -380,6 +380,14 @@ class PlatformSettings(_Section):
     rate_limit_per_minute: int = Field(
         default=100, ge=1, le=1_000_000, description="The application's budget across all replicas."
     )
+    rate_window_seconds: float = Field(
+        default=60.0,
+        ge=1,
+        le=3600,
+        description="The length of the platform's sliding flow-control window, in seconds: "
+        "the application may make rate_limit_per_minute calls in any window this long. The "
+        "platform configures flow control per application; 60 unless yours says otherwise.",
+    )
     default_timeout: int = Field(default=0, ge=0, le=2_147_483_647)
     request_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
     max_concurrency: int = Field(

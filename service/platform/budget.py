@@ -117,6 +117,9 @@ class RateBudget:
         self._metrics = metrics
         self._clock = clock
         self._sleep = sleep
+        if window_seconds <= 0:
+            raise ValueError("window_seconds must be > 0")
+        self._window = window_seconds
         self._span = window_seconds + safety_margin_seconds
         self._reserve = deferred_reserve
         self._grants: deque[tuple[float, bool]] = deque()  # (time, deferred?) since rebalance
@@ -164,6 +167,16 @@ class RateBudget:
     def total(self) -> int:
         """The application's whole budget (calls per window, all replicas together)."""
         return self._total
+
+    @property
+    def window_seconds(self) -> float:
+        """The length of the platform's flow-control window (``rate_window_seconds``)."""
+        return self._window
+
+    @property
+    def span_seconds(self) -> float:
+        """How long a grant counts here: the window plus the safety margin."""
+        return self._span
 
     @property
     def held(self) -> bool:

@@ -253,6 +253,7 @@ def test_rendered_configuration_is_accepted_by_the_service(
     assert settings.kafka.group_id == "SENTINEL-group"
     assert settings.kafka.instance_id == "rebind-0"
     assert settings.platform.rate_limit_per_minute == 1_000_000
+    assert settings.platform.rate_window_seconds == 45
     assert settings.platform.request_timeout_seconds == 7.5
     assert settings.platform.verify_tls is False
     assert settings.topics.device_swapped == "SENTINEL.in"

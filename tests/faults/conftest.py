@@ -31,6 +31,7 @@ from pydantic import SecretStr
 from service.app import Service
 from service.config import BindSettings, Settings
 from tests.fixtures.service import Harness
+from tests.support import clock
 from tests.support.accounting import Accounting, Inputs, OutcomeReader, account, produce_inputs
 from tests.support.events import swap_event
 from tests.support.waiting import wait_until
@@ -273,6 +274,14 @@ class FaultKit:
             dead_letter_topic=self.harness.topics.dead_letter,
             control=self.control if check_devices else None,
         )
+
+
+@pytest.fixture(autouse=True)
+async def platform_clock(harness: Harness) -> float:
+    """Every fault test runs on the suite's platform clock (``tests/support/clock.py``): the
+    simulator's flow-control window and the services' ``rate_window_seconds`` are the same
+    compressed window in CI, 60 s under ``make soak``."""
+    return await clock.apply(harness)
 
 
 @pytest.fixture

@@ -1,8 +1,10 @@
 """Faults while the platform's budget is the bottleneck (issue 10, proof).
 
-The service's normal state is a backlog larger than what the platform grants in a minute. The
-simulator enforces N calls per sliding 60 s window, the service is configured with the same N,
-and the swaps wait on the input topic before the service starts.
+The service's normal state is a backlog larger than what the platform grants in a window. The
+simulator enforces N calls per sliding flow-control window, the service is configured with the
+same N and the same window, and the swaps wait on the input topic before the service starts. The
+window is the suite's platform clock (``tests/support/clock.py``): compressed in CI, 60 s under
+``make soak``; the schedule below is stated in full-length seconds and scaled with it.
 
 * A SIGKILL while calls are on the wire must not redo finished work: the platform sees at most
   one refresh call per swap, plus one for each call whose answer the killed process never got.
@@ -21,13 +23,15 @@ from typing import Any
 import pytest
 
 from tests.faults.conftest import FaultKit
+from tests.support import clock
 from tests.support.calllog import Calls, max_in_window, on_wire, window_use
+from tests.support.clock import scaled
 from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 N = 120
-"""Calls per minute: the simulator enforces it, the service is configured with it."""
+"""Calls per window: the simulator enforces it, the service is configured with it."""
 
 
 async def _first_call_time(fault_kit: FaultKit, timeout: float = 60) -> float:
@@ -64,13 +68,15 @@ async def test_sigkill_under_budget_saturation_redoes_only_the_calls_on_the_wire
         in_flight = sum(1 for c in puts if c["status"] == 0)
         return len(puts) > N and in_flight >= 1
 
-    await wait_until(calls_on_the_wire, 150, f"more than {N} refresh calls, some on the wire")
+    await wait_until(
+        calls_on_the_wire, scaled(150) + 30, f"more than {N} refresh calls, some on the wire"
+    )
     killed_at = time.time()
     await service.kill()
     committed_at_kill = reader.count
     restarted_at = time.time()
     await service.start_ready()
-    await reader.wait_answered(inputs, timeout=300)
+    await reader.wait_answered(inputs, timeout=scaled(300) + 60)
     accounting = await fault_kit.finish("budget-sigkill", inputs)
 
     calls = await Calls.read(control)
@@ -99,13 +105,21 @@ async def test_sigkill_under_budget_saturation_redoes_only_the_calls_on_the_wire
 
 
 # ------------------------------------------------------------------------ group 1 -> 2 -> 3 -> 1
+GROUP_WINDOW = clock.window(45.0)
+"""This test's flow-control window: 60 s under soak, 45 s in CI. Not the suite's 15 s: each
+membership change holds the budget for seconds of real time whatever the window (a process
+starts, the group rebalances, the exchange publishes), and the test measures how much of the
+budget is used despite them, so those seconds weigh more in a shorter window. Measured on this
+machine, one run each: a mean use of 86.2 % at 15 s, 90.2 % at 30 s, 91.0 % at 45 s and 91.6 % at
+the full 60 s (``make soak``), against the 90 % asserted: 45 s keeps about the full length's
+margin at three quarters of its time."""
 GROUP_SWAPS = 510
-"""4.25 N: the backlog outlasts the measured period (3.5 min) even if the calls come in bursts
-at the start of each window (bursts at 0, 60, 120, 180 s: 4 N)."""
-CHANGES_AT = (30.0, 90.0, 150.0)
-"""Seconds after the first call: every 60 s, in the middle of a window (when the windows are
-full of the previous members' calls, not when they have just emptied)."""
-MEASURED = 210.0
+"""4.25 N: the backlog outlasts the measured period (3.5 windows) even if the calls come in bursts
+at the start of each window (bursts at 0, 1, 2, 3 windows: 4 N)."""
+CHANGES_AT = tuple(w * GROUP_WINDOW for w in (0.5, 1.5, 2.5))
+"""Seconds after the first call (30, 90, 150 at full length): every window, in the middle of it
+(when the windows are full of the previous members' calls, not when they have just emptied)."""
+MEASURED = 3.5 * GROUP_WINDOW
 """Budget use is measured over the windows inside [first call, first call + MEASURED]."""
 
 
@@ -114,6 +128,7 @@ async def test_group_1_2_3_1_under_budget_saturation_holds_and_uses_the_budget(
     fault_kit: FaultKit, process_logs: None
 ) -> None:
     control = fault_kit.control
+    await clock.apply(fault_kit.harness, GROUP_WINDOW)
     devices = await fault_kit.seed(GROUP_SWAPS, prefix="satg")
     await control.configure(rate_limit_per_minute=N)
     inputs = await fault_kit.produce_swaps(devices)  # the backlog waits for the service
@@ -143,10 +158,10 @@ async def test_group_1_2_3_1_under_budget_saturation_holds_and_uses_the_budget(
     await at(MEASURED, "the end of the measured period")
     measured = await Calls.read(control)
 
-    await reader.wait_answered(inputs, timeout=240)
+    await reader.wait_answered(inputs, timeout=4 * GROUP_WINDOW + 60)
     accounting = await fault_kit.finish("budget-group-1-2-3-1", inputs)
     calls = await Calls.read(control)
-    use = window_use(calls.accepted_times, N, start=t0, end=t0 + MEASURED)
+    use = window_use(calls.accepted_times, N, start=t0, end=t0 + MEASURED, window=GROUP_WINDOW)
     applied_in_period = sum(
         1 for c in measured.of("refresh_key") if c["error_code"] is None and c["status"] == 200
     )
@@ -157,7 +172,7 @@ async def test_group_1_2_3_1_under_budget_saturation_holds_and_uses_the_budget(
         "budget_use_least": use.least,
         "calls_per_N_minute": use.per_minute,
         "busiest_window": f"{use.busiest}/{N}",
-        "busiest_window_all_logged": max_in_window(calls.all_times),
+        "busiest_window_all_logged": max_in_window(calls.all_times, GROUP_WINDOW),
         "backlog_left_at_period_end": backlog_left,
         "calls_by_operation": calls.by_operation(),
         "changes_at_s": [f"{name}@{at_s:.0f}" for name, at_s in changes],

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from tests.fixtures.simulator import SimulatorHandle, client_ssl_context
-from tests.simulator import SimulatorControl, SimulatorProcess
+from tests.simulator import SimulatorControl, SimulatorControlError, SimulatorProcess
 from tests.support.reference import REFRESH_ROWS
 from tests.support.waiting import wait_until
 
@@ -543,7 +543,34 @@ async def test_flow_control_sliding_window(sim: SimulatorHandle, http: httpx.Asy
     assert stats["apps"][sim.partner_app_id]["accepted_calls"] == 1
     flow = await sim.control.flow(sim.app_id)
     assert len(flow["accepted"]) == 9
+    assert flow["window_seconds"] == 60.0
     assert len(flow["rejected"]) == 4
+
+
+async def test_flow_control_window_is_configurable(
+    sim: SimulatorHandle, http: httpx.AsyncClient
+) -> None:
+    """``flow_window_seconds``: the platform configures flow control per application."""
+    await sim.control.configure(rate_limit_per_minute=2, flow_window_seconds=10)
+    await sim.control.seed_device("d1", "N1")
+    tok = await login(http, sim.app_id, sim.secret)  # call 1 (t=0)
+    hdrs = headers(tok["accessToken"], sim.app_id)
+    assert (await http.get(f"{DEVICES}/d1", headers=hdrs)).status_code == 200  # call 2 (t=0)
+    gateway(await http.get(f"{DEVICES}/d1", headers=hdrs), 403, "1010009")
+    await sim.control.advance_clock(9)  # t=9: still inside the 10 s window
+    gateway(await http.get(f"{DEVICES}/d1", headers=hdrs), 403, "1010009")
+    await sim.control.advance_clock(2)  # t=11: both aged out (a 60 s window would still hold them)
+    for _ in range(2):
+        assert (await http.get(f"{DEVICES}/d1", headers=hdrs)).status_code == 200
+    flow = await sim.control.flow(sim.app_id)
+    assert flow["window_seconds"] == 10.0
+    assert flow["max_calls_in_any_window"] == 2
+    for bad in (0, -1, True):
+        with pytest.raises(SimulatorControlError, match="flow_window_seconds"):
+            await sim.control.configure(flow_window_seconds=bad)
+    # a reset restores the default window
+    await sim.control.reset()
+    assert (await sim.control.get_config())["flow_window_seconds"] == 60.0
 
 
 async def test_call_log_contents(sim: SimulatorHandle, http: httpx.AsyncClient) -> None:
@@ -689,13 +716,14 @@ async def test_https_requires_client_cert(tls_sim: SimulatorHandle) -> None:
 
 
 async def test_subprocess_mode() -> None:
-    proc = SimulatorProcess(rate_limit_per_minute=1000, seed_demo=True)
+    proc = SimulatorProcess(rate_limit_per_minute=1000, flow_window_seconds=12.5, seed_demo=True)
     url = await asyncio.to_thread(proc.start)
     try:
         assert url.startswith("http://127.0.0.1:")
         async with SimulatorControl(url) as control, httpx.AsyncClient(base_url=url) as client:
             assert any(d["device_id"] == "dev-0001" for d in await control.devices())
-            assert (await control.get_config())["rate_limit_per_minute"] == 1000
+            config = await control.get_config()
+            assert (config["rate_limit_per_minute"], config["flow_window_seconds"]) == (1000, 12.5)
             resp = await client.post(
                 LOGIN, data={"appId": "rebind-home-app", "secret": "home-secret-0001"}
             )

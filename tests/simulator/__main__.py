@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 
 from tests.simulator.certs import generate_certs
 from tests.simulator.server import Simulator, server_ssl_context
-from tests.simulator.state import SimConfig
+from tests.simulator.state import FLOW_WINDOW_S, SimConfig
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -17,6 +18,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--rate-limit-per-minute", type=int, default=100)
+    p.add_argument(
+        "--flow-window-seconds",
+        type=float,
+        default=float(os.environ.get("SIMULATOR_FLOW_WINDOW_SECONDS", FLOW_WINDOW_S)),
+        help="length of the sliding flow-control window (s); env SIMULATOR_FLOW_WINDOW_SECONDS",
+    )
     p.add_argument("--token-ttl", type=int, default=3600, help="access token lifetime (s)")
     p.add_argument("--refresh-token-ttl", type=int, default=86400)
     p.add_argument("--token-type", default="bearer")
@@ -32,6 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 async def amain(args: argparse.Namespace) -> None:
     config = SimConfig(
         rate_limit_per_minute=args.rate_limit_per_minute,
+        flow_window_seconds=args.flow_window_seconds,
         token_ttl=args.token_ttl,
         refresh_token_ttl=args.refresh_token_ttl,
         token_type=args.token_type,

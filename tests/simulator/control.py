@@ -95,6 +95,7 @@ class SimulatorControl:
         self,
         *,
         rate_limit_per_minute: int | None = None,
+        flow_window_seconds: float | None = None,
         token_ttl: int | None = None,
         refresh_token_ttl: int | None = None,
         token_type: str | None = None,
@@ -433,5 +434,5 @@ class SimulatorControl:
         return cast(dict[str, Any], await self._call("GET", "/stats"))
 
     async def flow(self, app_id: str = HOME_APP_ID) -> dict[str, Any]:
-        """Accepted / rejected call timestamps of an app and its busiest 60 s window."""
+        """Accepted / rejected call timestamps of an app and its busiest flow-control window."""
         return cast(dict[str, Any], await self._call("GET", f"/flow/{app_id}"))

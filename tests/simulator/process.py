@@ -28,6 +28,7 @@ class SimulatorProcess:
         host: str = "127.0.0.1",
         port: int = 0,
         rate_limit_per_minute: int | None = None,
+        flow_window_seconds: float | None = None,
         token_ttl: int | None = None,
         tls_dir: str | Path | None = None,
         require_client_cert: bool = False,
@@ -38,6 +39,8 @@ class SimulatorProcess:
         args = [python, "-m", "tests.simulator", "--host", host, "--port", str(port)]
         if rate_limit_per_minute is not None:
             args += ["--rate-limit-per-minute", str(rate_limit_per_minute)]
+        if flow_window_seconds is not None:
+            args += ["--flow-window-seconds", str(flow_window_seconds)]
         if token_ttl is not None:
             args += ["--token-ttl", str(token_ttl)]
         if tls_dir is not None:

@@ -2,8 +2,9 @@
 
 Everything here is plain synchronous Python driven by the aiohttp handlers in ``server.py``; it
 runs on one event loop, so no locking is needed. All times come from :meth:`PlatformState.now`,
-which is the wall clock plus a settable offset, so tests can jump over the 60 s flow-control
-window, token expiry and delayed status changes without waiting.
+which is the wall clock plus a settable offset, so tests can jump over the flow-control window
+(60 s unless ``flow_window_seconds`` says otherwise), token expiry and delayed status changes
+without waiting.
 
 Binding. A successful key refresh leaves the device *waiting for a bind*: its activation status
 reads ``activated: false`` and it stays OFFLINE until its new hardware connects. When that
@@ -56,6 +57,7 @@ FAULT_ACTIONS: tuple[str, ...] = get_args(FaultAction)
 OPERATIONS: tuple[str, ...] = get_args(Operation)
 
 FLOW_WINDOW_S = 60.0
+"""The default length of the sliding flow-control window (``SimConfig.flow_window_seconds``)."""
 NOTIFICATION_LOG_MAX = 10_000
 PUSH_LOG_MAX = 100_000
 
@@ -132,6 +134,9 @@ def fingerprint(token: str | None) -> str | None:
 @dataclass
 class SimConfig:
     rate_limit_per_minute: int = 100
+    flow_window_seconds: float = FLOW_WINDOW_S
+    """Length of the sliding window ``rate_limit_per_minute`` counts calls in (the platform
+    configures it per application; the fault tests compress it)."""
     token_ttl: int = 3600
     refresh_token_ttl: int = 86400
     token_type: str = "bearer"
@@ -176,6 +181,16 @@ class SimConfig:
                 not isinstance(value, int) or isinstance(value, bool) or value < 1
             ):
                 raise ValueError("push_max_attempts must be an integer >= 1")
+            if key == "flow_window_seconds":
+                if (
+                    not isinstance(value, int | float)
+                    or isinstance(value, bool)
+                    or not math.isfinite(value)
+                    or value <= 0
+                ):
+                    raise ValueError("flow_window_seconds must be a positive number")
+                self.flow_window_seconds = float(value)
+                continue
             if key in ("push_retry_delay_seconds", "push_timeout_seconds"):
                 if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
                     raise ValueError(f"{key} must be a non-negative number")
@@ -870,7 +885,8 @@ class PlatformState:
 
     # ------------------------------------------------------------------ flow control
     def admit(self, app: App) -> None:
-        """Count one call against ``app``'s sliding 60 s window or raise 1010009.
+        """Count one call against ``app``'s sliding window (``flow_window_seconds``) or raise
+        1010009.
 
         Calls rejected with 1010009 are recorded in ``app.rejected`` but do NOT count against the
         window (a throttled client that keeps hammering recovers once its accepted calls age out).
@@ -880,7 +896,7 @@ class PlatformState:
         """
         now = self.now()
         window = app.window
-        horizon = now - FLOW_WINDOW_S
+        horizon = now - self.config.flow_window_seconds
         while window and window[0] <= horizon:
             window.popleft()
         if len(window) >= self.config.rate_limit_per_minute:
@@ -936,7 +952,9 @@ class PlatformState:
                 "throttled_calls": len(app.rejected),
                 "logins": app.logins,
                 "token_refreshes": app.token_refreshes,
-                "max_calls_in_any_window": max_in_window(app.accepted, FLOW_WINDOW_S),
+                "max_calls_in_any_window": max_in_window(
+                    app.accepted, self.config.flow_window_seconds
+                ),
             }
         by_code: dict[str, int] = {}
         by_op: dict[str, int] = {}
@@ -950,7 +968,9 @@ class PlatformState:
         for app_id, entry in apps.items():
             times = sorted(logged.get(app_id, []))
             entry["logged_calls"] = len(times)
-            entry["max_logged_calls_in_any_window"] = max_in_window(times, FLOW_WINDOW_S)
+            entry["max_logged_calls_in_any_window"] = max_in_window(
+                times, self.config.flow_window_seconds
+            )
         return {
             "subscriptions": sum(len(s) for s in self.subscriptions.values()),
             "notifications": len(self.notifications),
@@ -970,9 +990,10 @@ class PlatformState:
         return {
             "app_id": app_id,
             "limit_per_minute": self.config.rate_limit_per_minute,
+            "window_seconds": self.config.flow_window_seconds,
             "accepted": list(app.accepted),
             "rejected": list(app.rejected),
-            "max_calls_in_any_window": max_in_window(app.accepted, FLOW_WINDOW_S),
+            "max_calls_in_any_window": max_in_window(app.accepted, self.config.flow_window_seconds),
         }
 
 

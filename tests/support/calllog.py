@@ -5,7 +5,8 @@ while no test moves it) and sets its ``status``/``error_code`` once it has answe
 by an injected ``latency`` fault is answered ``delay`` seconds after it arrived; until then its
 ``status`` is 0.
 
-* :func:`window_use`: how much of a budget of ``limit`` calls per sliding 60 s window a run used:
+* :func:`window_use`: how much of a budget of ``limit`` calls per sliding window (60 s unless the
+  run's platform clock is compressed: ``tests/support/clock.py``) a run used:
   the busiest window, and the mean (and least) share over every window that lies inside a
   period, each window starting on a 1 s grid. Under saturation every window holds ``limit``
   calls, whatever the shape of the calls inside (bursts at the window edges or an even pace).
@@ -42,6 +43,8 @@ class WindowUse:
     """Budget use of ``calls`` timestamps against ``limit`` calls per ``window`` seconds."""
 
     limit: int
+    window: float
+    """The window's length (seconds)."""
     start: float
     """First window start (usually the run's first call)."""
     end: float
@@ -54,13 +57,14 @@ class WindowUse:
     """The least used of those windows, as a share of the limit."""
     windows: int
     whole_minutes: int
-    """Whole minutes from ``start`` within the period."""
+    """Whole windows (minutes at full length) from ``start`` within the period."""
     calls_in_whole_minutes: int
-    """Calls in [start, start + whole_minutes x 60 s)."""
+    """Calls in [start, start + whole_minutes x window)."""
 
     @property
     def minutes(self) -> float:
-        return (self.end - self.start) / 60
+        """The period's length in windows (minutes at full length)."""
+        return (self.end - self.start) / self.window
 
     @property
     def per_minute(self) -> float:
@@ -72,9 +76,9 @@ class WindowUse:
 
     def line(self) -> str:
         return (
-            f"budget N={self.limit}/min over {self.minutes:.1f} min: busiest window "
-            f"{self.busiest}/{self.limit}, mean sliding-window use {self.mean:.1%} "
-            f"(least {self.least:.1%}, {self.windows} windows), calls/(N x minutes) "
+            f"budget N={self.limit}/{self.window:g}s over {self.minutes:.1f} windows: "
+            f"busiest window {self.busiest}/{self.limit}, mean sliding-window use {self.mean:.1%} "
+            f"(least {self.least:.1%}, {self.windows} windows), calls/(N x windows) "
             f"{self.calls_in_whole_minutes}/({self.limit} x {self.whole_minutes}) = "
             f"{self.per_minute:.1%}"
         )
@@ -101,6 +105,7 @@ def window_use(
     in_whole = bisect_left(ordered, start + whole * window) - bisect_left(ordered, start)
     return WindowUse(
         limit=limit,
+        window=window,
         start=start,
         end=end,
         busiest=max_in_window(ordered, window),

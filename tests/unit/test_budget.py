@@ -89,6 +89,25 @@ async def test_never_more_than_limit_in_any_window_burst() -> None:
     await budget.aclose()
 
 
+async def test_a_configured_window_is_the_one_never_overrun() -> None:
+    """``rate_window_seconds``: a 12 s window paces grants at 12 s, not 60 s."""
+    clock = FakeClock()
+    budget = _budget(clock, 10, window_seconds=12.0)
+    assert (budget.window_seconds, budget.span_seconds) == (12.0, 13.0)
+    times: list[float] = []
+    await clock.run(*(_grab(budget, clock, times) for _ in range(50)))
+    assert len(times) == 50
+    assert max_in_any_window(times, 12.0) <= 10
+    # 50 calls at 10 per ~13 s take about 4 windows: the 60 s default would take 4 minutes
+    assert clock.now - 1_000.0 < 4 * 13.5
+    await budget.aclose()
+
+
+def test_the_window_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="window_seconds"):
+        RateBudget(10, window_seconds=0.0)
+
+
 async def test_never_more_than_limit_with_random_arrivals() -> None:
     clock = FakeClock()
     budget = _budget(clock, 7)

@@ -76,6 +76,53 @@ def test_preload_weighs_share_and_reduces_the_allowance() -> None:
     assert budget.in_window() == 50
 
 
+def test_a_configured_window_shortens_the_preload_and_the_phantoms() -> None:
+    """With a 12 s window, calls 20 s old no longer count, at a rebalance or as phantoms."""
+    clock = Clock()
+    budget = RateBudget(100, clock=clock, wall_offset=OFFSET, window_seconds=12.0)
+    span = budget.span_seconds
+    assert span == pytest.approx(13.0)
+    old = BudgetRecord(
+        instance="gone",
+        scope="s",
+        published_at=WALL0 - 20.0,
+        limit=3,
+        grants=(WALL0 - 21.0,),
+        held=False,
+        final=False,
+        assigned_at=None,
+        counted_since=WALL0 - 21.0,
+    )
+    # it may have called 3 times until its lease ended 10 s ago; its call 21 s ago is gone
+    assert phantom_calls(old, 10.0, span) == [WALL0 - 10.0] * 3
+    glog = build_global_log(
+        [old],
+        own_instance="me",
+        own_grants=[WALL0 - 20.0, WALL0 - 5.0],
+        fresh_after=WALL0,
+        now=WALL0,
+        lease_seconds=10.0,
+        span_seconds=span,
+    )
+    assert sorted(glog.calls) == pytest.approx([WALL0 - 10.0] * 3 + [WALL0 - 5.0])
+    # with the default 61 s span the same log would hold the call 20 s ago too
+    assert (
+        len(
+            build_global_log(
+                [old],
+                own_instance="me",
+                own_grants=[WALL0 - 20.0],
+                fresh_after=WALL0,
+                now=WALL0,
+                lease_seconds=10.0,
+            ).calls
+        )
+        == 5
+    )
+    budget.rebalance(0.5, [WALL0 - 20.0] * 50)
+    assert budget.weighted_in_window() == pytest.approx(0.0)
+
+
 def test_grant_log_is_in_wall_clock_and_survives_rebalances() -> None:
     clock = Clock()
     budget = _budget(clock)

@@ -42,6 +42,7 @@ def test_defaults_match_the_contracts(env: pytest.MonkeyPatch) -> None:
     assert s.topics.dead_letter == "asset.device-swapped.v1.dlq"
     assert s.topics.retry == "device-rebind.retry.v1"
     assert s.platform.rate_limit_per_minute == 100
+    assert s.platform.rate_window_seconds == 60.0
     assert s.platform.default_timeout == 0
     assert s.http.port == 0  # the fixture's; the default is checked below
     assert HttpSettings().port == 8080
@@ -53,6 +54,8 @@ def test_defaults_match_the_contracts(env: pytest.MonkeyPatch) -> None:
     [
         ("REBIND_PLATFORM__RATE_LIMIT_PER_MINUTE", "0"),
         ("REBIND_PLATFORM__RATE_LIMIT_PER_MINUTE", "lots"),
+        ("REBIND_PLATFORM__RATE_WINDOW_SECONDS", "0"),
+        ("REBIND_PLATFORM__RATE_WINDOW_SECONDS", "3601"),
         ("REBIND_PLATFORM__DEFAULT_TIMEOUT", "-1"),
         ("REBIND_PLATFORM__BASE_URL", "not a url"),
         ("REBIND_HTTP__PORT", "70000"),
