@@ -36,9 +36,10 @@ tools: ## build helm and docker-compose from the Go module proxy, install promto
 deps: venv kafka tools ## everything the tests and the demo need
 
 .PHONY: lint
-lint: venv ## ruff (lint and format check)
+lint: venv ## ruff (lint and format check), lint-imports (the layers of service/, pyproject.toml)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 .PHONY: typecheck
 typecheck: venv ## mypy --strict on the package and the tests

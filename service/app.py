@@ -14,12 +14,12 @@ from service import __version__, logs
 from service.bind.listener import BindListener, subscription_url
 from service.bind.watch import WatchPolicy
 from service.budget_exchange import BudgetExchange
-from service.cli import http_port_message
 from service.config import Settings
 from service.handler import RebindHandler
 from service.httpserver import OpsServer
 from service.kafka import FatalPipelineError, client_options
 from service.metrics import Metrics
+from service.ops_port import http_port_message
 from service.pipeline.runner import Pipeline
 from service.platform import PRIORITY_FRESH, PlatformClient, RateBudget, TokenManager
 from service.platform.shared_token import SharedTokenProvider

@@ -315,6 +315,21 @@ class _Phase(Enum):
 _HELD_PHASES: Final = (_Phase.NEW, _Phase.STARTING, _Phase.REVOKED, _Phase.STOPPED)
 
 
+async def send_stamped(
+    producer: AIOKafkaProducer, topic: str, key: bytes, value: bytes, timeout: float
+) -> float | None:
+    """Send one record to partition 0 and wait for the broker's acknowledgement: the broker's
+    append time in epoch seconds, or None when the topic keeps the producer's create time."""
+    metadata = await asyncio.wait_for(
+        producer.send_and_wait(topic, value, key=key, partition=0), timeout
+    )
+    return (
+        metadata.timestamp / 1000.0
+        if metadata.timestamp_type == LOG_APPEND_TIME and metadata.timestamp > 0
+        else None
+    )
+
+
 class BudgetExchange:
     """Publishes this replica's calls, reads everyone's, and rebalances its :class:`RateBudget`."""
 
@@ -592,16 +607,8 @@ class BudgetExchange:
                     stamped = await io.append(self._key.encode(), value)
                 else:
                     assert producer is not None
-                    metadata = await asyncio.wait_for(
-                        producer.send_and_wait(
-                            self._topic, value, key=self._key.encode(), partition=0
-                        ),
-                        self._publish_timeout,
-                    )
-                    stamped = (
-                        metadata.timestamp / 1000.0
-                        if metadata.timestamp_type == LOG_APPEND_TIME and metadata.timestamp > 0
-                        else None
+                    stamped = await send_stamped(
+                        producer, self._topic, self._key.encode(), value, self._publish_timeout
                     )
             except Exception as exc:  # noqa: BLE001 - the lease runs out; the budget stops
                 log.warning("budget_publish_failed", error=type(exc).__name__, held=record.held)

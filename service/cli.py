@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import errno
 import json
 import logging
-import socket
 import sys
 from collections.abc import Sequence
 from datetime import datetime
@@ -17,7 +14,6 @@ from typing import Any
 from service import __version__, logs
 from service.config import (
     ConfigError,
-    HttpSettings,
     KafkaOnlySettings,
     defaults,
     load_kafka_settings,
@@ -25,6 +21,7 @@ from service.config import (
     masked,
 )
 from service.events import INVALID_REASONS, parse_rfc3339
+from service.ops_port import port_problem
 
 PROG = "device-rebind"
 
@@ -275,32 +272,6 @@ def _topics(args: argparse.Namespace) -> int:
         return _fail(f"topics {args.action}: {exc}", 1)
     except Exception as exc:  # noqa: BLE001 - one line, not a traceback
         return _fail(f"topics {args.action}: {_one_line(exc, settings.kafka.bootstrap_servers)}", 1)
-
-
-def port_problem(http: HttpSettings) -> str | None:
-    """Why the ops port cannot be served here (in use, not permitted), or None."""
-    if http.port == 0:
-        return None  # any free port
-    family = socket.AF_INET6 if ":" in http.host else socket.AF_INET
-    with contextlib.closing(socket.socket(family, socket.SOCK_STREAM)) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((http.host, http.port))
-        except OSError as exc:
-            return http_port_message(http, exc)
-    return None
-
-
-def http_port_message(http: HttpSettings, exc: OSError) -> str:
-    if exc.errno == errno.EADDRINUSE:
-        why = "is already in use (another process, or another device-rebind, listens on it)"
-    elif exc.errno == errno.EACCES:
-        why = "may not be opened by this user (ports below 1024 need privileges)"
-    elif exc.errno == errno.EADDRNOTAVAIL:
-        why = f"cannot be opened: {http.host} is not an address of this host (REBIND_HTTP__HOST)"
-    else:
-        why = f"cannot be opened: {exc.strerror or exc}"
-    return f"REBIND_HTTP__PORT: port {http.port} on {http.host} {why}"
 
 
 def _check_config(args: argparse.Namespace) -> int:

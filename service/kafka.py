@@ -1,5 +1,6 @@
 """Everything the service's Kafka clients share: connection options, the "read a partition to its
-end" helper, committed offsets with their metadata, and the error that stops the instance.
+end" helper, committed offsets with their metadata, whether a transactional producer is fenced for
+good, and the error that stops the instance.
 
 The consumer, the per-partition transactional producers, the ledger and dedupe readers, the token
 and budget topics, ``replay`` and ``topics`` all take their options from :func:`client_options`,
@@ -13,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Final
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka import conn as aiokafka_conn
 from aiokafka.abc import AbstractTokenProvider
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -300,6 +301,12 @@ def on_heartbeat(consumer: AIOKafkaConsumer, succeeded: Callable[[], None]) -> b
 
     coordinator._do_heartbeat = tracked
     return True
+
+
+def producer_fatal(producer: AIOKafkaProducer) -> bool:
+    """True when the producer's transaction manager is in its fatal state (after a fence)."""
+    manager = getattr(producer, "_txn_manager", None)
+    return str(getattr(manager, "state", "")).endswith("FATAL_ERROR")
 
 
 async def read_to_end(

@@ -22,7 +22,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from service.config import KafkaOnlySettings
 from service.kafka import client_options, partition_counts, read_to_end
-from service.kafka_access import check_connection
+from service.kafka_connection import check_connection
 from service.partitioner import partition_for
 from service.pipeline.committer import transactional_id
 from service.pipeline.ledger import decode_entry

@@ -34,7 +34,7 @@ from service.config import KafkaOnlySettings, KafkaSettings
 from service.events import DLQ_DETAIL_HEADER, DLQ_REASON_HEADER, RebindFailedEvent, parse_outcome
 from service.handler import SOURCE_OFFSET_HEADER, SOURCE_PARTITION_HEADER, SOURCE_TOPIC_HEADER
 from service.kafka import kafka_client_options, partition_counts
-from service.kafka_access import check_connection
+from service.kafka_connection import check_connection
 from service.partitioner import partition_for
 
 REPLAY_NAMESPACE = uuid.UUID("2f7d4c1e-5b8a-4f63-9a0e-7c1d2b3a4e5f")

@@ -24,6 +24,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from service.config import ENV_NESTED_DELIMITER, ENV_PREFIX, TopicSettings
 from service.kafka import client_options
+from service.kafka_connection import check_connection
 
 TOPIC_ALREADY_EXISTS: Final = 36
 REPLICATION_MAX: Final = 3
@@ -340,8 +341,6 @@ async def run_command(
 ) -> int:
     """``plan`` (exit 0), ``create`` and ``check`` (exit 1 on problems or, for ``check``, on a
     missing topic)."""
-    from service.kafka_access import check_connection  # noqa: PLC0415 - it imports this module
-
     await check_connection(kafka)  # a TLS or SASL refusal in one line, naming it
     admin = admin_client(kafka)
     try:

@@ -1,4 +1,5 @@
-"""When to look at a refreshed device again, and when to give up (pure; no I/O).
+"""A bind watch (:class:`Watch`): when to look at a refreshed device again, and when to give up
+(pure; no I/O).
 
 After ``credential-updated`` the new hardware must connect and bind with the verifyCode. With a
 non-zero ``timeout`` the platform deletes the registration of a device that has not bound when
@@ -13,10 +14,32 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from service.config import BindSettings
-from service.pipeline.work import Watch
 
 NEAR_EXPIRY_FRACTION = 0.2
 """A watched device with this fraction of its timeout left, or less, is near expiry."""
+
+
+@dataclass(frozen=True, slots=True)
+class Watch:
+    """A refreshed device watched until its new hardware binds. Times are epoch milliseconds.
+
+    ``expires``: the refresh set a non-zero ``timeout``, so at ``expires_at_ms`` the platform
+    deletes the registration of a device that has not bound; otherwise the watch gives up at
+    ``deadline_ms``. ``next_poll_ms`` is None when the service does not poll.
+    """
+
+    refreshed_ms: int
+    deadline_ms: int
+    expires: bool
+    expires_at_ms: int | None
+    next_poll_ms: int | None
+    polls: int = 0
+
+    @property
+    def due_ms(self) -> int:
+        if self.next_poll_ms is None:
+            return self.deadline_ms
+        return min(self.next_poll_ms, self.deadline_ms)
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,7 +26,7 @@ from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from aiokafka.structs import OffsetAndMetadata
 
 from service.config import KafkaSettings
-from service.kafka import client_options
+from service.kafka import client_options, producer_fatal
 from service.metrics import Metrics
 from service.pipeline.partition import Commit, PartitionCore
 from service.pipeline.records import Output
@@ -295,9 +295,3 @@ class PartitionCommitter:
         commit.stamps += late.stamps
         commit.binds += late.binds
         commit.notify_offset = late.notify_offset
-
-
-def producer_fatal(producer: AIOKafkaProducer) -> bool:
-    """True when the producer's transaction manager is in its fatal state (after a fence)."""
-    manager = getattr(producer, "_txn_manager", None)
-    return str(getattr(manager, "state", "")).endswith("FATAL_ERROR")

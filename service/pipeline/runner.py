@@ -1,74 +1,55 @@
-"""The consumer loop: fetch, hand records to their partition, run jobs, commit, follow rebalances.
+"""The consume loop: fetch, hand records to their partition, hold back when the buffer is full or
+the input is held, follow rebalances; :class:`Pipeline` assembles the pieces that do the rest.
 
-    poll -> PartitionCore.intake -> KeyedScheduler (per device, bounded) -> handler -> decide
+    poll -> PartitionCore.intake -> KeyedScheduler (per device, bounded) -> SwapJobs -> decide
                                                                                          |
-          PartitionCommitter: one transaction per input partition, every commit interval
+          CommitLoop: one transaction per input partition (PartitionCommitter), every interval
 
-Everything decided about a partition lives in its :class:`PartitionCore`; this module only moves
-records and results between Kafka, the cores and the handler. It knows nothing of HTTP.
+Each piece owns its state: :class:`OpenPartitions` (``open_partitions.py``) the open partitions,
+each core with its committer; :class:`SwapJobs` (``swap_jobs.py``) the job of one swap (claim ->
+commit the claim -> call -> decide) and the bind-watch polls; :class:`CommitLoop`
+(``commit_loop.py``) the transactions; :class:`WakeLoop` (``wake_loop.py``) the waiting swaps;
+:class:`PipelineGauges` (``gauges.py``) the gauges. Everything decided about a partition lives in
+its :class:`PartitionCore`; the pipeline only moves records and results between Kafka, the cores
+and the handler. It knows nothing of HTTP.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
-import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
-from aiokafka.errors import KafkaError
 
-from service.bind.watch import WatchPolicy, near_expiry
+from service.bind.watch import WatchPolicy
 from service.config import KafkaSettings, TopicSettings
 from service.kafka import (
     FatalPipelineError,
     client_options,
-    committed_with_metadata,
     on_heartbeat,
     partition_counts,
-    read_to_end,
     reader,
 )
 from service.metrics import Metrics
-from service.ownership import CALL_GUARD
-from service.pipeline.committer import PartitionCommitter, PartitionFencedError
+from service.pipeline.commit_loop import CommitLoop
 from service.pipeline.dedupe import DedupeReader
-from service.pipeline.intake import Routing
-from service.pipeline.ledger import DeviceLedger
+from service.pipeline.gauges import PipelineGauges
+from service.pipeline.input_hold import InputHold
+from service.pipeline.membership import MembershipProof
+from service.pipeline.open_partitions import OpenPartitions
 from service.pipeline.partition import PartitionCore, Republish
-from service.pipeline.progress import PartitionProgress
-from service.pipeline.records import Output
 from service.pipeline.scheduler import KeyedScheduler
-from service.pipeline.work import HandlerResult, Outcome, PollResult, Work
+from service.pipeline.swap_jobs import Handler, SwapJobs
+from service.pipeline.wake_loop import WakeLoop
+from service.pipeline.work import Work
 
 log = structlog.get_logger(__name__)
 
 __all__ = ["FatalPipelineError", "Handler", "Pipeline"]
-
-_MAX_COMMIT_FAILURES = 30
-_WAKE_INTERVAL_SECONDS = 0.25
-_OPEN_RETRY_INITIAL_SECONDS = 0.5
-_OPEN_RETRY_MAX_SECONDS = 15.0
-_REPUBLISH_RETRY_INITIAL_SECONDS = 0.2
-_REPUBLISH_RETRY_MAX_SECONDS = 10.0
-
-
-class Handler(Protocol):
-    """Turns one swap into its result (an outcome, or a wait in the ledger); never raises."""
-
-    async def handle(self, work: Work) -> HandlerResult: ...
-
-    def superseded(self, work: Work, newer_event_id: str) -> Outcome: ...
-
-    def rebound(self, work: Work, via: str, bound_at_ms: int, refreshed_ms: int) -> Output: ...
-
-    def bind_failed(self, work: Work, code: str, desc: str) -> Outcome: ...
-
-    async def poll(self, work: Work) -> PollResult: ...
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -87,7 +68,9 @@ RevocationCallback = Callable[[], Awaitable[None]]
 
 
 class Pipeline:
-    """One consumer-group member: its input partitions, each with its core and its producer."""
+    """One consumer-group member: the consume loop, the input hold, the proof of membership and
+    the rebalances; the open partitions, the jobs, the commits, the wake-ups and the gauges are
+    the pieces it assembles."""
 
     def __init__(
         self,
@@ -107,87 +90,115 @@ class Pipeline:
     ) -> None:
         self._kafka = kafka
         self._topics = topics
-        self._handler = handler
         self._metrics = metrics
-        self._concurrency = concurrency
         self._scheduler = KeyedScheduler(concurrency)
         self._max_buffered = max_buffered or max(concurrency * 8, kafka.max_poll_records * 2)
         self._drain_timeout = drain_timeout
         self._on_assignment = on_assignment
         self._on_revocation = on_revocation
-        self._watch = watch
         # Called with True when work is being handed over (a revocation or a shutdown): jobs
         # still waiting for the platform budget are abandoned instead of drained; False after.
         self._on_drain = on_drain
         # Pushes arrive on the bind-notify topic, co-partitioned with the input: partition p of
         # both goes to the same member (range assignment), whose core correlates them.
         self._notify_topic = topics.bind_notify if bind_notify else None
-        self._cores: dict[int, PartitionCore] = {}
-        self._committers: dict[int, PartitionCommitter] = {}
         self._progress = asyncio.Event()
         self._flush_now = asyncio.Event()
         self._wake_now = asyncio.Event()
         self._paused = False
-        self._held: str | None = None  # why the input is held (hold/release), None: it is not
-        self._held_since = 0.0
-        self._released = asyncio.Event()
-        self._released.set()
         self._stopping = asyncio.Event()
+        self._hold = InputHold(self._stopping)  # why the input is held (hold/release), if it is
         self._consumer: AIOKafkaConsumer | None = None
         self._fatal: BaseException | None = None
         self.started = asyncio.Event()
-        self._gauged: set[int] = set()
         self._dedupe = DedupeReader(
             topics.dedupe, kafka.dedupe_entries_per_partition, client_options(kafka)
         )
         self._ledger_reader: AIOKafkaConsumer | None = None
-        self._side_tasks: set[asyncio.Task[None]] = set()
-        self._polls: dict[asyncio.Task[None], PartitionCore] = {}  # bind-watch polls out
-        # Proof of membership (service.ownership): the last accepted heartbeat or assignment.
-        # A call of a swap leaves only while it is younger than the session timeout less one
-        # heartbeat interval (and a second): the group cannot have given the partition away.
-        session = kafka.session_timeout_ms / 1000
-        self._heartbeat_seconds = max(1.0, session / 10)
-        self._proof_bound = max(1.0, session - max(1.0, self._heartbeat_seconds))
-        self._proof_at = -math.inf
-        self._proof = asyncio.Event()
-        self._open_retry_in = 0.0  # the pause before the next try at a failed partition open
-        self._failed_open: set[int] = set()  # assigned partitions whose opening failed
-        self._open_retry_at = 0.0
+        self._partitions = OpenPartitions(
+            kafka,
+            topics,
+            metrics,
+            answers=handler,
+            dedupe=self._dedupe,
+            watch=watch,
+            notify_topic=self._notify_topic,
+        )
+        # Proof of membership (service.ownership): the call guard of every job's calls.
+        self._membership = MembershipProof(
+            kafka.session_timeout_ms, cores=self._partitions.cores, stopping=self._stopping
+        )
+        self._jobs = SwapJobs(
+            handler,
+            self._partitions,
+            self._scheduler,
+            self._dedupe,
+            commit_batch_size=kafka.commit_batch_size,
+            wait_owner=self._wait_owner,
+            hold=self._hold,
+            progress=self._progress,
+            flush_now=self._flush_now,
+        )
+        self._commits = CommitLoop(
+            topics.device_swapped,
+            self._partitions,
+            metrics,
+            interval_seconds=kafka.commit_interval_ms / 1000,
+            flush_now=self._flush_now,
+            consumer=lambda: self._consumer,
+            drop=self._drop,
+            fail=self._fail,
+        )
+        self._wake = WakeLoop(
+            self._partitions,
+            self._jobs,
+            metrics,
+            concurrency=concurrency,
+            hold=self._hold,
+            wake_now=self._wake_now,
+        )
+        self._gauges = PipelineGauges(topics.device_swapped, self._partitions, metrics)
 
-    # ---- lifecycle -------------------------------------------------------------------------
+    @property
+    def _cores(self) -> dict[int, PartitionCore]:
+        return self._partitions.cores
+
+    # ---- what the service reads ------------------------------------------------------------
 
     def assigned(self) -> list[TopicPartition]:
-        return [TopicPartition(self._topics.device_swapped, p) for p in self._cores]
+        return self._partitions.assigned()
 
     def buffered(self) -> int:
         """Input records read and not yet finished (the backpressure measure)."""
-        return sum(core.progress.unfinished for core in self._cores.values())
+        return self._partitions.buffered()
 
     def inflight(self) -> int:
         """Swaps being worked on: unfinished input records, plus woken waiting swaps."""
-        return sum(core.progress.unfinished + core.woken for core in self._cores.values())
+        return self._partitions.inflight()
 
     def waiting(self) -> int:
-        return sum(core.ledger.waiting for core in self._cores.values())
+        return self._partitions.waiting()
+
+    def stuck_partitions(self) -> list[int]:
+        """Partitions whose oldest unfinished record is older than the configured bound."""
+        return self._partitions.stuck()
+
+    def skipped(self) -> int:
+        return self._partitions.skipped()
 
     # ---- holding the input -----------------------------------------------------------------
 
     @property
     def held(self) -> str | None:
         """Why the input is held (see :meth:`hold`); None when it is not."""
-        return self._held
+        return self._hold.reason
 
     def hold(self, reason: str) -> None:
         """Stop taking work until :meth:`release`: every assigned input partition is paused, and
         stays paused across rebalances (newly assigned ones too); jobs that have not started yet
         wait instead of running (a job already running goes on: its calls wait for the platform
         themselves); waiting swaps are not woken. Nothing fails, nothing is dropped."""
-        if self._held is None:
-            log.warning("input held", reason=reason)
-            self._held_since = time.monotonic()
-        self._held = reason
-        self._released.clear()
+        self._hold.hold(reason)
         if self._consumer is not None:
             with contextlib.suppress(Exception):
                 self._consumer.pause(*self.assigned())
@@ -195,11 +206,8 @@ class Pipeline:
     def release(self) -> None:
         """Take work again: resume the input partitions (unless the buffer is full), let the
         waiting jobs run and wake the waiting swaps that are due."""
-        if self._held is None:
+        if not self._hold.release():
             return
-        log.info("input released", held_seconds=round(time.monotonic() - self._held_since, 1))
-        self._held = None
-        self._released.set()
         if self._consumer is not None and not self._paused:
             with contextlib.suppress(Exception):
                 self._consumer.resume(*self.assigned())
@@ -214,84 +222,35 @@ class Pipeline:
             (tp for tp in self._consumer.paused() if tp.topic == topic), key=lambda tp: tp.partition
         )
 
+    # ---- proof of membership ---------------------------------------------------------------
+
     def _proved(self) -> None:
         """The group accepted a heartbeat (or assigned partitions): still a member."""
-        self._proof_at = time.monotonic()
-        self._proof.set()
+        self._membership.proved()
 
     def owner_fresh(self) -> bool:
         """True while this member has recent proof that the group still counts it."""
-        return time.monotonic() - self._proof_at < self._proof_bound
+        return self._membership.fresh()
 
     async def _wait_owner(self, core: PartitionCore) -> None:
-        """The call guard of ``core``'s jobs: return while the member owns the partition with
-        fresh proof; wait while the proof is stale (frozen, cut off: the next heartbeat says);
-        CancelledError once the partition moves away or the pipeline stops."""
-        warned = False
-        while True:
-            if (
-                core.closed
-                or core.closing
-                or self._stopping.is_set()
-                or self._cores.get(core.partition) is not core  # dropped, or opened anew
-            ):
-                raise asyncio.CancelledError
-            if self.owner_fresh():
-                return
-            if not warned:
-                warned = True
-                log.warning(
-                    "no recent proof of owning the partition: the call waits",
-                    partition=core.partition,
-                    proof_age=round(time.monotonic() - self._proof_at, 1),
-                )
-            self._proof.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._proof.wait(), _WAKE_INTERVAL_SECONDS)
+        """The call guard of ``core``'s jobs (:meth:`MembershipProof.wait_owner`)."""
+        await self._membership.wait_owner(core)
 
-    async def _until_released(self, core: PartitionCore) -> bool:
-        """Wait while the input is held; False when the partition moves away or the pipeline
-        stops meanwhile (the job is then left to be redone)."""
-        while self._held is not None:
-            if core.closed or core.closing or self._stopping.is_set():
-                return False
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._released.wait(), _WAKE_INTERVAL_SECONDS)
-        return True
+    @property
+    def _proof_at(self) -> float:
+        return self._membership.at
 
-    def stuck_partitions(self) -> list[int]:
-        """Partitions whose oldest unfinished record is older than the configured bound."""
-        bound = self._kafka.stuck_partition_seconds
-        return sorted(
-            p
-            for p, core in self._cores.items()
-            if core.progress.oldest_unfinished_seconds() > bound
-        )
+    @_proof_at.setter
+    def _proof_at(self, at: float) -> None:
+        self._membership.at = at
 
-    def skipped(self) -> int:
-        return sum(core.skipped for core in self._cores.values())
+    # ---- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        options = client_options(self._kafka)
-        self._consumer = AIOKafkaConsumer(
-            **options,
-            group_id=self._kafka.group_id,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            isolation_level="read_committed",
-            max_poll_records=self._kafka.max_poll_records,
-            session_timeout_ms=self._kafka.session_timeout_ms,
-            heartbeat_interval_ms=int(self._heartbeat_seconds * 1000),
-            # Co-partitioning: partition p of the input and of the bind-notify topic go to one
-            # member, so a device's pushes meet its ledger entry.
-            partition_assignment_strategy=(RangePartitionAssignor,),
-            # Bounded prefetch: memory must not grow with the backlog behind the buffer.
-            fetch_max_bytes=4 * 1024 * 1024,
-            max_partition_fetch_bytes=512 * 1024,
-        )
+        self._consumer = input_consumer(self._kafka, self._membership.heartbeat_seconds)
         self._ledger_reader = reader(self._kafka)
         try:
-            await self._check_topics()
+            await check_topics(self._kafka, self._topics, self._notify_topic)
             await self._dedupe.start()
             await self._ledger_reader.start()
             await self._consumer.start()
@@ -300,7 +259,7 @@ class Pipeline:
             raise
         if not on_heartbeat(self._consumer, self._proved):
             log.warning("heartbeats not observable: ownership is proved by assignments only")
-            self._proof_bound = math.inf
+            self._membership.unobservable()
         subscribed = [self._topics.device_swapped]
         if self._notify_topic is not None:
             subscribed.append(self._notify_topic)
@@ -308,9 +267,7 @@ class Pipeline:
         self.started.set()
 
     async def _close_clients(self) -> None:
-        for committer in list(self._committers.values()):
-            await committer.stop()
-        self._committers.clear()
+        await self._partitions.stop_committers()
         for client in (self._consumer, self._ledger_reader):
             if client is not None:
                 with contextlib.suppress(Exception):
@@ -318,37 +275,15 @@ class Pipeline:
         with contextlib.suppress(Exception):
             await self._dedupe.stop()
 
-    async def _check_topics(self) -> None:
-        """The service topics must exist and be co-partitioned with the input topic."""
-        names: tuple[str, ...] = (
-            self._topics.device_swapped,
-            self._topics.ledger,
-            self._topics.dedupe,
-        )
-        if self._notify_topic is not None:
-            names = (*names, self._notify_topic)
-        counts = await partition_counts(self._kafka, names)
-        missing = [name for name, n in counts.items() if n == 0]
-        if missing:
-            raise FatalPipelineError(
-                f"topics missing: {', '.join(missing)} (see 'Topics to create' in the README)"
-            )
-        if len(set(counts.values())) != 1:
-            raise FatalPipelineError(
-                "the input, ledger, dedupe (and bind-notify) topics must have the same number of "
-                "partitions "
-                f"(co-partitioned): {counts}"
-            )
-
     async def run(self) -> None:
         """Consume until stop() is called, then drain, commit and close."""
         if self._consumer is None:
             await self.start()
         assert self._consumer is not None
         tasks = [
-            asyncio.create_task(self._commit_loop(), name="committer"),
-            asyncio.create_task(self._wake_loop(), name="wake"),
-            asyncio.create_task(self._gauge_loop(), name="gauges"),
+            asyncio.create_task(self._commits.run(), name="committer"),
+            asyncio.create_task(self._wake.run(), name="wake"),
+            asyncio.create_task(self._gauges.run(self._consumer), name="gauges"),
         ]
         try:
             while not self._stopping.is_set():
@@ -378,23 +313,20 @@ class Pipeline:
             core.closing = True
         if self._on_drain is not None:
             self._on_drain(True)
-        # Finish what is running; what is queued has not touched the platform and is redone
-        # after the restart, so stopping does not wait for a whole buffer of work.
-        self._scheduler.close()
-        await self._cancel_polls()
-        drained = await self._scheduler.join(self._drain_timeout)
-        if not drained:
-            log.warning("drain timed out; unfinished work is left for redelivery")
-            await self._scheduler.cancel_all()
-        for task in [*tasks, *self._side_tasks]:
+        await self._jobs.drain(self._drain_timeout)  # finish what runs; the queue is redone
+        for task in tasks:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         if self._fatal is None:
-            await self._commit_all(final=True)
+            await self._commits.commit_all(final=True)
         await self._close_clients()
         self._metrics.inflight_events.set(0)
+
+    def _fail(self, exc: FatalPipelineError) -> None:
+        self._fatal = exc
+        self._stopping.set()
 
     # ---- intake ----------------------------------------------------------------------------
 
@@ -415,15 +347,15 @@ class Pipeline:
                 self._metrics.bind_notifications.labels(result="unproven").inc(
                     core.unproven_pushes - unproven
                 )
-            self._decided()
+            self._jobs.decided()
             return
         skipped, misrouted = core.skipped, core.misrouted
         for record in records:
             job = core.intake(record)
             if isinstance(job, Work):
-                self._scheduler.submit(job.device, self._job(core, job))
+                self._jobs.submit(core, job)
             elif isinstance(job, Republish):
-                self._spawn(self._republish(core, job))
+                self._jobs.republish(core, job)
         if core.skipped > skipped:
             self._metrics.redeliveries_skipped.inc(core.skipped - skipped)
         if core.misrouted > misrouted:
@@ -431,143 +363,12 @@ class Pipeline:
         self._progress.set()
         self._metrics.inflight_events.set(self.inflight())
 
-    def _spawn(self, coro: Awaitable[None]) -> None:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)
-        self._side_tasks.add(task)
-        task.add_done_callback(self._side_tasks.discard)
-
-    async def _republish(self, core: PartitionCore, job: Republish) -> None:
-        """Read a duplicate's stored outcome back and re-publish it. A failed read is tried
-        again with a growing pause until it succeeds or the partition moves: the duplicate's
-        offset holds the partition's committed offset until it is answered."""
-        pause = _REPUBLISH_RETRY_INITIAL_SECONDS
-        while not core.closed:
-            try:
-                found = await self._dedupe.fetch(core.partition, job.dedupe_offset)
-            except KafkaError as exc:
-                log.warning(
-                    "could not read a stored outcome back; trying again",
-                    partition=core.partition,
-                    dedupe_offset=job.dedupe_offset,
-                    retry_in=pause,
-                    error=repr(exc),
-                )
-                await asyncio.sleep(pause)  # a backoff between reads, not a synchronisation
-                pause = min(pause * 2, _REPUBLISH_RETRY_MAX_SECONDS)
-                continue
-            core.republished(job, found)
-            self._decided()
-            return
-
-    def _job(self, core: PartitionCore, work: Work) -> Callable[[], Awaitable[None]]:
-        async def job() -> None:
-            guard = CALL_GUARD.set(lambda: self._wait_owner(core))
-            try:
-                await run()
-            finally:
-                CALL_GUARD.reset(guard)
-
-        async def run() -> None:
-            if core.closed or core.closing:
-                core.abandoned(work)
-                return  # the partition moves away: its next owner does this work
-            if self._held is not None and not await self._until_released(core):
-                core.abandoned(work)
-                self._progress.set()
-                return
-            with structlog.contextvars.bound_contextvars(
-                topic=work.topic,
-                partition=work.partition,
-                offset=work.origin_offset,
-                device_id=work.device,
-                event_id=work.swap.id,
-            ):
-                if not core.claim(work):
-                    self._decided()
-                    return
-                if work.offset is not None and not await self._claim_durably(core, work):
-                    core.abandoned(work)
-                    return
-                try:
-                    result = await self._handler.handle(work)
-                except asyncio.CancelledError:
-                    core.abandoned(work)
-                    raise
-            if core.closed:
-                return
-            core.decide(work, result)
-            self._decided()
-
-        return job
-
-    def _start_poll(self, core: PartitionCore, work: Work) -> None:
-        """A bind-watch poll runs beside the per-device jobs, not in their queues: a poll waits
-        only for its budget share, never behind the fresh swaps that fill the scheduler (it
-        needs no per-device order: its answer applies only to the watch it was sent for)."""
-        task = asyncio.get_running_loop().create_task(self._poll(core, work))
-        self._polls[task] = core
-        task.add_done_callback(lambda done: self._polls.pop(done, None))
-
-    async def _poll(self, core: PartitionCore, work: Work) -> None:
-        CALL_GUARD.set(lambda: self._wait_owner(core))  # this task's own context
-        with structlog.contextvars.bound_contextvars(
-            topic=work.topic,
-            partition=work.partition,
-            offset=work.origin_offset,
-            device_id=work.device,
-            event_id=work.swap.id,
-        ):
-            try:
-                if self._held is not None and not await self._until_released(core):
-                    core.abandoned(work)
-                    return
-                polled = await self._handler.poll(work)
-            except asyncio.CancelledError:
-                core.abandoned(work)
-                raise
-            if not core.closed:
-                core.polled(work, polled)
-                self._decided()
-
-    async def _cancel_polls(self, cores: set[int] | None = None) -> None:
-        """Cancel the polls of these partitions (all: None); their watches stay due."""
-        tasks = [t for t, c in self._polls.items() if cores is None or c.partition in cores]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-    async def _claim_durably(self, core: PartitionCore, work: Work) -> bool:
-        """Commit the claim of a fresh swap before its call (see PartitionCore.note_claim).
-        Concurrent claims of a partition share the next transaction, with the outcomes decided
-        meanwhile (PartitionCommitter.durable). False when the partition moves away meanwhile:
-        the next owner does the work. A claim that need not be durable first (the device had
-        nothing open: PartitionCore.note_claim) rides the next transaction without a wait."""
-        if not core.note_claim(work):
-            return not (core.closed or core.closing)
-        while not (core.closed or core.closing):
-            committer = self._committers.get(core.partition)
-            if committer is None or committer.core is not core:
-                return False
-            try:
-                return await committer.durable()
-            except PartitionFencedError:
-                return False
-            except Exception:  # noqa: BLE001 - any failed transaction: the commit loop retries too
-                log.warning("could not commit a claim; trying again", partition=core.partition)
-                await asyncio.sleep(0.5)  # the commit loop retries too: a broker hiccup
-        return False
-
-    def _decided(self) -> None:
-        self._progress.set()
-        if sum(c.pending_outputs for c in self._cores.values()) >= self._kafka.commit_batch_size:
-            self._flush_now.set()
-
     def _apply_backpressure(self) -> None:
         consumer = self._consumer
         assert consumer is not None
         buffered = self.buffered()
         inputs = self.assigned()
-        if self._held is not None:
+        if self._hold.held():
             consumer.pause(*inputs)  # held: whatever the buffer, read nothing
             return
         if not self._paused and buffered >= self._max_buffered:
@@ -576,75 +377,6 @@ class Pipeline:
         elif self._paused and buffered <= self._max_buffered // 2:
             consumer.resume(*inputs)
             self._paused = False
-
-    # ---- waiting swaps ---------------------------------------------------------------------
-
-    async def _wake_loop(self) -> None:
-        """Hand waiting swaps whose time has come to the scheduler, a bounded number at once."""
-        limit = max(1, self._concurrency // 2)
-        while True:
-            now_ms = int(time.time() * 1000)
-            for core in list(self._cores.values()):
-                if core.closing or self._held is not None:
-                    continue
-                for work in core.wake(now_ms, limit, limit):
-                    if work.watch is not None:
-                        self._start_poll(core, work)
-                    else:
-                        self._scheduler.submit(work.device, self._job(core, work))
-            self._metrics.deferred_events.set(self.waiting())
-            self._wake_now.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake_now.wait(), _WAKE_INTERVAL_SECONDS)
-
-    # ---- commits ---------------------------------------------------------------------------
-
-    async def _commit_loop(self) -> None:
-        interval = self._kafka.commit_interval_ms / 1000
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._flush_now.wait(), interval)
-            self._flush_now.clear()
-            await self._commit_all()
-
-    async def _commit_all(self, *, final: bool = False) -> None:
-        committers = list(self._committers.items())
-        results = await asyncio.gather(*(c.commit() for _, c in committers), return_exceptions=True)
-        for (partition, committer), result in zip(committers, results, strict=True):
-            if isinstance(result, PartitionFencedError):
-                log.warning("partition fenced by a newer owner; dropping it", partition=partition)
-                if self._consumer is not None:
-                    with contextlib.suppress(Exception):  # read nothing more of it until rejoined
-                        self._consumer.pause(TopicPartition(self._topics.device_swapped, partition))
-                await self._drop(partition)
-                self._rejoin()
-            elif isinstance(result, BaseException):
-                if committer.failures >= _MAX_COMMIT_FAILURES or final:
-                    message = f"{committer.failures} transactions in a row failed: {result}"
-                    if final:
-                        log.error("final commit failed; uncommitted work will be redelivered")
-                    else:
-                        self._fail(FatalPipelineError(message))
-                else:
-                    log.warning(
-                        "transaction failed; retrying with the next commit",
-                        partition=partition,
-                        error=repr(result),
-                    )
-        self._metrics.inflight_events.set(self.inflight())
-
-    def _rejoin(self) -> None:
-        """Ask the group to hand the partitions out again: a partition fenced without a
-        rebalance (``device-rebind ledger clear``) would otherwise stay dropped and paused until
-        the next one. Its next owner (maybe this member) reloads its state from Kafka."""
-        coordinator = getattr(self._consumer, "_coordinator", None)
-        if coordinator is not None:
-            with contextlib.suppress(Exception):
-                coordinator.request_rejoin()
-
-    def _fail(self, exc: FatalPipelineError) -> None:
-        self._fatal = exc
-        self._stopping.set()
 
     # ---- rebalances ------------------------------------------------------------------------
 
@@ -655,10 +387,10 @@ class Pipeline:
         new = [tp for tp in inputs if tp.partition not in self._cores]
         if new:
             consumer.pause(*assigned)
-            if await self._try_open(new):
+            if await self._partitions.try_open(new, self._open):
                 consumer.resume(*assigned)
                 self._paused = False
-                if self._held is not None:  # held: newly assigned input partitions stay paused
+                if self._hold.held():  # held: newly assigned input partitions stay paused
                     consumer.pause(*inputs)
         self._proved()  # the group just counted this member in
         if self._on_drain is not None:
@@ -671,34 +403,12 @@ class Pipeline:
                 await result
         self._wake_now.set()
 
-    async def _try_open(self, tps: list[TopicPartition]) -> bool:
-        """Open ``tps``; on failure (a broker hiccup while fencing or loading) they stay
-        assigned and paused, :meth:`unopened` names them (``/readyz`` 503), and the consume
-        loop tries again with a growing pause (aiokafka would only log the callback's error)."""
-        try:
-            await self._open(tps)
-        except Exception as exc:  # noqa: BLE001 - any failure: retried, and visible meanwhile
-            self._failed_open.update(tp.partition for tp in tps)
-            for tp in tps:
-                committer = self._committers.pop(tp.partition, None)
-                self._cores.pop(tp.partition, None)
-                if committer is not None:
-                    await committer.stop()
-            self._open_retry_in = min(
-                max(self._open_retry_in * 2, _OPEN_RETRY_INITIAL_SECONDS),
-                _OPEN_RETRY_MAX_SECONDS,
-            )
-            self._open_retry_at = time.monotonic() + self._open_retry_in
-            log.error(  # noqa: TRY400 - the error is in the line; no traceback needed
-                "could not open the assigned partitions; trying again",
-                partitions=sorted(tp.partition for tp in tps),
-                retry_in=self._open_retry_in,
-                error=repr(exc),
-            )
-            return False
-        self._failed_open.difference_update(tp.partition for tp in tps)
-        self._open_retry_in = 0.0
-        return True
+    async def _open(self, tps: list[TopicPartition]) -> None:
+        """Take the partitions over (:meth:`OpenPartitions.open`); tried by
+        :meth:`OpenPartitions.try_open`, which keeps a failed open for a later try."""
+        assert self._consumer is not None
+        assert self._ledger_reader is not None
+        await self._partitions.open(self._consumer, self._ledger_reader, tps)
 
     def group_assignment(self) -> list[int]:
         """The input partitions the group assigned to this member (open or not)."""
@@ -711,113 +421,37 @@ class Pipeline:
         """Input partitions the group assigned to this member whose opening failed (and is
         being tried again). A partition dropped because it was fenced is not one of them: it
         waits for the rebalance its drop asked for."""
-        return [
-            p for p in self.group_assignment() if p in self._failed_open and p not in self._cores
-        ]
+        return self._partitions.unopened(self.group_assignment())
 
     async def _retry_open(self) -> None:
         """The consume loop's turn at partitions whose opening failed."""
         consumer = self._consumer
         assert consumer is not None
         missing = self.unopened()
-        if not missing or time.monotonic() < self._open_retry_at:
+        if not missing or not self._partitions.retry_due():
             return
         topic = self._topics.device_swapped
         tps = [TopicPartition(topic, p) for p in missing]
-        if await self._try_open(tps):
+        if await self._partitions.try_open(tps, self._open):
             log.info("partitions opened", partitions=missing)
-            if self._held is None and not self._paused:
+            if not self._hold.held() and not self._paused:
                 consumer.resume(*tps)
             self._wake_now.set()
-
-    async def _open(self, tps: list[TopicPartition]) -> None:
-        """Take the partitions over: fence their earlier owners first, then read their state."""
-        consumer = self._consumer
-        assert consumer is not None
-        assert self._ledger_reader is not None
-        committers = {
-            tp.partition: PartitionCommitter(self._kafka, tp.topic, tp.partition, self._metrics)
-            for tp in tps
-        }
-        for committer in committers.values():
-            committer.notify_topic = self._notify_topic
-        # Initialising each partition's transactional id aborts whatever its earlier owner left
-        # open and fences it; only then is the state below final.
-        await asyncio.gather(*(c.start() for c in committers.values()))
-        committed = await committed_with_metadata(consumer, tps)
-        ledgers = {tp.partition: DeviceLedger(self._topics.ledger, tp.partition) for tp in tps}
-        started = time.monotonic()
-        loaded = await read_to_end(
-            self._ledger_reader,
-            [TopicPartition(self._topics.ledger, tp.partition) for tp in tps],
-            lambda tp, record: ledgers[tp.partition].load(record.key, record.value),
-        )
-        indexes = await self._dedupe.load([tp.partition for tp in tps])
-        count = len(consumer.partitions_for_topic(self._topics.device_swapped) or ())
-        routing = Routing(self._kafka.partitioner, count) if count else None
-        for tp in tps:
-            found = committed.get(tp)
-            progress = PartitionProgress(
-                found.offset if found is not None and found.offset >= 0 else None,
-                found.metadata if found is not None else None,
-            )
-            core = PartitionCore(
-                topic=tp.topic,
-                partition=tp.partition,
-                dead_letter_topic=self._topics.dead_letter,
-                progress=progress,
-                ledger=ledgers[tp.partition],
-                dedupe=indexes[tp.partition],
-                answers=self._handler,
-                watch=self._watch,
-                max_input_bytes=self._kafka.max_input_bytes,
-                max_clock_skew_ms=int(self._kafka.max_clock_skew_seconds * 1000),
-                routing=routing,
-            )
-            committers[tp.partition].core = core
-            self._cores[tp.partition] = core
-            self._committers[tp.partition] = committers[tp.partition]
-        log.info(
-            "partition state loaded",
-            partitions=sorted(tp.partition for tp in tps),
-            ledger_records=loaded,
-            devices=sum(len(ledger) for ledger in ledgers.values()),
-            waiting=sum(ledger.waiting for ledger in ledgers.values()),
-            seconds=round(time.monotonic() - started, 3),
-        )
 
     async def partitions_revoked(self, revoked: list[TopicPartition]) -> None:
         """Settle the revoked partitions' work before they move: finish, or leave it to the
         next owner (who skips what was published and redoes the rest)."""
-        self._failed_open.difference_update(tp.partition for tp in revoked)
-        ours = [tp.partition for tp in revoked if tp.partition in self._cores]
-        for p in ours:
-            self._cores[p].closing = True  # queued jobs of these partitions will not start
+        ours = self._partitions.closing(revoked)  # their queued jobs will not start
         if ours and len(ours) == len(self._cores) and self._on_drain is not None:
             self._on_drain(True)  # everything moves: what waits for the budget is not drained
-        loop = asyncio.get_running_loop()
-        if ours and not self.owner_fresh():
-            # The group gave the partitions away already (this member was frozen or cut off):
-            # nothing it still runs may reach the platform; cancel instead of draining.
-            log.warning("revoked after losing the group: running jobs cancelled", partitions=ours)
-            await self._scheduler.cancel_all()
         # The group waits for this member only for the rebalance timeout (= the session timeout).
-        deadline = loop.time() + min(self._drain_timeout, self._kafka.session_timeout_ms / 3000)
-        while self._scheduler.running and loop.time() < deadline:
-            self._progress.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._progress.wait(), max(0.0, deadline - loop.time()))
-        if self._scheduler.running and len(ours) == len(self._cores):
-            # Everything moves (the eager protocol revokes all): stop what still runs, so a
-            # retry cannot reach the platform after the new owner applied a newer swap.
-            await self._scheduler.cancel_all()
-        await self._cancel_polls(set(ours))  # the next owner polls them (their watches stay)
-        for p in ours:
-            # Closed before the last transaction: a result decided from now on (a job that
-            # still runs, a poll answered while the producers stop) is dropped, not left in a
-            # core that never commits again; the next owner decides it again from the ledger.
-            self._cores[p].closed = True
-        await self._commit_all(final=True)
+        await self._jobs.settle(
+            ours,
+            lost=bool(ours) and not self.owner_fresh(),
+            seconds=min(self._drain_timeout, self._kafka.session_timeout_ms / 3000),
+        )
+        self._partitions.close(ours)
+        await self._commits.commit_all(final=True)
         for p in ours:
             await self._drop(p)
         if self._on_revocation is not None:
@@ -826,70 +460,45 @@ class Pipeline:
             log.info("partitions revoked", partitions=sorted(ours))
 
     async def _drop(self, partition: int) -> None:
-        core = self._cores.pop(partition, None)
-        if core is not None:
-            core.closed = True
-            if core.progress.unfinished:
-                log.info(
-                    "revoked with unfinished work; the next owner redoes it",
-                    partition=partition,
-                    unfinished=core.progress.unfinished,
-                )
-        committer = self._committers.pop(partition, None)
-        if committer is not None:
-            await committer.stop()
-        if partition in self._gauged:
-            self._gauged.discard(partition)
-            with contextlib.suppress(KeyError):
-                self._metrics.consumer_lag.remove(str(partition))
-            with contextlib.suppress(KeyError):
-                self._metrics.oldest_unfinished.remove(str(partition))
+        await self._partitions.drop(partition)
+        self._gauges.forget(partition)
 
-    # ---- gauges ----------------------------------------------------------------------------
 
-    async def _gauge_loop(self) -> None:
-        consumer = self._consumer
-        assert consumer is not None
-        ticks = 0
-        while True:
-            await asyncio.sleep(1)
-            ticks += 1
-            for p, core in list(self._cores.items()):
-                label = str(p)
-                self._metrics.oldest_unfinished.labels(partition=label).set(
-                    core.progress.oldest_unfinished_seconds()
-                )
-                self._gauged.add(p)
-                if ticks % 5:
-                    continue
-                tp = TopicPartition(self._topics.device_swapped, p)
-                high = consumer.highwater(tp)
-                if high is None:
-                    continue
-                try:
-                    position = await consumer.position(tp)
-                except Exception:  # noqa: BLE001 - the partition may have just moved
-                    log.debug("no position for lag", partition=p)
-                    continue
-                behind = high - position + core.progress.unfinished
-                self._metrics.consumer_lag.labels(partition=label).set(max(0, behind))
-            self._metrics.inflight_events.set(self.inflight())
-            self._metrics.deferred_events.set(self.waiting())
-            self._gauge_watches()
+async def check_topics(kafka: KafkaSettings, topics: TopicSettings, notify: str | None) -> None:
+    """The service topics must exist and be co-partitioned with the input topic."""
+    names: tuple[str, ...] = (topics.device_swapped, topics.ledger, topics.dedupe)
+    if notify is not None:
+        names = (*names, notify)
+    counts = await partition_counts(kafka, names)
+    missing = [name for name, n in counts.items() if n == 0]
+    if missing:
+        raise FatalPipelineError(
+            f"topics missing: {', '.join(missing)} (see 'Topics to create' in the README)"
+        )
+    if len(set(counts.values())) != 1:
+        raise FatalPipelineError(
+            "the input, ledger, dedupe (and bind-notify) topics must have the same number of "
+            "partitions "
+            f"(co-partitioned): {counts}"
+        )
 
-    def _gauge_watches(self) -> None:
-        now_ms = int(time.time() * 1000)
-        watched = near = 0
-        overdue_ms = 0
-        for core in self._cores.values():
-            ledger = core.ledger
-            watched += len(ledger.watching)
-            for device in ledger.watching:
-                entry = ledger.get(device)
-                if entry is not None and entry.watch is not None:
-                    near += near_expiry(entry.watch, now_ms)
-                    # A poll stays due (its entry unchanged) until its answer is decided.
-                    overdue_ms = max(overdue_ms, now_ms - entry.watch.due_ms)
-        self._metrics.bind_watches.set(watched)
-        self._metrics.bind_near_expiry.set(near)
-        self._metrics.bind_poll_overdue.set(overdue_ms / 1000)
+
+def input_consumer(kafka: KafkaSettings, heartbeat_seconds: float) -> AIOKafkaConsumer:
+    """The group member's consumer of the input (and bind-notify) topic."""
+    options = client_options(kafka)
+    return AIOKafkaConsumer(
+        **options,
+        group_id=kafka.group_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        isolation_level="read_committed",
+        max_poll_records=kafka.max_poll_records,
+        session_timeout_ms=kafka.session_timeout_ms,
+        heartbeat_interval_ms=int(heartbeat_seconds * 1000),
+        # Co-partitioning: partition p of the input and of the bind-notify topic go to one
+        # member, so a device's pushes meet its ledger entry.
+        partition_assignment_strategy=(RangePartitionAssignor,),
+        # Bounded prefetch: memory must not grow with the backlog behind the buffer.
+        fetch_max_bytes=4 * 1024 * 1024,
+        max_partition_fetch_bytes=512 * 1024,
+    )

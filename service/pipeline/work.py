@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from service.bind.watch import Watch
 from service.events import SwapEvent
 from service.pipeline.records import OutcomeKind, Output
+
+# Watch is defined with its policy (service.bind.watch); the ledger reads it here.
+__all__ = ["Deferral", "HandlerResult", "Outcome", "PollResult", "WaitState", "Watch", "Work"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,29 +24,6 @@ class WaitState:
     last_code: str
     reason: str  # "device_online" or "transient"
     attempt_deadline_ms: int | None = None  # with "transient": when this try must end
-
-
-@dataclass(frozen=True, slots=True)
-class Watch:
-    """A refreshed device watched until its new hardware binds. Times are epoch milliseconds.
-
-    ``expires``: the refresh set a non-zero ``timeout``, so at ``expires_at_ms`` the platform
-    deletes the registration of a device that has not bound; otherwise the watch gives up at
-    ``deadline_ms``. ``next_poll_ms`` is None when the service does not poll.
-    """
-
-    refreshed_ms: int
-    deadline_ms: int
-    expires: bool
-    expires_at_ms: int | None
-    next_poll_ms: int | None
-    polls: int = 0
-
-    @property
-    def due_ms(self) -> int:
-        if self.next_poll_ms is None:
-            return self.deadline_ms
-        return min(self.next_poll_ms, self.deadline_ms)
 
 
 @dataclass(frozen=True, slots=True)

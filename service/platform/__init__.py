@@ -15,6 +15,7 @@ from service.platform.client import (
     CallResult,
     DeviceQuery,
     PlatformClient,
+    RefreshRequest,
     build_ssl_context,
 )
 from service.platform.errors import (
@@ -38,7 +39,6 @@ from service.platform.rebind import (
     RebindClient,
     RebindPolicy,
     RebindResult,
-    RefreshRequest,
     Succeeded,
     backoff_delay,
     build_request,

@@ -16,7 +16,7 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 from urllib.parse import quote
 
 import httpx
@@ -39,9 +39,6 @@ from service.platform.errors import (
     snippet,
 )
 from service.platform.tokens import TokenError, TokenManager, TokenProvider
-
-if TYPE_CHECKING:
-    from service.platform.rebind import RefreshRequest
 
 log = structlog.get_logger(__name__)
 
@@ -70,6 +67,17 @@ def query_device_path(device_id: str) -> str:
 
 def query_activation_path(device_id: str) -> str:
     return QUERY_ACTIVATION_PATH.format(device_id=quote(device_id, safe=""))
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshRequest:
+    """One key refresh as sent (:func:`service.platform.rebind.build_request` makes it)."""
+
+    device_id: str
+    node_id: str
+    verify_code: str
+    timeout: int
+    app_id: str | None
 
 
 @dataclass(frozen=True, slots=True)

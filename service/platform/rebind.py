@@ -33,7 +33,7 @@ from typing import Final, Literal, Protocol
 
 from service.config import PlatformSettings
 from service.platform.budget import PRIORITY_FRESH
-from service.platform.client import CallResult, DeviceQuery
+from service.platform.client import CallResult, DeviceQuery, RefreshRequest
 from service.platform.errors import (
     ATTEMPTS_EXHAUSTED,
     DEADLINE_EXCEEDED,
@@ -48,15 +48,6 @@ DEFERRAL_REASON_DEVICE_ONLINE: Final = "device_online"
 DEFERRAL_REASON_TRANSIENT: Final = "transient"
 _OPERATION: Final = "refresh_device_key"
 _MAX_EXPONENT: Final = 62
-
-
-@dataclass(frozen=True, slots=True)
-class RefreshRequest:
-    device_id: str
-    node_id: str
-    verify_code: str
-    timeout: int
-    app_id: str | None
 
 
 def build_request(  # noqa: PLR0917 - the positional signature the pipeline calls

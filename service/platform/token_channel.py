@@ -25,8 +25,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import ProducerFenced
 
 from service.config import KafkaSettings
-from service.kafka import client_options, ensure_compacted_topic
-from service.pipeline.committer import producer_fatal
+from service.kafka import client_options, ensure_compacted_topic, producer_fatal
 
 log = structlog.get_logger(__name__)
 

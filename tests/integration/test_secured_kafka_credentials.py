@@ -32,7 +32,8 @@ from service.config import (
     Settings,
 )
 from service.kafka import KafkaAuthenticationError, KafkaTlsError
-from service.kafka_access import check_access, check_connection, service_acls
+from service.kafka_access import check_access, service_acls
+from service.kafka_connection import check_connection
 from tests.fixtures.simulator import SimulatorHandle
 from tests.support.secured_kafka import (
     PLAIN_USER,

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import pytest
 
 from service.platform.budget import PRIORITY_FRESH
-from service.platform.client import CallResult, DeviceQuery
+from service.platform.client import CallResult, DeviceQuery, RefreshRequest
 from service.platform.errors import (
     ATTEMPTS_EXHAUSTED,
     CONNECTION_ERROR,
@@ -20,7 +20,6 @@ from service.platform.rebind import (
     Deferred,
     Failed,
     RebindPolicy,
-    RefreshRequest,
     Succeeded,
     backoff_delay,
     build_request,

@@ -34,7 +34,6 @@ from service.kafka import (
 )
 from service.kafka_access import (
     AclRequirement,
-    explain_connection_error,
     kafka_acls_commands,
     replay_acls,
     service_acls,
@@ -42,6 +41,7 @@ from service.kafka_access import (
     transactional_id_prefix,
 )
 from service.kafka_access import main as kafka_access_main
+from service.kafka_connection import explain_connection_error
 from tests.support.secured_kafka import Pki, generate_pki
 
 REPO = Path(__file__).resolve().parents[2]

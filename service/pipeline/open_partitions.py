@@ -1,0 +1,238 @@
+"""The input partitions this member has open: each one's :class:`PartitionCore` and the
+:class:`PartitionCommitter` built with it, and the partitions whose opening failed.
+
+:meth:`OpenPartitions.open` takes partitions over: it fences their earlier owners (initialising
+each partition's transactional id aborts what they left open), then reads their state (committed
+offset and metadata, ledger, dedupe index) and builds each core with its committer. A failed open
+(:meth:`open_failed`) forgets what was half built and is tried again with a growing pause
+(:meth:`retry_due`); :meth:`drop` forgets a partition that moved away or was fenced. The totals
+the consume loop and the gauges read (buffered, in flight, waiting) are summed here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+import structlog
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from service.bind.watch import WatchPolicy
+from service.config import KafkaSettings, TopicSettings
+from service.kafka import committed_with_metadata, read_to_end
+from service.metrics import Metrics
+from service.pipeline.committer import PartitionCommitter
+from service.pipeline.dedupe import DedupeReader
+from service.pipeline.intake import Routing
+from service.pipeline.ledger import DeviceLedger
+from service.pipeline.partition import Answers, PartitionCore
+from service.pipeline.progress import PartitionProgress
+
+log = structlog.get_logger(__name__)
+
+_OPEN_RETRY_INITIAL_SECONDS = 0.5
+_OPEN_RETRY_MAX_SECONDS = 15.0
+
+
+class OpenPartitions:
+    """The open input partitions, by number: ``cores`` and ``committers`` hold the same keys."""
+
+    def __init__(
+        self,
+        kafka: KafkaSettings,
+        topics: TopicSettings,
+        metrics: Metrics,
+        *,
+        answers: Answers,
+        dedupe: DedupeReader,
+        watch: WatchPolicy | None,
+        notify_topic: str | None,
+    ) -> None:
+        self._kafka = kafka
+        self._topics = topics
+        self._metrics = metrics
+        self._answers = answers
+        self._dedupe = dedupe
+        self._watch = watch
+        self._notify_topic = notify_topic
+        self.cores: dict[int, PartitionCore] = {}
+        self.committers: dict[int, PartitionCommitter] = {}
+        self.failed_open: set[int] = set()  # assigned partitions whose opening failed
+        self._open_retry_in = 0.0  # the pause before the next try at a failed partition open
+        self._open_retry_at = 0.0
+
+    # ---- totals ----------------------------------------------------------------------------
+
+    def assigned(self) -> list[TopicPartition]:
+        return [TopicPartition(self._topics.device_swapped, p) for p in self.cores]
+
+    def buffered(self) -> int:
+        """Input records read and not yet finished (the backpressure measure)."""
+        return sum(core.progress.unfinished for core in self.cores.values())
+
+    def inflight(self) -> int:
+        """Swaps being worked on: unfinished input records, plus woken waiting swaps."""
+        return sum(core.progress.unfinished + core.woken for core in self.cores.values())
+
+    def waiting(self) -> int:
+        return sum(core.ledger.waiting for core in self.cores.values())
+
+    def pending_outputs(self) -> int:
+        return sum(c.pending_outputs for c in self.cores.values())
+
+    def stuck(self) -> list[int]:
+        """Partitions whose oldest unfinished record is older than the configured bound."""
+        bound = self._kafka.stuck_partition_seconds
+        return sorted(
+            p for p, core in self.cores.items() if core.progress.oldest_unfinished_seconds() > bound
+        )
+
+    def skipped(self) -> int:
+        return sum(core.skipped for core in self.cores.values())
+
+    # ---- opening ---------------------------------------------------------------------------
+
+    async def open(
+        self,
+        consumer: AIOKafkaConsumer,
+        ledger_reader: AIOKafkaConsumer,
+        tps: list[TopicPartition],
+    ) -> None:
+        """Take the partitions over: fence their earlier owners first, then read their state."""
+        committers = {
+            tp.partition: PartitionCommitter(self._kafka, tp.topic, tp.partition, self._metrics)
+            for tp in tps
+        }
+        for committer in committers.values():
+            committer.notify_topic = self._notify_topic
+        # Initialising each partition's transactional id aborts whatever its earlier owner left
+        # open and fences it; only then is the state below final.
+        await asyncio.gather(*(c.start() for c in committers.values()))
+        committed = await committed_with_metadata(consumer, tps)
+        ledgers = {tp.partition: DeviceLedger(self._topics.ledger, tp.partition) for tp in tps}
+        started = time.monotonic()
+        loaded = await read_to_end(
+            ledger_reader,
+            [TopicPartition(self._topics.ledger, tp.partition) for tp in tps],
+            lambda tp, record: ledgers[tp.partition].load(record.key, record.value),
+        )
+        indexes = await self._dedupe.load([tp.partition for tp in tps])
+        count = len(consumer.partitions_for_topic(self._topics.device_swapped) or ())
+        routing = Routing(self._kafka.partitioner, count) if count else None
+        for tp in tps:
+            found = committed.get(tp)
+            progress = PartitionProgress(
+                found.offset if found is not None and found.offset >= 0 else None,
+                found.metadata if found is not None else None,
+            )
+            core = PartitionCore(
+                topic=tp.topic,
+                partition=tp.partition,
+                dead_letter_topic=self._topics.dead_letter,
+                progress=progress,
+                ledger=ledgers[tp.partition],
+                dedupe=indexes[tp.partition],
+                answers=self._answers,
+                watch=self._watch,
+                max_input_bytes=self._kafka.max_input_bytes,
+                max_clock_skew_ms=int(self._kafka.max_clock_skew_seconds * 1000),
+                routing=routing,
+            )
+            committers[tp.partition].core = core
+            self.cores[tp.partition] = core
+            self.committers[tp.partition] = committers[tp.partition]
+        log.info(
+            "partition state loaded",
+            partitions=sorted(tp.partition for tp in tps),
+            ledger_records=loaded,
+            devices=sum(len(ledger) for ledger in ledgers.values()),
+            waiting=sum(ledger.waiting for ledger in ledgers.values()),
+            seconds=round(time.monotonic() - started, 3),
+        )
+
+    async def try_open(
+        self, tps: list[TopicPartition], open_: Callable[[list[TopicPartition]], Awaitable[None]]
+    ) -> bool:
+        """Open ``tps`` with ``open_`` (the pipeline's :meth:`open` with its clients); on failure
+        (a broker hiccup while fencing or loading) they stay assigned and paused,
+        :meth:`unopened` names them (``/readyz`` 503), and the consume loop tries again with a
+        growing pause (aiokafka would only log the callback's error)."""
+        try:
+            await open_(tps)
+        except Exception as exc:  # noqa: BLE001 - any failure: retried, and visible meanwhile
+            await self.open_failed(tps, exc)
+            return False
+        self.opened(tps)
+        return True
+
+    async def open_failed(self, tps: list[TopicPartition], exc: Exception) -> None:
+        """Forget what opening ``tps`` built; they are tried again after a growing pause."""
+        self.failed_open.update(tp.partition for tp in tps)
+        for tp in tps:
+            committer = self.committers.pop(tp.partition, None)
+            self.cores.pop(tp.partition, None)
+            if committer is not None:
+                await committer.stop()
+        self._open_retry_in = min(
+            max(self._open_retry_in * 2, _OPEN_RETRY_INITIAL_SECONDS),
+            _OPEN_RETRY_MAX_SECONDS,
+        )
+        self._open_retry_at = time.monotonic() + self._open_retry_in
+        log.error(
+            "could not open the assigned partitions; trying again",
+            partitions=sorted(tp.partition for tp in tps),
+            retry_in=self._open_retry_in,
+            error=repr(exc),
+        )
+
+    def opened(self, tps: list[TopicPartition]) -> None:
+        self.failed_open.difference_update(tp.partition for tp in tps)
+        self._open_retry_in = 0.0
+
+    def unopened(self, group_assignment: list[int]) -> list[int]:
+        """Of ``group_assignment``, the partitions whose opening failed (and is being tried
+        again). A partition dropped because it was fenced is not one of them."""
+        return [p for p in group_assignment if p in self.failed_open and p not in self.cores]
+
+    def retry_due(self) -> bool:
+        return time.monotonic() >= self._open_retry_at
+
+    # ---- closing ---------------------------------------------------------------------------
+
+    def closing(self, revoked: list[TopicPartition]) -> list[int]:
+        """Mark the revoked partitions that are open as closing (their queued jobs will not
+        start) and return them; a revoked partition whose opening failed is tried no more."""
+        self.failed_open.difference_update(tp.partition for tp in revoked)
+        ours = [tp.partition for tp in revoked if tp.partition in self.cores]
+        for p in ours:
+            self.cores[p].closing = True
+        return ours
+
+    def close(self, partitions: list[int]) -> None:
+        """Closed before their last transaction: a result decided from now on (a job that still
+        runs, a poll answered while the producers stop) is dropped, not left in a core that
+        never commits again; the next owner decides it again from the ledger."""
+        for p in partitions:
+            self.cores[p].closed = True
+
+    async def drop(self, partition: int) -> None:
+        """Forget a partition: its core is closed (a late result is dropped), its producer
+        stopped; what it had not finished is redone by its next owner."""
+        core = self.cores.pop(partition, None)
+        if core is not None:
+            core.closed = True
+            if core.progress.unfinished:
+                log.info(
+                    "revoked with unfinished work; the next owner redoes it",
+                    partition=partition,
+                    unfinished=core.progress.unfinished,
+                )
+        committer = self.committers.pop(partition, None)
+        if committer is not None:
+            await committer.stop()
+
+    async def stop_committers(self) -> None:
+        for committer in list(self.committers.values()):
+            await committer.stop()
+        self.committers.clear()
