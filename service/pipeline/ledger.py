@@ -345,12 +345,29 @@ class DeviceLedger:
     def __len__(self) -> int:
         return len(self._entries) + len(self._done)
 
+    # ---- expiry ----------------------------------------------------------------------------
+
+    def expire(self, horizon_ms: int, scan: int, limit: int) -> list[str]:
+        """Remove up to ``limit`` packed ``done`` entries whose swap's time is before
+        ``horizon_ms``, among the next ``scan`` slots of the packed table (a sweep: see
+        :meth:`PackedEntries.older_than`); the devices removed, each owing a tombstone
+        (:meth:`tombstone`). Only packed done entries expire: pending, waiting and watched
+        swaps are objects, never swept (nor the rare done entry that does not pack)."""
+        devices = self._done.older_than(horizon_ms, scan, limit)
+        for device in devices:
+            self._done.discard(device)
+        return devices
+
     # ---- records ---------------------------------------------------------------------------
 
     def record(self, device: str) -> Output:
         """The ledger record of ``device`` as it stands now."""
         entry = self._entry(device)
         return Output(self.topic, device.encode(), encode_entry(entry), partition=self.partition)
+
+    def tombstone(self, device: str) -> Output:
+        """The record that removes ``device`` from the ledger topic (an expired entry)."""
+        return Output(self.topic, device.encode(), None, partition=self.partition)
 
 
 _DONE_KEYS: Final = frozenset(

@@ -37,6 +37,7 @@ from service.metrics import Metrics
 from service.ownership import CALL_GUARD
 from service.pipeline.committer import PartitionCommitter, PartitionFencedError
 from service.pipeline.dedupe import DedupeReader
+from service.pipeline.expiry import Retention
 from service.pipeline.intake import Routing
 from service.pipeline.ledger import DeviceLedger
 from service.pipeline.partition import PartitionCore, Republish
@@ -104,7 +105,9 @@ class Pipeline:
         watch: WatchPolicy | None = None,
         bind_notify: bool = False,
         on_drain: Callable[[bool], None] | None = None,
+        retention: Retention | None = None,
     ) -> None:
+        self._retention = retention
         self._kafka = kafka
         self._topics = topics
         self._handler = handler
@@ -773,6 +776,7 @@ class Pipeline:
                 max_input_bytes=self._kafka.max_input_bytes,
                 max_clock_skew_ms=int(self._kafka.max_clock_skew_seconds * 1000),
                 routing=routing,
+                retention=self._retention,
             )
             committers[tp.partition].core = core
             self._cores[tp.partition] = core
