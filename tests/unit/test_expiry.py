@@ -226,3 +226,22 @@ def test_a_repeat_of_a_swap_accepted_while_young_is_still_run(clock: _Clock) -> 
     again = _core(_Answers(), ledger).intake(record)
     assert isinstance(again, Work)
     assert again.repeat
+
+
+def test_the_sweep_finds_every_old_entry_while_the_table_is_rebuilt_under_it() -> None:
+    """Entries added between steps grow the table (rebuilds reorder it): an old entry moved
+    behind the cursor is found on a later round, never lost."""
+    packed = PackedEntries()
+    old = {f"old-{i}" for i in range(200)}
+    for device in old:
+        packed.put(device, ("e", "/s", (1, 0), "n", None))
+    found: set[str] = set()
+    for step in range(2_000):
+        packed.put(f"new-{step}", ("e", "/s", (10**6, step), "n", None))  # young: kept
+        for device in packed.older_than(1_000, scan=32, limit=8):
+            packed.discard(device)
+            found.add(device)
+        if found == old:
+            break
+    assert found == old
+    assert all(packed.get(f"new-{i}") is not None for i in range(step + 1))
