@@ -1,10 +1,10 @@
 """The ledger's ``done`` entries, packed: about 100 bytes per device instead of an object.
 
-A partition's ledger holds one entry per device ever swapped, and almost all of them are ``done``:
-nothing is due, and the entry only answers "is this swap the latest?" when a swap of the device
-arrives. As Python objects (an ``Entry``, its tuple, its strings, a dict slot) such an entry cost
-775 bytes of RSS (docs/benchmarks.md, section 11; 99 bytes packed). Here it is one record in a
-byte blob, found through an open-addressing table of offsets:
+A partition's ledger holds one entry per device swapped within the retention, and almost all of
+them are ``done``: nothing is due, and the entry only answers "is this swap the latest?" when a
+swap of the device arrives. As Python objects (an ``Entry``, its tuple, its strings, a dict
+slot) such an entry cost 775 bytes of RSS (docs/benchmarks.md, section 11; 99 bytes packed).
+Here it is one record in a byte blob, found through an open-addressing table of offsets:
 
     record = length u16 | key length u8 | timeMs i64 | offset i64 | source u16 | outcome u16
              | eventId length u8 | nodeId length u8 | key | eventId | nodeId
