@@ -20,6 +20,7 @@ from service.httpserver import OpsServer
 from service.kafka import FatalPipelineError, client_options
 from service.metrics import Metrics
 from service.ops_port import http_port_message
+from service.pipeline.expiry import Retention
 from service.pipeline.runner import Pipeline
 from service.platform import PRIORITY_FRESH, PlatformClient, RateBudget, TokenManager
 from service.platform.shared_token import SharedTokenProvider
@@ -84,6 +85,7 @@ class Service:
             watch=WatchPolicy.from_settings(settings.bind) if settings.bind.enabled else None,
             bind_notify=settings.bind.callback_url is not None,
             on_drain=self._draining,
+            retention=Retention(settings.ledger.retention_ms),
         )
         self.tokens.gate.subscribe(self._auth_changed)
         # The platform's bindDevice pushes: stored on Kafka, correlated by the device's owner.

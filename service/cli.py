@@ -8,7 +8,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from service import __version__, logs
@@ -143,6 +143,14 @@ def _replay_parser(commands: Any) -> None:
     replay.add_argument("--until", type=_timestamp, help="records written before (RFC 3339)")
     replay.add_argument("--limit", type=_positive, metavar="N", help="at most N records (N >= 1)")
     replay.add_argument(
+        "--fresh-time",
+        action="store_true",
+        help="rebind-failed only: send each swap with the current time as its CloudEvent time "
+        "(and record timestamp), on purpose: it then counts as the device's latest swap. For "
+        "swaps answered SWAP_TOO_OLD (older than REBIND_LEDGER__RETENTION_DAYS), which are "
+        "answered SWAP_TOO_OLD again if replayed with their own time",
+    )
+    replay.add_argument(
         "--dry-run", action="store_true", help="print what would be sent, send nothing"
     )
     replay.set_defaults(subparser=replay)
@@ -175,6 +183,8 @@ def _replay(args: argparse.Namespace) -> int:
     if args.source == "dlq":
         if args.category:
             parser.error("--category applies to rebind-failed only (dead letters have a reason)")
+        if args.fresh_time:
+            parser.error("--fresh-time applies to rebind-failed only (dead letters go as is)")
         unknown = sorted(set(args.error_code) - INVALID_REASONS)
         if unknown:
             parser.error(
@@ -199,7 +209,14 @@ def _replay(args: argparse.Namespace) -> int:
     )
     try:
         asyncio.run(
-            replay.replay(settings, args.source, filters, dry_run=args.dry_run, out=sys.stdout)
+            replay.replay(
+                settings,
+                args.source,
+                filters,
+                dry_run=args.dry_run,
+                out=sys.stdout,
+                fresh_time=datetime.now(UTC) if args.fresh_time else None,
+            )
         )
     except Exception as exc:  # noqa: BLE001 - one line, not a traceback
         return _fail(f"replay: {_one_line(exc, settings.kafka.bootstrap_servers)}", 1)

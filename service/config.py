@@ -629,6 +629,23 @@ class HttpSettings(_Section):
     port: int = Field(default=8080, ge=0, le=65_535)
 
 
+class LedgerSettings(_Section):
+    retention_days: float = Field(
+        default=14.0,
+        ge=1,
+        le=3_650,
+        description="How long a device's done ledger entry is kept after its swap's CloudEvent "
+        "time; then it is removed (a tombstone). A swap whose time is older than this is "
+        "answered rebind-failed SWAP_TOO_OLD without a call: it can no longer be proven the "
+        "latest. The default covers the duplicate memory (the dedupe topic keeps 7 days) twice "
+        "over, and a week of delay before a swap is replayed.",
+    )
+
+    @property
+    def retention_ms(self) -> int:
+        return int(self.retention_days * 86_400_000)
+
+
 class LogSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["json", "console"] = "json"
@@ -655,6 +672,7 @@ class Settings(_FromEnvironment):
     http: HttpSettings = HttpSettings()
     log: LogSettings = LogSettings()
     bind: BindSettings = BindSettings()
+    ledger: LedgerSettings = LedgerSettings()
 
 
 class ConfigError(Exception):
@@ -672,6 +690,7 @@ class KafkaOnlySettings(_FromEnvironment):
     kafka: KafkaSettings = KafkaSettings()
     topics: TopicSettings = TopicSettings()
     log: LogSettings = LogSettings()
+    ledger: LedgerSettings = LedgerSettings()
 
 
 def load_kafka_settings(**overrides: Any) -> KafkaOnlySettings:

@@ -318,7 +318,9 @@ class RebindHandler:
         )
 
     def bind_failed(self, work: Work, code: str, desc: str) -> Outcome:
-        """``rebind-failed`` with BIND_EXPIRED or BIND_NOT_CONFIRMED after a refresh."""
+        """``rebind-failed`` with a service code decided without a call: BIND_EXPIRED or
+        BIND_NOT_CONFIRMED after a refresh, SWAP_TOO_OLD for a swap older than the ledger's
+        retention."""
         spec = classify("refresh_device_key", None, code)
         return self._failed(
             work,

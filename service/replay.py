@@ -15,6 +15,12 @@ into the input topic.
 * A dead letter is replayed as it was (same key, value and headers, minus the reason headers):
   if it is readable now, its own event id protects against double replays the same way.
 
+* ``--fresh-time`` (failed swaps only) sends each swap with the time of the replay as its
+  CloudEvent ``time`` and record timestamp, and says so in the plan. The service orders a
+  device's swaps by that time, so the operator states on purpose that the swap is the device's
+  latest: for a swap answered ``SWAP_TOO_OLD`` (older than the ledger's retention), which a
+  replay with its own time would only get answered ``SWAP_TOO_OLD`` again.
+
 ``--dry-run`` prints what would be sent and how many, and sends nothing.
 """
 
@@ -36,6 +42,7 @@ from service.handler import SOURCE_OFFSET_HEADER, SOURCE_PARTITION_HEADER, SOURC
 from service.kafka import kafka_client_options, partition_counts
 from service.kafka_connection import check_connection
 from service.partitioner import partition_for
+from service.platform.errors import SWAP_TOO_OLD
 
 REPLAY_NAMESPACE = uuid.UUID("2f7d4c1e-5b8a-4f63-9a0e-7c1d2b3a4e5f")
 REPLAY_OF_HEADER = "rebind-replay-of"
@@ -141,6 +148,21 @@ def _with_id(
     return orjson.dumps(body), kept
 
 
+def _rfc3339(at: datetime) -> str:
+    return at.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _with_time(
+    value: bytes | None, headers: list[tuple[str, bytes]], time: str
+) -> tuple[bytes | None, list[tuple[str, bytes]]]:
+    """The same swap with another CloudEvent ``time``, in whichever mode it was written."""
+    if any(k == "ce_time" for k, _ in headers):  # binary mode: the time is a header
+        return value, [(k, time.encode() if k == "ce_time" else v) for k, v in headers]
+    body = orjson.loads(value or b"{}")
+    body["time"] = time
+    return orjson.dumps(body), headers
+
+
 def _rebuilt(event: RebindFailedEvent, new_id: str) -> bytes:
     d = event.data
     data: dict[str, Any] = {**d.context, "deviceId": d.device_id, "nodeId": d.node_id}
@@ -154,7 +176,7 @@ def _rebuilt(event: RebindFailedEvent, new_id: str) -> bytes:
             "type": "com.iot.asset.device.swapped.v1",
             # The failure's own time: the original swap is gone, and a replay must not count
             # as newer than the swaps that came after the failure.
-            "time": event.time.astimezone(UTC).isoformat().replace("+00:00", "Z"),
+            "time": _rfc3339(event.time),
             "subject": d.device_id,
             "datacontenttype": "application/json",
             "data": data,
@@ -162,7 +184,13 @@ def _rebuilt(event: RebindFailedEvent, new_id: str) -> bytes:
     )
 
 
-async def plan(settings: KafkaOnlySettings, source: Source, filters: Filters) -> list[Planned]:
+async def plan(
+    settings: KafkaOnlySettings,
+    source: Source,
+    filters: Filters,
+    *,
+    fresh_time: datetime | None = None,
+) -> list[Planned]:
     topic = settings.topics.dead_letter if source == "dlq" else settings.topics.rebind_failed
     consumer = AIOKafkaConsumer(
         **kafka_client_options(settings.kafka),
@@ -182,7 +210,9 @@ async def plan(settings: KafkaOnlySettings, source: Source, filters: Filters) ->
             item = (
                 _plan_dead_letter(record, headers, filters)
                 if source == "dlq"
-                else await _plan_failure(consumer, record, headers, filters, settings)
+                else await _plan_failure(
+                    consumer, record, headers, filters, settings, fresh_time=fresh_time
+                )
             )
             if item is not None:
                 planned.append(item)
@@ -224,6 +254,8 @@ async def _plan_failure(
     headers: list[tuple[str, bytes]],
     filters: Filters,
     settings: KafkaOnlySettings,
+    *,
+    fresh_time: datetime | None = None,
 ) -> Planned | None:
     try:
         event = parse_outcome(record.value or b"")
@@ -249,6 +281,12 @@ async def _plan_failure(
         out_headers = [(REPLAY_OF_HEADER, d.swap_event_id.encode())]
         note = "rebuilt from the outcome"
         timestamp_ms = record.timestamp
+    if fresh_time is not None:
+        value, out_headers = _with_time(value, out_headers, _rfc3339(fresh_time))
+        note += f", fresh time {_rfc3339(fresh_time)}: sent as the device's latest swap"
+        timestamp_ms = int(fresh_time.timestamp() * 1000)
+    elif d.error_code == SWAP_TOO_OLD:
+        note += ", its own time: SWAP_TOO_OLD again (--fresh-time to send it as the latest)"
     return Planned(
         d.device_id.encode(),
         value,
@@ -299,10 +337,16 @@ def print_plan(planned: Sequence[Planned], out: TextIO, *, dry_run: bool) -> Non
 
 
 async def replay(
-    settings: KafkaOnlySettings, source: Source, filters: Filters, *, dry_run: bool, out: TextIO
+    settings: KafkaOnlySettings,
+    source: Source,
+    filters: Filters,
+    *,
+    dry_run: bool,
+    out: TextIO,
+    fresh_time: datetime | None = None,
 ) -> int:
     await check_connection(settings.kafka)  # a TLS or SASL refusal in one line, naming it
-    planned = await plan(settings, source, filters)
+    planned = await plan(settings, source, filters, fresh_time=fresh_time)
     if not dry_run and planned:
         await send(settings, planned)
     print_plan(planned, out, dry_run=dry_run)

@@ -7,7 +7,8 @@ and its records are written in the same transactions as the outcomes and offsets
 partition. In memory, the owner of a partition holds one small entry per device of it, loaded from
 the ledger when the partition is assigned: a ``done`` entry packed in a few dozen bytes
 (:mod:`service.pipeline.packed`), an object only while the device's swap is pending, waiting or
-watched.
+watched. A ``done`` entry older than the retention is removed, with a tombstone
+(:mod:`service.pipeline.expiry`).
 
 Which swap is the latest: the one with the later CloudEvent ``time`` (the record's timestamp when
 the event has none); of two with the same time, the one read later from the input. So a swap
@@ -113,7 +114,9 @@ class DeviceLedger:
         # Entries as objects: pending, waiting and watched swaps (bounded by the swaps not done
         # yet), and the rare done entry that does not pack. Every other done entry is packed.
         self._entries: dict[str, Entry] = {}
-        self._done = PackedEntries()  # one record per device of the partition
+        # One record per device of the partition swapped within the retention (older ones are
+        # swept: service.pipeline.expiry), plus replaced records' bytes until the blob is tidied.
+        self._done = PackedEntries()
         # (due_ms, sequence, device), lazily cleaned: waiting swaps, and bind watches apart, so
         # the ones never queue behind the others (each has its own room in the wake loop).
         self._due: list[tuple[int, int, str]] = []
@@ -345,12 +348,29 @@ class DeviceLedger:
     def __len__(self) -> int:
         return len(self._entries) + len(self._done)
 
+    # ---- expiry ----------------------------------------------------------------------------
+
+    def expire(self, horizon_ms: int, scan: int, limit: int) -> list[str]:
+        """Remove up to ``limit`` packed ``done`` entries whose swap's time is before
+        ``horizon_ms``, among the next ``scan`` slots of the packed table (a sweep: see
+        :meth:`PackedEntries.older_than`); the devices removed, each owing a tombstone
+        (:meth:`tombstone`). Only packed done entries expire: pending, waiting and watched
+        swaps are objects, never swept (nor the rare done entry that does not pack)."""
+        devices = self._done.older_than(horizon_ms, scan, limit)
+        for device in devices:
+            self._done.discard(device)
+        return devices
+
     # ---- records ---------------------------------------------------------------------------
 
     def record(self, device: str) -> Output:
         """The ledger record of ``device`` as it stands now."""
         entry = self._entry(device)
         return Output(self.topic, device.encode(), encode_entry(entry), partition=self.partition)
+
+    def tombstone(self, device: str) -> Output:
+        """The record that removes ``device`` from the ledger topic (an expired entry)."""
+        return Output(self.topic, device.encode(), None, partition=self.partition)
 
 
 _DONE_KEYS: Final = frozenset(

@@ -24,6 +24,7 @@ from service.kafka import committed_with_metadata, read_to_end
 from service.metrics import Metrics
 from service.pipeline.committer import PartitionCommitter
 from service.pipeline.dedupe import DedupeReader
+from service.pipeline.expiry import Retention
 from service.pipeline.intake import Routing
 from service.pipeline.ledger import DeviceLedger
 from service.pipeline.partition import Answers, PartitionCore
@@ -48,6 +49,7 @@ class OpenPartitions:
         dedupe: DedupeReader,
         watch: WatchPolicy | None,
         notify_topic: str | None,
+        retention: Retention | None = None,
     ) -> None:
         self._kafka = kafka
         self._topics = topics
@@ -56,6 +58,7 @@ class OpenPartitions:
         self._dedupe = dedupe
         self._watch = watch
         self._notify_topic = notify_topic
+        self._retention = retention
         self.cores: dict[int, PartitionCore] = {}
         self.committers: dict[int, PartitionCommitter] = {}
         self.failed_open: set[int] = set()  # assigned partitions whose opening failed
@@ -138,6 +141,7 @@ class OpenPartitions:
                 max_input_bytes=self._kafka.max_input_bytes,
                 max_clock_skew_ms=int(self._kafka.max_clock_skew_seconds * 1000),
                 routing=routing,
+                retention=self._retention,
             )
             committers[tp.partition].core = core
             self.cores[tp.partition] = core

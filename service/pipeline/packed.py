@@ -1,10 +1,10 @@
 """The ledger's ``done`` entries, packed: about 100 bytes per device instead of an object.
 
-A partition's ledger holds one entry per device ever swapped, and almost all of them are ``done``:
-nothing is due, and the entry only answers "is this swap the latest?" when a swap of the device
-arrives. As Python objects (an ``Entry``, its tuple, its strings, a dict slot) such an entry cost
-775 bytes of RSS (docs/benchmarks.md, section 11; 99 bytes packed). Here it is one record in a
-byte blob, found through an open-addressing table of offsets:
+A partition's ledger holds one entry per device swapped within the retention, and almost all of
+them are ``done``: nothing is due, and the entry only answers "is this swap the latest?" when a
+swap of the device arrives. As Python objects (an ``Entry``, its tuple, its strings, a dict
+slot) such an entry cost 775 bytes of RSS (docs/benchmarks.md, section 11; 99 bytes packed).
+Here it is one record in a byte blob, found through an open-addressing table of offsets:
 
     record = length u16 | key length u8 | timeMs i64 | offset i64 | source u16 | outcome u16
              | eventId length u8 | nodeId length u8 | key | eventId | nodeId
@@ -35,6 +35,8 @@ _UUID: Final = 0xFF
 _HEAD: Final = struct.Struct("<HBqqHHBB")
 """Record length, key length, timeMs, offset, source, outcome, eventId length, nodeId length."""
 _KEY: Final = _HEAD.size  # where the key starts in a record
+_TIME_MS: Final = struct.Struct("<q")
+_TIME_AT: Final = 3  # where timeMs starts in a record (after its length and key length)
 _MAX_TEXT: Final = 254
 MAX_STRINGS: Final = 4_096
 """Distinct sources and outcomes packed by index (a fleet has a handful of producers); an entry
@@ -88,6 +90,7 @@ class PackedEntries:
     __slots__ = (
         "_chunks",
         "_count",
+        "_cursor",
         "_fill",
         "_garbage",
         "_slots",
@@ -110,6 +113,7 @@ class PackedEntries:
         # index 0 is None (no outcome); at most MAX_STRINGS, then entries with others stay objects
         self._strings: list[str | None] = [None]
         self._string_ids: dict[str, int] = {}
+        self._cursor = 0  # the next slot the expiry sweep looks at (it wraps)
 
     def __len__(self) -> int:
         return self._count
@@ -184,6 +188,29 @@ class PackedEntries:
             node_id,
             self._strings[outcome],
         )
+
+    def older_than(self, horizon_ms: int, scan: int, limit: int) -> list[str]:
+        """Devices whose entry's time (its swap's CloudEvent ``time``) is before
+        ``horizon_ms``: at most ``limit`` of them, found among the next ``scan`` slots after
+        where the previous call stopped. The cursor wraps, so repeated calls visit every slot;
+        a rebuild reorders the table, and an entry it moves behind the cursor is found on the
+        next round. Nothing is removed here."""
+        slots, chunks = self._slots, self._chunks
+        size = len(slots)
+        i = self._cursor % size
+        found: list[str] = []
+        for _ in range(min(scan, size)):
+            off = slots[i]
+            i = (i + 1) % size
+            if off < 0:
+                continue
+            chunk, pos = chunks[off >> _CHUNK_BITS], off & _POS
+            if _TIME_MS.unpack_from(chunk, pos + _TIME_AT)[0] < horizon_ms:
+                found.append(unpack_text(bytes(chunk[pos + _KEY : pos + _KEY + chunk[pos + 2]])))
+                if len(found) >= limit:
+                    break
+        self._cursor = i
+        return found
 
     # ---- changes ---------------------------------------------------------------------------
 

@@ -23,11 +23,13 @@ import structlog
 from service.bind.watch import WatchPolicy
 from service.events import DEFAULT_MAX_RECORD_BYTES, InvalidEvent, decode_swap
 from service.pipeline.dedupe import DedupeIndex, dedupe_key
+from service.pipeline.expiry import Retention
 from service.pipeline.intake import DeadLetter, Forward, Routing, read_record
 from service.pipeline.ledger import Claim, DeviceLedger, Entry, State, Verdict
 from service.pipeline.progress import PartitionProgress
 from service.pipeline.records import OutcomeKind, Output
 from service.pipeline.work import Deferral, HandlerResult, Outcome, PollResult, Work
+from service.platform.errors import SWAP_TOO_OLD
 
 log = structlog.get_logger(__name__)
 
@@ -87,6 +89,7 @@ class PartitionCore:
         max_input_bytes: int = DEFAULT_MAX_RECORD_BYTES,
         max_clock_skew_ms: int | None = None,
         routing: Routing | None = None,
+        retention: Retention | None = None,
     ) -> None:
         self.topic = topic
         self.partition = partition
@@ -99,6 +102,9 @@ class PartitionCore:
         self.max_input_bytes = max_input_bytes
         self.max_clock_skew_ms = max_clock_skew_ms
         self.routing = routing
+        self.retention = retention  # None: ledger entries never expire
+        self.expired = 0  # done entries removed by the retention sweep
+        self.too_old = 0  # swaps answered SWAP_TOO_OLD
         self.misrouted = 0  # records forwarded to their key's partition
         self.notify_offset: int | None = None  # next offset of the bind-notify partition
         self._notify_committed: int | None = None
@@ -178,6 +184,11 @@ class PartitionCore:
             self._finish(offset)
             return None
         prior = self.ledger.get(work.device)
+        if self.retention is not None and self.retention.stale(work, prior, now := _now_ms()):
+            self.too_old += 1
+            desc = self.retention.describe(work, now)
+            self._final(work, self.answers.bind_failed(work, SWAP_TOO_OLD, desc))
+            return None
         admission = self.ledger.admit(work)
         if admission.replaced is not None:
             self._supersede_waiting(work.device, admission.replaced, work.swap.id)
@@ -305,6 +316,12 @@ class PartitionCore:
         their budget share never hold back a waiting swap, nor the reverse."""
         if self.closed:
             return []
+        if self.retention is not None and not self.closing:
+            # The wall clock, not ``now_ms`` (which may be set ahead to wake every due swap):
+            # the same clock as the stale-swap check in intake.
+            tombstones = self.retention.sweep(self.ledger, _now_ms())
+            self.expired += len(tombstones)
+            self._emit(tombstones, None)
         woken: list[Work] = []
         for device, entry in self.ledger.pop_due(now_ms, max(0, limit - self._woken)):
             work = self._rebuild(device, entry)

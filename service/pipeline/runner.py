@@ -37,6 +37,7 @@ from service.kafka import (
 from service.metrics import Metrics
 from service.pipeline.commit_loop import CommitLoop
 from service.pipeline.dedupe import DedupeReader
+from service.pipeline.expiry import Retention
 from service.pipeline.gauges import PipelineGauges
 from service.pipeline.input_hold import InputHold
 from service.pipeline.membership import MembershipProof
@@ -87,6 +88,7 @@ class Pipeline:
         watch: WatchPolicy | None = None,
         bind_notify: bool = False,
         on_drain: Callable[[bool], None] | None = None,
+        retention: Retention | None = None,
     ) -> None:
         self._kafka = kafka
         self._topics = topics
@@ -123,6 +125,7 @@ class Pipeline:
             dedupe=self._dedupe,
             watch=watch,
             notify_topic=self._notify_topic,
+            retention=retention,
         )
         # Proof of membership (service.ownership): the call guard of every job's calls.
         self._membership = MembershipProof(

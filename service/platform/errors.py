@@ -75,6 +75,7 @@ class Category(StrEnum):
     INTERNAL = "internal"
     BIND_EXPIRED = "bind_expired"
     BIND_UNCONFIRMED = "bind_unconfirmed"
+    SWAP_TOO_OLD = "swap_too_old"
 
 
 # Service-own codes: failures that carry no platform code.
@@ -95,6 +96,9 @@ BIND_EXPIRED: Final = "BIND_EXPIRED"
 platform deleted the device's registration."""
 BIND_NOT_CONFIRMED: Final = "BIND_NOT_CONFIRMED"
 """The key was refreshed, but no bind was seen before the watch's deadline."""
+SWAP_TOO_OLD: Final = "SWAP_TOO_OLD"
+"""The swap's ``time`` is older than the ledger's retention (``REBIND_LEDGER__RETENTION_DAYS``):
+the device's entry may have expired, so the swap can no longer be proven the latest. No call."""
 SERVICE_CODES: Final = frozenset(
     {
         TIMEOUT,
@@ -107,6 +111,7 @@ SERVICE_CODES: Final = frozenset(
         BAD_SUCCESS_BODY,
         BIND_EXPIRED,
         BIND_NOT_CONFIRMED,
+        SWAP_TOO_OLD,
     }
 )
 
@@ -502,6 +507,18 @@ ERROR_TABLE: Final[tuple[ErrorSpec, ...]] = (
         "arrived and polling did not see the device activated). Check the device in the field "
         "(powered, connected, configured with the new verifyCode) and query the device on the "
         "platform to learn whether it bound.",
+    ),
+    ErrorSpec(
+        SWAP_TOO_OLD,
+        None,
+        _ANY,
+        "The swap's time is older than the ledger's retention: it cannot be proven the latest.",
+        Category.SWAP_TOO_OLD,
+        Action.FAIL,
+        "The device's ledger entry may have expired (REBIND_LEDGER__RETENTION_DAYS), so the "
+        "service cannot tell whether a newer swap was applied since; no call was made. If this "
+        "swap is still the one to apply, re-issue it on purpose with a fresh time "
+        "(device-rebind replay --fresh-time).",
     ),
     ErrorSpec(
         ATTEMPTS_EXHAUSTED,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from datetime import UTC, datetime
 
 import pytest
 
@@ -132,6 +133,40 @@ async def test_filters_and_dead_letters(harness: Harness) -> None:
     assert len(dead) == 3
     assert dead[-1].value == b"[1, 2]"
     assert [h for h, _ in dead[-1].headers].count("rebind-error-reason") == 1
+
+
+async def test_a_swap_too_old_is_replayed_on_purpose_with_a_fresh_time(harness: Harness) -> None:
+    """A swap dated before the ledger's retention is answered SWAP_TOO_OLD without a call;
+    replayed with its own time it would be too old again (the plan says so), replayed with
+    ``fresh_time`` it is applied as the device's latest swap."""
+    control = harness.sim.control
+    await control.seed_device("dev-old", "n-before")
+    await harness.start_service()
+    old = swap_event("dev-old", "n-after", event_id="evt-old", ce_time="2010-01-01T00:00:00Z")
+    await harness.produce([(b"dev-old", old)])
+    [failed] = await harness.read(1)
+    assert failed.topic == harness.topics.rebind_failed
+    assert failed.data["errorCode"] == "SWAP_TOO_OLD"
+    assert failed.data["category"] == "swap_too_old"
+    assert await control.calls(operation="refresh_key", device_id="dev-old") == []
+
+    settings = kafka_only(harness)
+    too_old = Filters(error_codes=frozenset({"SWAP_TOO_OLD"}))
+    printed = io.StringIO()
+    assert await replay(settings, "rebind-failed", too_old, dry_run=True, out=printed) == 1
+    assert "SWAP_TOO_OLD again (--fresh-time" in printed.getvalue()
+    now = datetime.now(UTC)
+    printed = io.StringIO()
+    assert (
+        await replay(settings, "rebind-failed", too_old, dry_run=False, out=printed, fresh_time=now)
+        == 1
+    )
+    assert "fresh time " + now.isoformat().replace("+00:00", "Z") in printed.getvalue()
+    outs = await harness.read(2)  # every output since the start
+    [updated] = [o for o in outs if o.topic == harness.topics.credential_updated]
+    assert updated.data["nodeId"] == "n-after"
+    puts = await control.calls(operation="refresh_key", device_id="dev-old")
+    assert [c["status"] for c in puts] == [200]
 
 
 def test_topic_settings_are_shared_with_the_service() -> None:

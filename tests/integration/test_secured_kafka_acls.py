@@ -24,7 +24,7 @@ from service.app import Service
 from service.config import HttpSettings, LogSettings, PlatformSettings, Settings
 from service.kafka_access import AclRequirement, missing_acls, service_acls, topics_acls
 from tests.fixtures.simulator import SimulatorHandle
-from tests.support.events import swap_event
+from tests.support.events import LONG_RETENTION, swap_event
 from tests.support.exposition import get
 from tests.support.logcapture import CapturedLogs, captured_logs
 from tests.support.secured_kafka import (
@@ -69,6 +69,7 @@ def least_settings(kafka: SecuredKafka, topics: SecuredTopics, sim: SimulatorHan
             rate_limit_per_minute=6_000,
         ),
         http=HttpSettings(host="127.0.0.1", port=0),
+        ledger=LONG_RETENTION,
         log=LogSettings(level="INFO", format="json"),
     )
 

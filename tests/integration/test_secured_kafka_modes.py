@@ -25,7 +25,7 @@ import pytest
 from service.config import HttpSettings, KafkaSettings, LogSettings, PlatformSettings, Settings
 from service.kafka_access import missing_acls, replay_acls, service_acls, topics_acls
 from tests.fixtures.simulator import SimulatorHandle
-from tests.support.events import Received, swap_event
+from tests.support.events import LONG_RETENTION, Received, swap_event
 from tests.support.secured_kafka import (
     MODES,
     PRINCIPALS,
@@ -87,6 +87,7 @@ def mode_settings(
             retry_backoff_max_seconds=0.5,
         ),
         http=HttpSettings(host="127.0.0.1", port=0),
+        ledger=LONG_RETENTION,
         log=LogSettings(level="INFO", format="json"),
     )
 

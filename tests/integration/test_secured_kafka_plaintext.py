@@ -33,7 +33,7 @@ from service.config import (
 )
 from service.kafka_access import replay_acls, service_acls, topics_acls
 from tests.fixtures.simulator import SimulatorHandle
-from tests.support.events import swap_event
+from tests.support.events import LONG_RETENTION, swap_event
 from tests.support.secured_kafka import (
     AclAdmin,
     OutputReader,
@@ -92,6 +92,7 @@ async def test_no_connection_is_plaintext(
         topics=names.settings(),
         platform=PlatformSettings(base_url=sim.url, app_id=sim.app_id, secret=sim.secret),
         http=HttpSettings(host="127.0.0.1", port=0),
+        ledger=LONG_RETENTION,
         log=LogSettings(level="INFO", format="console"),
     )
     async with AclAdmin(secured_kafka.admin_options()) as admin:

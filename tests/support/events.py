@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
+from service.config import LedgerSettings
 from service.events import SWAPPED_TYPE
+
+LONG_RETENTION: Final = LedgerSettings(retention_days=3_650)
+"""The ledger retention of services under test: swaps made here are dated 2026-11-25 by default,
+a fixed day that must never fall behind the retention (then they would be SWAP_TOO_OLD)."""
 
 
 def swap_event(

@@ -66,6 +66,7 @@ def test_replay_help_lists_sources_reasons_and_categories(
         (["replay", "dlq", "--limit", "0"], "must be 1 or more"),
         (["replay", "dlq", "--category", "auth"], "--category applies to rebind-failed only"),
         (["replay", "dlq", "--error-code", "100403"], "unknown: 100403"),
+        (["replay", "dlq", "--fresh-time"], "--fresh-time applies to rebind-failed only"),
         (["replay", "rebind-failed", "--category", "sideways"], "invalid choice: 'sideways'"),
         (
             [

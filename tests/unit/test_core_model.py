@@ -36,7 +36,11 @@ drain: all devices offline and bound, everything read, run, woken and committed)
    committed ledger, or repeats an earlier input;
 4. no outcome record is written twice for an event sent once (part of 1);
 5. accounting: every record read is finished, queued or being re-published, and the core's
-   count of woken swaps matches the woken jobs queued or running.
+   count of woken swaps matches the woken jobs queued or running;
+6. state that expires (``REBIND_LEDGER__RETENTION_DAYS``): the ``age`` rule moves the wall
+   clock past the retention while the partition is quiet. Once drained, no done entry older
+   than the retention (and its margin) is left, in memory or as the device's last committed
+   ledger record (a tombstone replaced it); a swap answered ``SWAP_TOO_OLD`` was never applied.
 
 ``CORE_MODEL_PROFILE`` picks the hypothesis profile (``core-model``, the default;
 ``core-model-quick``; ``core-model-long``).
@@ -80,6 +84,7 @@ from service.pipeline.dedupe import (
     DedupeIndex,
     id_hash,
 )
+from service.pipeline.expiry import Retention
 from service.pipeline.ledger import DeviceLedger, State, decode_entry
 from service.pipeline.partition import Commit, PartitionCore, Republish
 from service.pipeline.progress import PartitionProgress, decode_finished
@@ -92,6 +97,7 @@ from service.platform.errors import (
     BIND_NOT_CONFIRMED,
     CONNECTION_ERROR,
     INTERNAL_ERROR,
+    SWAP_TOO_OLD,
     TIMEOUT,
 )
 from tests.support.events import swap_event
@@ -105,6 +111,10 @@ CLOCK_START_MS: Final = int(datetime(2026, 11, 25, 10, 0, tzinfo=UTC).timestamp(
 FAR_FUTURE_MS: Final = 2**62
 WAKE_LIMIT: Final = 2  # the runner's bound on woken swaps being worked on at once
 DEDUPE_ENTRIES: Final = 10_000  # never reached: duplicates are always within the window here
+# The ledger's retention. Only the ``age`` rule moves the clock that far, so it is the only
+# step after which entries expire and swaps are too old.
+RETENTION: Final = Retention(86_400_000)
+AGE_MS: Final = RETENTION.retention_ms + RETENTION.margin_ms + 1_000
 
 SETTINGS: Final = Settings(
     platform=PlatformSettings(
@@ -349,6 +359,7 @@ class CoreModel(RuleBasedStateMachine):
         self.sent: list[Sent] = []
         self.first: dict[tuple[str, str], int] = {}  # event -> offset of its first record
         self.event_seconds: dict[str, int] = {}  # device -> `time` of its last swap
+        self.base_seconds = 100  # `time` of a device's first swap (from T0); moved by ``age``
         self.serial = 0
         self.topics: dict[str, list[Stored]] = {}
         self.committed_offset: tuple[int, str] | None = None
@@ -382,6 +393,7 @@ class CoreModel(RuleBasedStateMachine):
             dedupe=dedupe,
             answers=self.handler,
             watch=self.watch,
+            retention=RETENTION,
         )
         return Member(core, committed[0] if committed is not None else 0)
 
@@ -448,8 +460,9 @@ class CoreModel(RuleBasedStateMachine):
         # below: the N-th swap produced, whichever form its id has)
         event_id = f"evt-{self.serial}" if self.serial % 2 else str(uuid.UUID(int=self.serial))
         verify = f"vc-{self.serial}"
-        seconds = self.event_seconds.get(device, 100) + delta
-        self.event_seconds[device] = max(seconds, self.event_seconds.get(device, 100))
+        base = self.base_seconds
+        seconds = self.event_seconds.get(device, base) + delta
+        self.event_seconds[device] = max(seconds, self.event_seconds.get(device, base))
         node_id = f"{device}-node-{node}"
         value = swap_event(
             device,
@@ -642,6 +655,39 @@ class CoreModel(RuleBasedStateMachine):
                 self.platform.repeat_ok = pick % 2 == 1
             else:
                 self.clock.now_ms += 1000 if pick % 2 == 0 else 15_000
+
+    @precondition(
+        lambda self: (
+            self.member.position == len(self.inputs)
+            and not self.member.queues
+            and not self.member.republishes
+            and self.member.core.ledger.waiting == 0
+            and not self.member.core.ledger.watching
+        )
+    )
+    @rule(forget=st.booleans())
+    def age(self, forget: bool) -> None:
+        """The wall clock moves past the ledger's retention (and its margin) while the partition
+        is quiet (everything read and decided: a waiting swap or a watch would only meet its
+        deadline, which is not what this rule is about). Done entries become due to expire
+        (the sweep runs in ``wake`` and ``sweep``). ``forget``: swaps produced from now on are
+        dated now (fresh swaps of devices whose entry expires); otherwise they keep the dates
+        of the device's earlier swaps, so they are older than the retention: SWAP_TOO_OLD."""
+        with self._step():
+            # Committed first: a swap whose call was made but whose answer was lost in a crash
+            # and only re-read after the retention is answered SWAP_TOO_OLD although its call
+            # may have been applied (docs/core.md, limits); that is not what this rule tests.
+            self._commit()
+            self.clock.now_ms += AGE_MS
+            if forget:
+                self.base_seconds = (self.clock.now_ms - _time_ms(0)) // 1000
+                self.event_seconds.clear()
+
+    @rule()
+    def sweep(self) -> None:
+        """The wake loop at the model's time with nothing due: the retention sweep's step."""
+        with self._step():
+            self._wake(self.clock.now_ms)
 
     @precondition(lambda self: self.member.position < len(self.inputs))
     @rule(count=st.sampled_from((1, 1, 2, 3)))
@@ -883,11 +929,19 @@ class CoreModel(RuleBasedStateMachine):
         outcomes, binds = self._outcomes()
         dead = self._dead_letters()
         latest: dict[str, tuple[tuple[int, int], str]] = {}
+        too_old = self._too_old()
+        applied = {verify for d in self.platform.devices.values() for verify, _ in d.history}
         for sent in self.sent:
             if sent.event is None:
                 assert dead[sent.offset] == 1, f"record {sent.offset}: no dead letter"
                 continue
             assert sent.event in outcomes, f"{sent.event} has no outcome"
+            if sent.event in too_old:
+                # Expiry relaxes invariant 2 here, and only here: a swap older than the
+                # retention is answered without a call (nothing proves it is the latest), so
+                # it is never applied, and the device keeps the latest swap it could prove.
+                assert sent.verify_code not in applied, f"{sent.event}: too old, yet applied"
+                continue
             if self.watch is not None and outcomes[sent.event][0][0] == TOPICS.credential_updated:
                 assert sent.event in binds, f"{sent.event}: refreshed, its watch never ended"
             assert sent.device is not None
@@ -900,6 +954,37 @@ class CoreModel(RuleBasedStateMachine):
             assert self.platform.devices[device].node_id == node_id, (
                 f"{device} holds {self.platform.devices[device].node_id}, latest swap {node_id}"
             )
+        self._check_expired()
+
+    def _too_old(self) -> set[tuple[str, str]]:
+        """Events answered rebind-failed SWAP_TOO_OLD."""
+        found: set[tuple[str, str]] = set()
+        for stored in self._log(TOPICS.rebind_failed):
+            assert stored.value is not None
+            if orjson.loads(stored.value)["data"]["errorCode"] == SWAP_TOO_OLD:
+                event = self.sent[int(dict(stored.headers)[SOURCE_OFFSET_HEADER])].event
+                assert event is not None
+                found.add(event)
+        return found
+
+    def _check_expired(self) -> None:
+        """Invariant 6: no done entry past the retention is left, in memory or committed."""
+        horizon = RETENTION.horizon_ms(self.clock.now_ms) - RETENTION.margin_ms
+        ledger = self.member.core.ledger
+        last: dict[bytes, Stored] = {}
+        for stored in self._log(TOPICS.ledger):
+            assert stored.key is not None
+            last[stored.key] = stored
+        for device in DEVICES:
+            entry = ledger.get(device)
+            assert entry is None or entry.state is not State.DONE or entry.order[0] >= horizon, (
+                f"{device}: done entry {entry} past the retention kept in memory"
+            )
+            record = last.get(device.encode())
+            durable = decode_entry(record.value) if record and record.value else None
+            assert (
+                durable is None or durable.state is not State.DONE or (durable.order[0] >= horizon)
+            ), f"{device}: done entry {durable} past the retention still committed"
 
     def teardown(self) -> None:
         try:
