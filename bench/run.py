@@ -58,7 +58,7 @@ from service.config import TopicSettings
 from tests.simulator.control import SimulatorControl
 from tests.simulator.process import SimulatorProcess
 from tests.simulator.state import HOME_APP_ID, HOME_SECRET
-from tests.support.events import swap_event
+from tests.support.events import fresh_swap_event
 from tests.support.kafka_broker import KafkaBroker, create_topics, default_kafka_version
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -249,7 +249,7 @@ async def produce_backlog(bootstrap: str, topic: str, count: int) -> float:
         pending: list[asyncio.Future[Any]] = []
         for i in range(count):
             dev = device_id(i)
-            value = swap_event(dev, f"new-{i:07d}", event_id=f"ev-{i}")
+            value = fresh_swap_event(dev, f"new-{i:07d}", event_id=f"ev-{i}")
             pending.append(await producer.send(topic, value, key=dev.encode()))
             if len(pending) >= 5_000:
                 await asyncio.gather(*pending)
@@ -885,7 +885,7 @@ async def bench_latency(b: Bench) -> LatencyResult:
                 dev = device_id(i)
                 fut = await producer.send(
                     topics.input,
-                    swap_event(dev, f"new-{i:07d}", event_id=f"lat-{i}"),
+                    fresh_swap_event(dev, f"new-{i:07d}", event_id=f"lat-{i}"),
                     key=dev.encode(),
                 )
                 sent.append((f"lat-{i}", fut))

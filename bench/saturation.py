@@ -30,7 +30,7 @@ import orjson
 
 from tests.simulator.control import SimulatorControl
 from tests.support.calllog import THROTTLED, WindowUse, on_wire, window_use
-from tests.support.events import swap_event
+from tests.support.events import fresh_swap_event
 
 if TYPE_CHECKING:
     from bench.run import Bench, Report, ServiceProc, Topics
@@ -57,7 +57,7 @@ async def produce_range(bootstrap: str, topic: str, start: int, count: int, tag:
         pending: list[asyncio.Future[Any]] = []
         for i in range(start, start + count):
             dev = run.device_id(i)
-            value = swap_event(dev, f"new-{i:07d}", event_id=f"{tag}-{i}")
+            value = fresh_swap_event(dev, f"new-{i:07d}", event_id=f"{tag}-{i}")
             pending.append(await producer.send(topic, value, key=dev.encode()))
             if len(pending) >= 5_000:
                 await asyncio.gather(*pending)

@@ -24,7 +24,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from tests.simulator.control import SimulatorControl
 from tests.simulator.process import SimulatorProcess
 from tests.simulator.state import HOME_APP_ID, HOME_SECRET
-from tests.support.events import Received, swap_event
+from tests.support.events import Received, fresh_swap_event
 from tests.support.kafka_broker import KafkaBroker, create_topics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -275,7 +275,7 @@ async def play(bootstrap: str, sim_url: str, work: Path) -> int:
                     (
                         "evt-1",
                         b"meter-0001",
-                        swap_event(
+                        fresh_swap_event(
                             "meter-0001", "864475040000123", event_id="evt-1", workOrderId="WO-1"
                         ),
                         "1. swap",
@@ -283,14 +283,14 @@ async def play(bootstrap: str, sim_url: str, work: Path) -> int:
                     (
                         "evt-2",
                         b"ghost-9999",
-                        swap_event("ghost-9999", "864475040000124", event_id="evt-2"),
+                        fresh_swap_event("ghost-9999", "864475040000124", event_id="evt-2"),
                         "2. unknown device",
                     ),
                     ("evt-3", b"meter-0003", b"{this is not json", "3. malformed"),
                     (
                         "evt-4",
                         b"meter-0002",
-                        swap_event("meter-0002", "864475040000125", event_id="evt-4"),
+                        fresh_swap_event("meter-0002", "864475040000125", event_id="evt-4"),
                         "4. online device",
                     ),
                 ]
@@ -304,7 +304,9 @@ async def play(bootstrap: str, sim_url: str, work: Path) -> int:
                     (
                         f"evt-b{i}",
                         f"burst-{i:02d}".encode(),
-                        swap_event(f"burst-{i:02d}", f"86447504002{i:04d}", event_id=f"evt-b{i}"),
+                        fresh_swap_event(
+                            f"burst-{i:02d}", f"86447504002{i:04d}", event_id=f"evt-b{i}"
+                        ),
                         "5. burst",
                     )
                     for i in range(BURST)
@@ -352,19 +354,19 @@ async def bind_story(story: Story, consumer: AIOKafkaConsumer) -> int:
             (
                 "evt-g1",
                 b"gas-0101",
-                swap_event("gas-0101", "354000000000201", event_id="evt-g1"),
+                fresh_swap_event("gas-0101", "354000000000201", event_id="evt-g1"),
                 "6. binds (push)",
             ),
             (
                 "evt-g2",
                 b"gas-0102",
-                swap_event("gas-0102", "354000000000202", event_id="evt-g2"),
+                fresh_swap_event("gas-0102", "354000000000202", event_id="evt-g2"),
                 "6. binds (poll)",
             ),
             (
                 "evt-g3",
                 b"gas-0103",
-                swap_event("gas-0103", "354000000000203", event_id="evt-g3", timeout=8),
+                fresh_swap_event("gas-0103", "354000000000203", event_id="evt-g3", timeout=8),
                 "6. never binds",
             ),
         ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Final
 
 import orjson
@@ -37,6 +38,13 @@ def swap_event(
         "data": {"deviceId": device_id, "nodeId": node_id, **data},
     }
     return orjson.dumps(body)
+
+
+def fresh_swap_event(device_id: str, node_id: str, **kwargs: Any) -> bytes:
+    """:func:`swap_event` dated now: what the demo and the bench produce, so their swaps stay
+    inside the retention of a service run with its defaults, whatever the day."""
+    now = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return swap_event(device_id, node_id, ce_time=now, **kwargs)
 
 
 @dataclass(frozen=True)
