@@ -22,7 +22,7 @@ import pytest
 
 from tests.deploy.helpers import APP_UID, REPO
 from tests.fixtures.service import Harness
-from tests.support.events import swap_event
+from tests.support.events import fresh_swap_event
 
 pytestmark = [pytest.mark.image, pytest.mark.integration]
 
@@ -156,7 +156,7 @@ async def test_the_service_from_the_image_processes_a_swap(
             stderr=subprocess.STDOUT,
         )
         try:
-            await harness.produce([(b"dev-image", swap_event("dev-image", "new-image"))])
+            await harness.produce([(b"dev-image", fresh_swap_event("dev-image", "new-image"))])
             [out] = await harness.read(1, timeout=120)
         finally:
             if process.returncode is None:

@@ -60,7 +60,7 @@ def _env_value(value: Any) -> str | None:
 def settings_env(settings: Settings) -> dict[str, str]:
     """The ``REBIND_*`` variables that make ``load_settings()`` rebuild ``settings``."""
     env: dict[str, str] = {}
-    for section in ("kafka", "topics", "platform", "http", "log", "bind"):
+    for section in ("kafka", "topics", "platform", "http", "log", "bind", "ledger"):
         model = getattr(settings, section)
         for name in type(model).model_fields:
             text = _env_value(getattr(model, name))
