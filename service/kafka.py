@@ -10,6 +10,7 @@ so a security setting applies to every client the service opens.
 from __future__ import annotations
 
 import ssl
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Final
@@ -279,8 +280,14 @@ def reader(settings: KafkaSettings) -> AIOKafkaConsumer:
     )
 
 
-def on_heartbeat(consumer: AIOKafkaConsumer, succeeded: Callable[[], None]) -> bool:
-    """Call ``succeeded`` after every heartbeat the group coordinator accepted.
+def on_heartbeat(consumer: AIOKafkaConsumer, succeeded: Callable[[float], None]) -> bool:
+    """Call ``succeeded(sent_at)`` after every heartbeat the group coordinator accepted, with the
+    ``time.monotonic()`` at which that heartbeat was sent.
+
+    The acceptance proves membership as of the sending, not as of the reading of the answer: a
+    heartbeat sent just before the process froze is answered while it is stopped and read when
+    it wakes, possibly long after the group dropped it. Dated at its reading it would make a
+    woken zombie look freshly proven (a call let through, seen once in the zombie fault test).
 
     aiokafka keeps the time of its last accepted heartbeat to itself; the service needs it as
     the proof that it is still a member of the group (:mod:`service.ownership`). So this wraps
@@ -294,9 +301,10 @@ def on_heartbeat(consumer: AIOKafkaConsumer, succeeded: Callable[[], None]) -> b
         return False
 
     async def tracked() -> bool:
+        sent_at = time.monotonic()
         accepted = bool(await original())
         if accepted:
-            succeeded()
+            succeeded(sent_at)
         return accepted
 
     coordinator._do_heartbeat = tracked

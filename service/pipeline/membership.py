@@ -41,9 +41,10 @@ class MembershipProof:
         self._cores = cores
         self._stopping = stopping
 
-    def proved(self) -> None:
-        """The group accepted a heartbeat (or assigned partitions): still a member."""
-        self.at = time.monotonic()
+    def proved(self, at: float | None = None) -> None:
+        """The group accepted a heartbeat sent at ``at`` (or assigned partitions: now): still a
+        member as of then."""
+        self.at = max(self.at, time.monotonic() if at is None else at)
         self._event.set()
 
     def unobservable(self) -> None:

@@ -227,9 +227,10 @@ class Pipeline:
 
     # ---- proof of membership ---------------------------------------------------------------
 
-    def _proved(self) -> None:
-        """The group accepted a heartbeat (or assigned partitions): still a member."""
-        self._membership.proved()
+    def _proved(self, at: float | None = None) -> None:
+        """The group accepted a heartbeat sent at ``at`` (or assigned partitions: now): still a
+        member as of then."""
+        self._membership.proved(at)
 
     def owner_fresh(self) -> bool:
         """True while this member has recent proof that the group still counts it."""

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from service.config import KafkaSettings, TopicSettings
+from service.kafka import on_heartbeat
 from service.metrics import Metrics
 from service.pipeline.runner import Pipeline
 
@@ -62,3 +63,33 @@ async def test_with_fresh_proof_the_call_leaves_at_once() -> None:
     p, core = pipeline()
     p._proved()
     await asyncio.wait_for(p._wait_owner(core), 0.1)
+
+
+async def test_a_heartbeat_answered_while_frozen_proves_membership_only_as_of_its_sending(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A heartbeat sent just before the process froze is answered while it is stopped and read
+    when it wakes, possibly after the group dropped it: it proves membership as of its sending.
+    Dated at its reading, a woken zombie looked freshly proven and one retry reached the platform
+    (seen once in tests/faults/test_zombie_calls.py)."""
+    clock = {"now": 1_000.0}
+    fake_time = SimpleNamespace(monotonic=lambda: clock["now"])
+    monkeypatch.setattr("service.kafka.time", fake_time)  # the service's reading only
+    answered = asyncio.Event()
+
+    async def do_heartbeat() -> bool:
+        await answered.wait()  # on the wire while the process is frozen
+        return True
+
+    consumer: Any = SimpleNamespace(_coordinator=SimpleNamespace(_do_heartbeat=do_heartbeat))
+    p, _core = pipeline()
+    assert on_heartbeat(consumer, p._proved)
+    p._proof_at = -math.inf
+    heartbeat = asyncio.create_task(consumer._coordinator._do_heartbeat())
+    await _spin()  # sent at 1000 s
+    clock["now"] = 1_000.0 + 60.0  # frozen for a minute (session timeout 6 s), then woken
+    answered.set()
+    assert await heartbeat
+    assert p._proof_at == 1_000.0
+    monkeypatch.setattr("service.pipeline.membership.time", fake_time)
+    assert not p.owner_fresh()  # the guard keeps the woken member's calls waiting
