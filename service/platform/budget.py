@@ -26,9 +26,12 @@ and beyond it they never go, so a saturated refresh backlog delays a due poll by
 its share needs to work off the polls due before it, and refreshes always keep the rest.
 
 Flow control. :meth:`penalize` is called on every 1010009 answer: grants stop until our oldest
-grant in the window has aged out (or for the given seconds), and for one window the limit is capped
-at the number of grants we then had in the window: something else is spending the application's
-budget, and we adapt to what the platform actually allows.
+grant in the window has aged out (or for the given seconds), and the limit is capped at the number
+of grants we then had in the window: something else is spending the application's budget, or the
+platform allows this application less than configured, and we adapt to what it actually allows.
+The cap holds for a window, then rises by ``CEILING_RECOVERY`` of the limit per window without
+another 1010009 (lifting it at once would spend a whole misconfigured limit every other window,
+the poll share of it first). The poll share is a share of the limit in force, cap included.
 
 Rebalances (docs/budget.md). A replica that gains share at a rebalance must not start from an
 empty window while the platform still counts the calls the other replicas (or a killed previous
@@ -73,6 +76,10 @@ PRIORITY_POLL: Final = 2
 WINDOW_SECONDS: Final = 60.0
 DEFAULT_SAFETY_MARGIN_SECONDS: Final = 1.0
 MIN_PENALTY_SECONDS: Final = 1.0
+CEILING_RECOVERY: Final = 0.1
+"""After a 1010009 the limit is capped at what the platform allowed; each window without another
+one raises the cap by this fraction of the configured limit (at least one call), until it is
+gone. A platform that really allows less answers 1010009 again, and the cap follows it down."""
 EPSILON: Final = 1e-6
 """Tolerance of the weighted comparisons (weights are fractions such as 1/3)."""
 RECHECK_SECONDS: Final = 1.0
@@ -362,7 +369,7 @@ class RateBudget:
         horizon = now - self._span
         while self._poll_times and self._poll_times[0] <= horizon:
             self._poll_times.popleft()
-        cap = max(1, math.floor(self._poll_share * self._limit + EPSILON))
+        cap = max(1, math.floor(self._poll_share * self._effective_limit(now) + EPSILON))
         return len(self._poll_times) < cap
 
     def waiting(self) -> int:
@@ -392,10 +399,16 @@ class RateBudget:
             self._preload_calls -= self._preload.popleft()[1]
 
     def _effective_limit(self, now: float) -> float:
-        if self._ceiling is not None and now < self._ceiling_until:
-            return min(self._limit, self._ceiling)
-        self._ceiling = None
-        return self._limit
+        if self._ceiling is None:
+            return self._limit
+        if now >= self._ceiling_until:  # windows without a 1010009: the cap rises
+            windows = math.floor((now - self._ceiling_until) / self._span) + 1
+            self._ceiling += windows * max(1.0, CEILING_RECOVERY * self._limit)
+            self._ceiling_until += windows * self._span
+            if self._ceiling >= self._limit:
+                self._ceiling = None
+                return self._limit
+        return min(self._limit, self._ceiling)
 
     def _lease_ok(self, now: float) -> bool:
         return self._lease_until is None or now < self._lease_until

@@ -253,6 +253,31 @@ async def test_penalize_pauses_until_the_window_frees_and_caps_the_limit() -> No
     await budget.aclose()
 
 
+async def test_after_a_1010009_the_cap_rises_a_tenth_of_the_limit_per_quiet_window() -> None:
+    """Configured for 100, the platform allows 15: after the 1010009 the cap is 15 for a window,
+    then rises by 10 a window without another one. (Lifted at once, a whole misconfigured limit
+    was spent every other window, the bind watch's 20 % reserve of 100 first: 20 polls a minute
+    against a platform that allows 15 starved every refresh: the demo's flow-control story.)"""
+    clock = FakeClock()
+    budget = _budget(clock, 100)
+    budget.set_poll_share(0.2)
+    for _ in range(15):
+        await budget.acquire()
+    budget.penalize()
+    assert budget.allowance() <= 0
+    clock.now += budget._span + 0.5  # our 15 grants have aged out; one quiet window: 25
+    assert budget.allowance() == pytest.approx(25)
+    assert budget._poll_allowed(clock.now)  # a fifth of 25: 5 polls
+    for _ in range(5):
+        budget._poll_times.append(clock.now)
+    assert not budget._poll_allowed(clock.now)  # not 20 (a fifth of the configured 100)
+    clock.now += 2 * budget._span  # two more: 45
+    assert budget.allowance() == pytest.approx(45)
+    clock.now += 10 * budget._span  # back to the configured limit
+    assert budget.allowance() == pytest.approx(100)
+    await budget.aclose()
+
+
 async def test_penalize_with_explicit_seconds() -> None:
     clock = FakeClock()
     budget = _budget(clock, 10)
