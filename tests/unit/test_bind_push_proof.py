@@ -7,7 +7,6 @@ real :class:`PartitionCore` and :class:`DeviceLedger`, as the pipeline drives th
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -25,6 +24,7 @@ from service.pipeline.progress import PartitionProgress
 from service.pipeline.records import OutcomeKind, Output
 from service.pipeline.work import Deferral, Outcome, PollResult, WaitState, Work
 from tests.support.events import swap_event
+from tests.support.records import FakeRecord
 
 SETTINGS = Settings(
     platform=PlatformSettings(
@@ -34,15 +34,6 @@ SETTINGS = Settings(
 T0 = datetime(2026, 11, 25, 9, 30, tzinfo=UTC)
 NOW_MS = int(datetime.now(UTC).timestamp() * 1000)
 DEVICE = "dev-1"
-
-
-@dataclass(frozen=True)
-class _Record:
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    timestamp: int
-    headers: list[tuple[str, bytes]] = field(default_factory=list)
 
 
 def make_core(*, poll: bool = False) -> PartitionCore:
@@ -73,7 +64,7 @@ def read(core: PartitionCore, offset: int, node: str, seconds: int) -> Work:
         event_id=f"evt-{offset}",
         ce_time=(T0 + timedelta(seconds=seconds)).strftime("%Y-%m-%dT%H:%M:%SZ"),
     )
-    work = core.intake(_Record(offset, DEVICE.encode(), value, NOW_MS))
+    work = core.intake(FakeRecord(offset, DEVICE.encode(), value, NOW_MS))
     assert isinstance(work, Work)
     return work
 
@@ -87,7 +78,7 @@ def push(core: PartitionCore, offset: int, result: str, node: str | None) -> Non
     doc: dict[str, object] = {"deviceId": DEVICE, "resultCode": result, "receivedAtMs": NOW_MS}
     if node is not None:
         doc["nodeId"] = node
-    core.notify(_Record(offset, DEVICE.encode(), orjson.dumps(doc), NOW_MS))
+    core.notify(FakeRecord(offset, DEVICE.encode(), orjson.dumps(doc), NOW_MS))
 
 
 def topics_written(core: PartitionCore) -> list[str]:

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -18,25 +17,17 @@ from service.pipeline.progress import PartitionProgress
 from service.pipeline.records import OutcomeKind
 from service.pipeline.work import Work
 from tests.support.events import swap_event
+from tests.support.records import FakeRecord
 
 T0 = datetime(2026, 11, 25, 9, 30, tzinfo=UTC)
 T0_MS = int(T0.timestamp() * 1000)
 SKEW_MS = 300_000
 
 
-@dataclass(frozen=True)
-class _Record:
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    timestamp: int
-    headers: list[tuple[str, bytes]] = field(default_factory=list)
-
-
-def _record(offset: int, ahead: timedelta, *, timestamp_ms: int = T0_MS) -> _Record:
+def _record(offset: int, ahead: timedelta, *, timestamp_ms: int = T0_MS) -> FakeRecord:
     when = T0 + ahead
     value = swap_event("dev-1", f"node-{offset}", ce_time=when.strftime("%Y-%m-%dT%H:%M:%SZ"))
-    return _Record(offset, b"dev-1", value, timestamp_ms)
+    return FakeRecord(offset, b"dev-1", value, timestamp_ms)
 
 
 def test_a_swap_dated_past_the_skew_is_dead_lettered_with_its_own_reason() -> None:
@@ -88,7 +79,7 @@ def test_a_swap_dated_centuries_ahead_no_longer_blocks_its_device() -> None:
         max_clock_skew_ms=SKEW_MS,
     )
     future = swap_event("dev-1", "node-x", ce_time="2400-01-01T00:00:00Z")
-    assert core.intake(_Record(0, b"dev-1", future, T0_MS)) is None
+    assert core.intake(FakeRecord(0, b"dev-1", future, T0_MS)) is None
     commit = core.take_commit()
     assert commit is not None
     assert commit.counts == [OutcomeKind.DEAD_LETTERED]

@@ -4,7 +4,6 @@ answered SWAP_TOO_OLD without a call; the expired device's next fresh swap runs 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -21,6 +20,7 @@ from service.pipeline.records import OutcomeKind, Output
 from service.pipeline.work import Outcome, Work
 from service.platform.errors import SERVICE_CODES, SWAP_TOO_OLD, Category, classify
 from tests.support.events import swap_event
+from tests.support.records import FakeRecord
 
 T0 = datetime(2026, 11, 25, 9, 30, tzinfo=UTC)
 T0_MS = int(T0.timestamp() * 1000)
@@ -28,19 +28,10 @@ DAY_MS = 86_400_000
 RETENTION = Retention(14 * DAY_MS, scan=64, limit=8)
 
 
-@dataclass(frozen=True)
-class _Record:
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    timestamp: int
-    headers: list[tuple[str, bytes]] = field(default_factory=list)
-
-
-def _record(offset: int, device: str, at: timedelta, *, event_id: str | None = None) -> _Record:
+def _record(offset: int, device: str, at: timedelta, *, event_id: str | None = None) -> FakeRecord:
     when = (T0 + at).strftime("%Y-%m-%dT%H:%M:%SZ")
     value = swap_event(device, f"node-{offset}", ce_time=when, event_id=event_id)
-    return _Record(offset, device.encode(), value, T0_MS + int(at.total_seconds() * 1000))
+    return FakeRecord(offset, device.encode(), value, T0_MS + int(at.total_seconds() * 1000))
 
 
 class _Answers:

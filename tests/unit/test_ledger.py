@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -19,19 +19,11 @@ from service.pipeline.ledger import (
 )
 from service.pipeline.work import WaitState, Work
 from tests.support.events import swap_event
+from tests.support.records import FakeRecord
 
 TOPIC = "asset.device-swapped.v1"
 LEDGER_TOPIC = "device-rebind.ledger.v1"
 T0 = datetime(2026, 11, 25, 9, 30, tzinfo=UTC)
-
-
-@dataclass(frozen=True)
-class _Record:
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    timestamp: int
-    headers: list[tuple[str, bytes]] = field(default_factory=list)
 
 
 def swap(offset: int, *, event_id: str, seconds: int = 0, device: str = "dev-1") -> Work:
@@ -42,7 +34,7 @@ def swap(offset: int, *, event_id: str, seconds: int = 0, device: str = "dev-1")
         event_id=event_id,
         ce_time=(T0 + timedelta(seconds=seconds)).strftime("%Y-%m-%dT%H:%M:%SZ"),
     )
-    work = read_record(_Record(offset, device.encode(), value, 0), TOPIC, 0, "dlq")
+    work = read_record(FakeRecord(offset, device.encode(), value, 0), TOPIC, 0, "dlq")
     assert isinstance(work, Work)
     return work
 
