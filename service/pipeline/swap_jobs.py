@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager
 from typing import Protocol
 
 import structlog
@@ -103,13 +104,7 @@ class SwapJobs:
                 core.abandoned(work)
                 self._progress.set()
                 return
-            with structlog.contextvars.bound_contextvars(
-                topic=work.topic,
-                partition=work.partition,
-                offset=work.origin_offset,
-                device_id=work.device,
-                event_id=work.swap.id,
-            ):
+            with _log_context(work):
                 if not core.claim(work):
                     self.decided()
                     return
@@ -198,13 +193,7 @@ class SwapJobs:
 
     async def _poll(self, core: PartitionCore, work: Work) -> None:
         CALL_GUARD.set(lambda: self._wait_owner(core))  # this task's own context
-        with structlog.contextvars.bound_contextvars(
-            topic=work.topic,
-            partition=work.partition,
-            offset=work.origin_offset,
-            device_id=work.device,
-            event_id=work.swap.id,
-        ):
+        with _log_context(work):
             try:
                 if self._hold.held() and not await self._hold.until_released(core):
                     core.abandoned(work)
@@ -254,3 +243,14 @@ class SwapJobs:
             core.republished(job, found)
             self.decided()
             return
+
+
+def _log_context(work: Work) -> AbstractContextManager[None]:
+    """The swap's coordinates on every log line of its job or poll."""
+    return structlog.contextvars.bound_contextvars(
+        topic=work.topic,
+        partition=work.partition,
+        offset=work.origin_offset,
+        device_id=work.device,
+        event_id=work.swap.id,
+    )
