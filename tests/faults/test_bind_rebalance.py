@@ -4,7 +4,11 @@ exactly one bind result, and every device whose new hardware connected is ``devi
 The shape that lost watches: two replicas as processes, a backlog that saturates the budget,
 devices whose new hardware connects 15-40 s after their refresh (so their polls come due while
 partitions are revoked and reassigned), the second replica joining, the first SIGKILLed and
-restarted. After the drain it prints, per run::
+restarted. The figures here are the full-length ones (``make soak``: 60 s windows); in CI the
+test runs on the suite's compressed clock (``tests/support/clock.py``), every figure tied to the
+platform's clock scaled with the window: the same calls per second, a backlog of the same
+number of windows, connect delays and poll intervals of the same fraction of a window. After the
+drain it prints, per run::
 
     BIND rebalance: watched=.. bound=.. results={..} without_result=0 committed_twice=0
       longest_first_poll_delay=..s
@@ -23,29 +27,41 @@ import pytest
 
 from service.config import BindSettings
 from tests.faults.conftest import FaultKit
+from tests.support import clock
 from tests.support.accounting import OutcomeReader, produce_inputs
 from tests.support.calllog import Calls
-from tests.support.clock import FULL_WINDOW_SECONDS
 from tests.support.events import Received, swap_event
 from tests.support.waiting import WaitTimeoutError, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
-N = 600
-"""Calls per minute, the simulator's and the service's: the backlog below is larger than a
-window, so once the first window is spent every call is contended. This test keeps the full 60 s
-window even in CI (``tests/support/clock.py``): what paces it is the hardware's connect delay
-(15-40 s of real time) against a budget the service's pace saturates, and a compressed window
-would give 4x the calls per second, more than its two replicas send: no saturation, no proof."""
-BACKLOG = 1000
-WATCHED = 40
-POLL_INITIAL = 3.0
+WINDOW = clock.window()
+"""The flow-control window of the simulator and the service: 60 s under soak, 15 s in CI."""
+SCALE = WINDOW / clock.FULL_WINDOW_SECONDS
+"""This run's seconds (and calls) per full-length one: every figure below tied to the platform's
+clock is stated at full length and scaled by it."""
+N = round(600 * SCALE)
+"""Calls per window, the simulator's and the service's (600 per minute at full length; the same
+10 calls per second on every clock). The backlog below is larger than a window, so once the first
+window is spent every call is contended. The limit scales with the window rather than staying at
+600: 600 calls per 15 s would be 40 per second, more than the two replicas send, and an
+unsaturated budget proves nothing about polls behind a backlog."""
+BACKLOG = round(1000 * SCALE)
+"""Swaps that connect at once: 1.7 windows of calls (plus a poll each)."""
+WATCHED = round(40 * SCALE)
+"""Swaps whose hardware connects CONNECT_AFTER seconds after their refresh."""
+CONNECT_AFTER = (15 * SCALE, 40 * SCALE)
+"""The watched devices' hardware connects this long after the refresh (15-40 s at full length):
+their polls come due again and again while the partitions move."""
+POLL_INITIAL = 3.0 * SCALE
+CONNECT_AT_ONCE = POLL_INITIAL / 6
+"""The backlog's hardware: connected before the first poll (0.5 s at full length)."""
 SHARE = 0.5
 """Every refreshed device needs about one poll: at half the budget, polls keep up with refreshes."""
 BIND = BindSettings(
     poll=True,
     poll_initial_seconds=POLL_INITIAL,
-    poll_max_seconds=8,
+    poll_max_seconds=8 * SCALE,
     poll_budget_share=SHARE,
     watch_deadline_seconds=900,
 )
@@ -79,13 +95,16 @@ async def test_every_refreshed_swap_gets_one_bind_result_through_rebalances_and_
 ) -> None:
     rng = random.Random()
     control = fault_kit.control
-    await control.configure(rate_limit_per_minute=N, flow_window_seconds=FULL_WINDOW_SECONDS)
+    await clock.apply(fault_kit.harness, WINDOW)
+    await control.configure(rate_limit_per_minute=N)
     tag = uuid.uuid4().hex[:6]
     watched = [f"bw-{i:03d}-{tag}" for i in range(WATCHED)]
     backlog = [f"bb-{i:04d}-{tag}" for i in range(BACKLOG)]
     # The watched devices poll again and again while the backlog saturates the budget: more
     # poll demand than the share, so starved polls show as a share far below it.
-    connect = {d: rng.uniform(15, 40) for d in watched} | dict.fromkeys(backlog, 0.5)
+    connect = {d: rng.uniform(*CONNECT_AFTER) for d in watched} | dict.fromkeys(
+        backlog, CONNECT_AT_ONCE
+    )
     for start in range(0, len(connect), 500):
         chunk = list(connect.items())[start : start + 500]
         await control.seed_devices(
@@ -107,7 +126,6 @@ async def test_every_refreshed_swap_gets_one_bind_result_through_rebalances_and_
             instance=f"w{i}",
             bind=BIND,
             rate_limit_per_minute=N,
-            rate_window_seconds=FULL_WINDOW_SECONDS,
             max_concurrency=16,
         )
         for i in range(2)
@@ -138,7 +156,7 @@ async def test_every_refreshed_swap_gets_one_bind_result_through_rebalances_and_
     await second.start_ready()
     await until_updated(int(total * rng.uniform(0.45, 0.6)))
     await first.kill()
-    await until_updated(min(total, updated() + 20))
+    await until_updated(min(total, updated() + round(20 * SCALE)))
     await first.start_ready()
 
     def unresolved() -> list[str]:

@@ -35,9 +35,10 @@ Each run prints, from the simulator's call log::
 
 The platform's clock is the suite's (``tests/support/clock.py``): under ``make soak`` tokens
 live 20 s and the service renews 5 s ahead (a rotation every 15 s, 20 lifetimes: 400 s); in CI
-they live 8 s and are renewed 3 s ahead (a rotation every 5 s), with the same number of
-lifetimes and of rotations per fault. The margin does not shrink with the lifetime: it covers the
-rotation hold (``token_rotation_window_seconds``, 1 s) and the calls on the wire, real seconds.
+they live 6 s and are renewed 3 s ahead (a rotation every 3 s: 20 lifetimes in 120 s), with the
+same number of lifetimes and of rotations per fault. The margin does not shrink with the
+lifetime: it covers the rotation hold (``token_rotation_window_seconds``, 1 s) and the calls on
+the wire, real seconds.
 
 The accounting line (``FAULT …``) follows: every input has exactly one committed outcome, and
 it is ``credential-updated`` (the devices are offline and no call is faulted for good).
@@ -74,7 +75,7 @@ from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
-TTL = pick(20, 8)
+TTL = pick(20, 6)
 """Access token lifetime on the simulator (``token_ttl``, whole seconds)."""
 MARGIN = pick(5.0, 3.0)
 """The service's ``token_refresh_margin_seconds``."""
