@@ -362,13 +362,16 @@ async def create_topics(
     *,
     timeout: float = 30.0,
     configs: Mapping[str, str] | None = None,
+    topic_configs: Mapping[str, Mapping[str, str]] | None = None,
     options: Mapping[str, Any] | None = None,
 ) -> None:
     """Create ``names`` (replication factor 1) and wait until every partition has a leader.
 
     ``partitions`` is one count for all topics or a per-topic mapping (missing names get 1).
-    Topics that already exist with the right partition count are accepted. ``options`` are
-    extra client options (a secured broker's TLS and SASL settings).
+    ``configs`` apply to every topic, ``topic_configs`` (by name) to one each, on top: topics of
+    different kinds are created in one request and one wait. Topics that already exist with the
+    right partition count are accepted. ``options`` are extra client options (a secured
+    broker's TLS and SASL settings).
     """
     counts = {
         name: partitions if isinstance(partitions, int) else partitions.get(name, 1)
@@ -385,7 +388,7 @@ async def create_topics(
                     name=name,
                     num_partitions=count,
                     replication_factor=1,
-                    topic_configs=dict(configs or {}),
+                    topic_configs={**(configs or {}), **(topic_configs or {}).get(name, {})},
                 )
                 for name, count in counts.items()
             ],
