@@ -9,12 +9,22 @@ import signal
 import pytest
 
 from tests.faults.conftest import FaultKit
+from tests.fixtures.service import Harness
+from tests.support import clock
 from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 SWAPS = 1200
 KILLS = 3
+
+
+@pytest.fixture(autouse=True)
+async def platform_clock(harness: Harness) -> float:
+    """Each restart after a SIGKILL (and the frozen zombie's replacement) waits one window for
+    the killed process's share to age out; nothing here measures the window, so in CI it is the
+    short one (``clock.WAIT_WINDOW_SECONDS``), 60 s under soak."""
+    return await clock.apply(harness, clock.window(clock.WAIT_WINDOW_SECONDS))
 
 
 @pytest.mark.timeout(300)
