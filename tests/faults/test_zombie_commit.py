@@ -17,6 +17,8 @@ import urllib.request
 import pytest
 
 from tests.faults.conftest import FaultKit, ServiceProcess
+from tests.fixtures.service import Harness
+from tests.support import clock
 from tests.support.accounting import Produced, duplicate_outcome_ids
 from tests.support.group import committed_offsets, stable_with
 from tests.support.waiting import wait_until
@@ -31,6 +33,14 @@ SLOW_COMMIT = {
     "REBIND_KAFKA__COMMIT_BATCH_SIZE": "100000",
     "REBIND_KAFKA__SESSION_TIMEOUT_MS": "6000",
 }
+
+
+@pytest.fixture(autouse=True)
+async def platform_clock(harness: Harness) -> float:
+    """The successor waits one window for the frozen member's share to age out before it calls;
+    nothing here measures the window, so in CI it is the short one
+    (``clock.WAIT_WINDOW_SECONDS``), 60 s under soak."""
+    return await clock.apply(harness, clock.window(clock.WAIT_WINDOW_SECONDS))
 
 
 @pytest.mark.timeout(300)
