@@ -28,7 +28,8 @@ from aiokafka.structs import OffsetAndMetadata
 from service.config import KafkaSettings
 from service.kafka import client_options, producer_fatal
 from service.metrics import Metrics
-from service.pipeline.partition import Commit, PartitionCore
+from service.pipeline.outbox import Commit
+from service.pipeline.partition import PartitionCore
 from service.pipeline.records import Output
 
 log = structlog.get_logger(__name__)

@@ -86,7 +86,8 @@ from service.pipeline.dedupe import (
 )
 from service.pipeline.expiry import Retention
 from service.pipeline.ledger import DeviceLedger, State, decode_entry
-from service.pipeline.partition import Commit, PartitionCore, Republish
+from service.pipeline.outbox import Commit
+from service.pipeline.partition import PartitionCore, Republish
 from service.pipeline.progress import PartitionProgress, decode_finished
 from service.pipeline.records import OutcomeKind, Output
 from service.pipeline.work import HandlerResult, PollResult, Work
