@@ -13,7 +13,6 @@ import structlog
 from service import __version__, logs
 from service.bind.listener import BindListener, subscription_url
 from service.bind.watch import WatchPolicy
-from service.budget_exchange import BudgetExchange
 from service.config import Settings
 from service.handler import RebindHandler
 from service.httpserver import OpsServer
@@ -23,8 +22,9 @@ from service.ops_port import http_port_message
 from service.pipeline.expiry import Retention
 from service.pipeline.runner import Pipeline
 from service.platform import PRIORITY_FRESH, PlatformClient, RateBudget, TokenManager
-from service.platform.shared_token import SharedTokenProvider
 from service.platform.tokens import AuthGate
+from service.shared.budget_exchange import BudgetExchange
+from service.shared.shared_token import SharedTokenProvider
 from service.startup import StartupError, StartupSupervisor
 
 log = structlog.get_logger(__name__)

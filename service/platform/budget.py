@@ -37,11 +37,12 @@ Rebalances (docs/budget.md). A replica that gains share at a rebalance must not 
 empty window while the platform still counts the calls the other replicas (or a killed previous
 incarnation) made in the last minute. :meth:`rebalance` therefore *replaces* the window's content
 by the application's global call log (every replica's :meth:`grant_log`, exchanged through Kafka
-by :class:`service.budget_exchange.BudgetExchange`), each of those calls weighing ``share`` of a
-call, while this replica's own grants from then on weigh 1. A grant needs ``weight in window + 1
-<= limit``. Summed over the replicas, the weighted preloads are exactly the application's calls in
-the window, and each replica's new grants stay within ``limit - share * G``: together at most
-``N - G``. As the old calls age out, the allowance grows back to the whole share.
+by ``service.shared.budget_exchange.BudgetExchange``, which this package does not import), each of
+those calls weighing ``share`` of a call, while this replica's own grants from then on weigh 1.
+A grant needs ``weight in window + 1 <= limit``. Summed over the replicas, the weighted preloads
+are exactly the application's calls in the window, and each replica's new grants stay within
+``limit - share * G``: together at most ``N - G``. As the old calls age out, the allowance grows
+back to the whole share.
 
 :meth:`hold` stops every grant until the next :meth:`rebalance` or :meth:`release` (the exchange
 holds between a revocation and the next assignment, so the log it published stays complete), and

@@ -11,8 +11,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
-from service.budget_exchange import BudgetExchange, BudgetRecord, encode_record
 from service.platform.budget import RateBudget
+from service.shared.budget_exchange import BudgetExchange, BudgetRecord, encode_record
 from tests.support.kafka_broker import KafkaBroker
 
 pytestmark = pytest.mark.integration

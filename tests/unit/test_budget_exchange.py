@@ -15,7 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from service.budget_exchange import (
+from service.platform.budget import PRIORITY_DEFERRED, RateBudget
+from service.shared.budget_exchange import (
     SPAN_SECONDS,
     BudgetExchange,
     BudgetRecord,
@@ -26,7 +27,6 @@ from service.budget_exchange import (
     is_complete,
     phantom_calls,
 )
-from service.platform.budget import PRIORITY_DEFERRED, RateBudget
 from tests.support.budget_sim import (
     SCOPE,
     WALL0,
@@ -489,7 +489,7 @@ def test_a_record_of_very_many_calls_stays_small_and_never_makes_a_call_look_ear
     import random  # noqa: PLC0415 - this test only
     import time  # noqa: PLC0415
 
-    from service.budget_exchange import (  # noqa: PLC0415
+    from service.shared.budget_exchange import (  # noqa: PLC0415
         MAX_PACKED_ENTRIES,
         pack_times,
         unpack_times,

@@ -1,6 +1,6 @@
 """What this replica reads from the token topic and tells it (docs/tokens.md): the records of
 the holder (token, rotating, blocked) and of the other replicas (need, refused, draining) applied
-to the shared :class:`~service.platform.token_state.TokenState`, the notices this replica sends,
+to the shared :class:`~service.shared.token_state.TokenState`, the notices this replica sends,
 and the takeover of a replica that has had no token and heard no holder for the grace.
 
 Invariants:
@@ -26,17 +26,17 @@ from typing import Any, Final
 
 import structlog
 
-from service.platform.token_channel import Channel
-from service.platform.token_holder import HolderTokens, TokenHolder
-from service.platform.token_records import (
+from service.platform.tokens import AuthGate
+from service.shared.token_channel import Channel
+from service.shared.token_holder import HolderTokens, TokenHolder
+from service.shared.token_records import (
     InvalidRecordError,
     RecordSeal,
     SharedToken,
     fingerprint,
     older,
 )
-from service.platform.token_state import Rotation, TokenState
-from service.platform.tokens import AuthGate
+from service.shared.token_state import Rotation, TokenState
 
 log = structlog.get_logger(__name__)
 

@@ -4,14 +4,14 @@ The platform keeps one valid access token per application: a login or a refreshT
 it at once (calls still carrying the old one are answered 1010005) and spends the previous
 refresh token. So exactly one replica, the *holder*, ever logs in or refreshes, and every
 replica hands out the same token, read from a compacted, single-partition topic
-(:mod:`service.platform.token_records`).
+(:mod:`service.shared.token_records`).
 
 * **Who holds.** The member that owns partition 0 of the input topic becomes the holder
   (:meth:`SharedTokenProvider.set_holder`, at every assignment). Becoming the holder starts the
-  group's token transactional producer (:class:`~service.platform.token_channel.HolderChannel`),
+  group's token transactional producer (:class:`~service.shared.token_channel.HolderChannel`),
   which fences the previous holder; then the new holder reads the topic to its end and
   *adopts* the latest token (and its refresh token) instead of logging in
-  (:class:`~service.platform.token_holder.TokenHolder`).
+  (:class:`~service.shared.token_holder.TokenHolder`).
 * **Every platform call is fenced.** Before a login or refresh the holder commits a *rotating*
   record through that producer. A replica that has been fenced (a zombie after a GC pause, a
   network partition, a lost rebalance) fails that commit and steps down before it calls the
@@ -30,8 +30,8 @@ replica hands out the same token, read from a compacted, single-partition topic
 
 Who owns what: :class:`SharedTokenProvider` (here) hands the shared token out to this replica's
 calls (in-flight counts, the pause of a rotation, the probe after an unfinished one) and wires the
-rest; :class:`~service.platform.token_feed.TokenFeed` applies the topic's records, sends this
-replica's notices and takes over from a silent holder; :class:`~service.platform.token_holder.
+rest; :class:`~service.shared.token_feed.TokenFeed` applies the topic's records, sends this
+replica's notices and takes over from a silent holder; :class:`~service.shared.token_holder.
 TokenHolder` is the holder's loop.
 
 Neither the token nor the secret is ever logged or put in a metric.
@@ -52,7 +52,8 @@ from service.metrics import Metrics
 from service.platform.budget import RateBudget
 from service.platform.client import CONNECT_TIMEOUT_MAX_SECONDS, build_ssl_context
 from service.platform.errors import TIMEOUT, classify
-from service.platform.token_channel import (
+from service.platform.tokens import AuthGate, SecretReader, TokenError
+from service.shared.token_channel import (
     Channel,
     HolderChannel,
     HookChannel,
@@ -61,23 +62,22 @@ from service.platform.token_channel import (
     TokenReader,
     ensure_token_topic,
 )
-from service.platform.token_feed import TokenFeed
-from service.platform.token_holder import (
+from service.shared.token_feed import TokenFeed
+from service.shared.token_holder import (
     CATCH_UP_TIMEOUT_SECONDS,
     POLL_SECONDS,
     RETRY_SECONDS,
     HolderTokens,
     TokenHolder,
 )
-from service.platform.token_records import (
+from service.shared.token_records import (
     RecordSeal,
     SharedToken,
     TokenCodec,
     fingerprint,
     older,
 )
-from service.platform.token_state import TokenState
-from service.platform.tokens import AuthGate, SecretReader, TokenError
+from service.shared.token_state import TokenState
 
 __all__ = ["SharedToken", "SharedTokenProvider", "TokenCodec", "TokenFeed", "fingerprint", "older"]
 
