@@ -44,8 +44,8 @@ are exactly the application's calls in the window, and each replica's new grants
 ``limit - share * G``: together at most ``N - G``. As the old calls age out, the allowance grows
 back to the whole share.
 
-:meth:`hold` stops every grant until the next :meth:`rebalance` or :meth:`release` (the exchange
-holds between a revocation and the next assignment, so the log it published stays complete), and
+:meth:`freeze` stops every grant until the next :meth:`rebalance` or :meth:`thaw` (the exchange
+freezes between a revocation and the next assignment, so the log it published stays complete), and
 :meth:`renew_lease` lets grants happen only until a given time (the exchange renews it after each
 acknowledged publication, so a replica that can no longer publish stops calling soon after).
 Decisions use the monotonic clock; the log travels as epoch seconds, converted with an offset
@@ -55,7 +55,7 @@ clock read then (docs/budget.md, *Clocks*). A clock step therefore shifts the sh
 most one publication interval, not for the rest of the process.
 
 Who owns what: :class:`RateBudget` (here) the waiters, their classes and the dispatcher, the share
-and limit, the hold and the lease, the wall-clock offset; :class:`~service.platform.budget_window.
+and limit, the freeze and the lease, the wall-clock offset; :class:`~service.platform.budget_window.
 GrantWindow` what the window holds; :class:`~service.platform.budget_ceiling.FlowCeiling` the pause
 and the ceiling after a 1010009.
 """
@@ -86,7 +86,7 @@ WINDOW_SECONDS: Final = 60.0
 DEFAULT_SAFETY_MARGIN_SECONDS: Final = 1.0
 MIN_PENALTY_SECONDS: Final = 1.0
 RECHECK_SECONDS: Final = 1.0
-"""While held or without a lease, the dispatcher looks again this often (a change wakes it)."""
+"""While frozen or without a lease, the dispatcher looks again this often (a change wakes it)."""
 
 Clock = Callable[[], float]
 
@@ -154,7 +154,7 @@ class RateBudget:
         self._wall: Clock = time.time if fixed is None else (lambda: clock() + fixed)
         self._wall_offset = self._wall() - clock()
         self._counted_since = clock()
-        self._held = False
+        self._frozen = False
         self._lease_until: float | None = None
         self._queue = GrantQueue()
         if metrics is not None:
@@ -192,8 +192,8 @@ class RateBudget:
         return self._span
 
     @property
-    def held(self) -> bool:
-        return self._held
+    def frozen(self) -> bool:
+        return self._frozen
 
     def now(self) -> float:
         """The budget's (monotonic) clock."""
@@ -259,22 +259,23 @@ class RateBudget:
         ``global_log`` holds the epoch seconds of the calls of *every* replica of the application
         (this one's included, plus phantom calls for replicas that may have called unseen). Each
         counts ``share`` of a call in this replica's window until it ages out; this replica's
-        grants from now on count 1. Ends a :meth:`hold`.
+        grants from now on count 1. Ends a :meth:`freeze`.
         """
         self._share = self._check_share(share)
         now = self._clock()
         self._in_window.preload((t - self._wall_offset for t in global_log), share, now)
         self._counted_since = now
-        self._held = False
+        self._frozen = False
         self._apply_limit(self._limit_for(share))
 
-    def hold(self) -> None:
-        """Grant nothing until :meth:`rebalance` or :meth:`release`."""
-        self._held = True
+    def freeze(self) -> None:
+        """Grant nothing until :meth:`rebalance` or :meth:`thaw`."""
+        self._frozen = True
 
-    def release(self) -> None:
-        if self._held:
-            self._held = False
+    def thaw(self) -> None:
+        """End a :meth:`freeze`."""
+        if self._frozen:
+            self._frozen = False
             self._changed.set()
 
     def lease_until(self) -> float:
@@ -315,7 +316,7 @@ class RateBudget:
         return self._weighted()
 
     def allowance(self) -> float:
-        """Grants possible right now (ignoring a hold, a pause or the lease); may be < 0."""
+        """Grants possible right now (ignoring a freeze, a pause or the lease); may be < 0."""
         now = self._clock()
         self._prune(now)
         return self._effective_limit(now) - self._weighted()
@@ -375,7 +376,7 @@ class RateBudget:
     def _can_grant(self, now: float) -> bool:
         self._prune(now)
         return (
-            not self._held
+            not self._frozen
             and now >= self._flow.paused_until
             and self._lease_ok(now)
             and self._weighted() + 1.0 <= self._effective_limit(now) + EPSILON
@@ -383,8 +384,8 @@ class RateBudget:
 
     def _next_free_at(self, now: float) -> float:
         at = self._flow.paused_until
-        if self._held or not self._lease_ok(now):
-            at = max(at, now + RECHECK_SECONDS)  # or earlier: release/renew_lease wake us
+        if self._frozen or not self._lease_ok(now):
+            at = max(at, now + RECHECK_SECONDS)  # or earlier: thaw/renew_lease wake us
         excess = self._weighted() + 1.0 - self._effective_limit(now)
         if excess > EPSILON:
             at = max(at, self._in_window.frees_at(excess) + self._span)

@@ -89,7 +89,7 @@ async def test_the_topic_is_created_compacted_with_one_partition(
         values = [m.value for msgs in batch.values() for m in msgs]
         assert len(values) == 1
         assert b'"held":true' in (values[0] or b"")
-        assert a.budget.held
+        assert a.budget.frozen
     finally:
         await a.stop()
 
@@ -176,5 +176,5 @@ async def test_a_restarted_process_counts_its_killed_predecessors_calls(
         assert second.budget.allowance() <= N - 80 + 0.01
     finally:
         await second.stop()
-        first.budget.hold()
+        first.budget.freeze()
         await first.stop()
