@@ -4,7 +4,7 @@
 * a terminal failure -> :class:`Outcome` ``rebind-failed`` with the platform's code, category and
   advice;
 * device online (100611), or a transient error whose next retry is more than a few seconds away
-  -> :class:`Deferral`: the swap waits in the per-device ledger (durably, in the same transaction
+  -> :class:`Waiting`: the swap waits in the per-device ledger (durably, in the same transaction
   that commits its input) and is tried again when due;
 * an unexpected exception -> the device is queried (the call may have been applied): the swap
   ends ``credential-updated`` if the device holds the new nodeId, else ``rebind-failed``
@@ -28,10 +28,10 @@ from service.metrics import Metrics
 from service.pipeline.intake import trimmed_for_ledger
 from service.pipeline.records import OutcomeKind, Output
 from service.pipeline.work import (
-    Deferral,
     HandlerResult,
     Outcome,
     PollResult,
+    Waiting,
     WaitState,
     Work,
 )
@@ -256,7 +256,7 @@ class RebindHandler:
             deferrals=state.deferrals,
             last_code=result.last_code,
         )
-        return Deferral(state)
+        return Waiting(state)
 
     def superseded(self, work: Work, newer_event_id: str) -> Outcome:
         """The answer to a swap that a newer swap of the same device replaced."""

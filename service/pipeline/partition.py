@@ -29,7 +29,7 @@ from service.pipeline.ledger import Claim, DeviceLedger, Entry, State, Verdict, 
 from service.pipeline.outbox import Commit, Outbox
 from service.pipeline.progress import PartitionProgress
 from service.pipeline.records import OutcomeKind, Output
-from service.pipeline.work import Deferral, HandlerResult, Outcome, PollResult, Work
+from service.pipeline.work import HandlerResult, Outcome, PollResult, Waiting, Work
 from service.platform.errors import SWAP_TOO_OLD
 
 log = structlog.get_logger(__name__)
@@ -245,7 +245,7 @@ class PartitionCore:
         if isinstance(result, Outcome):
             self._final(work, result)
             return
-        assert isinstance(result, Deferral)
+        assert isinstance(result, Waiting)
         if self.ledger.wait(work, result.state):
             self._emit([self.ledger.record(work.device)], OutcomeKind.DEFERRED)
             if work.offset is not None:
