@@ -23,7 +23,14 @@ from typing import Final, Protocol
 import structlog
 
 from service.config import Settings
-from service.events import credential_updated, device_rebound, rebind_failed
+from service.events import (
+    SOURCE_OFFSET_HEADER,
+    SOURCE_PARTITION_HEADER,
+    SOURCE_TOPIC_HEADER,
+    credential_updated,
+    device_rebound,
+    rebind_failed,
+)
 from service.metrics import Metrics
 from service.pipeline.intake import trimmed_for_ledger
 from service.pipeline.records import OutcomeKind, Output
@@ -59,10 +66,6 @@ log = structlog.get_logger(__name__)
 
 DEVICE_NOT_FOUND_CODE: Final = "100403"
 """The device does not exist (any more): after a non-zero timeout, its registration was deleted."""
-
-SOURCE_TOPIC_HEADER: Final = "rebind-source-topic"
-SOURCE_PARTITION_HEADER: Final = "rebind-source-partition"
-SOURCE_OFFSET_HEADER: Final = "rebind-source-offset"
 
 
 def source_headers(work: Work) -> list[tuple[str, bytes]]:

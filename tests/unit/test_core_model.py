@@ -75,7 +75,8 @@ import service.handler as handler_module
 import service.pipeline.partition as partition_module
 from service.bind.watch import WatchPolicy
 from service.config import PlatformSettings, Settings
-from service.handler import SOURCE_OFFSET_HEADER, RebindHandler
+from service.events import SOURCE_OFFSET_HEADER
+from service.handler import RebindHandler
 from service.metrics import Metrics
 from service.pipeline.dedupe import (
     ORIGIN_OFFSET_HEADER,
