@@ -116,7 +116,7 @@ class BindWatches:
             node_id = doc.get("nodeId")
             at_ms = int(doc["receivedAtMs"])
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-            log.warning("unreadable bind notification", offset=record.offset)
+            log.warning("bind_notification_unreadable", offset=record.offset)
             return
         if not isinstance(node_id, str) or not node_id:
             self.unproven_pushes += 1
@@ -124,13 +124,15 @@ class BindWatches:
                 if len(self._unproven_logged) >= _UNPROVEN_LOGGED_MAX:
                     self._unproven_logged.clear()
                 self._unproven_logged.add(device)
-                log.warning("bind push without a nodeId: it settles nothing", device_id=device)
+                log.warning(
+                    "bind_push_without_node_id", action="it settles nothing", device_id=device
+                )
             return
         entry = self.ledger.note_push(device, result, at_ms, node_id)
         if entry is None:
             early = self.ledger.get(device)
             if early is not None and early.early == (result, at_ms, node_id):
-                log.info("bind push before the refresh's outcome: kept", device_id=device)
+                log.info("bind_push_early", action="kept", device_id=device)
                 # durable until the watch starts
                 self.outbox.emit([self.ledger.record(device)], None)
             else:

@@ -193,7 +193,8 @@ class PartitionCommitter:
         oversized = [o for o in commit.outputs if not fits(o)]
         for output in oversized:
             log.error(
-                "output record over the producer's request limit: left out",
+                "output_record_too_large",
+                action="left out",
                 topic=output.topic,
                 partition=self.partition,
                 value_bytes=len(output.value or b""),

@@ -179,7 +179,8 @@ def read_record(
             # forwarded once already: the replicas disagree about the partitioner (a rollout),
             # or the partition count changed. Worked on here rather than sent round again.
             log.warning(
-                "forwarded input is still not on its key's partition: worked on here",
+                "forwarded_input_misrouted",
+                action="worked on here",
                 topic=topic,
                 partition=partition,
                 offset=record.offset,
@@ -252,7 +253,7 @@ def too_large(  # noqa: PLR0917 - one record's whole context
     # the headers with the whole value's length are the largest they can be
     value = value[: max(0, max_bytes - record_size(key, None, out_headers(len(value))))]
     log.warning(
-        "dead-lettered",
+        "dead_lettered",
         topic=topic,
         partition=partition,
         offset=record.offset,
@@ -289,7 +290,7 @@ def _dead_letter(  # noqa: PLR0917 - one record's whole context
         offset=record.offset,
     )
     log.warning(
-        "dead-lettered",
+        "dead_lettered",
         topic=topic,
         partition=partition,
         offset=record.offset,

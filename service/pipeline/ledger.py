@@ -551,7 +551,7 @@ def rebuild_work(topic: str, partition: int, device: str, entry: Entry) -> Work 
         swap = decode_swap(entry.value, entry.headers)
     except InvalidEvent as exc:  # written by this service: not expected
         log.error(  # noqa: TRY400 - the detail says it all
-            "unreadable waiting swap in the ledger", device_id=device, detail=exc.detail
+            "ledger_swap_unreadable", device_id=device, detail=exc.detail
         )
         return None
     return Work(

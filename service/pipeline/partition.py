@@ -146,14 +146,16 @@ class PartitionCore:
         seen = self.dedupe.seen(work.swap.source, work.swap.id)
         if seen is not None:
             if seen.pending is not None:
-                log.info("duplicate input: not calling the platform", event_id=work.swap.id)
+                log.info(
+                    "duplicate_input", action="not calling the platform", event_id=work.swap.id
+                )
                 self._emit([replace(seen.pending, outcome=OutcomeKind.DUPLICATE)], None)
                 self._finish(offset)
                 return None
             assert seen.offset is not None
             return Republish(work, seen.offset)
         if self._undecided[_event_key(work)]:  # its outcome will be the original's
-            log.info("duplicate of a swap being worked on: not calling the platform")
+            log.info("duplicate_of_running_swap", action="not calling the platform")
             self._emit([], OutcomeKind.DUPLICATE)
             self._finish(offset)
             return None
@@ -171,7 +173,7 @@ class PartitionCore:
             self._finish(offset, counted=False)
             return None
         if admission.verdict is Verdict.DUPLICATE:
-            log.info("duplicate of a device's latest swap: not calling the platform")
+            log.info("duplicate_of_latest_swap", action="not calling the platform")
             self._emit([], OutcomeKind.DUPLICATE)
             self._finish(offset)
             return None
@@ -193,7 +195,9 @@ class PartitionCore:
             self.skipped += 1
             self._finish(offset, counted=False)
             return
-        log.info("duplicate input: not calling the platform", republished=found is not None)
+        log.info(
+            "duplicate_input", action="not calling the platform", republished=found is not None
+        )
         self._emit([found[0]] if found is not None else [], OutcomeKind.DUPLICATE)
         self._finish(offset)
 
@@ -458,7 +462,8 @@ def note_misrouted(forward: Forward, topic: str, partition: int, offset: int) ->
             return
     _misrouting_producers.add(producer)
     log.warning(
-        "misrouted input: forwarded to its key's partition; set the producer's partitioner "
+        "misrouted_input",
+        action="forwarded to its key's partition; set the producer's partitioner "
         "(docs/deploying.md, upstream producers)",
         producer=producer[:256],
         topic=topic,
