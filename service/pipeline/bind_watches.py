@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import orjson
 import structlog
@@ -27,6 +27,7 @@ import structlog
 from service.bind.watch import WatchPolicy
 from service.pipeline.ledger import DeviceLedger, Entry, State, rebuild_work
 from service.pipeline.outbox import Outbox
+from service.pipeline.records import ConsumedRecord
 from service.pipeline.work import PollResult, Work
 
 if TYPE_CHECKING:
@@ -105,7 +106,7 @@ class BindWatches:
             self.ledger.rewatch(work.device, self.policy.after_poll(entry.watch, now))
             self.outbox.emit([self.ledger.record(work.device)], None)
 
-    def notify(self, record: Any) -> None:
+    def notify(self, record: ConsumedRecord) -> None:
         """A bindDevice push read back from the bind-notify topic. It settles a watch only when
         it names the watched swap's nodeId: a push about an older swap's hardware (late, or
         replayed) or without a nodeId (it proves nothing) changes nothing."""

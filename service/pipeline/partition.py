@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from typing import Protocol
 
 import structlog
 
@@ -28,7 +28,7 @@ from service.pipeline.intake import DeadLetter, Forward, Routing, read_record
 from service.pipeline.ledger import Claim, DeviceLedger, Entry, State, Verdict, rebuild_work
 from service.pipeline.outbox import Commit, Outbox
 from service.pipeline.progress import PartitionProgress
-from service.pipeline.records import OutcomeKind, Output
+from service.pipeline.records import ConsumedRecord, OutcomeKind, Output
 from service.pipeline.work import HandlerResult, Outcome, PollResult, Waiting, Work
 from service.platform.errors import SWAP_TOO_OLD
 
@@ -115,7 +115,7 @@ class PartitionCore:
 
     # ---- input -----------------------------------------------------------------------------
 
-    def intake(self, record: Any) -> Work | Republish | None:  # noqa: PLR0911 - one per verdict
+    def intake(self, record: ConsumedRecord) -> Work | Republish | None:  # noqa: PLR0911 - one per verdict
         """One record read from the input; returns the job to run, if any."""
         offset = record.offset
         self.progress.start(offset, record.timestamp)
@@ -327,7 +327,7 @@ class PartitionCore:
         """A bind-watch poll came back."""
         self.watches.polled(work, result)
 
-    def notify(self, record: Any) -> None:
+    def notify(self, record: ConsumedRecord) -> None:
         """A bindDevice push read back from the bind-notify topic."""
         self.watches.notify(record)
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
@@ -43,6 +42,7 @@ from service.pipeline.input_hold import InputHold
 from service.pipeline.membership import MembershipProof
 from service.pipeline.open_partitions import OpenPartitions
 from service.pipeline.partition import PartitionCore, Republish
+from service.pipeline.records import ConsumedRecord
 from service.pipeline.scheduler import KeyedScheduler
 from service.pipeline.swap_jobs import Handler, SwapJobs
 from service.pipeline.wake_loop import WakeLoop
@@ -336,7 +336,7 @@ class Pipeline:
 
     # ---- intake ----------------------------------------------------------------------------
 
-    def _accept(self, tp: TopicPartition, records: Sequence[Any]) -> None:
+    def _accept(self, tp: TopicPartition, records: Sequence[ConsumedRecord]) -> None:
         core = self._cores.get(tp.partition)
         if core is None or core.closing:  # fetched just before a revocation
             return
