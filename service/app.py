@@ -13,7 +13,6 @@ import structlog
 from service import __version__, logs
 from service.bind.listener import BindListener, subscription_url
 from service.bind.watch import WatchPolicy
-from service.budget_exchange import BudgetExchange
 from service.config import Settings
 from service.handler import RebindHandler
 from service.httpserver import OpsServer
@@ -23,8 +22,9 @@ from service.ops_port import http_port_message
 from service.pipeline.expiry import Retention
 from service.pipeline.runner import Pipeline
 from service.platform import PRIORITY_FRESH, PlatformClient, RateBudget, TokenManager
-from service.platform.shared_token import SharedTokenProvider
 from service.platform.tokens import AuthGate
+from service.shared.budget_exchange import BudgetExchange
+from service.shared.shared_token import SharedTokenProvider
 from service.startup import StartupError, StartupSupervisor
 
 log = structlog.get_logger(__name__)
@@ -121,7 +121,7 @@ class Service:
         self._assigned_once = True
         # A replica without input partitions still needs a sliver (a login, a deferred retry).
         share = max(mine / total, 1e-6) if total else 1.0
-        log.info("rate budget share", partitions=mine, of=total, share=round(share, 3))
+        log.info("rate_budget_share", partitions=mine, of=total, share=round(share, 3))
         # The group's assignment decides, whether or not the partition is open yet.
         self.tokens.set_holder(0 in self.pipeline.group_assignment())
         await self.budget_exchange.on_assigned(share)
@@ -182,7 +182,7 @@ class Service:
             beat.cancel()
             raise StartupError(http_port_message(self.settings.http, exc), exit_code=2) from None
         log.info(
-            "ops port listening",
+            "ops_port_listening",
             host=self.settings.http.host,
             port=self.ops.port,
             paths="/metrics /healthz /readyz",
@@ -212,10 +212,10 @@ class Service:
         while True:
             result = await self.client.subscribe("bindDevice", url, None, priority=PRIORITY_FRESH)
             if result.ok:
-                log.info("subscribed to bindDevice pushes")
+                log.info("bind_subscribed")
                 return
             log.warning(
-                "bindDevice subscription refused; retrying",
+                "bind_subscription_refused_retrying",
                 error_code=result.error_code,
                 http_status=result.http_status,
                 retry_in_seconds=delay,
@@ -256,9 +256,9 @@ async def run(settings: Settings) -> int:
         nonlocal signals
         signals += 1
         if signals > 1:
-            log.warning("second signal: exiting at once", signal=signal.Signals(signum).name)
+            log.warning("second_signal_exiting", signal=signal.Signals(signum).name)
             os._exit(130)
-        log.info("stopping: draining in-flight work", signal=signal.Signals(signum).name)
+        log.info("stopping_draining", signal=signal.Signals(signum).name)
         service.stop()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -275,7 +275,7 @@ async def run(settings: Settings) -> int:
     try:
         await service.run()
     except StartupError as exc:
-        log.error("cannot start", reason=str(exc))  # noqa: TRY400 - one line, no traceback
+        log.error("cannot_start", reason=str(exc))  # noqa: TRY400 - one line, no traceback
         return exc.exit_code
     except FatalPipelineError as exc:
         log.exception("fatal", error=str(exc))

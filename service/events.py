@@ -61,9 +61,6 @@ __all__ = [
     "DEFAULT_MAX_RECORD_BYTES",
     "DLQ_DETAIL_HEADER",
     "DLQ_REASON_HEADER",
-    "DLQ_SOURCE_OFFSET_HEADER",
-    "DLQ_SOURCE_PARTITION_HEADER",
-    "DLQ_SOURCE_TOPIC_HEADER",
     "FAILED_TYPE",
     "INVALID_REASONS",
     "MAX_CONTEXT_DEPTH",
@@ -72,6 +69,9 @@ __all__ = [
     "OUTCOME_HEADROOM_BYTES",
     "OUTCOME_ID_NAMESPACE",
     "REBOUND_TYPE",
+    "SOURCE_OFFSET_HEADER",
+    "SOURCE_PARTITION_HEADER",
+    "SOURCE_TOPIC_HEADER",
     "SWAPPED_TYPE",
     "UPDATED_TYPE",
     "CredentialUpdatedData",
@@ -109,16 +109,17 @@ DATA_CONTENT_TYPE: Final = "application/json"
 
 DLQ_REASON_HEADER: Final = "rebind-error-reason"
 DLQ_DETAIL_HEADER: Final = "rebind-error-detail"
-DLQ_SOURCE_TOPIC_HEADER: Final = "rebind-source-topic"
-DLQ_SOURCE_PARTITION_HEADER: Final = "rebind-source-partition"
-DLQ_SOURCE_OFFSET_HEADER: Final = "rebind-source-offset"
+SOURCE_TOPIC_HEADER: Final = "rebind-source-topic"
+SOURCE_PARTITION_HEADER: Final = "rebind-source-partition"
+SOURCE_OFFSET_HEADER: Final = "rebind-source-offset"
+"""Where a record was read: on every dead letter and every outcome (``device-rebind replay``)."""
 _DLQ_HEADERS: Final = frozenset(
     {
         DLQ_REASON_HEADER,
         DLQ_DETAIL_HEADER,
-        DLQ_SOURCE_TOPIC_HEADER,
-        DLQ_SOURCE_PARTITION_HEADER,
-        DLQ_SOURCE_OFFSET_HEADER,
+        SOURCE_TOPIC_HEADER,
+        SOURCE_PARTITION_HEADER,
+        SOURCE_OFFSET_HEADER,
     }
 )
 
@@ -920,9 +921,9 @@ def dead_letter_headers(
         (
             (DLQ_REASON_HEADER, _clip(reason, 64).encode()),
             (DLQ_DETAIL_HEADER, _clip(detail, MAX_DETAIL_CHARS).encode()),
-            (DLQ_SOURCE_TOPIC_HEADER, topic.encode()),
-            (DLQ_SOURCE_PARTITION_HEADER, str(partition).encode()),
-            (DLQ_SOURCE_OFFSET_HEADER, str(offset).encode()),
+            (SOURCE_TOPIC_HEADER, topic.encode()),
+            (SOURCE_PARTITION_HEADER, str(partition).encode()),
+            (SOURCE_OFFSET_HEADER, str(offset).encode()),
         )
     )
     return kept

@@ -4,7 +4,7 @@
 * a terminal failure -> :class:`Outcome` ``rebind-failed`` with the platform's code, category and
   advice;
 * device online (100611), or a transient error whose next retry is more than a few seconds away
-  -> :class:`Deferral`: the swap waits in the per-device ledger (durably, in the same transaction
+  -> :class:`Waiting`: the swap waits in the per-device ledger (durably, in the same transaction
   that commits its input) and is tried again when due;
 * an unexpected exception -> the device is queried (the call may have been applied): the swap
   ends ``credential-updated`` if the device holds the new nodeId, else ``rebind-failed``
@@ -23,15 +23,22 @@ from typing import Final, Protocol
 import structlog
 
 from service.config import Settings
-from service.events import credential_updated, device_rebound, rebind_failed
+from service.events import (
+    SOURCE_OFFSET_HEADER,
+    SOURCE_PARTITION_HEADER,
+    SOURCE_TOPIC_HEADER,
+    credential_updated,
+    device_rebound,
+    rebind_failed,
+)
 from service.metrics import Metrics
 from service.pipeline.intake import trimmed_for_ledger
 from service.pipeline.records import OutcomeKind, Output
 from service.pipeline.work import (
-    Deferral,
     HandlerResult,
     Outcome,
     PollResult,
+    Waiting,
     WaitState,
     Work,
 )
@@ -59,10 +66,6 @@ log = structlog.get_logger(__name__)
 
 DEVICE_NOT_FOUND_CODE: Final = "100403"
 """The device does not exist (any more): after a non-zero timeout, its registration was deleted."""
-
-SOURCE_TOPIC_HEADER: Final = "rebind-source-topic"
-SOURCE_PARTITION_HEADER: Final = "rebind-source-partition"
-SOURCE_OFFSET_HEADER: Final = "rebind-source-offset"
 
 
 def source_headers(work: Work) -> list[tuple[str, bytes]]:
@@ -123,7 +126,7 @@ class RebindHandler:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a defect, not an answer: end the swap, never wedge
-            log.exception("unexpected failure while handling the swap")
+            log.exception("swap_handling_failed")
             return await self._internal_error(work, exc)
 
     async def _handle(self, work: Work) -> HandlerResult:
@@ -179,7 +182,7 @@ class RebindHandler:
         self, work: Work, req: RefreshRequest, result: Succeeded, prior_attempts: int
     ) -> Outcome:
         attempts = prior_attempts + result.attempts
-        log.info("credential updated", attempts=attempts, reconciled=result.reconciled)
+        log.info("credential_updated", attempts=attempts, reconciled=result.reconciled)
         # The platform echoes what we sent; should it answer something out of contract, the
         # outcome carries what was sent rather than break the output schema.
         verify_code = result.verify_code if 1 <= len(result.verify_code) <= 256 else req.verify_code
@@ -224,7 +227,7 @@ class RebindHandler:
         if due >= deadline:
             spec = classify("refresh_device_key", None, DEADLINE_EXCEEDED)
             what = "the try's deadline passes" if transient else "the device stayed online"
-            log.info("deadline passes before the next try", last_code=result.last_code)
+            log.info("deadline_before_next_try", last_code=result.last_code)
             return self._failed(
                 work,
                 Failed(
@@ -251,18 +254,18 @@ class RebindHandler:
             attempt_deadline_ms=int(try_deadline * 1000) if transient else None,
         )
         log.info(
-            "deferred: device is online" if not transient else "deferred: transient error",
+            "deferred_device_online" if not transient else "deferred_transient_error",
             retry_in_seconds=round(result.retry_after_seconds, 1),
             deferrals=state.deferrals,
             last_code=result.last_code,
         )
-        return Deferral(state)
+        return Waiting(state)
 
     def superseded(self, work: Work, newer_event_id: str) -> Outcome:
         """The answer to a swap that a newer swap of the same device replaced."""
         spec = classify("refresh_device_key", None, SUPERSEDED)
         wait = work.wait
-        log.info("superseded by a newer swap", newer_event_id=newer_event_id)
+        log.info("superseded", newer_event_id=newer_event_id)
         return self._failed(
             work,
             Failed(
@@ -290,7 +293,7 @@ class RebindHandler:
         except asyncio.CancelledError:
             raise
         except Exception:
-            log.warning("bind poll failed", exc_info=True)
+            log.warning("bind_poll_failed", exc_info=True)
             return PollResult()
         if answer.ok:
             return PollResult(bound=answer.activated is True)
@@ -299,7 +302,7 @@ class RebindHandler:
     def rebound(self, work: Work, via: str, bound_at_ms: int, refreshed_ms: int) -> Output:
         """The ``device.rebound`` event: the new hardware bound."""
         seconds = max(0.0, (bound_at_ms - refreshed_ms) / 1000)
-        log.info("device rebound", via=via, seconds_to_bind=round(seconds, 3))
+        log.info("device_rebound", via=via, seconds_to_bind=round(seconds, 3))
         event = device_rebound(
             work.swap,
             bound_at=datetime.fromtimestamp(bound_at_ms / 1000, UTC),
@@ -343,7 +346,7 @@ class RebindHandler:
         try:
             query = await self._client.query_device(req.device_id, req.app_id)
             if query.ok and query.node_id == req.node_id:
-                log.info("the device holds the new nodeId despite the failure")
+                log.info("node_id_applied_despite_failure")
                 return self._succeeded(
                     work,
                     req,
@@ -353,7 +356,7 @@ class RebindHandler:
         except asyncio.CancelledError:
             raise
         except Exception:
-            log.warning("could not query the device after an internal error", exc_info=True)
+            log.warning("device_query_failed_after_error", exc_info=True)
         spec = classify("refresh_device_key", None, INTERNAL_ERROR)
         now = time.time()
         return self._failed(
@@ -373,7 +376,7 @@ class RebindHandler:
     def _failed(self, work: Work, failed: Failed, last_code: str | None = None) -> Outcome:
         swap = work.swap
         log.info(
-            "rebind failed",
+            "rebind_failed",
             error_code=failed.error_code,
             http_status=failed.http_status,
             category=failed.category,

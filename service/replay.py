@@ -37,8 +37,15 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from service.config import KafkaOnlySettings, KafkaSettings
-from service.events import DLQ_DETAIL_HEADER, DLQ_REASON_HEADER, RebindFailedEvent, parse_outcome
-from service.handler import SOURCE_OFFSET_HEADER, SOURCE_PARTITION_HEADER, SOURCE_TOPIC_HEADER
+from service.events import (
+    DLQ_DETAIL_HEADER,
+    DLQ_REASON_HEADER,
+    SOURCE_OFFSET_HEADER,
+    SOURCE_PARTITION_HEADER,
+    SOURCE_TOPIC_HEADER,
+    RebindFailedEvent,
+    parse_outcome,
+)
 from service.kafka import kafka_client_options, partition_counts
 from service.kafka_connection import check_connection
 from service.partitioner import partition_for

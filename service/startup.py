@@ -84,7 +84,7 @@ async def preflight(settings: Settings) -> None:
                     raise StartupError(message) from None
                 raise TopicsMissingError(message) from None
             for name in created:
-                log.warning("topic created", topic=name, partitions=1, cleanup_policy="compact")
+                log.warning("topic_created", topic=name, partitions=1, cleanup_policy="compact")
         missing = [
             i for i in plan.missing if i.spec.required_at_start and not i.spec.created_by_service
         ]
@@ -95,7 +95,7 @@ async def preflight(settings: Settings) -> None:
             )
         for item in plan.items:
             for note in item.problems:
-                log.warning("topic differs", topic=item.name, setting=item.spec.variable, note=note)
+                log.warning("topic_differs", topic=item.name, setting=item.spec.variable, note=note)
     finally:
         await admin.close()
 
@@ -209,11 +209,11 @@ class StartupSupervisor:
             else:
                 self.reason = None
                 if self.attempts > 1:
-                    log.info("kafka ready: starting", attempt=self.attempts)
+                    log.info("kafka_ready", attempt=self.attempts)
                 return True
             self.reason = cause
             log.warning(
-                "not ready: retrying",
+                "not_ready_retrying",
                 attempt=self.attempts,
                 cause=cause,
                 retry_in_seconds=round(delay, 3),

@@ -216,7 +216,7 @@ class BindListener:
             runner, self._guard, self._settings.host, self._settings.port, context
         )
         log.info(
-            "bind push listener started",
+            "bind_listener_started",
             port=self.port,
             tls=context is not None,
             client_certificates=self._settings.client_ca is not None,
@@ -262,10 +262,10 @@ class BindListener:
                 )
             )
         except Exception:
-            log.warning("could not store a bind push; answering 503", exc_info=True)
+            log.warning("bind_push_not_stored", action="answering 503", exc_info=True)
             return _answer(503, "try again")
         self._metrics.bind_notifications.labels(result="accepted").inc()
-        log.info("bind push stored", device_id=notice["deviceId"], result=notice["resultCode"])
+        log.info("bind_push_stored", device_id=notice["deviceId"], result=notice["resultCode"])
         return _answer(200, "ok")
 
     def _refused(self, status: int, why: str, result: str) -> web.StreamResponse:
@@ -275,7 +275,7 @@ class BindListener:
 
     def _rejected(self, status: int, why: str) -> web.StreamResponse:
         self._metrics.bind_notifications.labels(result="rejected").inc()
-        log.warning("bind push rejected", reason=why)
+        log.warning("bind_push_rejected", reason=why)
         return _answer(status, why)
 
 

@@ -62,7 +62,7 @@ class CommitLoop:
         results = await asyncio.gather(*(c.commit() for _, c in committers), return_exceptions=True)
         for (partition, committer), result in zip(committers, results, strict=True):
             if isinstance(result, PartitionFencedError):
-                log.warning("partition fenced by a newer owner; dropping it", partition=partition)
+                log.warning("partition_fenced", action="dropping it", partition=partition)
                 consumer = self._consumer()
                 if consumer is not None:
                     with contextlib.suppress(Exception):  # read nothing more of it until rejoined
@@ -73,12 +73,15 @@ class CommitLoop:
                 if committer.failures >= _MAX_COMMIT_FAILURES or final:
                     message = f"{committer.failures} transactions in a row failed: {result}"
                     if final:
-                        log.error("final commit failed; uncommitted work will be redelivered")
+                        log.error(
+                            "final_commit_failed", action="uncommitted work will be redelivered"
+                        )
                     else:
                         self._fail(FatalPipelineError(message))
                 else:
                     log.warning(
-                        "transaction failed; retrying with the next commit",
+                        "transaction_failed",
+                        action="retrying with the next commit",
                         partition=partition,
                         error=repr(result),
                     )

@@ -28,7 +28,8 @@ from aiokafka.structs import OffsetAndMetadata
 from service.config import KafkaSettings
 from service.kafka import client_options, producer_fatal
 from service.metrics import Metrics
-from service.pipeline.partition import Commit, PartitionCore
+from service.pipeline.outbox import Commit
+from service.pipeline.partition import PartitionCore
 from service.pipeline.records import Output
 
 log = structlog.get_logger(__name__)
@@ -192,7 +193,8 @@ class PartitionCommitter:
         oversized = [o for o in commit.outputs if not fits(o)]
         for output in oversized:
             log.error(
-                "output record over the producer's request limit: left out",
+                "output_record_too_large",
+                action="left out",
                 topic=output.topic,
                 partition=self.partition,
                 value_bytes=len(output.value or b""),

@@ -50,7 +50,7 @@ class PipelineGauges:
                 try:
                     position = await consumer.position(tp)
                 except Exception:  # noqa: BLE001 - the partition may have just moved
-                    log.debug("no position for lag", partition=p)
+                    log.debug("lag_position_unknown", partition=p)
                     continue
                 behind = high - position + core.progress.unfinished
                 self._metrics.consumer_lag.labels(partition=label).set(max(0, behind))

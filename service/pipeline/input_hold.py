@@ -35,7 +35,7 @@ class InputHold:
 
     def hold(self, reason: str) -> None:
         if self.reason is None:
-            log.warning("input held", reason=reason)
+            log.warning("input_held", reason=reason)
             self._since = time.monotonic()
         self.reason = reason
         self._released.clear()
@@ -44,7 +44,7 @@ class InputHold:
         """False when the input was not held."""
         if self.reason is None:
             return False
-        log.info("input released", held_seconds=round(time.monotonic() - self._since, 1))
+        log.info("input_released", held_seconds=round(time.monotonic() - self._since, 1))
         self.reason = None
         self._released.set()
         return True

@@ -23,7 +23,7 @@ larger, so
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 
 import structlog
 
@@ -39,7 +39,7 @@ from service.events import (
     record_size,
 )
 from service.partitioner import Partitioner, partition_for
-from service.pipeline.records import OutcomeKind, Output
+from service.pipeline.records import ConsumedRecord, OutcomeKind, Output
 from service.pipeline.work import Work
 
 log = structlog.get_logger(__name__)
@@ -105,7 +105,7 @@ def order_of(work_time_ms: int | None, record_timestamp_ms: int, offset: int) ->
 
 
 def read_record(
-    record: Any,
+    record: ConsumedRecord,
     topic: str,
     partition: int,
     dead_letter_topic: str,
@@ -179,7 +179,8 @@ def read_record(
             # forwarded once already: the replicas disagree about the partitioner (a rollout),
             # or the partition count changed. Worked on here rather than sent round again.
             log.warning(
-                "forwarded input is still not on its key's partition: worked on here",
+                "forwarded_input_misrouted",
+                action="worked on here",
                 topic=topic,
                 partition=partition,
                 offset=record.offset,
@@ -204,7 +205,7 @@ def read_record(
 
 
 def too_large(  # noqa: PLR0917 - one record's whole context
-    record: Any,
+    record: ConsumedRecord,
     headers: list[tuple[str, bytes]],
     topic: str,
     partition: int,
@@ -252,7 +253,7 @@ def too_large(  # noqa: PLR0917 - one record's whole context
     # the headers with the whole value's length are the largest they can be
     value = value[: max(0, max_bytes - record_size(key, None, out_headers(len(value))))]
     log.warning(
-        "dead-lettered",
+        "dead_lettered",
         topic=topic,
         partition=partition,
         offset=record.offset,
@@ -272,7 +273,7 @@ def too_large(  # noqa: PLR0917 - one record's whole context
 
 
 def _dead_letter(  # noqa: PLR0917 - one record's whole context
-    record: Any,
+    record: ConsumedRecord,
     headers: list[tuple[str, bytes]],
     topic: str,
     partition: int,
@@ -289,7 +290,7 @@ def _dead_letter(  # noqa: PLR0917 - one record's whole context
         offset=record.offset,
     )
     log.warning(
-        "dead-lettered",
+        "dead_lettered",
         topic=topic,
         partition=partition,
         offset=record.offset,

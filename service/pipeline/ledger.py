@@ -27,6 +27,7 @@ Decisions (all pure, no I/O):
   the new one replaces is handed back to be answered ``SUPERSEDED``.
 * :meth:`claim` when its job runs: still the latest? (a newer swap may have arrived meanwhile.)
 * :meth:`done` / :meth:`wait` when it is decided, :meth:`record` the ledger record to write.
+* :func:`rebuild_work` reads a waiting or watched swap back from its entry as a job.
 """
 
 from __future__ import annotations
@@ -38,10 +39,14 @@ from enum import Enum, StrEnum
 from typing import Any, Final
 
 import orjson
+import structlog
 
+from service.events import InvalidEvent, decode_swap
 from service.pipeline.packed import DoneFields, PackedEntries
 from service.pipeline.records import Output
 from service.pipeline.work import WaitState, Watch, Work
+
+log = structlog.get_logger(__name__)
 
 RECORD_VERSION: Final = 1
 
@@ -537,3 +542,26 @@ def decode_entry(value: bytes) -> Entry | None:
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
         return None
     return entry
+
+
+def rebuild_work(topic: str, partition: int, device: str, entry: Entry) -> Work | None:
+    """The job of a swap the ledger keeps (waiting or watched), read back from its entry; None
+    when the kept swap cannot be read (logged)."""
+    try:
+        swap = decode_swap(entry.value, entry.headers)
+    except InvalidEvent as exc:  # written by this service: not expected
+        log.error(  # noqa: TRY400 - the detail says it all
+            "ledger_swap_unreadable", device_id=device, detail=exc.detail
+        )
+        return None
+    return Work(
+        swap=swap,
+        raw_value=entry.value,
+        raw_headers=list(entry.headers),
+        topic=topic,
+        partition=partition,
+        origin_offset=entry.order[1],
+        order=entry.order,
+        offset=None,
+        wait=entry.wait,
+    )

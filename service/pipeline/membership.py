@@ -73,7 +73,8 @@ class MembershipProof:
             if not warned:
                 warned = True
                 log.warning(
-                    "no recent proof of owning the partition: the call waits",
+                    "ownership_proof_stale",
+                    action="the call waits",
                     partition=core.partition,
                     proof_age=round(time.monotonic() - self.at, 1),
                 )

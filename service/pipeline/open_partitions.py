@@ -147,7 +147,7 @@ class OpenPartitions:
             self.cores[tp.partition] = core
             self.committers[tp.partition] = committers[tp.partition]
         log.info(
-            "partition state loaded",
+            "partition_state_loaded",
             partitions=sorted(tp.partition for tp in tps),
             ledger_records=loaded,
             devices=sum(len(ledger) for ledger in ledgers.values()),
@@ -184,7 +184,8 @@ class OpenPartitions:
         )
         self._open_retry_at = time.monotonic() + self._open_retry_in
         log.error(
-            "could not open the assigned partitions; trying again",
+            "partitions_open_failed",
+            action="trying again",
             partitions=sorted(tp.partition for tp in tps),
             retry_in=self._open_retry_in,
             error=repr(exc),
@@ -228,7 +229,8 @@ class OpenPartitions:
             core.closed = True
             if core.progress.unfinished:
                 log.info(
-                    "revoked with unfinished work; the next owner redoes it",
+                    "revoked_with_unfinished_work",
+                    action="the next owner redoes it",
                     partition=partition,
                     unfinished=core.progress.unfinished,
                 )

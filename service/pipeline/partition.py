@@ -14,21 +14,22 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from dataclasses import dataclass, replace
+from typing import Protocol
 
-import orjson
 import structlog
 
 from service.bind.watch import WatchPolicy
-from service.events import DEFAULT_MAX_RECORD_BYTES, InvalidEvent, decode_swap
+from service.events import DEFAULT_MAX_RECORD_BYTES
+from service.pipeline.bind_watches import BIND_NOT_CONFIRMED_CODE, BindWatches
 from service.pipeline.dedupe import DedupeIndex, dedupe_key
 from service.pipeline.expiry import Retention
 from service.pipeline.intake import DeadLetter, Forward, Routing, read_record
-from service.pipeline.ledger import Claim, DeviceLedger, Entry, State, Verdict
+from service.pipeline.ledger import Claim, DeviceLedger, Entry, State, Verdict, rebuild_work
+from service.pipeline.outbox import Commit, Outbox
 from service.pipeline.progress import PartitionProgress
-from service.pipeline.records import OutcomeKind, Output
-from service.pipeline.work import Deferral, HandlerResult, Outcome, PollResult, Work
+from service.pipeline.records import ConsumedRecord, OutcomeKind, Output
+from service.pipeline.work import HandlerResult, Outcome, PollResult, Waiting, Work
 from service.platform.errors import SWAP_TOO_OLD
 
 log = structlog.get_logger(__name__)
@@ -44,34 +45,12 @@ class Answers(Protocol):
     def bind_failed(self, work: Work, code: str, desc: str) -> Outcome: ...
 
 
-_UNPROVEN_LOGGED_MAX = 10_000
-"""Devices whose nodeId-less push was logged: a bound on memory (then the set starts again)."""
-
-BIND_EXPIRED_CODE = "BIND_EXPIRED"
-BIND_NOT_CONFIRMED_CODE = "BIND_NOT_CONFIRMED"
-
-
 @dataclass(frozen=True, slots=True)
 class Republish:
     """An event answered before whose stored outcome must be read back (I/O) and re-published."""
 
     work: Work
     dedupe_offset: int
-
-
-@dataclass(slots=True)
-class Commit:
-    """What one transaction of the partition writes."""
-
-    outputs: list[Output]
-    offset: int | None
-    metadata: str
-    counts: list[OutcomeKind] = field(default_factory=list)
-    stamps: list[int] = field(default_factory=list)
-    binds: list[tuple[str, float | None]] = field(default_factory=list)
-    """Ends of bind watches: (result, seconds from the refresh to the bind)."""
-    notify_offset: int | None = None
-    """The bind-notify partition's offset to commit (pushes read up to there are settled)."""
 
 
 class PartitionCore:
@@ -98,7 +77,6 @@ class PartitionCore:
         self.ledger = ledger
         self.dedupe = dedupe
         self.answers = answers
-        self.watch_policy = watch
         self.max_input_bytes = max_input_bytes
         self.max_clock_skew_ms = max_clock_skew_ms
         self.routing = routing
@@ -106,21 +84,20 @@ class PartitionCore:
         self.expired = 0  # done entries removed by the retention sweep
         self.too_old = 0  # swaps answered SWAP_TOO_OLD
         self.misrouted = 0  # records forwarded to their key's partition
-        self.notify_offset: int | None = None  # next offset of the bind-notify partition
-        self._notify_committed: int | None = None
-        self._binds: list[tuple[str, float | None]] = []
-        self.duplicate_pushes = 0  # pushes that matched no open watch (repeats, stale)
-        self.unproven_pushes = 0  # pushes without a nodeId: they settle nothing
-        self._unproven_logged: set[str] = set()  # devices logged once (bounded, then reset)
+        self.outbox = Outbox(progress=progress, ledger_topic=ledger.topic, dedupe=dedupe)
+        self.watches = BindWatches(
+            topic=topic,
+            partition=partition,
+            ledger=ledger,
+            answers=answers,
+            outbox=self.outbox,
+            policy=watch,
+            now_ms=_now_ms,
+        )
         self.closed = False  # revoked: results of its jobs are dropped
         self.closing = False  # being revoked: its queued jobs do not start
         self.skipped = 0  # records finished by an earlier owner, skipped without any work
-        self._outputs: list[Output] = []
-        self._counts: list[OutcomeKind] = []
-        self._stamps: list[int] = []
-        self._last: tuple[int | None, str] = (progress.base, "")
         self._woken = 0
-        self._polling = 0
         # Woken swaps claimed and not decided yet (at most the wake limit): a newer swap read
         # meanwhile does not answer them (their entry was no longer waiting), so one abandoned
         # here must answer itself SUPERSEDED, as its decision would have.
@@ -129,9 +106,6 @@ class PartitionCore:
         # its last swap done): their claim need not be durable before their call (note_claim).
         # Bounded by the swaps handed out and not settled.
         self._quiet: set[tuple[str, tuple[int, int]]] = set()
-        # Devices with ledger records written but not committed yet (with how many), bounded by
-        # the outputs of the transaction on its way and the next one.
-        self._unsettled: Counter[bytes] = Counter()
         # Events handed out as jobs (read or woken) and not decided yet. A duplicate of one of
         # them is neither in the duplicate memory (no outcome yet) nor, once a newer swap of the
         # device arrived, the ledger's latest entry: the ledger would judge it a swap of its own,
@@ -141,7 +115,7 @@ class PartitionCore:
 
     # ---- input -----------------------------------------------------------------------------
 
-    def intake(self, record: Any) -> Work | Republish | None:  # noqa: PLR0911 - one per verdict
+    def intake(self, record: ConsumedRecord) -> Work | Republish | None:  # noqa: PLR0911 - one per verdict
         """One record read from the input; returns the job to run, if any."""
         offset = record.offset
         self.progress.start(offset, record.timestamp)
@@ -172,14 +146,16 @@ class PartitionCore:
         seen = self.dedupe.seen(work.swap.source, work.swap.id)
         if seen is not None:
             if seen.pending is not None:
-                log.info("duplicate input: not calling the platform", event_id=work.swap.id)
+                log.info(
+                    "duplicate_input", action="not calling the platform", event_id=work.swap.id
+                )
                 self._emit([replace(seen.pending, outcome=OutcomeKind.DUPLICATE)], None)
                 self._finish(offset)
                 return None
             assert seen.offset is not None
             return Republish(work, seen.offset)
         if self._undecided[_event_key(work)]:  # its outcome will be the original's
-            log.info("duplicate of a swap being worked on: not calling the platform")
+            log.info("duplicate_of_running_swap", action="not calling the platform")
             self._emit([], OutcomeKind.DUPLICATE)
             self._finish(offset)
             return None
@@ -197,7 +173,7 @@ class PartitionCore:
             self._finish(offset, counted=False)
             return None
         if admission.verdict is Verdict.DUPLICATE:
-            log.info("duplicate of a device's latest swap: not calling the platform")
+            log.info("duplicate_of_latest_swap", action="not calling the platform")
             self._emit([], OutcomeKind.DUPLICATE)
             self._finish(offset)
             return None
@@ -219,7 +195,9 @@ class PartitionCore:
             self.skipped += 1
             self._finish(offset, counted=False)
             return
-        log.info("duplicate input: not calling the platform", republished=found is not None)
+        log.info(
+            "duplicate_input", action="not calling the platform", republished=found is not None
+        )
         self._emit([found[0]] if found is not None else [], OutcomeKind.DUPLICATE)
         self._finish(offset)
 
@@ -241,7 +219,7 @@ class PartitionCore:
         key = (_event_key(work), work.order)
         quiet = key in self._quiet
         self._quiet.discard(key)
-        unsettled = self._unsettled[work.device.encode()] > 0
+        unsettled = self.outbox.unsettled(work.device)
         if self.ledger.is_latest(work):
             self._emit([self.ledger.record(work.device)], None)
         return not quiet or unsettled
@@ -271,7 +249,7 @@ class PartitionCore:
         if isinstance(result, Outcome):
             self._final(work, result)
             return
-        assert isinstance(result, Deferral)
+        assert isinstance(result, Waiting)
         if self.ledger.wait(work, result.state):
             self._emit([self.ledger.record(work.device)], OutcomeKind.DEFERRED)
             if work.offset is not None:
@@ -286,7 +264,7 @@ class PartitionCore:
         next owner redoes it. A woken swap or a poll is due again here too, as the ledger holds
         it, so a partition that stays with this member does not forget it."""
         if work.watch is not None:
-            self._polling -= 1
+            self.watches.polling -= 1
         else:
             self._settled(work)
         if work.offset is None:
@@ -324,161 +302,46 @@ class PartitionCore:
             self._emit(tombstones, None)
         woken: list[Work] = []
         for device, entry in self.ledger.pop_due(now_ms, max(0, limit - self._woken)):
-            work = self._rebuild(device, entry)
+            work = rebuild_work(self.topic, self.partition, device, entry)
             if work is not None:
                 woken.append(work)
                 self._undecided[_event_key(work)] += 1
         self._woken += len(woken)
         polls = poll_limit if poll_limit is not None else limit
-        room = max(0, polls - self._polling)
+        room = max(0, polls - self.watches.polling)
         for device, entry in self.ledger.pop_due(now_ms, room, watches=True):
-            poll = self._watch_due(device, entry, now_ms)
+            poll = self.watches.due(device, entry, now_ms)
             if poll is not None:
                 woken.append(poll)
-                self._polling += 1
+                self.watches.polling += 1
         return woken
 
     @property
     def woken(self) -> int:
         """Woken swaps and polls handed out and not decided yet."""
-        return self._woken + self._polling
+        return self._woken + self.watches.polling
 
-    # ---- bind watches ----------------------------------------------------------------------
-
-    def _watch_due(self, device: str, entry: Entry, now_ms: int) -> Work | None:
-        """A watched device needs attention: a poll job, or the end of the watch."""
-        watch = entry.watch
-        assert watch is not None
-        policy = self.watch_policy
-        if policy is not None and policy.poll:
-            work = self._rebuild(device, entry)
-            return None if work is None else replace(work, wait=None, watch=watch)
-        if now_ms >= watch.deadline_ms:
-            self._end_watch(device, entry, now_ms)
-        else:  # polling was turned off since: wait for a push until the deadline
-            self.ledger.rewatch(device, replace(watch, next_poll_ms=None))
-            self._emit([self.ledger.record(device)], None)
-        return None
+    # ---- bind watches (theirs) -------------------------------------------------------------
 
     def polled(self, work: Work, result: PollResult) -> None:
         """A bind-watch poll came back."""
-        self._polling -= 1
-        entry = self.ledger.get(work.device)
-        if (
-            entry is None
-            or entry.state is not State.WATCHING
-            or entry.watch is None
-            or entry.event_id != work.swap.id
-            or entry.watch.refreshed_ms != (work.watch.refreshed_ms if work.watch else None)
-        ):
-            return  # settled meanwhile (a push), or replaced by a newer swap
-        now = _now_ms()
-        if result.bound:
-            self._bound(work.device, entry, "poll", now)
-        elif result.gone or now >= entry.watch.deadline_ms:
-            self._end_watch(work.device, entry, now, gone=result.gone)
-        else:
-            assert self.watch_policy is not None
-            self.ledger.rewatch(work.device, self.watch_policy.after_poll(entry.watch, now))
-            self._emit([self.ledger.record(work.device)], None)
+        self.watches.polled(work, result)
 
-    def notify(self, record: Any) -> None:
-        """A bindDevice push read back from the bind-notify topic. It settles a watch only when
-        it names the watched swap's nodeId: a push about an older swap's hardware (late, or
-        replayed) or without a nodeId (it proves nothing) changes nothing."""
-        self.notify_offset = record.offset + 1
-        try:
-            doc = orjson.loads(record.value or b"")
-            device, result = str(doc["deviceId"]), str(doc["resultCode"])
-            node_id = doc.get("nodeId")
-            at_ms = int(doc["receivedAtMs"])
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-            log.warning("unreadable bind notification", offset=record.offset)
-            return
-        if not isinstance(node_id, str) or not node_id:
-            self.unproven_pushes += 1
-            if device not in self._unproven_logged:
-                if len(self._unproven_logged) >= _UNPROVEN_LOGGED_MAX:
-                    self._unproven_logged.clear()
-                self._unproven_logged.add(device)
-                log.warning("bind push without a nodeId: it settles nothing", device_id=device)
-            return
-        entry = self.ledger.note_push(device, result, at_ms, node_id)
-        if entry is None:
-            early = self.ledger.get(device)
-            if early is not None and early.early == (result, at_ms, node_id):
-                log.info("bind push before the refresh's outcome: kept", device_id=device)
-                self._emit([self.ledger.record(device)], None)  # durable until the watch starts
-            else:
-                self.duplicate_pushes += 1  # a repeat, or about another (older) nodeId
-            return
-        if result == "succeeded":
-            self._bound(device, entry, "push", at_ms)
-        else:
-            self._end_watch(device, entry, at_ms, pushed_expired=True)
+    def notify(self, record: ConsumedRecord) -> None:
+        """A bindDevice push read back from the bind-notify topic."""
+        self.watches.notify(record)
 
-    def _bound(self, device: str, entry: Entry, via: str, at_ms: int) -> None:
-        work = self._rebuild(device, entry)
-        watch = entry.watch
-        assert watch is not None
-        self.ledger.end_watch(device, "bound")
-        if work is None:
-            return
-        record = self.answers.rebound(work, via, at_ms, watch.refreshed_ms)
-        self._emit([record, self.ledger.record(device)], None)
-        self._binds.append((f"bound_{via}", max(0.0, (at_ms - watch.refreshed_ms) / 1000)))
+    @property
+    def duplicate_pushes(self) -> int:
+        """Pushes that matched no open watch (repeats, stale)."""
+        return self.watches.duplicate_pushes
 
-    def _end_watch(
-        self,
-        device: str,
-        entry: Entry,
-        now_ms: int,
-        *,
-        gone: bool = False,
-        pushed_expired: bool = False,
-    ) -> None:
-        watch = entry.watch
-        assert watch is not None
-        work = self._rebuild(device, entry)
-        expired = watch.expires or gone or pushed_expired
-        self.ledger.end_watch(device, "expired" if expired else "unconfirmed")
-        if work is None:
-            return
-        if pushed_expired:
-            desc = "the platform reported that the verifyCode expired before the device bound"
-        elif gone:
-            desc = "the device no longer exists on the platform: its registration was deleted"
-        elif expired:
-            desc = f"the device did not bind within its timeout (expired at {watch.expires_at_ms})"
-        else:
-            desc = (
-                f"no bind seen within the watch deadline ({(now_ms - watch.refreshed_ms) // 1000} "
-                "s after the refresh)"
-            )
-        code = BIND_EXPIRED_CODE if expired else BIND_NOT_CONFIRMED_CODE
-        outcome = self.answers.bind_failed(work, code, desc)
-        self._emit([outcome.record, self.ledger.record(device)], None)
-        self._binds.append(("expired" if expired else "unconfirmed", None))
+    @property
+    def unproven_pushes(self) -> int:
+        """Pushes without a nodeId: they settle nothing."""
+        return self.watches.unproven_pushes
 
-    def _rebuild(self, device: str, entry: Entry) -> Work | None:
-        try:
-            swap = decode_swap(entry.value, entry.headers)
-        except InvalidEvent as exc:  # written by this service: not expected
-            log.error(  # noqa: TRY400 - the detail says it all
-                "unreadable waiting swap in the ledger", device_id=device, detail=exc.detail
-            )
-            return None
-        return Work(
-            swap=swap,
-            raw_value=entry.value,
-            raw_headers=list(entry.headers),
-            topic=self.topic,
-            partition=self.partition,
-            origin_offset=entry.order[1],
-            order=entry.order,
-            offset=None,
-            wait=entry.wait,
-        )
+    # ---- job bookkeeping -------------------------------------------------------------------
 
     def _settled(self, work: Work) -> None:
         """A job handed out by :meth:`intake` or :meth:`wake` ended."""
@@ -491,7 +354,7 @@ class PartitionCore:
     # ---- decisions -------------------------------------------------------------------------
 
     def _supersede_waiting(self, device: str, entry: Entry, newer_event_id: str) -> None:
-        old = self._rebuild(device, entry)
+        old = rebuild_work(self.topic, self.partition, device, entry)
         if old is None:
             return
         if entry.state is State.WATCHING:  # refreshed, not bound yet: its watch ends here
@@ -502,7 +365,7 @@ class PartitionCore:
                 "new hardware was seen to bind",
             )
             self._emit([failed.record, self.ledger.record(device)], None)
-            self._binds.append(("unconfirmed", None))
+            self.outbox.bind_ended("unconfirmed", None)
             return
         outcome = self.answers.superseded(old, newer_event_id)
         self._emit(
@@ -521,8 +384,8 @@ class PartitionCore:
         ]
         watched = None
         unwatched: Outcome | None = None
-        if outcome.kind is OutcomeKind.CREDENTIAL_UPDATED and self.watch_policy is not None:
-            watch = self.watch_policy.start(_now_ms(), outcome.timeout or 0)
+        if outcome.kind is OutcomeKind.CREDENTIAL_UPDATED and self.watches.policy is not None:
+            watch = self.watches.policy.start(_now_ms(), outcome.timeout or 0)
             watched = self.ledger.watch(work, watch)
             if watched is None:
                 # A newer swap of the device arrived during the call: this refresh is never
@@ -544,7 +407,7 @@ class PartitionCore:
             outputs.append(self.ledger.record(work.device))
         if unwatched is not None:
             outputs.append(unwatched.record)
-            self._binds.append(("unconfirmed", None))
+            self.outbox.bind_ended("unconfirmed", None)
         self._emit(outputs, outcome.kind)
         if work.offset is not None:
             self._finish(work.offset)
@@ -555,68 +418,32 @@ class PartitionCore:
         ):
             result, at_ms, _ = watched.early
             if result == "succeeded":
-                self._bound(work.device, watched, "push", at_ms)
+                self.watches.bound(work.device, watched, "push", at_ms)
             else:
-                self._end_watch(work.device, watched, at_ms, pushed_expired=True)
+                self.watches.end(work.device, watched, at_ms, pushed_expired=True)
 
     def _emit(self, outputs: list[Output], kind: OutcomeKind | None) -> None:
-        self._outputs.extend(outputs)
-        for output in outputs:
-            if output.topic == self.ledger.topic and output.key is not None:
-                self._unsettled[output.key] += 1
-        if kind is not None:
-            self._counts.append(kind)
+        self.outbox.emit(outputs, kind)
 
     def _finish(self, offset: int, *, counted: bool = True) -> None:
-        stamp = self.progress.finish(offset)
-        if counted and stamp is not None:
-            self._stamps.append(stamp)
+        self.outbox.finish(offset, counted=counted)
 
-    # ---- commits ---------------------------------------------------------------------------
+    # ---- commits (the outbox's) ------------------------------------------------------------
 
     @property
     def pending_outputs(self) -> int:
-        return len(self._outputs)
+        return self.outbox.pending_outputs
 
     def take_commit(self) -> Commit | None:
         """What the next transaction writes; None when there is nothing new."""
-        offset, metadata = self.progress.snapshot()
-        if (
-            not self._outputs
-            and not self._counts
-            and (offset, metadata) == self._last
-            and self.notify_offset == self._notify_committed
-        ):
-            return None
-        commit = Commit(
-            self._outputs,
-            offset,
-            metadata,
-            self._counts,
-            self._stamps,
-            self._binds,
-            self.notify_offset,
-        )
-        self._outputs, self._counts, self._stamps, self._binds = [], [], [], []
-        return commit
+        return self.outbox.take()
 
     def committed(self, commit: Commit, written: list[int]) -> None:
-        self._last = (commit.offset, commit.metadata)
-        self._notify_committed = commit.notify_offset
-        for output, offset in zip(commit.outputs, written, strict=True):
-            if output.topic == self.dedupe.topic and output.key is not None:
-                self.dedupe.committed(output.key, offset)
-            elif output.topic == self.ledger.topic and output.key is not None:
-                self._unsettled[output.key] -= 1
-                if self._unsettled[output.key] <= 0:
-                    del self._unsettled[output.key]
+        self.outbox.committed(commit, written)
 
     def restore(self, commit: Commit) -> None:
         """The transaction failed: its outputs go into the next one."""
-        self._outputs = commit.outputs + self._outputs
-        self._counts = commit.counts + self._counts
-        self._stamps = commit.stamps + self._stamps
-        self._binds = commit.binds + self._binds
+        self.outbox.restore(commit)
 
 
 MAX_MISROUTING_PRODUCERS = 256
@@ -635,7 +462,8 @@ def note_misrouted(forward: Forward, topic: str, partition: int, offset: int) ->
             return
     _misrouting_producers.add(producer)
     log.warning(
-        "misrouted input: forwarded to its key's partition; set the producer's partitioner "
+        "misrouted_input",
+        action="forwarded to its key's partition; set the producer's partitioner "
         "(docs/deploying.md, upstream producers)",
         producer=producer[:256],
         topic=topic,

@@ -1,9 +1,34 @@
-"""What the pipeline writes: a record to produce, and the kind of outcome it carries."""
+"""What the pipeline reads (a consumed record, as typed here) and writes (a record to produce, and
+the kind of outcome it carries)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Protocol
+
+
+class ConsumedRecord(Protocol):
+    """A record read from Kafka, as the pipeline uses it: aiokafka's ``ConsumerRecord`` of bytes
+    is one (and so are the tests' fake records). Read only: the pipeline never changes it."""
+
+    @property
+    def offset(self) -> int: ...
+
+    @property
+    def timestamp(self) -> int:
+        """Milliseconds since the epoch (the producer's, or the broker's append time)."""
+        ...
+
+    @property
+    def key(self) -> bytes | None: ...
+
+    @property
+    def value(self) -> bytes | None: ...
+
+    @property
+    def headers(self) -> Sequence[tuple[str, bytes]]: ...
 
 
 class OutcomeKind(StrEnum):

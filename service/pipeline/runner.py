@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
@@ -43,6 +42,7 @@ from service.pipeline.input_hold import InputHold
 from service.pipeline.membership import MembershipProof
 from service.pipeline.open_partitions import OpenPartitions
 from service.pipeline.partition import PartitionCore, Republish
+from service.pipeline.records import ConsumedRecord
 from service.pipeline.scheduler import KeyedScheduler
 from service.pipeline.swap_jobs import Handler, SwapJobs
 from service.pipeline.wake_loop import WakeLoop
@@ -262,7 +262,9 @@ class Pipeline:
             await self._close_clients()
             raise
         if not on_heartbeat(self._consumer, self._proved):
-            log.warning("heartbeats not observable: ownership is proved by assignments only")
+            log.warning(
+                "heartbeats_not_observable", action="ownership is proved by assignments only"
+            )
             self._membership.unobservable()
         subscribed = [self._topics.device_swapped]
         if self._notify_topic is not None:
@@ -334,7 +336,7 @@ class Pipeline:
 
     # ---- intake ----------------------------------------------------------------------------
 
-    def _accept(self, tp: TopicPartition, records: Sequence[Any]) -> None:
+    def _accept(self, tp: TopicPartition, records: Sequence[ConsumedRecord]) -> None:
         core = self._cores.get(tp.partition)
         if core is None or core.closing:  # fetched just before a revocation
             return
@@ -399,7 +401,7 @@ class Pipeline:
         self._proved()  # the group just counted this member in
         if self._on_drain is not None:
             self._on_drain(False)
-        log.info("partitions assigned", partitions=sorted(tp.partition for tp in inputs))
+        log.info("partitions_assigned", partitions=sorted(tp.partition for tp in inputs))
         if self._on_assignment is not None:
             total = len(consumer.partitions_for_topic(self._topics.device_swapped) or ())
             result = self._on_assignment(len(inputs), total)
@@ -437,7 +439,7 @@ class Pipeline:
         topic = self._topics.device_swapped
         tps = [TopicPartition(topic, p) for p in missing]
         if await self._partitions.try_open(tps, self._open):
-            log.info("partitions opened", partitions=missing)
+            log.info("partitions_opened", partitions=missing)
             if not self._hold.held() and not self._paused:
                 consumer.resume(*tps)
             self._wake_now.set()
@@ -461,7 +463,7 @@ class Pipeline:
         if self._on_revocation is not None:
             await self._on_revocation()
         if ours:
-            log.info("partitions revoked", partitions=sorted(ours))
+            log.info("partitions_revoked", partitions=sorted(ours))
 
     async def _drop(self, partition: int) -> None:
         await self._partitions.drop(partition)

@@ -56,7 +56,7 @@ class KeyedScheduler:
                     except asyncio.CancelledError:
                         raise
                     except Exception:  # a job reports its own failures; never stop the key
-                        log.exception("job failed", key=key)
+                        log.exception("job_failed", key=key)
                     finally:
                         self._running -= 1
                 queue.popleft()
@@ -94,7 +94,5 @@ class KeyedScheduler:
             await asyncio.wait(pending, timeout=0.1)
             pending = [task for task in pending if not task.done()]
             if pending:
-                log.warning(
-                    "jobs still running after cancellation; cancelling again", jobs=len(pending)
-                )
+                log.warning("jobs_still_running", action="cancelling again", jobs=len(pending))
         await asyncio.gather(*tasks, return_exceptions=True)

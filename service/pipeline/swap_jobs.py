@@ -140,7 +140,7 @@ class SwapJobs:
             except PartitionFencedError:
                 return False
             except Exception:  # noqa: BLE001 - any failed transaction: the commit loop retries too
-                log.warning("could not commit a claim; trying again", partition=core.partition)
+                log.warning("claim_commit_failed", action="trying again", partition=core.partition)
                 await asyncio.sleep(0.5)  # the commit loop retries too: a broker hiccup
         return False
 
@@ -154,7 +154,7 @@ class SwapJobs:
             # The group gave the partitions away already (this member was frozen or cut off):
             # nothing it still runs may reach the platform; cancel instead of draining.
             log.warning(
-                "revoked after losing the group: running jobs cancelled", partitions=partitions
+                "revoked_after_losing_group", action="running jobs cancelled", partitions=partitions
             )
             await self._scheduler.cancel_all()
         deadline = loop.time() + seconds
@@ -176,7 +176,7 @@ class SwapJobs:
         await self.cancel_polls()
         drained = await self._scheduler.join(timeout)
         if not drained:
-            log.warning("drain timed out; unfinished work is left for redelivery")
+            log.warning("drain_timed_out", action="unfinished work is left for redelivery")
             await self._scheduler.cancel_all()
         for task in list(self.side_tasks):
             task.cancel()
@@ -231,7 +231,8 @@ class SwapJobs:
                 found = await self._dedupe.fetch(core.partition, job.dedupe_offset)
             except KafkaError as exc:
                 log.warning(
-                    "could not read a stored outcome back; trying again",
+                    "stored_outcome_unreadable",
+                    action="trying again",
                     partition=core.partition,
                     dedupe_offset=job.dedupe_offset,
                     retry_in=pause,

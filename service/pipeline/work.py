@@ -9,7 +9,7 @@ from service.events import SwapEvent
 from service.pipeline.records import OutcomeKind, Output
 
 # Watch is defined with its policy (service.bind.watch); the ledger reads it here.
-__all__ = ["Deferral", "HandlerResult", "Outcome", "PollResult", "WaitState", "Watch", "Work"]
+__all__ = ["HandlerResult", "Outcome", "PollResult", "WaitState", "Waiting", "Watch", "Work"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,13 +72,14 @@ class Outcome:
 
 
 @dataclass(frozen=True, slots=True)
-class Deferral:
-    """The swap waits in the ledger until ``state.due_ms``."""
+class Waiting:
+    """The swap waits in the ledger until ``state.due_ms`` (the handler's answer to the platform
+    client's ``Deferred``: the one is why a call must wait, the other where the swap waits)."""
 
     state: WaitState
 
 
-HandlerResult = Outcome | Deferral
+HandlerResult = Outcome | Waiting
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,14 +37,15 @@ Rebalances (docs/budget.md). A replica that gains share at a rebalance must not 
 empty window while the platform still counts the calls the other replicas (or a killed previous
 incarnation) made in the last minute. :meth:`rebalance` therefore *replaces* the window's content
 by the application's global call log (every replica's :meth:`grant_log`, exchanged through Kafka
-by :class:`service.budget_exchange.BudgetExchange`), each of those calls weighing ``share`` of a
-call, while this replica's own grants from then on weigh 1. A grant needs ``weight in window + 1
-<= limit``. Summed over the replicas, the weighted preloads are exactly the application's calls in
-the window, and each replica's new grants stay within ``limit - share * G``: together at most
-``N - G``. As the old calls age out, the allowance grows back to the whole share.
+by ``service.shared.budget_exchange.BudgetExchange``, which this package does not import), each of
+those calls weighing ``share`` of a call, while this replica's own grants from then on weigh 1.
+A grant needs ``weight in window + 1 <= limit``. Summed over the replicas, the weighted preloads
+are exactly the application's calls in the window, and each replica's new grants stay within
+``limit - share * G``: together at most ``N - G``. As the old calls age out, the allowance grows
+back to the whole share.
 
-:meth:`hold` stops every grant until the next :meth:`rebalance` or :meth:`release` (the exchange
-holds between a revocation and the next assignment, so the log it published stays complete), and
+:meth:`freeze` stops every grant until the next :meth:`rebalance` or :meth:`thaw` (the exchange
+freezes between a revocation and the next assignment, so the log it published stays complete), and
 :meth:`renew_lease` lets grants happen only until a given time (the exchange renews it after each
 acknowledged publication, so a replica that can no longer publish stops calling soon after).
 Decisions use the monotonic clock; the log travels as epoch seconds, converted with an offset
@@ -52,6 +53,11 @@ that :meth:`reanchor` sets again: the exchange re-anchors it at every publicatio
 append time of its last acknowledged record when the budget topic stamps one, else to the wall
 clock read then (docs/budget.md, *Clocks*). A clock step therefore shifts the shared log for at
 most one publication interval, not for the rest of the process.
+
+Who owns what: :class:`RateBudget` (here) the waiters, their classes and the dispatcher, the share
+and limit, the freeze and the lease, the wall-clock offset; :class:`~service.platform.budget_window.
+GrantWindow` what the window holds; :class:`~service.platform.budget_ceiling.FlowCeiling` the pause
+and the ceiling after a 1010009.
 """
 
 from __future__ import annotations
@@ -66,26 +72,39 @@ from dataclasses import dataclass
 from typing import Final
 
 from service.metrics import Metrics
-
-PRIORITY_URGENT: Final = -1
-PRIORITY_FRESH: Final = 0
-PRIORITY_DEFERRED: Final = 1
-PRIORITY_POLL: Final = 2
-"""Bind-watch polls (activation queries): a reserve and a cap of the poll share (set_poll_share)."""
+from service.platform.budget_ceiling import CEILING_RECOVERY, FlowCeiling
+from service.platform.budget_queue import (
+    PRIORITY_DEFERRED,
+    PRIORITY_FRESH,
+    PRIORITY_POLL,
+    PRIORITY_URGENT,
+    GrantQueue,
+)
+from service.platform.budget_window import EPSILON, GrantWindow
 
 WINDOW_SECONDS: Final = 60.0
 DEFAULT_SAFETY_MARGIN_SECONDS: Final = 1.0
 MIN_PENALTY_SECONDS: Final = 1.0
-CEILING_RECOVERY: Final = 0.1
-"""After a 1010009 the limit is capped at what the platform allowed; each window without another
-one raises the cap by this fraction of the configured limit (at least one call), until it is
-gone. A platform that really allows less answers 1010009 again, and the cap follows it down."""
-EPSILON: Final = 1e-6
-"""Tolerance of the weighted comparisons (weights are fractions such as 1/3)."""
 RECHECK_SECONDS: Final = 1.0
-"""While held or without a lease, the dispatcher looks again this often (a change wakes it)."""
+"""While frozen or without a lease, the dispatcher looks again this often (a change wakes it)."""
 
 Clock = Callable[[], float]
+
+__all__ = [
+    "CEILING_RECOVERY",
+    "DEFAULT_SAFETY_MARGIN_SECONDS",
+    "EPSILON",
+    "PRIORITY_DEFERRED",
+    "PRIORITY_FRESH",
+    "PRIORITY_POLL",
+    "PRIORITY_URGENT",
+    "WINDOW_SECONDS",
+    "FlowCeiling",
+    "Grant",
+    "GrantQueue",
+    "GrantWindow",
+    "RateBudget",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,32 +148,19 @@ class RateBudget:
         self._window = window_seconds
         self._span = window_seconds + safety_margin_seconds
         self._reserve = deferred_reserve
-        self._grants: deque[tuple[float, bool]] = deque()  # (time, deferred?) since rebalance
-        self._deferred_in_window = 0
-        self._own: deque[float] = deque()  # every own grant in the window, for grant_log()
-        self._preload: deque[tuple[float, int]] = deque()  # (time, calls) of the global log
-        self._preload_calls = 0
-        self._preload_weight = 0.0
+        self._in_window = GrantWindow(self._span)
+        self._flow = FlowCeiling(self._span)
         fixed = wall_offset  # given: a wall clock that never steps (tests, simulations)
         self._wall: Clock = time.time if fixed is None else (lambda: clock() + fixed)
         self._wall_offset = self._wall() - clock()
         self._counted_since = clock()
-        self._held = False
+        self._frozen = False
         self._lease_until: float | None = None
-        self._urgent: deque[asyncio.Future[float]] = deque()
-        self._fresh: deque[asyncio.Future[float]] = deque()
-        self._deferred: deque[asyncio.Future[float]] = deque()
-        # Bind-watch polls: served first while they have had less than ``poll_share`` of the
-        # limit within the window, never beyond it (a reserve and a cap).
-        self._poll: deque[asyncio.Future[float]] = deque()
-        self._poll_times: deque[float] = deque()
+        self._queue = GrantQueue()
         if metrics is not None:
             metrics.budget_lease_expired.set_function(lambda: 1.0 if self.lease_expired() else 0.0)
         self._poll_share = 0.2
         self._interrupted = False
-        self._paused_until = 0.0
-        self._ceiling: float | None = None
-        self._ceiling_until = 0.0
         self._changed = asyncio.Event()
         self._pump: asyncio.Task[None] | None = None
         self._limit = 1
@@ -186,8 +192,8 @@ class RateBudget:
         return self._span
 
     @property
-    def held(self) -> bool:
-        return self._held
+    def frozen(self) -> bool:
+        return self._frozen
 
     def now(self) -> float:
         """The budget's (monotonic) clock."""
@@ -253,36 +259,23 @@ class RateBudget:
         ``global_log`` holds the epoch seconds of the calls of *every* replica of the application
         (this one's included, plus phantom calls for replicas that may have called unseen). Each
         counts ``share`` of a call in this replica's window until it ages out; this replica's
-        grants from now on count 1. Ends a :meth:`hold`.
+        grants from now on count 1. Ends a :meth:`freeze`.
         """
         self._share = self._check_share(share)
         now = self._clock()
-        horizon = now - self._span
-        times = sorted(t - self._wall_offset for t in global_log)
-        preload: deque[tuple[float, int]] = deque()
-        for t in times:
-            if t <= horizon:
-                continue
-            if preload and preload[-1][0] == t:
-                preload[-1] = (t, preload[-1][1] + 1)
-            else:
-                preload.append((t, 1))
-        self._preload = preload
-        self._preload_calls = sum(n for _, n in preload)
-        self._preload_weight = share
-        self._grants.clear()
-        self._deferred_in_window = 0
+        self._in_window.preload((t - self._wall_offset for t in global_log), share, now)
         self._counted_since = now
-        self._held = False
+        self._frozen = False
         self._apply_limit(self._limit_for(share))
 
-    def hold(self) -> None:
-        """Grant nothing until :meth:`rebalance` or :meth:`release`."""
-        self._held = True
+    def freeze(self) -> None:
+        """Grant nothing until :meth:`rebalance` or :meth:`thaw`."""
+        self._frozen = True
 
-    def release(self) -> None:
-        if self._held:
-            self._held = False
+    def thaw(self) -> None:
+        """End a :meth:`freeze`."""
+        if self._frozen:
+            self._frozen = False
             self._changed.set()
 
     def lease_until(self) -> float:
@@ -305,18 +298,17 @@ class RateBudget:
         now = self._clock()
         self._prune(now)
         if seconds is None:
-            oldest = self._oldest(now)
+            oldest = self._in_window.oldest(now)
             seconds = max(MIN_PENALTY_SECONDS, oldest + self._span - now)
-        self._paused_until = max(self._paused_until, now + seconds)
-        self._ceiling = max(1.0, min(self._effective_limit(now), self._weighted()))
-        self._ceiling_until = now + self._span
+        allowed = min(self._effective_limit(now), self._weighted())
+        self._flow.penalize(now, seconds, allowed)
         self._changed.set()
 
     # ------------------------------------------------------------------ state
     def in_window(self) -> int:
         """This replica's own grants within the current window."""
         self._prune(self._clock())
-        return len(self._own)
+        return len(self._in_window.own)
 
     def weighted_in_window(self) -> float:
         """What the window holds: own grants since the last rebalance + the weighted preload."""
@@ -324,7 +316,7 @@ class RateBudget:
         return self._weighted()
 
     def allowance(self) -> float:
-        """Grants possible right now (ignoring a hold, a pause or the lease); may be < 0."""
+        """Grants possible right now (ignoring a freeze, a pause or the lease); may be < 0."""
         now = self._clock()
         self._prune(now)
         return self._effective_limit(now) - self._weighted()
@@ -332,7 +324,7 @@ class RateBudget:
     def grant_log(self) -> list[float]:
         """Epoch seconds of this replica's own grants still within the window (+ margin)."""
         self._prune(self._clock())
-        return [t + self._wall_offset for t in self._own]
+        return [t + self._wall_offset for t in self._in_window.own]
 
     def counted_since(self) -> float:
         """Epoch seconds of the last :meth:`rebalance` (or construction): own grants made since
@@ -345,11 +337,7 @@ class RateBudget:
         :meth:`resume`. Their calls were not made, so the next owner simply does them; only the
         calls already granted run to their end. Logins and token refreshes are not affected."""
         self._interrupted = True
-        for queue in (self._fresh, self._deferred, self._poll):
-            while queue:
-                fut = queue.popleft()
-                if not fut.done():
-                    fut.cancel()
+        self._queue.cancel(urgent=False)
 
     def resume(self) -> None:
         self._interrupted = False
@@ -363,52 +351,24 @@ class RateBudget:
 
     def polls_in_window(self) -> int:
         self._prune(self._clock())
-        return len(self._poll_times)
+        return len(self._in_window.poll_times)
 
     def _poll_allowed(self, now: float) -> bool:
-        horizon = now - self._span
-        while self._poll_times and self._poll_times[0] <= horizon:
-            self._poll_times.popleft()
+        polls = self._in_window.polls(now)
         cap = max(1, math.floor(self._poll_share * self._effective_limit(now) + EPSILON))
-        return len(self._poll_times) < cap
+        return polls < cap
 
     def waiting(self) -> int:
-        queues = (self._urgent, self._fresh, self._deferred, self._poll)
-        return sum(not f.done() for q in queues for f in q)
+        return self._queue.waiting()
 
     def _weighted(self) -> float:
-        return len(self._grants) + self._preload_weight * self._preload_calls
-
-    def _oldest(self, now: float) -> float:
-        oldest = now
-        if self._grants:
-            oldest = min(oldest, self._grants[0][0])
-        if self._preload:
-            oldest = min(oldest, self._preload[0][0])
-        return oldest
+        return self._in_window.weighted()
 
     def _prune(self, now: float) -> None:
-        horizon = now - self._span
-        while self._grants and self._grants[0][0] <= horizon:
-            _, deferred = self._grants.popleft()
-            if deferred:
-                self._deferred_in_window -= 1
-        while self._own and self._own[0] <= horizon:
-            self._own.popleft()
-        while self._preload and self._preload[0][0] <= horizon:
-            self._preload_calls -= self._preload.popleft()[1]
+        self._in_window.prune(now)
 
     def _effective_limit(self, now: float) -> float:
-        if self._ceiling is None:
-            return self._limit
-        if now >= self._ceiling_until:  # windows without a 1010009: the cap rises
-            windows = math.floor((now - self._ceiling_until) / self._span) + 1
-            self._ceiling += windows * max(1.0, CEILING_RECOVERY * self._limit)
-            self._ceiling_until += windows * self._span
-            if self._ceiling >= self._limit:
-                self._ceiling = None
-                return self._limit
-        return min(self._limit, self._ceiling)
+        return self._flow.limit(self._limit, now)
 
     def _lease_ok(self, now: float) -> bool:
         return self._lease_until is None or now < self._lease_until
@@ -416,40 +376,23 @@ class RateBudget:
     def _can_grant(self, now: float) -> bool:
         self._prune(now)
         return (
-            not self._held
-            and now >= self._paused_until
+            not self._frozen
+            and now >= self._flow.paused_until
             and self._lease_ok(now)
             and self._weighted() + 1.0 <= self._effective_limit(now) + EPSILON
         )
 
     def _next_free_at(self, now: float) -> float:
-        at = self._paused_until
-        if self._held or not self._lease_ok(now):
-            at = max(at, now + RECHECK_SECONDS)  # or earlier: release/renew_lease wake us
+        at = self._flow.paused_until
+        if self._frozen or not self._lease_ok(now):
+            at = max(at, now + RECHECK_SECONDS)  # or earlier: thaw/renew_lease wake us
         excess = self._weighted() + 1.0 - self._effective_limit(now)
         if excess > EPSILON:
-            at = max(at, self._frees_at(excess) + self._span)
-        if self._ceiling is not None:
-            # the ceiling lifts before the window frees: look again then
-            at = min(at, max(self._ceiling_until, self._paused_until))
+            at = max(at, self._in_window.frees_at(excess) + self._span)
+        look = self._flow.next_look()
+        if look is not None:  # the ceiling lifts before the window frees: look again then
+            at = min(at, look)
         return max(at, now)
-
-    def _frees_at(self, excess: float) -> float:
-        """The time of the entry whose ageing out frees ``excess`` weight (oldest first)."""
-        grants, preload, weight = self._grants, self._preload, self._preload_weight
-        i = j = 0
-        freed = 0.0
-        at = 0.0
-        while freed < excess - EPSILON and (i < len(grants) or j < len(preload)):
-            if j >= len(preload) or (i < len(grants) and grants[i][0] <= preload[j][0]):
-                at = grants[i][0]
-                freed += 1.0
-                i += 1
-            else:
-                at, calls = preload[j]
-                freed += weight * calls
-                j += 1
-        return at
 
     def next_free_at(self) -> float:
         """When the next grant could happen (budget clock), if nothing changes meanwhile."""
@@ -459,12 +402,7 @@ class RateBudget:
         return self._next_free_at(now)
 
     def _record(self, now: float, deferred: bool, *, poll: bool = False) -> None:
-        if poll:
-            self._poll_times.append(now)
-        self._grants.append((now, deferred))
-        self._own.append(now)
-        if deferred:
-            self._deferred_in_window += 1
+        self._in_window.record(now, deferred, poll=poll)
 
     # ------------------------------------------------------------------ acquire
     def try_acquire(self, priority: int = PRIORITY_FRESH) -> bool:
@@ -501,13 +439,8 @@ class RateBudget:
             self._observe(0.0)
             return Grant(start, deferred, poll, 0.0)
         fut: asyncio.Future[float] = asyncio.get_running_loop().create_future()
-        if priority < PRIORITY_FRESH:
-            self._urgent.append(fut)
-        elif poll:
-            self._poll.append(fut)
-        else:
-            (self._deferred if deferred else self._fresh).append(fut)
-        if not poll and self._poll:
+        self._queue.add(fut, priority)
+        if not poll and self._queue.poll:
             self._changed.set()  # the pump may be sleeping until a poll may go: look again
         self._ensure_pump()
         # A caller cancelled while waiting leaves a cancelled future that the dispatcher skips;
@@ -520,15 +453,7 @@ class RateBudget:
     def give_back(self, grant: Grant) -> None:
         """A grant whose call was not sent (its token could not be had at once): it no longer
         counts, in the window nor in the log shared with the other replicas."""
-        with contextlib.suppress(ValueError):
-            self._grants.remove((grant.at, grant.deferred))
-            if grant.deferred:
-                self._deferred_in_window -= 1
-        with contextlib.suppress(ValueError):
-            self._own.remove(grant.at)
-        if grant.poll:
-            with contextlib.suppress(ValueError):
-                self._poll_times.remove(grant.at)
+        self._in_window.remove(grant.at, grant.deferred, grant.poll)
         self._changed.set()
 
     def _observe(self, waited: float) -> None:
@@ -539,48 +464,30 @@ class RateBudget:
         if self._pump is None or self._pump.done():
             self._pump = asyncio.get_running_loop().create_task(self._run_pump())
 
-    @staticmethod
-    def _drop_done(queue: deque[asyncio.Future[float]]) -> None:
-        while queue and queue[0].done():
-            queue.popleft()
+    def _pick(self) -> tuple[deque[asyncio.Future[float]], bool] | None:
+        return self._queue.pick(lambda: self._poll_allowed(self._clock()), self._deferred_first)
 
-    def _pick(self) -> tuple[deque[asyncio.Future[float]], bool] | None:  # noqa: PLR0911
-        self._drop_done(self._urgent)
-        self._drop_done(self._fresh)
-        self._drop_done(self._deferred)
-        self._drop_done(self._poll)
-        if self._urgent:
-            return self._urgent, False
-        if self._poll and self._poll_allowed(self._clock()):
-            # Below their share of the window, polls go first: under a saturated refresh
-            # backlog they still get exactly their share (a watch must end, and a device whose
-            # registration expires must be seen in time), never more.
-            return self._poll, True
-        if not self._fresh and not self._deferred:
-            return None
-        if not self._deferred:
-            return self._fresh, False
-        if not self._fresh:
-            return self._deferred, True
+    def _deferred_first(self) -> bool:
+        """The deferred class has had less than its reserve of the window's grants."""
         reserved = max(1, math.floor(self._reserve * self._limit)) if self._reserve > 0 else 0
-        if self._deferred_in_window < reserved:
-            return self._deferred, True
-        return self._fresh, False
+        return self._in_window.deferred < reserved
 
     async def _run_pump(self) -> None:
         while True:
             now = self._clock()
             picked = self._pick()
             if picked is None:
-                if self._poll and self._poll_times:  # polls wait for their share to free
+                if (
+                    self._queue.poll and self._in_window.poll_times
+                ):  # polls wait for their share to free
                     self._changed.clear()
-                    await self._wait(max(self._poll_times[0] + self._span - now, 1e-3))
+                    await self._wait(max(self._in_window.poll_times[0] + self._span - now, 1e-3))
                     continue
                 return
             if self._can_grant(now):
                 queue, deferred = picked
                 fut = queue.popleft()
-                self._record(now, deferred, poll=queue is self._poll)
+                self._record(now, deferred, poll=queue is self._queue.poll)
                 fut.set_result(now)
                 await asyncio.sleep(0)  # let the granted caller run
                 continue
@@ -608,8 +515,4 @@ class RateBudget:
             pump.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await pump
-        for queue in (self._urgent, self._fresh, self._deferred, self._poll):
-            while queue:
-                fut = queue.popleft()
-                if not fut.done():
-                    fut.cancel()
+        self._queue.cancel(urgent=True)

@@ -151,7 +151,9 @@ def defer_delay(deferrals: int, initial: float, cap: float, rng: random.Random) 
     return base / 2.0 + rng.uniform(0.0, base / 2.0)
 
 
-Verdict = Literal["match", "mismatch", "unknown"]
+DeviceMatch = Literal["match", "mismatch", "unknown"]
+"""What a reconciliation query found: the device carries the requested verifyCode (``match``),
+another one (``mismatch``), or it cannot be told (``unknown``)."""
 
 
 async def rebind(
@@ -279,22 +281,22 @@ class _Rebind:
         return self.after_reconcile(await self.reconcile(), res, spec)
 
     def after_reconcile(
-        self, verdict: Verdict, res: CallResult, spec: ErrorSpec
+        self, found: DeviceMatch, res: CallResult, spec: ErrorSpec
     ) -> RebindResult | None:
-        if verdict == "match":
+        if found == "match":
             return Succeeded(
                 verify_code=self.req.verify_code,
                 timeout=self.req.timeout,
                 attempts=self.attempts,
                 reconciled=True,
             )
-        if verdict == "mismatch" and spec.action is Action.RECONCILE:
+        if found == "mismatch" and spec.action is Action.RECONCILE:
             return self.failed(res, spec, category=Category.CONFLICT)
-        if verdict == "mismatch" and spec.action is Action.DEFER_ONLINE:
+        if found == "mismatch" and spec.action is Action.DEFER_ONLINE:
             return self.defer(res)
         return None  # not applied (or cannot tell): retry the same, deterministic call
 
-    async def reconcile(self) -> Verdict:
+    async def reconcile(self) -> DeviceMatch:
         query = await self.client.query_device(
             self.req.device_id, self.req.app_id, priority=self.priority
         )

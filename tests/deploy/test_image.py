@@ -171,5 +171,5 @@ async def test_the_service_from_the_image_processes_a_swap(
     assert out.data["deviceId"] == "dev-image"
     assert out.data["nodeId"] == "new-image"
     assert (await harness.sim.control.device("dev-image"))["node_id"] == "new-image"
-    assert '"event":"credential updated"' in logs
-    assert '"event":"ops port listening"' in logs
+    assert '"event":"credential_updated"' in logs
+    assert '"event":"ops_port_listening"' in logs

@@ -51,7 +51,7 @@ async def test_group_grows_to_three_and_shrinks_back(
         f"members left in {took3:.1f}s and {took2:.1f}s"
     )
     assert (code3, code2) == (0, 0)
-    assigned = [m.log_text().count('"partitions assigned"') for m in members]
+    assigned = [m.log_text().count('"partitions_assigned"') for m in members]
     assert all(assigned), f"every member took part: {assigned}"
 
     await reader.wait_for(len(inputs), timeout=180)

@@ -75,7 +75,7 @@ async def test_sigterm_drains_commits_and_exits_and_a_second_signal_exits_at_onc
     # The second signal once the first is handled (two signals sent back to back can reach the
     # process as one: the kernel does not queue standard signals).
     await wait_until(
-        lambda: service.log_text().count('"stopping: draining in-flight work"') >= 2,
+        lambda: service.log_text().count('"stopping_draining"') >= 2,
         10,
         "the first SIGTERM handled",
     )

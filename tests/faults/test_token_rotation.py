@@ -182,7 +182,7 @@ class ServiceLog:
                 continue
             if not any(
                 word in line
-                for word in (b'"token_holder"', b'"token_takeover"', b'"rate budget share"')
+                for word in (b'"token_holder"', b'"token_takeover"', b'"rate_budget_share"')
             ):
                 continue
             try:
@@ -197,7 +197,7 @@ class ServiceLog:
                 self.elections += int(self.holder)
             elif event == "token_takeover":
                 self.takeovers += 1
-            elif event == "rate budget share" and isinstance(rec.get("partitions"), int):
+            elif event == "rate_budget_share" and isinstance(rec.get("partitions"), int):
                 self.partitions = int(rec["partitions"])
 
 

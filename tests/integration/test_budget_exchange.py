@@ -11,8 +11,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
-from service.budget_exchange import BudgetExchange, BudgetRecord, encode_record
 from service.platform.budget import RateBudget
+from service.shared.budget_exchange import BudgetExchange, BudgetRecord, encode_record
 from tests.support.kafka_broker import KafkaBroker
 
 pytestmark = pytest.mark.integration
@@ -89,7 +89,7 @@ async def test_the_topic_is_created_compacted_with_one_partition(
         values = [m.value for msgs in batch.values() for m in msgs]
         assert len(values) == 1
         assert b'"held":true' in (values[0] or b"")
-        assert a.budget.held
+        assert a.budget.frozen
     finally:
         await a.stop()
 
@@ -176,5 +176,5 @@ async def test_a_restarted_process_counts_its_killed_predecessors_calls(
         assert second.budget.allowance() <= N - 80 + 0.01
     finally:
         await second.stop()
-        first.budget.hold()
+        first.budget.freeze()
         await first.stop()

@@ -11,7 +11,7 @@ from tests.support.logcapture import captured_logs
 pytestmark = pytest.mark.integration
 
 EVENT_KEYS = ("topic", "partition", "offset", "device_id", "event_id")
-OUTCOME_LINES = {"credential updated", "rebind failed", "deferred: device is online"}
+OUTCOME_LINES = {"credential_updated", "rebind_failed", "deferred_device_online"}
 
 
 async def test_each_event_has_one_outcome_line_carrying_its_context(harness: Harness) -> None:
@@ -33,7 +33,7 @@ async def test_each_event_has_one_outcome_line_carrying_its_context(harness: Har
     assert all({"timestamp", "level", "event"} <= line.keys() for line in lines)
     assert len(outs) == 3
 
-    [updated] = [line for line in lines if line["event"] == "credential updated"]
+    [updated] = [line for line in lines if line["event"] == "credential_updated"]
     assert {k: updated[k] for k in ("topic", "device_id", "event_id")} == {
         "topic": harness.topics.device_swapped,
         "device_id": "dev-log-1",
@@ -50,11 +50,11 @@ async def test_each_event_has_one_outcome_line_carrying_its_context(harness: Har
         assert outcome[0]["level"] == "info"
         for line in about:  # every line about the event carries all five
             assert all(k in line for k in EVENT_KEYS), line
-    [failed] = [line for line in lines if line["event"] == "rebind failed"]
+    [failed] = [line for line in lines if line["event"] == "rebind_failed"]
     assert failed["event_id"] == "evt-log-2"
     assert failed["error_code"] == "100403"
     # an unreadable record has no device or event id; it still says where it came from
-    [dead] = [line for line in lines if line["event"] == "dead-lettered"]
+    [dead] = [line for line in lines if line["event"] == "dead_lettered"]
     assert dead["topic"] == harness.topics.device_swapped
     assert isinstance(dead["offset"], int)
     assert dead["reason"] == "not_json"

@@ -19,7 +19,7 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from service.events import DLQ_REASON_HEADER, DLQ_SOURCE_OFFSET_HEADER, DLQ_SOURCE_PARTITION_HEADER
+from service.events import DLQ_REASON_HEADER, SOURCE_OFFSET_HEADER, SOURCE_PARTITION_HEADER
 from service.pipeline.intake import DeadLetter, read_record
 from service.pipeline.work import Work
 from tests.fixtures.kafka import INPUT_PARTITIONS
@@ -147,7 +147,7 @@ async def test_a_fuzz_sample_gets_one_answer_per_record_and_every_partition_flow
     answers: defaultdict[tuple[int, int], list[Received]] = defaultdict(list)
     for out in outs:
         partition, offset = (
-            out.header(DLQ_SOURCE_PARTITION_HEADER),
+            out.header(SOURCE_PARTITION_HEADER),
             out.header("rebind-source-offset"),
         )
         assert partition is not None
@@ -163,7 +163,7 @@ async def test_a_fuzz_sample_gets_one_answer_per_record_and_every_partition_flow
         if isinstance(read, DeadLetter):
             assert out.topic == harness.topics.dead_letter
             assert out.header(DLQ_REASON_HEADER) == read.reason
-            assert out.header(DLQ_SOURCE_OFFSET_HEADER) == str(where[1])
+            assert out.header(SOURCE_OFFSET_HEADER) == str(where[1])
             dispositions[read.reason] += 1
         else:
             assert out.topic in (harness.topics.credential_updated, harness.topics.rebind_failed)

@@ -24,7 +24,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.structs import RecordMetadata
 
 from service.config import KafkaSettings
-from service.events import DLQ_REASON_HEADER, DLQ_SOURCE_OFFSET_HEADER, DLQ_SOURCE_PARTITION_HEADER
+from service.events import DLQ_REASON_HEADER, SOURCE_OFFSET_HEADER, SOURCE_PARTITION_HEADER
 from service.pipeline.committer import MAX_REQUEST_BYTES
 from tests.fixtures.kafka import INPUT_PARTITIONS
 from tests.fixtures.service import Harness
@@ -109,8 +109,8 @@ async def test_oversized_input_is_answered_and_the_partition_keeps_flowing(
         dead = by_offset[md.offset]
         assert dead.topic == harness.topics.dead_letter
         assert dead.header(DLQ_REASON_HEADER) == "too_large"
-        assert dead.header(DLQ_SOURCE_PARTITION_HEADER) == str(md.partition)
-        assert dead.header(DLQ_SOURCE_OFFSET_HEADER) == str(md.offset)
+        assert dead.header(SOURCE_PARTITION_HEADER) == str(md.partition)
+        assert dead.header(SOURCE_OFFSET_HEADER) == str(md.offset)
         assert dead.header(ORIGINAL_SIZE_HEADER) == str(len(device) + len(value))
         assert dead.key == device.encode()
         assert dead.value is not None

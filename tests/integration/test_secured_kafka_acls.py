@@ -43,7 +43,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 USER = "rebind-least"
 PRINCIPAL = f"User:{USER}"
-RETRYING = "not ready: retrying"
+RETRYING = "not_ready_retrying"
 
 
 def least_settings(kafka: SecuredKafka, topics: SecuredTopics, sim: SimulatorHandle) -> Settings:

@@ -103,7 +103,7 @@ async def test_started_before_the_broker_it_waits_then_works(
             service.stop()
             await asyncio.wait_for(task, 60)
             await broker.astop()
-    retries = [line for line in cap.lines() if line["event"] == "not ready: retrying"]
+    retries = [line for line in cap.lines() if line["event"] == "not_ready_retrying"]
     assert len(retries) >= RETRIES_BEFORE_BROKER  # one line per attempt
     unreachable = [line for line in retries if "Kafka is not reachable" in line["cause"]]
     assert len(unreachable) >= RETRIES_BEFORE_BROKER
@@ -115,11 +115,11 @@ async def test_started_before_the_broker_it_waits_then_works(
     # While starting, one line per attempt: the Kafka client's own complaints are left out. (After
     # the start, this test's own producer and reader log through the same pipeline.)
     lines = cap.lines()
-    ready_at = next(i for i, line in enumerate(lines) if line["event"] == "kafka ready: starting")
+    ready_at = next(i for i, line in enumerate(lines) if line["event"] == "kafka_ready")
     starting = lines[:ready_at]
     assert not [line for line in starting if line.get("logger", "").startswith("aiokafka")]
     assert not [line for line in starting if line.get("level") == "error"]
-    assert not [line for line in lines if line["event"] == "cannot start"]
+    assert not [line for line in lines if line["event"] == "cannot_start"]
 
 
 async def test_missing_topics_end_the_start_after_the_grace_period(harness: Harness) -> None:
@@ -134,7 +134,7 @@ async def test_missing_topics_end_the_start_after_the_grace_period(harness: Harn
     assert "no.such.ledger (REBIND_TOPICS__LEDGER)" in message
     assert "REBIND_KAFKA__TOPICS_GRACE_SECONDS" in message
     assert "device-rebind topics create" in message
-    waiting = [line for line in cap.lines() if line["event"] == "not ready: retrying"]
+    waiting = [line for line in cap.lines() if line["event"] == "not_ready_retrying"]
     assert any("no.such.ledger (REBIND_TOPICS__LEDGER)" in line["cause"] for line in waiting)
 
 
@@ -267,6 +267,6 @@ async def test_a_listener_that_never_answers_is_waited_for_not_fatal(tmp_path: P
             for writer in accepted:
                 writer.close()
     assert started == []
-    retries = [line for line in cap.lines() if line["event"] == "not ready: retrying"]
+    retries = [line for line in cap.lines() if line["event"] == "not_ready_retrying"]
     assert len(retries) >= 2
     assert all(f"REBIND_KAFKA__BOOTSTRAP_SERVERS=127.0.0.1:{port}" in r["cause"] for r in retries)

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from service.platform.shared_token import SharedTokenProvider
+from service.shared.shared_token import SharedTokenProvider
 from tests.fixtures.service import Harness
 from tests.support.token_topic import start_provider, token_records, token_topic
 from tests.support.waiting import wait_until

@@ -12,8 +12,8 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from service.budget_exchange import BudgetExchange
 from service.platform.budget import RateBudget
+from service.shared.budget_exchange import BudgetExchange
 
 WALL0 = 1_700_000_000.0
 """Wall-clock epoch seconds at virtual time 0."""

@@ -11,7 +11,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from service.app import Service
 from service.metrics import Metrics
 from service.platform.budget import RateBudget
-from service.platform.shared_token import SharedTokenProvider
+from service.shared.shared_token import SharedTokenProvider
 from tests.fixtures.service import Harness
 from tests.support.kafka_broker import create_topics
 from tests.support.waiting import wait_until

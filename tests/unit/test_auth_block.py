@@ -20,8 +20,8 @@ from service.config import ConfigError, KafkaSettings, PlatformSettings, load_se
 from service.metrics import Metrics
 from service.platform.budget import RateBudget
 from service.platform.errors import AUTH_BLOCKING_CODES
-from service.platform.shared_token import SharedToken, SharedTokenProvider, TokenCodec
 from service.platform.tokens import AuthGate, SecretReader, TokenError, TokenManager
+from service.shared.shared_token import SharedToken, SharedTokenProvider, TokenCodec
 from tests.support.waiting import wait_until
 
 APP = "app-1"

@@ -22,7 +22,7 @@ from service.pipeline.ledger import DeviceLedger, State
 from service.pipeline.partition import PartitionCore
 from service.pipeline.progress import PartitionProgress
 from service.pipeline.records import OutcomeKind, Output
-from service.pipeline.work import Deferral, Outcome, PollResult, WaitState, Work
+from service.pipeline.work import Outcome, PollResult, Waiting, WaitState, Work
 from tests.support.events import swap_event
 from tests.support.records import FakeRecord
 
@@ -103,7 +103,7 @@ def test_a_late_push_about_the_old_hardware_does_not_settle_the_newer_swap() -> 
     new = read(core, 1, "node-new", 10)  # OLD's watch ends BIND_NOT_CONFIRMED here
     assert core.claim(new)
     wait = WaitState(NOW_MS + 60_000, NOW_MS + 86_400_000, 1, 1, NOW_MS, "100611", "device_online")
-    core.decide(new, Deferral(wait))
+    core.decide(new, Waiting(wait))
     topics_written(core)
     push(core, 0, "succeeded", "node-old")
     entry = core.ledger.get(DEVICE)

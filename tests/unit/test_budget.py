@@ -269,7 +269,7 @@ async def test_after_a_1010009_the_cap_rises_a_tenth_of_the_limit_per_quiet_wind
     assert budget.allowance() == pytest.approx(25)
     assert budget._poll_allowed(clock.now)  # a fifth of 25: 5 polls
     for _ in range(5):
-        budget._poll_times.append(clock.now)
+        budget._in_window.poll_times.append(clock.now)
     assert not budget._poll_allowed(clock.now)  # not 20 (a fifth of the configured 100)
     clock.now += 2 * budget._span  # two more: 45
     assert budget.allowance() == pytest.approx(45)

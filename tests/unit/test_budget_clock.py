@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from service.budget_exchange import BudgetExchange, decode_record
 from service.platform.budget import RateBudget
+from service.shared.budget_exchange import BudgetExchange, decode_record
 from tests.support.budget_sim import SCOPE, MemoryTopic
 
 TRUE0 = 1_700_000_000.0

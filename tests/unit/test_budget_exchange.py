@@ -15,7 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from service.budget_exchange import (
+from service.platform.budget import PRIORITY_DEFERRED, RateBudget
+from service.shared.budget_exchange import (
     SPAN_SECONDS,
     BudgetExchange,
     BudgetRecord,
@@ -26,7 +27,6 @@ from service.budget_exchange import (
     is_complete,
     phantom_calls,
 )
-from service.platform.budget import PRIORITY_DEFERRED, RateBudget
 from tests.support.budget_sim import (
     SCOPE,
     WALL0,
@@ -154,9 +154,9 @@ def test_fractional_weights_never_round_in_our_favour() -> None:
 def test_hold_and_lease_stop_grants_until_released_or_renewed() -> None:
     clock = Clock()
     budget = _budget(clock)
-    budget.hold()
+    budget.freeze()
     assert not budget.try_acquire()
-    budget.release()
+    budget.thaw()
     assert budget.try_acquire()
     budget.renew_lease(clock.now + 6.0)
     assert budget.try_acquire()
@@ -164,7 +164,7 @@ def test_hold_and_lease_stop_grants_until_released_or_renewed() -> None:
     assert not budget.try_acquire()
     budget.renew_lease(clock.now + 6.0)
     assert budget.try_acquire()
-    budget.hold()
+    budget.freeze()
     budget.rebalance(1.0, [])  # an assignment ends the hold
     assert budget.try_acquire()
 
@@ -177,7 +177,7 @@ async def test_a_waiter_is_woken_by_release() -> None:
 
     clock = Clock()
     budget = RateBudget(10, clock=clock, sleep=sleep_forever)
-    budget.hold()
+    budget.freeze()
     waiter = asyncio.create_task(budget.acquire())
     await asyncio.sleep(0)
     assert not waiter.done()
@@ -302,9 +302,9 @@ async def test_exchange_publishes_reads_and_rebalances_in_memory() -> None:
     a = BudgetExchange({}, "t", "a", a_budget, scope=SCOPE, io=topic)
     b = BudgetExchange({}, "t", "b", b_budget, scope=SCOPE, io=topic)
     await a.start()
-    assert a_budget.held  # nothing before the first assignment
+    assert a_budget.frozen  # nothing before the first assignment
     await a.on_assigned(1.0)
-    assert not a_budget.held
+    assert not a_budget.frozen
     assert _grant_all(a_budget) == 100
     clock.now += 5.0
     await b.start()
@@ -363,7 +363,7 @@ async def test_a_stopped_process_leaves_a_final_held_record() -> None:
     await ex.on_assigned(1.0)
     assert _grant_all(ex.budget) == 100
     await ex.stop()
-    assert ex.budget.held
+    assert ex.budget.frozen
     record = decode_record(topic.records[-1][1])
     assert record.final
     assert record.held
@@ -489,7 +489,7 @@ def test_a_record_of_very_many_calls_stays_small_and_never_makes_a_call_look_ear
     import random  # noqa: PLC0415 - this test only
     import time  # noqa: PLC0415
 
-    from service.budget_exchange import (  # noqa: PLC0415
+    from service.shared.budget_exchange import (  # noqa: PLC0415
         MAX_PACKED_ENTRIES,
         pack_times,
         unpack_times,

@@ -11,10 +11,10 @@ from collections.abc import Sequence
 import pytest
 
 from service.app import Service
-from service.budget_exchange import BudgetExchange
 from service.config import KafkaSettings, PlatformSettings, Settings
 from service.metrics import Metrics
 from service.platform.budget import RateBudget
+from service.shared.budget_exchange import BudgetExchange
 
 
 class Clock:

@@ -18,7 +18,7 @@ import pytest
 from service.config import KafkaSettings
 from service.metrics import Metrics
 from service.pipeline.committer import PartitionCommitter
-from service.pipeline.partition import Commit
+from service.pipeline.outbox import Commit
 from service.pipeline.records import Output
 
 

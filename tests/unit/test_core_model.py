@@ -75,7 +75,8 @@ import service.handler as handler_module
 import service.pipeline.partition as partition_module
 from service.bind.watch import WatchPolicy
 from service.config import PlatformSettings, Settings
-from service.handler import SOURCE_OFFSET_HEADER, RebindHandler
+from service.events import SOURCE_OFFSET_HEADER
+from service.handler import RebindHandler
 from service.metrics import Metrics
 from service.pipeline.dedupe import (
     ORIGIN_OFFSET_HEADER,
@@ -86,7 +87,8 @@ from service.pipeline.dedupe import (
 )
 from service.pipeline.expiry import Retention
 from service.pipeline.ledger import DeviceLedger, State, decode_entry
-from service.pipeline.partition import Commit, PartitionCore, Republish
+from service.pipeline.outbox import Commit
+from service.pipeline.partition import PartitionCore, Republish
 from service.pipeline.progress import PartitionProgress, decode_finished
 from service.pipeline.records import OutcomeKind, Output
 from service.pipeline.work import HandlerResult, PollResult, Work

@@ -14,13 +14,13 @@ from service.events import (
     CONTENT_TYPE,
     DLQ_DETAIL_HEADER,
     DLQ_REASON_HEADER,
-    DLQ_SOURCE_OFFSET_HEADER,
-    DLQ_SOURCE_PARTITION_HEADER,
-    DLQ_SOURCE_TOPIC_HEADER,
     FAILED_TYPE,
     INVALID_REASONS,
     MAX_CONTEXT_DEPTH,
     REBOUND_TYPE,
+    SOURCE_OFFSET_HEADER,
+    SOURCE_PARTITION_HEADER,
+    SOURCE_TOPIC_HEADER,
     SWAPPED_TYPE,
     UPDATED_TYPE,
     CredentialUpdatedEvent,
@@ -746,9 +746,9 @@ def test_dead_letter_headers_keep_originals_and_append_reason() -> None:
     assert headers[3:] == [
         (DLQ_REASON_HEADER, b"not_json"),
         (DLQ_DETAIL_HEADER, b"value is not JSON"),
-        (DLQ_SOURCE_TOPIC_HEADER, b"asset.device-swapped.v1"),
-        (DLQ_SOURCE_PARTITION_HEADER, b"2"),
-        (DLQ_SOURCE_OFFSET_HEADER, b"41"),
+        (SOURCE_TOPIC_HEADER, b"asset.device-swapped.v1"),
+        (SOURCE_PARTITION_HEADER, b"2"),
+        (SOURCE_OFFSET_HEADER, b"41"),
     ]
 
 
@@ -763,7 +763,7 @@ def test_dead_letter_headers_replace_an_earlier_dead_lettering() -> None:
     assert names.count(DLQ_REASON_HEADER) == 1
     assert len(second) == 6
     assert dict(second)[DLQ_REASON_HEADER] == b"invalid_data"
-    assert dict(second)[DLQ_SOURCE_TOPIC_HEADER] == b"t2"
+    assert dict(second)[SOURCE_TOPIC_HEADER] == b"t2"
 
 
 def test_dead_letter_detail_is_bounded() -> None:

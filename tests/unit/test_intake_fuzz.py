@@ -30,9 +30,9 @@ from hypothesis import strategies as st
 from service.events import (
     DEFAULT_MAX_RECORD_BYTES,
     DLQ_REASON_HEADER,
-    DLQ_SOURCE_OFFSET_HEADER,
     INVALID_REASONS,
     ORIGINAL_SIZE_HEADER,
+    SOURCE_OFFSET_HEADER,
     InvalidEvent,
     credential_updated,
     decode_swap,
@@ -91,7 +91,7 @@ def _check_dead_letter(record: FuzzRecord, dead: DeadLetter) -> None:
     _fits(out)
     headers = dict(out.headers)
     assert headers[DLQ_REASON_HEADER] == dead.reason.encode()
-    assert headers[DLQ_SOURCE_OFFSET_HEADER] == str(record.offset).encode()
+    assert headers[SOURCE_OFFSET_HEADER] == str(record.offset).encode()
     if dead.reason == TOO_LARGE:
         size = record_size(record.key, record.value, record.headers)
         assert size > LIMIT

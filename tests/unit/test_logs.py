@@ -112,9 +112,9 @@ def test_console_format_renders_readable_lines() -> None:
         captured_logs(fmt="console") as cap,
         structlog.contextvars.bound_contextvars(device_id="dev-c"),
     ):
-        structlog.get_logger("test").info("credential updated", attempts=1)
+        structlog.get_logger("test").info("credential_updated", attempts=1)
     text = cap.text
-    assert "credential updated" in text
+    assert "credential_updated" in text
     assert "attempts=1" in text
     assert "device_id=dev-c" in text
     assert "info" in text

@@ -17,15 +17,15 @@ from structlog.testing import capture_logs
 from service.config import KafkaSettings, PlatformSettings
 from service.metrics import Metrics
 from service.platform.budget import RateBudget
-from service.platform.shared_token import SharedTokenProvider
-from service.platform.token_channel import HolderFencedError
-from service.platform.token_records import (
+from service.platform.tokens import TokenError
+from service.shared.shared_token import SharedTokenProvider
+from service.shared.token_channel import HolderFencedError
+from service.shared.token_records import (
     InvalidRecordError,
     SharedToken,
     TokenCodec,
     fingerprint,
 )
-from service.platform.tokens import TokenError
 from tests.support.waiting import wait_until
 
 APP = "app-1"
@@ -614,7 +614,7 @@ async def test_the_holder_republishes_over_an_unreadable_token_record(
 async def test_a_flood_of_needs_and_unreadable_records_cannot_make_the_holder_write_in_a_loop(
     rig: Rig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("service.platform.token_holder.REPUBLISH_MIN_SECONDS", 0.5)
+    monkeypatch.setattr("service.shared.token_holder.REPUBLISH_MIN_SECONDS", 0.5)
     holder = await _holder_with_token(rig)
     need = rig.codec.encrypt({"by": "i1"}, KEY + b"/need")
     holder.receive(KEY + b"/need", need)

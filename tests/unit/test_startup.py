@@ -70,7 +70,7 @@ async def test_unreachable_kafka_is_retried_with_one_line_per_attempt() -> None:
         assert await supervisor.run(parts.start, parts.reset)
     assert check.calls == 4
     assert parts.started == 1
-    retries = [line for line in cap.lines() if line["event"] == "not ready: retrying"]
+    retries = [line for line in cap.lines() if line["event"] == "not_ready_retrying"]
     assert [line["attempt"] for line in retries] == [1, 2, 3]
     assert "REBIND_KAFKA__BOOTSTRAP_SERVERS=kafka-0:9092" in retries[0]["cause"]
     assert "Unable to bootstrap" in retries[0]["cause"]
@@ -171,7 +171,7 @@ async def test_a_part_that_cannot_start_after_the_check_is_retried() -> None:
     with captured_logs() as cap:
         assert await supervisor.run(parts.start, parts.reset)
     assert (parts.started, parts.resets) == (2, 1)
-    [retry] = [line for line in cap.lines() if line["event"] == "not ready: retrying"]
+    [retry] = [line for line in cap.lines() if line["event"] == "not_ready_retrying"]
     assert retry["cause"] == "REBIND_TOPICS__BUDGET: could not publish to topic"
 
 

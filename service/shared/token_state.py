@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
-from service.platform.token_records import SharedToken, fingerprint
+from service.shared.token_records import SharedToken, fingerprint
 
 EXPIRY_GUARD_SECONDS: Final = 1.0
 """A token this close to its expiry is no longer handed out."""

@@ -15,7 +15,7 @@ re-joined. So every live member's revocation-time record is on the topic before 
 assignment callback runs. Four rules make those records complete:
 
 * **held**: from its revocation until its next assignment, a replica's budget grants nothing
-  (:meth:`RateBudget.hold`), and the record it publishes then says so (``held``). After the
+  (:meth:`RateBudget.freeze`), and the record it publishes then says so (``held``). After the
   assignment it grants again only once a record with its new limit is acknowledged. A held record
   is therefore complete whenever it is read: the replica made no call since.
 * **new generation**: a record published after its replica's assignment in *this* rebalance
@@ -419,7 +419,7 @@ class BudgetExchange:
 
         The budget grants nothing from here until the first :meth:`on_assigned`.
         """
-        self.budget.hold()
+        self.budget.freeze()
         self._phase = _Phase.STARTING
         self._fresh_after = self.budget.wall_now()
         if self._io is not None:  # no Kafka, nothing in the background: the owner publishes
@@ -458,7 +458,7 @@ class BudgetExchange:
     async def stop(self) -> None:
         """Stop calling, publish a final record (its calls still count for the others), close."""
         self._phase = _Phase.STOPPED
-        self.budget.hold()
+        self.budget.freeze()
         await self._cancel(self._publisher)
         self._publisher = None
         if self._producer is not None or self._io is not None:
@@ -626,9 +626,9 @@ class BudgetExchange:
             phase is _Phase.ASSIGNED
             and self._phase is _Phase.ASSIGNED
             and assignment == self._assignment
-            and self.budget.held
+            and self.budget.frozen
         ):
-            self.budget.release()
+            self.budget.thaw()
         return True
 
     def _anchor(self, broker: float | None = None, *, at: float | None = None) -> None:
@@ -666,7 +666,7 @@ class BudgetExchange:
         """The pipeline's partitions are being revoked (eager protocol: all of them): stop
         calling and publish, before the member re-joins the group."""
         self._phase = _Phase.REVOKED
-        self.budget.hold()
+        self.budget.freeze()
         self._fresh_after = self.budget.wall_now()
         published = await self.publish()
         log.info(
@@ -710,7 +710,7 @@ class BudgetExchange:
             # Unknown: assume the application spent its whole budget just now.
             calls = [*calls, *([now] * self.budget.total)]
         self.budget.rebalance(share, calls)
-        self.budget.hold()  # until a record of this assignment is acknowledged
+        self.budget.freeze()  # until a record of this assignment is acknowledged
         self._phase = _Phase.ASSIGNED
         self.rebalances += 1
         self.last_log = glog

@@ -23,10 +23,10 @@ import structlog
 from service.config import PlatformSettings
 from service.metrics import Metrics
 from service.platform.rebind import defer_delay
-from service.platform.token_channel import Channel, HolderFencedError
-from service.platform.token_records import RecordSeal, SharedToken
-from service.platform.token_state import EXPIRY_GUARD_SECONDS, TokenState, wait_event
 from service.platform.tokens import TokenError, TokenManager, _Token
+from service.shared.token_channel import Channel, HolderFencedError
+from service.shared.token_records import RecordSeal, SharedToken
+from service.shared.token_state import EXPIRY_GUARD_SECONDS, TokenState, wait_event
 
 log = structlog.get_logger(__name__)
 

@@ -1,0 +1,128 @@
+"""What one input partition writes in its next transaction: the outputs decided since the last
+one, the outcome counts and timestamps for the metrics, the ends of bind watches, and the offsets
+the transaction commits with them.
+
+Invariants:
+
+- every output decided is in exactly one place: this buffer, or a :class:`Commit` taken and not
+  yet settled (:meth:`Outbox.committed`) or given back (:meth:`Outbox.restore`), so a failed
+  transaction loses nothing and a committed one is never written twice;
+- :meth:`Outbox.take` returns None only when nothing changed since the last commit (no output,
+  no count, the same offset and metadata, the same bind-notify offset);
+- a device's ledger records written and not committed yet are counted (:meth:`Outbox.unsettled`)
+  from :meth:`Outbox.emit` until the transaction that carries them commits.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from service.pipeline.dedupe import DedupeIndex
+from service.pipeline.progress import PartitionProgress
+from service.pipeline.records import OutcomeKind, Output
+
+
+@dataclass(slots=True)
+class Commit:
+    """What one transaction of the partition writes."""
+
+    outputs: list[Output]
+    offset: int | None
+    metadata: str
+    counts: list[OutcomeKind] = field(default_factory=list)
+    stamps: list[int] = field(default_factory=list)
+    binds: list[tuple[str, float | None]] = field(default_factory=list)
+    """Ends of bind watches: (result, seconds from the refresh to the bind)."""
+    notify_offset: int | None = None
+    """The bind-notify partition's offset to commit (pushes read up to there are settled)."""
+
+
+class Outbox:
+    """The partition's next transaction, filled by its decisions and taken by the committer."""
+
+    def __init__(
+        self, *, progress: PartitionProgress, ledger_topic: str, dedupe: DedupeIndex
+    ) -> None:
+        self.progress = progress
+        self.ledger_topic = ledger_topic
+        self.dedupe = dedupe
+        self.notify_offset: int | None = None  # next offset of the bind-notify partition
+        self._notify_committed: int | None = None
+        self._outputs: list[Output] = []
+        self._counts: list[OutcomeKind] = []
+        self._stamps: list[int] = []
+        self._binds: list[tuple[str, float | None]] = []
+        self._last: tuple[int | None, str] = (progress.base, "")
+        # Devices with ledger records written but not committed yet (with how many), bounded by
+        # the outputs of the transaction on its way and the next one.
+        self._unsettled: Counter[bytes] = Counter()
+
+    def emit(self, outputs: list[Output], kind: OutcomeKind | None) -> None:
+        """Outputs (and the outcome they count as, if any) for the next transaction."""
+        self._outputs.extend(outputs)
+        for output in outputs:
+            if output.topic == self.ledger_topic and output.key is not None:
+                self._unsettled[output.key] += 1
+        if kind is not None:
+            self._counts.append(kind)
+
+    def finish(self, offset: int, *, counted: bool = True) -> None:
+        """The input record at ``offset`` needs nothing more; ``counted``: its latency is
+        measured."""
+        stamp = self.progress.finish(offset)
+        if counted and stamp is not None:
+            self._stamps.append(stamp)
+
+    def bind_ended(self, result: str, seconds: float | None) -> None:
+        """A bind watch ended (its result, and the seconds from the refresh to the bind)."""
+        self._binds.append((result, seconds))
+
+    def unsettled(self, device: str) -> bool:
+        """True while a ledger record of ``device`` is written and not committed."""
+        return self._unsettled[device.encode()] > 0
+
+    @property
+    def pending_outputs(self) -> int:
+        return len(self._outputs)
+
+    def take(self) -> Commit | None:
+        """What the next transaction writes; None when there is nothing new."""
+        offset, metadata = self.progress.snapshot()
+        if (
+            not self._outputs
+            and not self._counts
+            and (offset, metadata) == self._last
+            and self.notify_offset == self._notify_committed
+        ):
+            return None
+        commit = Commit(
+            self._outputs,
+            offset,
+            metadata,
+            self._counts,
+            self._stamps,
+            self._binds,
+            self.notify_offset,
+        )
+        self._outputs, self._counts, self._stamps, self._binds = [], [], [], []
+        return commit
+
+    def committed(self, commit: Commit, written: list[int]) -> None:
+        """The transaction carrying ``commit`` committed; ``written``: its outputs' offsets."""
+        self._last = (commit.offset, commit.metadata)
+        self._notify_committed = commit.notify_offset
+        for output, offset in zip(commit.outputs, written, strict=True):
+            if output.topic == self.dedupe.topic and output.key is not None:
+                self.dedupe.committed(output.key, offset)
+            elif output.topic == self.ledger_topic and output.key is not None:
+                self._unsettled[output.key] -= 1
+                if self._unsettled[output.key] <= 0:
+                    del self._unsettled[output.key]
+
+    def restore(self, commit: Commit) -> None:
+        """The transaction failed: its outputs go into the next one."""
+        self._outputs = commit.outputs + self._outputs
+        self._counts = commit.counts + self._counts
+        self._stamps = commit.stamps + self._stamps
+        self._binds = commit.binds + self._binds
