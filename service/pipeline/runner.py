@@ -25,6 +25,7 @@ import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 
+from service.assignor import CoPartitionedAssignor, consumer_generation
 from service.bind.watch import WatchPolicy
 from service.config import KafkaSettings, TopicSettings
 from service.kafka import (
@@ -102,7 +103,7 @@ class Pipeline:
         # still waiting for the platform budget are abandoned instead of drained; False after.
         self._on_drain = on_drain
         # Pushes arrive on the bind-notify topic, co-partitioned with the input: partition p of
-        # both goes to the same member (range assignment), whose core correlates them.
+        # both goes to the same member (service.assignor), whose core correlates them.
         self._notify_topic = topics.bind_notify if bind_notify else None
         self._progress = asyncio.Event()
         self._flush_now = asyncio.Event()
@@ -490,9 +491,13 @@ async def check_topics(kafka: KafkaSettings, topics: TopicSettings, notify: str 
 def input_consumer(kafka: KafkaSettings, heartbeat_seconds: float) -> AIOKafkaConsumer:
     """The group member's consumer of the input (and bind-notify) topic."""
     options = client_options(kafka)
-    return AIOKafkaConsumer(
+    assignor = CoPartitionedAssignor()
+    consumer = AIOKafkaConsumer(
         **options,
         group_id=kafka.group_id,
+        # Static membership (KIP-345), opt-in: a member that comes back within the session
+        # timeout under the same instance id gets its partitions back without a rebalance.
+        group_instance_id=kafka.instance_id if kafka.static_membership else None,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         isolation_level="read_committed",
@@ -500,9 +505,12 @@ def input_consumer(kafka: KafkaSettings, heartbeat_seconds: float) -> AIOKafkaCo
         session_timeout_ms=kafka.session_timeout_ms,
         heartbeat_interval_ms=int(heartbeat_seconds * 1000),
         # Co-partitioning: partition p of the input and of the bind-notify topic go to one
-        # member, so a device's pushes meet its ledger entry.
-        partition_assignment_strategy=(RangePartitionAssignor,),
+        # member, so a device's pushes meet its ledger entry. The sticky assignor first; range
+        # while members that know only range are in the group (a rolling deploy).
+        partition_assignment_strategy=(assignor, RangePartitionAssignor),
         # Bounded prefetch: memory must not grow with the backlog behind the buffer.
         fetch_max_bytes=4 * 1024 * 1024,
         max_partition_fetch_bytes=512 * 1024,
     )
+    assignor.read_generation(consumer_generation(consumer))
+    return consumer
