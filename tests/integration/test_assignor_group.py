@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import pytest
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 
 from service.config import KafkaSettings
@@ -24,11 +24,24 @@ pytestmark = pytest.mark.integration
 PARTITIONS = 6
 
 
+class _Counting(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self) -> None:
+        self.revoked = 0
+
+    async def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
+        if revoked:
+            self.revoked += 1
+
+    async def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
+        pass
+
+
 @dataclass
 class _Member:
     consumer: AIOKafkaConsumer
     task: asyncio.Task[None] | None = None
     topics: Sequence[str] = field(default_factory=list)
+    listener: _Counting = field(default_factory=_Counting)
 
     def numbers(self) -> dict[str, set[int]]:
         by_topic: dict[str, set[int]] = {t: set() for t in self.topics}
@@ -39,9 +52,20 @@ class _Member:
 
 @asynccontextmanager
 async def _member(
-    bootstrap: str, group: str, topics: Sequence[str], *, range_only: bool = False
+    bootstrap: str,
+    group: str,
+    topics: Sequence[str],
+    *,
+    range_only: bool = False,
+    static: str | None = None,
 ) -> AsyncIterator[_Member]:
-    kafka = KafkaSettings(bootstrap_servers=bootstrap, group_id=group, session_timeout_ms=10_000)
+    kafka = KafkaSettings(
+        bootstrap_servers=bootstrap,
+        group_id=group,
+        session_timeout_ms=20_000,
+        instance_id=static or "not-static",
+        static_membership=static is not None,
+    )
     if range_only:  # a member of the release before: range alone
         consumer = AIOKafkaConsumer(
             bootstrap_servers=bootstrap,
@@ -54,8 +78,8 @@ async def _member(
     else:
         consumer = input_consumer(kafka, heartbeat_seconds=0.5)
     await consumer.start()
-    consumer.subscribe(list(topics))
     member = _Member(consumer, topics=topics)
+    consumer.subscribe(list(topics), listener=member.listener)
 
     async def poll() -> None:
         while True:
@@ -65,10 +89,16 @@ async def _member(
     try:
         yield member
     finally:
+        await _stop(member)
+
+
+async def _stop(member: _Member) -> None:
+    if member.task is not None:
         member.task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await member.task
-        await consumer.stop()
+        member.task = None
+        await member.consumer.stop()
 
 
 def _settled(members: Sequence[_Member], topics: Sequence[str]) -> bool:
@@ -129,3 +159,36 @@ async def test_a_group_with_a_range_only_member_goes_on_with_range(
             numbers = member.numbers()
             assert numbers[topics[0]] == numbers[topics[1]]  # range is co-partitioned too
             assert len(numbers[topics[0]]) == 3
+
+
+@pytest.mark.parametrize("restarted", ["first", "second"])
+async def test_a_static_member_back_within_the_session_timeout_moves_nothing(
+    kafka_broker: KafkaBroker, restarted: str
+) -> None:
+    """The first member to join leads the group; either one restarting under its instance id
+    gets its partitions back, and the other is never revoked: no rebalance."""
+    topics = await _topics(kafka_broker)
+    group = f"assign-static-{uuid.uuid4().hex[:8]}"
+    bootstrap = kafka_broker.bootstrap
+    names = {"first": "static-0", "second": "static-1"}
+    stays = "second" if restarted == "first" else "first"
+    async with contextlib.AsyncExitStack() as stack:
+        first = await stack.enter_async_context(
+            _member(bootstrap, group, topics, static=names["first"])
+        )
+        await wait_until(lambda: _settled([first], topics), 60, "the first member settled")
+        second = await stack.enter_async_context(
+            _member(bootstrap, group, topics, static=names["second"])
+        )
+        members = {"first": first, "second": second}
+        await wait_until(lambda: _settled([first, second], topics), 60, "two members settled")
+        held = {name: m.numbers() for name, m in members.items()}
+        revoked_before = members[stays].listener.revoked
+        # Stopped (a static member sends no LeaveGroup), then back under the same name.
+        await _stop(members[restarted])
+        async with _member(bootstrap, group, topics, static=names[restarted]) as again:
+            await wait_until(
+                lambda: again.numbers() == held[restarted], 15, "the same partitions back"
+            )
+        assert members[stays].numbers() == held[stays]
+        assert members[stays].listener.revoked == revoked_before, "the other member was revoked"
