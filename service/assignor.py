@@ -123,6 +123,7 @@ class CoPartitionedAssignor(AbstractPartitionAssignor):  # type: ignore[misc]
     def __init__(self) -> None:
         self._generation: Callable[[], int] | None = None
         self._claim = Claim()
+        self._previous = Claim()
 
     def read_generation(self, source: Callable[[], int]) -> None:
         """Where the member's generation is read (:func:`consumer_generation`)."""
@@ -165,7 +166,23 @@ class CoPartitionedAssignor(AbstractPartitionAssignor):  # type: ignore[misc]
     def on_assignment(self, assignment: ConsumerProtocolMemberAssignment) -> None:
         generation = self._generation() if self._generation is not None else _NO_GENERATION
         numbers = frozenset(p for _topic, partitions in assignment.assignment for p in partitions)
-        self._claim = Claim(numbers, generation)
+        self._previous, self._claim = self._claim, Claim(numbers, generation)
+
+    def kept(self, partition: int) -> bool:
+        """True when this member holds ``partition`` in the group's current generation and held
+        it in the one just before: no other member was assigned it in between, so no other
+        member initialised its transactional id. False whenever that is not known (the range
+        protocol assigned, a generation missed, the generation unreadable)."""
+        if self._generation is None:
+            return False
+        current, previous = self._claim, self._previous
+        return (
+            previous.generation >= 0
+            and current.generation == self._generation()
+            and current.generation == previous.generation + 1
+            and partition in current.partitions
+            and partition in previous.partitions
+        )
 
 
 def consumer_generation(consumer: object) -> Callable[[], int]:

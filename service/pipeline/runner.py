@@ -112,6 +112,7 @@ class Pipeline:
         self._stopping = asyncio.Event()
         self._hold = InputHold(self._stopping)  # why the input is held (hold/release), if it is
         self._consumer: AIOKafkaConsumer | None = None
+        self._assignor = CoPartitionedAssignor()
         self._fatal: BaseException | None = None
         self.started = asyncio.Event()
         self._dedupe = DedupeReader(
@@ -252,7 +253,8 @@ class Pipeline:
     # ---- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._consumer = input_consumer(self._kafka, self._membership.heartbeat_seconds)
+        heartbeat = self._membership.heartbeat_seconds
+        self._consumer = input_consumer(self._kafka, heartbeat, self._assignor)
         self._ledger_reader = reader(self._kafka)
         try:
             await check_topics(self._kafka, self._topics, self._notify_topic)
@@ -389,7 +391,7 @@ class Pipeline:
         consumer = self._consumer
         assert consumer is not None
         inputs = [tp for tp in assigned if tp.topic == self._topics.device_swapped]
-        new = [tp for tp in inputs if tp.partition not in self._cores]
+        new = await self._partitions.to_open(inputs)  # parked ones not assigned are let go
         if new:
             consumer.pause(*assigned)
             if await self._partitions.try_open(new, self._open):
@@ -413,7 +415,7 @@ class Pipeline:
         :meth:`OpenPartitions.try_open`, which keeps a failed open for a later try."""
         assert self._consumer is not None
         assert self._ledger_reader is not None
-        await self._partitions.open(self._consumer, self._ledger_reader, tps)
+        await self._partitions.open(self._consumer, self._ledger_reader, tps, self._assignor.kept)
 
     def group_assignment(self) -> list[int]:
         """The input partitions the group assigned to this member (open or not)."""
@@ -457,8 +459,8 @@ class Pipeline:
         )
         self._partitions.close(ours)
         await self._commits.commit_all(final=True)
-        for p in ours:
-            await self._drop(p)
+        keep = self.owner_fresh() and not self._stopping.is_set()  # kept if p comes back
+        await self._partitions.revoked(ours, keep=keep, forget=self._gauges.forget)
         if self._on_revocation is not None:
             await self._on_revocation()
         if ours:
@@ -488,10 +490,14 @@ async def check_topics(kafka: KafkaSettings, topics: TopicSettings, notify: str 
         )
 
 
-def input_consumer(kafka: KafkaSettings, heartbeat_seconds: float) -> AIOKafkaConsumer:
+def input_consumer(
+    kafka: KafkaSettings,
+    heartbeat_seconds: float,
+    assignor: CoPartitionedAssignor | None = None,
+) -> AIOKafkaConsumer:
     """The group member's consumer of the input (and bind-notify) topic."""
     options = client_options(kafka)
-    assignor = CoPartitionedAssignor()
+    assignor = assignor or CoPartitionedAssignor()
     consumer = AIOKafkaConsumer(
         **options,
         group_id=kafka.group_id,

@@ -198,3 +198,26 @@ def test_property_a_stable_group_keeps_its_assignment(count: int, members: int) 
     first = assign_numbers(count, {f"m{i}": Claim() for i in range(members)})
     again = assign_numbers(count, {m: Claim(frozenset(ps), 3) for m, ps in first.items()})
     assert again == first
+
+
+def test_a_partition_is_kept_only_across_two_consecutive_generations() -> None:
+    assignor = CoPartitionedAssignor()
+    generation = 5
+    assignor.read_generation(lambda: generation)
+
+    def assign(*partitions: int) -> None:
+        assignment = ConsumerProtocolMemberAssignment(0, [(INPUT, list(partitions))], b"")
+        assignor.on_assignment(assignment)
+
+    assign(0, 1)
+    assert not assignor.kept(0)  # nothing known before
+    generation = 6
+    assign(0, 2)
+    assert assignor.kept(0)  # held in 5 and 6: nobody else had it
+    assert not assignor.kept(1)  # gone
+    assert not assignor.kept(2)  # new
+    generation = 8
+    assign(0, 2)
+    assert not assignor.kept(0)  # a generation missed: another member may have had it
+    generation = 9  # a later join whose assignment this assignor did not see (range)
+    assert not assignor.kept(0)
