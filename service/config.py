@@ -201,6 +201,14 @@ class KafkaSettings(_Section):
         description="Stable identity of this replica (pod name in Kubernetes). "
         "Names the replica in logs and in the budget exchange.",
     )
+    static_membership: bool = Field(
+        default=False,
+        description="Join the consumer group as a static member (KIP-345) named by "
+        "REBIND_KAFKA__INSTANCE_ID: a replica that comes back within the session timeout gets "
+        "its partitions back without a rebalance, and one that stops hands them over only once "
+        "the session timeout ran out. Two processes with one instance id fence each other: "
+        "only with unique, stable instance ids (a StatefulSet's pod names).",
+    )
     max_poll_records: int = Field(default=500, ge=1, le=100_000)
     session_timeout_ms: int = Field(default=30_000, ge=1_000)
     commit_interval_ms: int = Field(

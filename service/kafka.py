@@ -324,15 +324,19 @@ async def read_to_end(
     *,
     start: dict[TopicPartition, int] | None = None,
     batch: int = 5000,
+    reached: dict[TopicPartition, int] | None = None,
 ) -> int:
     """Read ``partitions`` from ``start`` (default: their beginning) up to the end they had when
-    the call began; hand every record to ``on_record``. Returns the number of records read."""
+    the call began; hand every record to ``on_record``. Returns the number of records read;
+    ``reached``, when given, receives the end offset read up to, per partition."""
     if not partitions:
         return 0
     tps = list(partitions)
     consumer.assign(tps)
     beginnings = await consumer.beginning_offsets(tps)
     ends = await consumer.end_offsets(tps)
+    if reached is not None:
+        reached.update(ends)
     for tp in tps:
         consumer.seek(tp, max(beginnings[tp], (start or {}).get(tp, beginnings[tp])))
     read = 0

@@ -86,6 +86,11 @@ class PartitionCommitter:
         self._ended = asyncio.Event()  # set (and replaced) at the end of every commit()
         self._committing = 0  # commit() calls running or waiting for the lock
         self._carried = 0  # the latest ticket the running transaction carries
+        # The ledger partition's offset up to which this member has seen every record: the end
+        # read up to when the partition was opened, moved past each ledger record it commits.
+        # Records from there on are what another writer added (OpenPartitions.park).
+        self.ledger_next = 0
+        self.ledger_topic: str | None = None  # set by the opener
 
     async def start(self) -> None:
         """Initialise the transactional id: fences the partition's earlier owner."""
@@ -125,6 +130,9 @@ class PartitionCommitter:
                 core.restore(commit)  # the transaction failed: its outputs go in the next one
                 raise
             core.committed(commit, written)
+            for output, offset in zip(commit.outputs, written, strict=True):
+                if output.topic == self.ledger_topic:
+                    self.ledger_next = max(self.ledger_next, offset + 1)
             self._durable = self._carried
             self.failures = 0
             now_ms = time.time() * 1000

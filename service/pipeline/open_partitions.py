@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -34,6 +35,20 @@ log = structlog.get_logger(__name__)
 
 _OPEN_RETRY_INITIAL_SECONDS = 0.5
 _OPEN_RETRY_MAX_SECONDS = 15.0
+_PARKED_MAX_SECONDS = 300.0
+"""How long a revoked partition's ledger is kept for its return. Its tail is read on return;
+compaction could remove a tombstone from that tail only after the topic's delete.retention.ms
+(a day by default), far longer."""
+
+
+@dataclass
+class _Parked:
+    """A revoked partition whose ledger in memory was exactly its committed state: kept until
+    the assignment that ends the rebalance, in case the partition comes back."""
+
+    ledger: DeviceLedger
+    committer: PartitionCommitter
+    at: float  # time.monotonic() of the revocation
 
 
 class OpenPartitions:
@@ -62,6 +77,8 @@ class OpenPartitions:
         self.cores: dict[int, PartitionCore] = {}
         self.committers: dict[int, PartitionCommitter] = {}
         self.failed_open: set[int] = set()  # assigned partitions whose opening failed
+        self._parked: dict[int, _Parked] = {}
+        self.ledger_records_read = 0  # ledger records read when opening partitions, in all
         self._open_retry_in = 0.0  # the pause before the next try at a failed partition open
         self._open_retry_at = 0.0
 
@@ -101,25 +118,77 @@ class OpenPartitions:
         consumer: AIOKafkaConsumer,
         ledger_reader: AIOKafkaConsumer,
         tps: list[TopicPartition],
+        kept: Callable[[int], bool] = lambda _: False,
     ) -> None:
-        """Take the partitions over: fence their earlier owners first, then read their state."""
-        committers = {
-            tp.partition: PartitionCommitter(self._kafka, tp.topic, tp.partition, self._metrics)
-            for tp in tps
-        }
-        for committer in committers.values():
+        """Take the partitions over: fence their earlier owners first, then read their state.
+
+        A partition this member parked at the revocation (:meth:`park`) keeps its ledger: only
+        the ledger's records after the last one this member saw are read (another owner's
+        writes, if it had one). Its producer is reused when ``kept(p)`` says no other member
+        was assigned p since (the group's consecutive generations, :mod:`service.assignor`):
+        no one else initialised its transactional id. Otherwise a new producer fences them."""
+        now = time.monotonic()
+        parked = {tp.partition: self._parked.pop(tp.partition, None) for tp in tps}
+        committers: dict[int, PartitionCommitter] = {}
+        fresh: list[PartitionCommitter] = []
+        for tp in tps:
+            keep = parked[tp.partition]
+            if keep is not None and now - keep.at > _PARKED_MAX_SECONDS:
+                await keep.committer.stop()
+                keep = parked[tp.partition] = None
+            if keep is not None and kept(tp.partition):
+                committers[tp.partition] = keep.committer
+                continue
+            if keep is not None:
+                await keep.committer.stop()  # fenced by another owner meanwhile, maybe
+            committer = PartitionCommitter(self._kafka, tp.topic, tp.partition, self._metrics)
             committer.notify_topic = self._notify_topic
+            committer.ledger_topic = self._topics.ledger
+            committers[tp.partition] = committer
+            fresh.append(committer)
+        try:
+            await self._load(consumer, ledger_reader, tps, committers, fresh, parked)
+        except BaseException:
+            for committer in committers.values():
+                await committer.stop()
+            raise
+
+    async def _load(  # noqa: PLR0917 - the clients, then what open() decided
+        self,
+        consumer: AIOKafkaConsumer,
+        ledger_reader: AIOKafkaConsumer,
+        tps: list[TopicPartition],
+        committers: dict[int, PartitionCommitter],
+        fresh: list[PartitionCommitter],
+        parked: dict[int, _Parked | None],
+    ) -> None:
         # Initialising each partition's transactional id aborts whatever its earlier owner left
         # open and fences it; only then is the state below final.
-        await asyncio.gather(*(c.start() for c in committers.values()))
+        await asyncio.gather(*(c.start() for c in fresh))
         committed = await committed_with_metadata(consumer, tps)
-        ledgers = {tp.partition: DeviceLedger(self._topics.ledger, tp.partition) for tp in tps}
+        ledgers: dict[int, DeviceLedger] = {}
+        start: dict[TopicPartition, int] = {}
+        for tp in tps:
+            keep = parked[tp.partition]
+            if keep is None:
+                ledgers[tp.partition] = DeviceLedger(self._topics.ledger, tp.partition)
+            else:
+                ledgers[tp.partition] = keep.ledger
+                start[TopicPartition(self._topics.ledger, tp.partition)] = (
+                    keep.committer.ledger_next
+                )
         started = time.monotonic()
+        reached: dict[TopicPartition, int] = {}
         loaded = await read_to_end(
             ledger_reader,
             [TopicPartition(self._topics.ledger, tp.partition) for tp in tps],
             lambda tp, record: ledgers[tp.partition].load(record.key, record.value),
+            start=start,
+            reached=reached,
         )
+        self.ledger_records_read += loaded
+        for tp, end in reached.items():
+            committers[tp.partition].ledger_next = end
         indexes = await self._dedupe.load([tp.partition for tp in tps])
         count = len(consumer.partitions_for_topic(self._topics.device_swapped) or ())
         routing = Routing(self._kafka.partitioner, count) if count else None
@@ -149,6 +218,7 @@ class OpenPartitions:
         log.info(
             "partition_state_loaded",
             partitions=sorted(tp.partition for tp in tps),
+            kept=sorted(p for p, keep in parked.items() if keep is not None),
             ledger_records=loaded,
             devices=sum(len(ledger) for ledger in ledgers.values()),
             waiting=sum(ledger.waiting for ledger in ledgers.values()),
@@ -221,6 +291,45 @@ class OpenPartitions:
         for p in partitions:
             self.cores[p].closed = True
 
+    def park(self, partition: int) -> bool:
+        """Forget a revoked partition, but keep its ledger and producer for its return in the
+        assignment that ends this rebalance (:meth:`open`), when its state in memory is exactly
+        its committed state (:meth:`PartitionCore.settled`). False (nothing kept: drop it) when
+        anything is uncertain."""
+        core = self.cores.get(partition)
+        committer = self.committers.get(partition)
+        if core is None or committer is None or committer.core is not core:
+            return False
+        if not core.settled():
+            return False
+        del self.cores[partition]
+        del self.committers[partition]
+        core.closed = True
+        committer.core = None  # nothing more is committed until the partition is opened again
+        self._parked[partition] = _Parked(core.ledger, committer, time.monotonic())
+        return True
+
+    async def revoked(
+        self, partitions: list[int], *, keep: bool, forget: Callable[[int], None]
+    ) -> None:
+        """Revoked partitions, their last transaction done: each parked (``keep``, and its
+        state allows it) or dropped; ``forget`` is called for each."""
+        for partition in partitions:
+            if not (keep and self.park(partition)):
+                await self.drop(partition)
+            forget(partition)
+
+    async def to_open(self, assigned: list[TopicPartition]) -> list[TopicPartition]:
+        """Of the ``assigned`` input partitions, those not open; the parked partitions not among
+        them are let go (:meth:`unpark`)."""
+        await self.unpark(keep={tp.partition for tp in assigned})
+        return [tp for tp in assigned if tp.partition not in self.cores]
+
+    async def unpark(self, keep: set[int] | None = None) -> None:
+        """Forget the parked partitions not in ``keep`` (all: None), stopping their producers."""
+        for partition in [p for p in self._parked if keep is None or p not in keep]:
+            await self._parked.pop(partition).committer.stop()
+
     async def drop(self, partition: int) -> None:
         """Forget a partition: its core is closed (a late result is dropped), its producer
         stopped; what it had not finished is redone by its next owner."""
@@ -242,3 +351,4 @@ class OpenPartitions:
         for committer in list(self.committers.values()):
             await committer.stop()
         self.committers.clear()
+        await self.unpark()

@@ -24,6 +24,7 @@ import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 
+from service.assignor import CoPartitionedAssignor, consumer_generation
 from service.bind.watch import WatchPolicy
 from service.config import KafkaSettings, TopicSettings
 from service.kafka import (
@@ -102,7 +103,7 @@ class Pipeline:
         # still waiting for the platform budget are abandoned instead of drained; False after.
         self._on_drain = on_drain
         # Pushes arrive on the bind-notify topic, co-partitioned with the input: partition p of
-        # both goes to the same member (range assignment), whose core correlates them.
+        # both goes to the same member (service.assignor), whose core correlates them.
         self._notify_topic = topics.bind_notify if bind_notify else None
         self._progress = asyncio.Event()
         self._flush_now = asyncio.Event()
@@ -111,6 +112,7 @@ class Pipeline:
         self._stopping = asyncio.Event()
         self._hold = InputHold(self._stopping)  # why the input is held (hold/release), if it is
         self._consumer: AIOKafkaConsumer | None = None
+        self._assignor = CoPartitionedAssignor()
         self._fatal: BaseException | None = None
         self.started = asyncio.Event()
         self._dedupe = DedupeReader(
@@ -251,7 +253,8 @@ class Pipeline:
     # ---- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._consumer = input_consumer(self._kafka, self._membership.heartbeat_seconds)
+        heartbeat = self._membership.heartbeat_seconds
+        self._consumer = input_consumer(self._kafka, heartbeat, self._assignor)
         self._ledger_reader = reader(self._kafka)
         try:
             await check_topics(self._kafka, self._topics, self._notify_topic)
@@ -390,7 +393,7 @@ class Pipeline:
         consumer = self._consumer
         assert consumer is not None
         inputs = [tp for tp in assigned if tp.topic == self._topics.device_swapped]
-        new = [tp for tp in inputs if tp.partition not in self._cores]
+        new = await self._partitions.to_open(inputs)  # parked ones not assigned are let go
         if new:
             consumer.pause(*assigned)
             if await self._partitions.try_open(new, self._open):
@@ -414,7 +417,7 @@ class Pipeline:
         :meth:`OpenPartitions.try_open`, which keeps a failed open for a later try."""
         assert self._consumer is not None
         assert self._ledger_reader is not None
-        await self._partitions.open(self._consumer, self._ledger_reader, tps)
+        await self._partitions.open(self._consumer, self._ledger_reader, tps, self._assignor.kept)
 
     def group_assignment(self) -> list[int]:
         """The input partitions the group assigned to this member (open or not)."""
@@ -458,8 +461,8 @@ class Pipeline:
         )
         self._partitions.close(ours)
         await self._commits.commit_all(final=True)
-        for p in ours:
-            await self._drop(p)
+        keep = self.owner_fresh() and not self._stopping.is_set()  # kept if p comes back
+        await self._partitions.revoked(ours, keep=keep, forget=self._gauges.forget)
         if self._on_revocation is not None:
             await self._on_revocation()
         if ours:
@@ -489,12 +492,20 @@ async def check_topics(kafka: KafkaSettings, topics: TopicSettings, notify: str 
         )
 
 
-def input_consumer(kafka: KafkaSettings, heartbeat_seconds: float) -> AIOKafkaConsumer:
+def input_consumer(
+    kafka: KafkaSettings,
+    heartbeat_seconds: float,
+    assignor: CoPartitionedAssignor | None = None,
+) -> AIOKafkaConsumer:
     """The group member's consumer of the input (and bind-notify) topic."""
     options = client_options(kafka)
-    return AIOKafkaConsumer(
+    assignor = assignor or CoPartitionedAssignor()
+    consumer = AIOKafkaConsumer(
         **options,
         group_id=kafka.group_id,
+        # Static membership (KIP-345), opt-in: a member that comes back within the session
+        # timeout under the same instance id gets its partitions back without a rebalance.
+        group_instance_id=kafka.instance_id if kafka.static_membership else None,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         isolation_level="read_committed",
@@ -502,9 +513,12 @@ def input_consumer(kafka: KafkaSettings, heartbeat_seconds: float) -> AIOKafkaCo
         session_timeout_ms=kafka.session_timeout_ms,
         heartbeat_interval_ms=int(heartbeat_seconds * 1000),
         # Co-partitioning: partition p of the input and of the bind-notify topic go to one
-        # member, so a device's pushes meet its ledger entry.
-        partition_assignment_strategy=(RangePartitionAssignor,),
+        # member, so a device's pushes meet its ledger entry. The sticky assignor first; range
+        # while members that know only range are in the group (a rolling deploy).
+        partition_assignment_strategy=(assignor, RangePartitionAssignor),
         # Bounded prefetch: memory must not grow with the backlog behind the buffer.
         fetch_max_bytes=4 * 1024 * 1024,
         max_partition_fetch_bytes=512 * 1024,
     )
+    assignor.read_generation(consumer_generation(consumer))
+    return consumer

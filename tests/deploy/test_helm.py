@@ -155,6 +155,20 @@ def test_statefulset_is_the_default_and_deployment_is_offered(helm: Path) -> Non
     assert all(s["spec"].get("clusterIP") != "None" for s in find(deployment, "Service"))
 
 
+def test_static_membership_is_on_for_a_statefulset_only(helm: Path) -> None:
+    def static(**kwargs: Any) -> object:
+        container = workload(helm_template(helm, **kwargs))["spec"]["template"]["spec"]
+        entry = env_of(container["containers"][0]).get("REBIND_KAFKA__STATIC_MEMBERSHIP")
+        return None if entry is None else entry["value"]
+
+    assert static() == "true"  # stable, unique pod names: the instance ids
+    assert static(sets={"workload.kind": "Deployment"}) is None  # the service default: off
+    assert static(sets={"config.kafka.staticMembership": "false"}) == "false"
+    assert static(
+        sets={"workload.kind": "Deployment", "config.kafka.staticMembership": "true"}
+    ) == ("true")
+
+
 def test_no_secret_is_created_or_inlined(all_features: list[Manifest]) -> None:
     assert not find(all_features, "Secret")
     assert secretish_plaintext(all_features) == []

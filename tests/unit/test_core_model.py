@@ -331,6 +331,7 @@ class Member:
     position: int
     queues: dict[str, deque[Job]] = field(default_factory=dict)
     republishes: deque[Republish] = field(default_factory=deque)
+    ledger_next: int = 0  # the ledger offset up to which it saw every record (committer)
 
 
 Outcomes = dict[tuple[str, str], list[tuple[str, str]]]
@@ -372,10 +373,11 @@ class CoreModel(RuleBasedStateMachine):
     def _log(self, topic: str) -> list[Stored]:
         return self.topics.setdefault(topic, [])
 
-    def _open(self) -> Member:
-        """A new owner of the partition, built from what Kafka holds (runner ``_open``)."""
-        ledger = DeviceLedger(TOPICS.ledger, PARTITION)
-        for stored in self._log(TOPICS.ledger):
+    def _open(self, kept: DeviceLedger | None = None, seen: int = 0) -> Member:
+        """A new owner of the partition, built from what Kafka holds (runner ``_open``); with
+        ``kept``, the ledger of a member the partition comes back to, read from ``seen`` on."""
+        ledger = kept if kept is not None else DeviceLedger(TOPICS.ledger, PARTITION)
+        for stored in self._log(TOPICS.ledger)[seen if kept is not None else 0 :]:
             ledger.load(stored.key, stored.value)
         dedupe = DedupeIndex(TOPICS.dedupe, PARTITION, DEDUPE_ENTRIES)
         for stored in self._log(TOPICS.dedupe)[-DEDUPE_ENTRIES:]:
@@ -397,7 +399,8 @@ class CoreModel(RuleBasedStateMachine):
             watch=self.watch,
             retention=RETENTION,
         )
-        return Member(core, committed[0] if committed is not None else 0)
+        position = committed[0] if committed is not None else 0
+        return Member(core, position, ledger_next=len(self._log(TOPICS.ledger)))
 
     def _durable_order(self, device: str) -> tuple[int, int] | None:
         """The order of the swap named by the device's last committed ledger record."""
@@ -423,7 +426,11 @@ class CoreModel(RuleBasedStateMachine):
         commit = core.take_commit()
         if commit is None:
             return False
-        core.committed(commit, self._transact(commit))
+        written = self._transact(commit)
+        for output, offset in zip(commit.outputs, written, strict=True):
+            if output.topic == TOPICS.ledger:
+                self.member.ledger_next = max(self.member.ledger_next, offset + 1)
+        core.committed(commit, written)
         self._check_durable()
         return True
 
@@ -580,6 +587,12 @@ class CoreModel(RuleBasedStateMachine):
     # ---- transactions, crashes, rebalances -------------------------------------------------
 
     def _new_owner(self, kind: str) -> None:
+        self._revoke(kind)
+        self.member = self._open()
+        self.platform.owner += 1
+
+    def _revoke(self, kind: str) -> None:
+        """The member loses the partition (``kind``: see :meth:`new_owner`)."""
         member = self.member
         if kind == "crash_in_commit":
             member.core.take_commit()
@@ -591,11 +604,34 @@ class CoreModel(RuleBasedStateMachine):
                 if kind == "rebalance":
                     self._run_head(device)
                 else:
-                    member.core.abandoned(queue[0].work)
+                    member.core.abandoned(queue.popleft().work)
+                    if not queue:
+                        del member.queues[device]
             self._commit()
         member.core.closed = True
-        self.member = self._open()
-        self.platform.owner += 1
+
+    def _work_all(self) -> None:
+        """The member reads everything, runs every job to its end, wakes what is due, commits."""
+        for _ in range(MAX_INPUTS):
+            self._poll(len(self.inputs))
+            while self.member.republishes:
+                self._republish()
+            for device in sorted(self.member.queues):
+                self._run_head(device)
+            self._wake(self.clock.now_ms)
+            if not self.member.queues and self.member.position == len(self.inputs):
+                break
+        self._commit()
+
+    def _check_kept(self, kept: DeviceLedger) -> None:
+        """A kept ledger and its tail hold what a ledger read from the beginning holds."""
+        loaded = self._open().core.ledger
+        assert len(kept) == len(loaded)
+        assert kept.waiting == loaded.waiting
+        assert kept.watching == loaded.watching
+        assert kept.next_due_ms() == loaded.next_due_ms()
+        for device in DEVICES:
+            assert kept.get(device) == loaded.get(device), device
 
     # ---- rules -----------------------------------------------------------------------------
 
@@ -793,6 +829,36 @@ class CoreModel(RuleBasedStateMachine):
         (the drain timed out), the member commits."""
         with self._step():
             self._new_owner(kind)
+
+    @precondition(lambda self: bool(self.inputs))
+    @rule(kind=st.sampled_from(("rebalance", "rebalance_cancel")), other=st.booleans())
+    def reassigned(self, kind: str, other: bool) -> None:
+        """A rebalance revokes the partition (as ``new_owner``'s rebalances) and assigns it to
+        this member again. When its state was settled (``PartitionCore.settled``) the member
+        keeps its ledger and reads only the ledger records after the last one it saw
+        (``OpenPartitions.park`` / ``open``): none, unless (``other``) another member owned
+        the partition in between and worked (read everything, ran every job, woke what was due,
+        committed) before it came back. Otherwise it reloads, as a new owner."""
+        with self._step():
+            member = self.member
+            self._revoke(kind)
+            settled = member.core.settled()
+            if settled:  # nothing of its work is left behind it
+                assert not member.queues
+                assert not member.republishes
+            if other:
+                self.member = self._open()
+                self.platform.owner += 1
+                self._work_all()
+                self._revoke("rebalance")
+            if settled:
+                tail = len(self._log(TOPICS.ledger)) - member.ledger_next
+                assert other or tail == 0, f"{tail} ledger records re-read"
+                self.member = self._open(member.core.ledger, member.ledger_next)
+                self._check_kept(self.member.core.ledger)
+            else:
+                self.member = self._open()
+            self.platform.owner += 1
 
     # Hypothesis picks uniformly among the enabled rules: a rule bound to more names runs more
     # often (the steps print under the rule's own name).
