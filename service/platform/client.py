@@ -24,7 +24,7 @@ from service.config import PlatformSettings
 from service.metrics import Metrics
 from service.ownership import await_call_guard
 from service.platform.budget import PRIORITY_FRESH, RateBudget
-from service.platform.connections import ConnectionSlots
+from service.platform.connections import ConnectionSlots, with_set_cookie_jar
 from service.platform.errors import (
     BAD_SUCCESS_BODY,
     CONNECTION_ERROR,
@@ -172,7 +172,7 @@ class PlatformClient:
         tls = build_ssl_context(settings)
 
         def one_connection() -> httpx.AsyncClient:
-            return httpx.AsyncClient(
+            client = httpx.AsyncClient(
                 base_url=str(settings.base_url).rstrip("/"),
                 transport=transport,
                 verify=tls,
@@ -187,6 +187,7 @@ class PlatformClient:
                 follow_redirects=False,
                 trust_env=False,
             )
+            return with_set_cookie_jar(client)
 
         self._slots = ConnectionSlots(
             [one_connection() for _ in range(connections)],

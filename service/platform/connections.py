@@ -7,6 +7,10 @@ an idle one to each call, the most recently used first (its connection is the wa
 left unused expire after the keep-alive). A call never queues behind another one's connection
 while a client is idle; when none is, it waits for the next one given back, for at most the pool
 timeout, and then fails as httpx's own pool would: :class:`httpx.PoolTimeout` (never sent).
+
+:class:`SetCookieJar` spares each answer without a cookie httpx's cookie bookkeeping (it builds a
+``urllib`` request from every response to hand it to the standard library's cookie jar, which
+then finds nothing to store); an answer that sets a cookie is stored as before.
 """
 
 from __future__ import annotations
@@ -15,6 +19,25 @@ import asyncio
 from collections import deque
 
 import httpx
+
+_SET_COOKIE_HEADERS = ("set-cookie", "set-cookie2")
+"""The headers from which the standard library's cookie jar takes cookies (``make_cookies``)."""
+
+
+class SetCookieJar(httpx.Cookies):
+    """A client's cookies, extracted only from answers that carry a ``Set-Cookie`` header."""
+
+    def extract_cookies(self, response: httpx.Response) -> None:
+        headers = response.headers
+        if any(name in headers for name in _SET_COOKIE_HEADERS):
+            super().extract_cookies(response)
+
+
+def with_set_cookie_jar(client: httpx.AsyncClient) -> httpx.AsyncClient:
+    """``client``, its cookie jar replaced by a :class:`SetCookieJar` (httpx's ``cookies``
+    setter would wrap it into a plain ``httpx.Cookies``)."""
+    client._cookies = SetCookieJar(client.cookies)
+    return client
 
 
 class ConnectionSlots:

@@ -13,7 +13,7 @@ import asyncio
 import httpx
 import pytest
 
-from service.platform.connections import ConnectionSlots
+from service.platform.connections import ConnectionSlots, SetCookieJar, with_set_cookie_jar
 from tests.support.waiting import wait_until
 
 
@@ -77,3 +77,27 @@ async def test_a_waiter_cancelled_after_the_hand_over_passes_the_client_on() -> 
         await waiter
     assert slots.idle == 1  # given back, not lost
     assert await slots.take() is only
+
+
+async def test_cookies_set_by_an_answer_are_kept_and_sent_as_httpx_does() -> None:
+    """The jar skips only answers without ``Set-Cookie``: a cookie the platform (or a load
+    balancer in front of it) sets still rides the following requests."""
+    sent: list[str | None] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        sent.append(request.headers.get("cookie"))
+        if request.url.path == "/set":
+            return httpx.Response(200, headers={"Set-Cookie": "affinity=node-7; Path=/"})
+        return httpx.Response(200, json={})
+
+    client = with_set_cookie_jar(
+        httpx.AsyncClient(base_url="http://platform.test", transport=httpx.MockTransport(answer))
+    )
+    async with client:
+        await client.get("/plain")
+        assert not client.cookies
+        await client.get("/set")
+        await client.get("/plain")
+    assert isinstance(client.cookies, SetCookieJar)
+    assert client.cookies.get("affinity") == "node-7"
+    assert sent == [None, None, "affinity=node-7"]
