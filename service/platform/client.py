@@ -10,8 +10,6 @@ answer reports the token as invalid (one re-login for all callers) and repeats t
 from __future__ import annotations
 
 import asyncio
-import itertools
-import math
 import ssl
 import time
 from collections.abc import Callable
@@ -26,6 +24,7 @@ from service.config import PlatformSettings
 from service.metrics import Metrics
 from service.ownership import await_call_guard
 from service.platform.budget import PRIORITY_FRESH, RateBudget
+from service.platform.connections import ConnectionSlots, with_set_cookie_jar
 from service.platform.errors import (
     BAD_SUCCESS_BODY,
     CONNECTION_ERROR,
@@ -52,7 +51,6 @@ GRANT_STALE_SECONDS: Final = 1.0
 """A budget grant is used only if the token was in hand within this: a call leaves when its
 grant says, so no window holds the calls granted while others waited for a token."""
 KEEPALIVE_EXPIRY_SECONDS: Final = 30.0
-CONNECTIONS_PER_POOL: Final = 4
 
 
 def refresh_key_path(device_id: str) -> str:
@@ -166,22 +164,22 @@ class PlatformClient:
             settings.request_timeout_seconds,
             connect=min(settings.request_timeout_seconds, CONNECT_TIMEOUT_MAX_SECONDS),
         )
-        # Several small connection pools instead of one large one: httpcore scans its whole pool
-        # on every request and every release, which made one 66-connection pool the service's
-        # hottest code (docs/benchmarks.md). Calls are spread round-robin.
+        # One single-connection client per call in flight instead of one large pool: httpcore
+        # scans its whole pool on every request and every release, which made one
+        # 66-connection pool the service's hottest code (docs/benchmarks.md). Each call borrows
+        # an idle client (ConnectionSlots).
         connections = settings.max_concurrency + 2  # + a login and a query beside the refreshes
-        shards = max(1, math.ceil(connections / CONNECTIONS_PER_POOL))
-        per_pool = math.ceil(connections / shards)
         tls = build_ssl_context(settings)
-        self._pools = [
-            httpx.AsyncClient(
+
+        def one_connection() -> httpx.AsyncClient:
+            client = httpx.AsyncClient(
                 base_url=str(settings.base_url).rstrip("/"),
                 transport=transport,
                 verify=tls,
                 timeout=timeout,
                 limits=httpx.Limits(
-                    max_connections=per_pool,
-                    max_keepalive_connections=per_pool,
+                    max_connections=1,
+                    max_keepalive_connections=1,
                     keepalive_expiry=KEEPALIVE_EXPIRY_SECONDS,
                 ),
                 http1=True,
@@ -189,21 +187,24 @@ class PlatformClient:
                 follow_redirects=False,
                 trust_env=False,
             )
-            for _ in range(shards)
-        ]
-        self._next_pool = itertools.cycle(self._pools)
-        self._http = self._pools[0]
-        self.tokens: TokenProvider = (
-            tokens
-            if tokens is not None
-            else TokenManager(settings, metrics, budget, self._http, clock=clock)
+            return with_set_cookie_jar(client)
+
+        self._slots = ConnectionSlots(
+            [one_connection() for _ in range(connections)],
+            wait_seconds=settings.request_timeout_seconds,  # httpx's pool timeout
         )
+        self._token_http: httpx.AsyncClient | None = None
+        if tokens is None:  # logins on a connection of their own, beside the calls
+            self._token_http = one_connection()
+            tokens = TokenManager(settings, metrics, budget, self._token_http, clock=clock)
+        self.tokens: TokenProvider = tokens
 
     async def aclose(self) -> None:
         if isinstance(self.tokens, TokenManager):  # its own: stop a login retry in progress
             await self.tokens.aclose()
-        for pool in self._pools:
-            await pool.aclose()
+        await self._slots.aclose()
+        if self._token_http is not None:
+            await self._token_http.aclose()
 
     async def __aenter__(self) -> PlatformClient:
         return self
@@ -410,9 +411,13 @@ class PlatformClient:
         }
         started = self._clock()
         try:
-            resp = await next(self._next_pool).request(
-                method, path, params=params or None, json=json, headers=headers
-            )
+            http = await self._slots.take()
+            try:
+                resp = await http.request(
+                    method, path, params=params or None, json=json, headers=headers
+                )
+            finally:
+                self._slots.give(http)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             # The request never left: safe to resend, nothing to reconcile.
             never_sent = CONNECTION_ERROR if isinstance(exc, httpx.ConnectError) else TIMEOUT
