@@ -82,6 +82,15 @@ class Outbox:
         """True while a ledger record of ``device`` is written and not committed."""
         return self._unsettled[device.encode()] > 0
 
+    def settled(self) -> bool:
+        """Everything emitted is committed: no output, count or ledger record waits, and the
+        input and bind-notify positions are those of the last transaction."""
+        return (
+            not (self._outputs or self._counts or self._unsettled)
+            and self.progress.snapshot() == self._last
+            and self.notify_offset == self._notify_committed
+        )
+
     @property
     def pending_outputs(self) -> int:
         return len(self._outputs)

@@ -445,12 +445,8 @@ class PartitionCore:
         """The state in memory is exactly what the committed records say: all decided is
         committed, every record read finished, no job, woken swap or poll out (a swap read and
         not finished changed its device's entry without a record). OpenPartitions.park."""
-        out = self._woken or self._polling or self._undecided or self._claimed_woken
-        return not (out or self._outputs or self._counts or self._unsettled) and (
-            self.progress.unfinished == 0
-            and self.progress.snapshot() == self._last
-            and self.notify_offset == self._notify_committed
-        )
+        out = self._woken or self.watches.polling or self._undecided or self._claimed_woken
+        return not out and self.progress.unfinished == 0 and self.outbox.settled()
 
     def restore(self, commit: Commit) -> None:
         """The transaction failed: its outputs go into the next one."""
