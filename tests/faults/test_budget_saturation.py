@@ -3,8 +3,8 @@
 The service's normal state is a backlog larger than what the platform grants in a window. The
 simulator enforces N calls per sliding flow-control window, the service is configured with the
 same N and the same window, and the swaps wait on the input topic before the service starts. The
-window is the suite's platform clock (``tests/support/clock.py``): compressed in CI, 60 s under
-``make soak``; the schedule below is stated in full-length seconds and scaled with it.
+window is a platform clock of ``tests/support/clock.py``: compressed in CI (each test says how
+far), 60 s under ``make soak``; the schedules below are stated in full-length seconds or windows.
 
 * A SIGKILL while calls are on the wire must not redo finished work: the platform sees at most
   one refresh call per swap, plus one for each call whose answer the killed process never got.
@@ -44,8 +44,13 @@ async def _first_call_time(fault_kit: FaultKit, timeout: float = 60) -> float:
 
 # ------------------------------------------------------------------------------------ SIGKILL
 KILL_SWAPS = 300
+"""2.5 windows of calls: the backlog outlasts the first window, when the kill comes."""
 LATENCY = 0.5
 """Every key refresh is answered this long after it arrives, so calls are on the wire."""
+KILL_WINDOW = clock.window(clock.WAIT_WINDOW_SECONDS)
+"""This test's flow-control window: 60 s under soak, 5 s in CI. It counts calls against swaps,
+not the budget's use, so the window's length only sets the pace (N calls per window, the same
+2.5 windows of backlog) and the restarted process's wait for its killed share to age out."""
 
 
 @pytest.mark.timeout(420)
@@ -53,6 +58,7 @@ async def test_sigkill_under_budget_saturation_redoes_only_the_calls_on_the_wire
     fault_kit: FaultKit, process_logs: None
 ) -> None:
     control = fault_kit.control
+    await clock.apply(fault_kit.harness, KILL_WINDOW)
     devices = await fault_kit.seed(KILL_SWAPS, prefix="satk")
     await control.configure(rate_limit_per_minute=N)
     await control.inject_latency(LATENCY, operation="refresh_key", times=-1)
