@@ -20,6 +20,7 @@ from service.kafka import FatalPipelineError, client_options
 from service.metrics import Metrics
 from service.ops_port import http_port_message
 from service.pipeline.expiry import Retention
+from service.pipeline.outcomes import OutcomeBuilder
 from service.pipeline.runner import Pipeline
 from service.platform import PRIORITY_FRESH, PlatformClient, RateBudget, TokenManager
 from service.platform.tokens import AuthGate
@@ -68,12 +69,14 @@ class Service:
             tokens=self.tokens,
             user_agent=f"device-rebind/{__version__} ({settings.kafka.instance_id})",
         )
-        self.handler = RebindHandler(settings, self.client, self.metrics)
+        outcomes = OutcomeBuilder(settings)
+        self.handler = RebindHandler(settings, self.client, self.metrics, outcomes=outcomes)
         self.pipeline = Pipeline(
             settings.kafka,
             settings.topics,
             self.handler,
             self.metrics,
+            outcomes=outcomes,
             concurrency=p.max_concurrency,
             # Each buffered record needs at least one call: buffering more than about a minute
             # of the budget only ages records before they start.

@@ -17,23 +17,13 @@ import asyncio
 import random
 import time
 from dataclasses import replace
-from datetime import UTC, datetime
 from typing import Final, Protocol
 
 import structlog
 
 from service.config import Settings
-from service.events import (
-    SOURCE_OFFSET_HEADER,
-    SOURCE_PARTITION_HEADER,
-    SOURCE_TOPIC_HEADER,
-    credential_updated,
-    device_rebound,
-    rebind_failed,
-)
 from service.metrics import Metrics
-from service.pipeline.intake import trimmed_for_ledger
-from service.pipeline.records import OutcomeKind, Output
+from service.pipeline.outcomes import OutcomeBuilder
 from service.pipeline.work import (
     HandlerResult,
     Outcome,
@@ -46,7 +36,6 @@ from service.platform import (
     DEADLINE_EXCEEDED,
     PRIORITY_DEFERRED,
     PRIORITY_FRESH,
-    SUPERSEDED,
     ActivationQuery,
     Deferred,
     Failed,
@@ -68,20 +57,6 @@ DEVICE_NOT_FOUND_CODE: Final = "100403"
 """The device does not exist (any more): after a non-zero timeout, its registration was deleted."""
 
 
-def source_headers(work: Work) -> list[tuple[str, bytes]]:
-    """Where the swap was read, so an outcome can be traced back and ``device-rebind replay``
-    can find the original event."""
-    return [
-        (SOURCE_TOPIC_HEADER, work.topic.encode()),
-        (SOURCE_PARTITION_HEADER, str(work.partition).encode()),
-        (SOURCE_OFFSET_HEADER, str(work.origin_offset).encode()),
-    ]
-
-
-def _dt(epoch_seconds: float | None) -> datetime | None:
-    return None if epoch_seconds is None else datetime.fromtimestamp(epoch_seconds, UTC)
-
-
 class HandlerClient(RebindClient, Protocol):
     """What the handler asks of the platform: the refresh (with its reconciliation query) and,
     for the bind watch, the activation status."""
@@ -99,6 +74,7 @@ class RebindHandler:
         metrics: Metrics,
         *,
         rng: random.Random | None = None,
+        outcomes: OutcomeBuilder | None = None,
     ) -> None:
         self._platform = settings.platform
         self._topics = settings.topics
@@ -106,8 +82,8 @@ class RebindHandler:
         self._policy = RebindPolicy.from_settings(settings.platform)
         self._client = client
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not crypto
-        self._source = f"/device-rebind/{settings.kafka.group_id}"
-        self._max_bytes = settings.kafka.max_input_bytes  # no outcome record is larger
+        self.outcomes = outcomes or OutcomeBuilder(settings)
+        """Builds the outcome events (also given to the partitions' cores)."""
 
     def _request(self, work: Work) -> RefreshRequest:
         d = work.swap.data
@@ -159,7 +135,7 @@ class RebindHandler:
         prior_attempts = wait.attempts if wait is not None else 0
         first_ms = wait.first_attempt_ms if wait is not None else None
         if isinstance(result, Succeeded):
-            return self._succeeded(work, req, result, prior_attempts)
+            return self.outcomes.succeeded(work, req, result, prior_attempts)
         if isinstance(result, Failed):
             first = first_ms / 1000 if first_ms is not None else result.first_attempt_at
             # A waiting swap whose deadline passed before this try made a call (e.g. the
@@ -171,43 +147,12 @@ class RebindHandler:
                 and result.error_code == DEADLINE_EXCEEDED
                 else None
             )
-            return self._failed(
+            return self.outcomes.failed(
                 work,
                 replace(result, attempts=prior_attempts + result.attempts, first_attempt_at=first),
                 last_code=earlier_code,
             )
         return self._defer(work, result, prior_attempts, first_ms, event_deadline, try_deadline)
-
-    def _succeeded(
-        self, work: Work, req: RefreshRequest, result: Succeeded, prior_attempts: int
-    ) -> Outcome:
-        attempts = prior_attempts + result.attempts
-        log.info("credential_updated", attempts=attempts, reconciled=result.reconciled)
-        # The platform echoes what we sent; should it answer something out of contract, the
-        # outcome carries what was sent rather than break the output schema.
-        verify_code = result.verify_code if 1 <= len(result.verify_code) <= 256 else req.verify_code
-        timeout = result.timeout if 0 <= result.timeout <= 2_147_483_647 else req.timeout
-        event = credential_updated(
-            work.swap,
-            verify_code=verify_code,
-            timeout=timeout,
-            attempts=max(1, attempts),
-            source=self._source,
-            time=datetime.now(UTC),
-            max_bytes=self._max_bytes,
-            context_truncated=trimmed_for_ledger(work),
-        )
-        return Outcome(
-            OutcomeKind.CREDENTIAL_UPDATED,
-            Output(
-                self._topics.credential_updated,
-                event.key,
-                event.value,
-                event.headers + source_headers(work),
-                OutcomeKind.CREDENTIAL_UPDATED,
-            ),
-            timeout=timeout,
-        )
 
     def _defer(  # noqa: PLR0917 - one swap's whole history
         self,
@@ -228,7 +173,7 @@ class RebindHandler:
             spec = classify("refresh_device_key", None, DEADLINE_EXCEEDED)
             what = "the try's deadline passes" if transient else "the device stayed online"
             log.info("deadline_before_next_try", last_code=result.last_code)
-            return self._failed(
+            return self.outcomes.failed(
                 work,
                 Failed(
                     error_code=DEADLINE_EXCEEDED,
@@ -261,28 +206,6 @@ class RebindHandler:
         )
         return Waiting(state)
 
-    def superseded(self, work: Work, newer_event_id: str) -> Outcome:
-        """The answer to a swap that a newer swap of the same device replaced."""
-        spec = classify("refresh_device_key", None, SUPERSEDED)
-        wait = work.wait
-        log.info("superseded", newer_event_id=newer_event_id)
-        return self._failed(
-            work,
-            Failed(
-                error_code=SUPERSEDED,
-                error_desc=f"a newer swap of the device ({newer_event_id}) replaced this one",
-                http_status=None,
-                category=spec.category,
-                recommended_handling=spec.recommended_handling,
-                attempts=wait.attempts if wait else 0,
-                first_attempt_at=(wait.first_attempt_ms or 0) / 1000 if wait else None,
-                last_attempt_at=None,
-            ),
-            last_code=wait.last_code if wait else None,
-        )
-
-    # ---- bind watches ----------------------------------------------------------------------
-
     async def poll(self, work: Work) -> PollResult:
         """Has the new hardware bound? One activation query, in the budget's poll share."""
         d = work.swap.data
@@ -299,46 +222,6 @@ class RebindHandler:
             return PollResult(bound=answer.activated is True)
         return PollResult(gone=answer.result.error_code == DEVICE_NOT_FOUND_CODE)
 
-    def rebound(self, work: Work, via: str, bound_at_ms: int, refreshed_ms: int) -> Output:
-        """The ``device.rebound`` event: the new hardware bound."""
-        seconds = max(0.0, (bound_at_ms - refreshed_ms) / 1000)
-        log.info("device_rebound", via=via, seconds_to_bind=round(seconds, 3))
-        event = device_rebound(
-            work.swap,
-            bound_at=datetime.fromtimestamp(bound_at_ms / 1000, UTC),
-            via="push" if via == "push" else "poll",
-            seconds_to_bind=seconds,
-            source=self._source,
-            time=datetime.now(UTC),
-            max_bytes=self._max_bytes,
-            context_truncated=trimmed_for_ledger(work),
-        )
-        return Output(
-            self._topics.device_rebound,
-            event.key,
-            event.value,
-            event.headers + source_headers(work),
-        )
-
-    def bind_failed(self, work: Work, code: str, desc: str) -> Outcome:
-        """``rebind-failed`` with a service code decided without a call: BIND_EXPIRED or
-        BIND_NOT_CONFIRMED after a refresh, SWAP_TOO_OLD for a swap older than the ledger's
-        retention."""
-        spec = classify("refresh_device_key", None, code)
-        return self._failed(
-            work,
-            Failed(
-                error_code=code,
-                error_desc=desc,
-                http_status=None,
-                category=spec.category,
-                recommended_handling=spec.recommended_handling,
-                attempts=0,
-                first_attempt_at=None,
-                last_attempt_at=None,
-            ),
-        )
-
     async def _internal_error(self, work: Work, exc: Exception) -> Outcome:
         """Settle a swap whose handling failed unexpectedly: the call may have been applied, so
         ask the device first."""
@@ -347,7 +230,7 @@ class RebindHandler:
             query = await self._client.query_device(req.device_id, req.app_id)
             if query.ok and query.node_id == req.node_id:
                 log.info("node_id_applied_despite_failure")
-                return self._succeeded(
+                return self.outcomes.succeeded(
                     work,
                     req,
                     Succeeded(req.verify_code, req.timeout, attempts=1, reconciled=True),
@@ -359,7 +242,7 @@ class RebindHandler:
             log.warning("device_query_failed_after_error", exc_info=True)
         spec = classify("refresh_device_key", None, INTERNAL_ERROR)
         now = time.time()
-        return self._failed(
+        return self.outcomes.failed(
             work,
             Failed(
                 error_code=INTERNAL_ERROR,
@@ -370,43 +253,5 @@ class RebindHandler:
                 attempts=work.wait.attempts if work.wait else 0,
                 first_attempt_at=None,
                 last_attempt_at=now,
-            ),
-        )
-
-    def _failed(self, work: Work, failed: Failed, last_code: str | None = None) -> Outcome:
-        swap = work.swap
-        log.info(
-            "rebind_failed",
-            error_code=failed.error_code,
-            http_status=failed.http_status,
-            category=failed.category,
-            attempts=failed.attempts,
-        )
-        desc = failed.error_desc or failed.error_code
-        if last_code and last_code not in desc:
-            desc = f"{desc} (last platform code {last_code})"
-        event = rebind_failed(
-            swap,
-            error_code=failed.error_code,
-            error_desc=desc,
-            http_status=failed.http_status,
-            category=failed.category,
-            recommended_handling=failed.recommended_handling,
-            attempts=failed.attempts,
-            first_attempt_at=_dt(failed.first_attempt_at),
-            last_attempt_at=_dt(failed.last_attempt_at),
-            source=self._source,
-            time=datetime.now(UTC),
-            max_bytes=self._max_bytes,
-            context_truncated=trimmed_for_ledger(work),
-        )
-        return Outcome(
-            OutcomeKind.REBIND_FAILED,
-            Output(
-                self._topics.rebind_failed,
-                event.key,
-                event.value,
-                event.headers + source_headers(work),
-                OutcomeKind.REBIND_FAILED,
             ),
         )

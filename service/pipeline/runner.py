@@ -42,7 +42,7 @@ from service.pipeline.gauges import PipelineGauges
 from service.pipeline.input_hold import InputHold
 from service.pipeline.membership import MembershipProof
 from service.pipeline.open_partitions import OpenPartitions
-from service.pipeline.partition import PartitionCore, Republish
+from service.pipeline.partition import Answers, PartitionCore, Republish
 from service.pipeline.records import ConsumedRecord
 from service.pipeline.scheduler import KeyedScheduler
 from service.pipeline.swap_jobs import Handler, SwapJobs
@@ -81,6 +81,7 @@ class Pipeline:
         handler: Handler,
         metrics: Metrics,
         *,
+        outcomes: Answers,
         concurrency: int,
         max_buffered: int | None = None,
         drain_timeout: float = 20.0,
@@ -123,7 +124,7 @@ class Pipeline:
             kafka,
             topics,
             metrics,
-            answers=handler,
+            answers=outcomes,
             dedupe=self._dedupe,
             watch=watch,
             notify_topic=self._notify_topic,
@@ -241,14 +242,6 @@ class Pipeline:
     async def _wait_owner(self, core: PartitionCore) -> None:
         """The call guard of ``core``'s jobs (:meth:`MembershipProof.wait_owner`)."""
         await self._membership.wait_owner(core)
-
-    @property
-    def _proof_at(self) -> float:
-        return self._membership.at
-
-    @_proof_at.setter
-    def _proof_at(self, at: float) -> None:
-        self._membership.at = at
 
     # ---- lifecycle -------------------------------------------------------------------------
 

@@ -26,9 +26,8 @@ from service.pipeline.dedupe import DedupeReader
 from service.pipeline.input_hold import InputHold
 from service.pipeline.open_partitions import OpenPartitions
 from service.pipeline.partition import PartitionCore, Republish
-from service.pipeline.records import Output
 from service.pipeline.scheduler import KeyedScheduler
-from service.pipeline.work import HandlerResult, Outcome, PollResult, Work
+from service.pipeline.work import HandlerResult, PollResult, Work
 
 log = structlog.get_logger(__name__)
 
@@ -40,12 +39,6 @@ class Handler(Protocol):
     """Turns one swap into its result (an outcome, or a wait in the ledger); never raises."""
 
     async def handle(self, work: Work) -> HandlerResult: ...
-
-    def superseded(self, work: Work, newer_event_id: str) -> Outcome: ...
-
-    def rebound(self, work: Work, via: str, bound_at_ms: int, refreshed_ms: int) -> Output: ...
-
-    def bind_failed(self, work: Work, code: str, desc: str) -> Outcome: ...
 
     async def poll(self, work: Work) -> PollResult: ...
 

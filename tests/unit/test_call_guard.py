@@ -25,6 +25,7 @@ def pipeline() -> tuple[Pipeline, Any]:
         KafkaSettings(bootstrap_servers="127.0.0.1:9", session_timeout_ms=6_000),
         TopicSettings(),
         handler=NO_HANDLER,  # never called here
+        outcomes=NO_HANDLER,
         metrics=Metrics(),
         concurrency=1,
     )
@@ -40,7 +41,7 @@ async def _spin() -> None:
 
 async def test_a_call_waits_while_membership_is_unproven_and_leaves_after_a_heartbeat() -> None:
     p, core = pipeline()
-    p._proof_at = -math.inf  # frozen or cut off: no accepted heartbeat for a session
+    p._membership.at = -math.inf  # frozen or cut off: no accepted heartbeat for a session
     assert not p.owner_fresh()
     waiting = asyncio.create_task(p._wait_owner(core))
     await _spin()
@@ -51,7 +52,7 @@ async def test_a_call_waits_while_membership_is_unproven_and_leaves_after_a_hear
 
 async def test_a_call_is_abandoned_once_its_partition_is_handed_over() -> None:
     p, core = pipeline()
-    p._proof_at = -math.inf
+    p._membership.at = -math.inf
     waiting = asyncio.create_task(p._wait_owner(core))
     await _spin()
     core.closing = True  # revoked: the next owner does the swap
@@ -84,12 +85,12 @@ async def test_a_heartbeat_answered_while_frozen_proves_membership_only_as_of_it
     consumer: Any = SimpleNamespace(_coordinator=SimpleNamespace(_do_heartbeat=do_heartbeat))
     p, _core = pipeline()
     assert on_heartbeat(consumer, p._proved)
-    p._proof_at = -math.inf
+    p._membership.at = -math.inf
     heartbeat = asyncio.create_task(consumer._coordinator._do_heartbeat())
     await _spin()  # sent at 1000 s
     clock["now"] = 1_000.0 + 60.0  # frozen for a minute (session timeout 6 s), then woken
     answered.set()
     assert await heartbeat
-    assert p._proof_at == 1_000.0
+    assert p._membership.at == 1_000.0
     monkeypatch.setattr("service.pipeline.membership.time", fake_time)
     assert not p.owner_fresh()  # the guard keeps the woken member's calls waiting

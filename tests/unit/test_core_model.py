@@ -395,7 +395,7 @@ class CoreModel(RuleBasedStateMachine):
             progress=progress,
             ledger=ledger,
             dedupe=dedupe,
-            answers=self.handler,
+            answers=self.handler.outcomes,
             watch=self.watch,
             retention=RETENTION,
         )
