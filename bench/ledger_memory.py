@@ -15,7 +15,9 @@ cost. Two forms, in the same run:
   whose swap waits (the device online) or whose new hardware is watched until it binds, each
   entry keeping its swap: a structured CloudEvent of
   ``WAITING_BODY_BYTES`` bytes, as the service keeps a waiting or watched swap in memory
-  (docs/sizing.md). A tenth of the done devices' count: these entries are heavier.
+  (docs/sizing.md). A tenth of the done devices' count: these entries are heavier;
+* ``dedupe``: the duplicate memory of one partition (:class:`~service.pipeline.dedupe.DedupeIndex`)
+  holding as many answered events, as loaded at assignment.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from typing import TYPE_CHECKING, Protocol
 import orjson
 
 from service.bind.watch import Watch
+from service.pipeline.dedupe import DedupeIndex, id_hash
 from service.pipeline.ledger import DeviceLedger, Entry, State, decode_entry, encode_entry
 from service.pipeline.work import WaitState
 
@@ -49,6 +52,7 @@ FORMS = ("before", "packed")
 WAITING = "waiting"
 WATCHING = "watching"
 OPEN_FORMS = (WAITING, WATCHING)
+DEDUPE = "dedupe"
 
 
 class Loader(Protocol):
@@ -155,7 +159,27 @@ def rss_kib() -> int:
     return 0
 
 
+def dedupe_child(entries: int) -> dict[str, float]:
+    """The duplicate memory of one partition holding ``entries`` answered events."""
+    rng = random.Random(22)  # noqa: S311 - ids of a fixture, the same in every run
+    index = DedupeIndex("dedupe", 0, max(entries, 1))
+    seconds = 0.0
+    for first in range(0, entries, BATCH):
+        keys = [
+            id_hash(f"/inventory/erp-eu {uuid.UUID(int=rng.getrandbits(128), version=4)}")
+            for _ in range(first, min(entries, first + BATCH))
+        ]
+        started = time.perf_counter()
+        for offset, key in enumerate(keys, first):
+            index.add(key, offset)
+        seconds += time.perf_counter() - started
+    gc.collect()
+    return {"devices": entries, "rss_kib": rss_kib(), "seconds": seconds, "loaded": entries}
+
+
 def child(devices: int, form: str) -> dict[str, float]:
+    if form == DEDUPE:
+        return dedupe_child(devices)
     ledger: Loader = DeviceLedger("ledger", 0) if form != "before" else EntryObjects()
     seconds = 0.0
     loaded = 0
@@ -178,7 +202,7 @@ class LedgerMemoryResult:
     waiting_devices: int = 0
 
     def per_device(self, form: str) -> float:
-        count = self.waiting_devices if form in OPEN_FORMS else self.devices
+        count = self.waiting_devices if form in (*OPEN_FORMS, DEDUPE) else self.devices
         return (self.loaded_kib[form] - self.baseline_kib[form]) * 1024 / count
 
     def mib(self, form: str) -> float:
@@ -209,8 +233,8 @@ async def bench_ledger_memory(b: Bench) -> LedgerMemoryResult:
 
     n = b.sizes.ledger_devices
     result = LedgerMemoryResult(n, {}, {}, {}, waiting_devices=n // 10)
-    for form in (*FORMS, *OPEN_FORMS):
-        count = result.waiting_devices if form in OPEN_FORMS else n
+    for form in (*FORMS, *OPEN_FORMS, DEDUPE):
+        count = result.waiting_devices if form in (*OPEN_FORMS, DEDUPE) else n
         none = await measure(0, form)
         full = await measure(count, form)
         result.baseline_kib[form] = int(none["rss_kib"])
@@ -221,6 +245,13 @@ async def bench_ledger_memory(b: Bench) -> LedgerMemoryResult:
             if form in OPEN_FORMS
             else f"{count} done devices, {form}"
         )
+        if form == DEDUPE:
+            run.say(
+                f"duplicate memory of {count} answered events: RSS "
+                f"{full['rss_kib'] / 1024:.1f} MiB - {none['rss_kib'] / 1024:.1f} MiB with none "
+                f"= {result.mib(form):.1f} MiB, {result.per_device(form):.0f} bytes per event"
+            )
+            continue
         run.say(
             f"ledger of {what}: RSS {full['rss_kib'] / 1024:.1f} MiB - "
             f"{none['rss_kib'] / 1024:.1f} MiB with none = {result.mib(form):.1f} MiB, "
@@ -246,6 +277,10 @@ def add_ledger_memory(rep: Report, r: LedgerMemoryResult) -> None:
         "11. ledger load rate, before / packed (decode + load, no fetch)",
         f"{r.rate['before']:,.0f} / {r.rate['packed']:,.0f} records/s",
     )
+    rep.add(
+        f"11. duplicate memory RSS per answered event ({r.waiting_devices} events)",
+        f"{r.per_device(DEDUPE):.0f} bytes ({r.mib(DEDUPE):.0f} MiB)",
+    )
     for form in OPEN_FORMS:
         rep.add(
             f"11. ledger RSS per {form} device ({WAITING_BODY_BYTES}-byte swap kept; "
@@ -258,7 +293,7 @@ def add_ledger_memory(rep: Report, r: LedgerMemoryResult) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.ledger_memory", description=__doc__)
     p.add_argument("--devices", type=int, required=True)
-    p.add_argument("--form", choices=(*FORMS, *OPEN_FORMS), required=True)
+    p.add_argument("--form", choices=(*FORMS, *OPEN_FORMS, DEDUPE), required=True)
     args = p.parse_args(argv)
     print(orjson.dumps(child(args.devices, args.form)).decode(), flush=True)
 
