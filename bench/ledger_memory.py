@@ -10,7 +10,14 @@ cost. Two forms, in the same run:
 
 * ``packed``: :class:`~service.pipeline.ledger.DeviceLedger` as the service runs it;
 * ``before``: the representation before issue 20, one ``Entry`` object per device in a dict
-  (``decode_entry`` as the ledger used it), kept here only to measure it.
+  (``decode_entry`` as the ledger used it), kept here only to measure it;
+* ``waiting`` and ``watching``: :class:`~service.pipeline.ledger.DeviceLedger` holding devices
+  whose swap waits (the device online) or whose new hardware is watched until it binds, each
+  entry keeping its swap: a structured CloudEvent of
+  ``WAITING_BODY_BYTES`` bytes, as the service keeps a waiting or watched swap in memory
+  (docs/sizing.md). A tenth of the done devices' count: these entries are heavier;
+* ``dedupe``: the duplicate memory of one partition (:class:`~service.pipeline.dedupe.DedupeIndex`)
+  holding as many answered events, as loaded at assignment.
 """
 
 from __future__ import annotations
@@ -30,7 +37,10 @@ from typing import TYPE_CHECKING, Protocol
 
 import orjson
 
+from service.bind.watch import Watch
+from service.pipeline.dedupe import DedupeIndex, id_hash
 from service.pipeline.ledger import DeviceLedger, Entry, State, decode_entry, encode_entry
+from service.pipeline.work import WaitState
 
 if TYPE_CHECKING:
     from bench.run import Bench, Report
@@ -39,6 +49,10 @@ ROOT = Path(__file__).resolve().parents[1]
 BATCH = 10_000
 TARGET_BYTES = 120.0
 FORMS = ("before", "packed")
+WAITING = "waiting"
+WATCHING = "watching"
+OPEN_FORMS = (WAITING, WATCHING)
+DEDUPE = "dedupe"
 
 
 class Loader(Protocol):
@@ -82,6 +96,62 @@ def batches(devices: int, seed: int = 20) -> Iterator[list[tuple[bytes, bytes]]]
         yield batch
 
 
+def _waiting_body(device: str, event_id: str, node_id: str) -> bytes:
+    """A ``device.swapped`` CloudEvent as producers send it (structured mode)."""
+    return orjson.dumps(
+        {
+            "specversion": "1.0",
+            "id": event_id,
+            "source": "/inventory/erp-eu",
+            "type": "com.example.iot.device.swapped.v1",
+            "time": "2026-12-06T09:30:00.000Z",
+            "subject": device,
+            "datacontenttype": "application/json",
+            "data": {"deviceId": device, "nodeId": node_id, "verifyCode": node_id},
+        }
+    )
+
+
+def open_batches(devices: int, form: str, seed: int = 21) -> Iterator[list[tuple[bytes, bytes]]]:
+    """Ledger records of ``devices`` devices whose swap waits (the device online) or, with
+    ``watching``, whose new hardware is watched until it binds."""
+    rng = random.Random(seed)  # noqa: S311 - ids of a fixture, the same in every run
+    base_ms = 1_790_000_000_000
+    for first in range(0, devices, BATCH):
+        batch = []
+        for i in range(first, min(devices, first + BATCH)):
+            device = str(uuid.UUID(int=rng.getrandbits(128), version=4))
+            event_id = str(uuid.UUID(int=rng.getrandbits(128), version=4))
+            node_id = f"{rng.randrange(10**14, 10**15)}"
+            watch = Watch(base_ms, base_ms + 86_400_000, False, None, base_ms + 15_000 + i)
+            entry = Entry(
+                event_id,
+                "/inventory/erp-eu",
+                (base_ms + i * 1_000, i),
+                node_id,
+                State.WATCHING if form == WATCHING else State.WAITING,
+                outcome="credential_updated" if form == WATCHING else None,
+                watch=watch if form == WATCHING else None,
+                wait=None
+                if form == WATCHING
+                else WaitState(
+                    due_ms=base_ms + 3_600_000 + i,
+                    deadline_ms=base_ms + 86_400_000,
+                    deferrals=1,
+                    attempts=1,
+                    first_attempt_ms=base_ms,
+                    last_code="100611",
+                    reason="device_online",
+                ),
+                value=_waiting_body(device, event_id, node_id),
+            )
+            batch.append((device.encode(), bytes(memoryview(encode_entry(entry)))))
+        yield batch
+
+
+WAITING_BODY_BYTES = len(_waiting_body(str(uuid.UUID(int=0)), str(uuid.UUID(int=0)), "1" * 15))
+
+
 def rss_kib() -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -89,11 +159,31 @@ def rss_kib() -> int:
     return 0
 
 
+def dedupe_child(entries: int) -> dict[str, float]:
+    """The duplicate memory of one partition holding ``entries`` answered events."""
+    rng = random.Random(22)  # noqa: S311 - ids of a fixture, the same in every run
+    index = DedupeIndex("dedupe", 0, max(entries, 1))
+    seconds = 0.0
+    for first in range(0, entries, BATCH):
+        keys = [
+            id_hash(f"/inventory/erp-eu {uuid.UUID(int=rng.getrandbits(128), version=4)}")
+            for _ in range(first, min(entries, first + BATCH))
+        ]
+        started = time.perf_counter()
+        for offset, key in enumerate(keys, first):
+            index.add(key, offset)
+        seconds += time.perf_counter() - started
+    gc.collect()
+    return {"devices": entries, "rss_kib": rss_kib(), "seconds": seconds, "loaded": entries}
+
+
 def child(devices: int, form: str) -> dict[str, float]:
-    ledger: Loader = DeviceLedger("ledger", 0) if form == "packed" else EntryObjects()
+    if form == DEDUPE:
+        return dedupe_child(devices)
+    ledger: Loader = DeviceLedger("ledger", 0) if form != "before" else EntryObjects()
     seconds = 0.0
     loaded = 0
-    for batch in batches(devices):
+    for batch in open_batches(devices, form) if form in OPEN_FORMS else batches(devices):
         started = time.perf_counter()
         for key, value in batch:
             ledger.load(key, value)
@@ -109,9 +199,11 @@ class LedgerMemoryResult:
     baseline_kib: dict[str, int]
     loaded_kib: dict[str, int]
     rate: dict[str, float]
+    waiting_devices: int = 0
 
     def per_device(self, form: str) -> float:
-        return (self.loaded_kib[form] - self.baseline_kib[form]) * 1024 / self.devices
+        count = self.waiting_devices if form in (*OPEN_FORMS, DEDUPE) else self.devices
+        return (self.loaded_kib[form] - self.baseline_kib[form]) * 1024 / count
 
     def mib(self, form: str) -> float:
         return (self.loaded_kib[form] - self.baseline_kib[form]) / 1024
@@ -140,15 +232,28 @@ async def bench_ledger_memory(b: Bench) -> LedgerMemoryResult:
     from bench import run  # noqa: PLC0415 - bench.run runs this section
 
     n = b.sizes.ledger_devices
-    result = LedgerMemoryResult(n, {}, {}, {})
-    for form in FORMS:
+    result = LedgerMemoryResult(n, {}, {}, {}, waiting_devices=n // 10)
+    for form in (*FORMS, *OPEN_FORMS, DEDUPE):
+        count = result.waiting_devices if form in (*OPEN_FORMS, DEDUPE) else n
         none = await measure(0, form)
-        full = await measure(n, form)
+        full = await measure(count, form)
         result.baseline_kib[form] = int(none["rss_kib"])
         result.loaded_kib[form] = int(full["rss_kib"])
         result.rate[form] = full["loaded"] / full["seconds"] if full["seconds"] else 0.0
+        what = (
+            f"{count} {form} devices ({WAITING_BODY_BYTES}-byte swaps)"
+            if form in OPEN_FORMS
+            else f"{count} done devices, {form}"
+        )
+        if form == DEDUPE:
+            run.say(
+                f"duplicate memory of {count} answered events: RSS "
+                f"{full['rss_kib'] / 1024:.1f} MiB - {none['rss_kib'] / 1024:.1f} MiB with none "
+                f"= {result.mib(form):.1f} MiB, {result.per_device(form):.0f} bytes per event"
+            )
+            continue
         run.say(
-            f"ledger of {n} done devices, {form}: RSS {full['rss_kib'] / 1024:.1f} MiB - "
+            f"ledger of {what}: RSS {full['rss_kib'] / 1024:.1f} MiB - "
             f"{none['rss_kib'] / 1024:.1f} MiB with none = {result.mib(form):.1f} MiB, "
             f"{result.per_device(form):.0f} bytes per device; loaded at "
             f"{result.rate[form]:,.0f} records/s"
@@ -172,12 +277,23 @@ def add_ledger_memory(rep: Report, r: LedgerMemoryResult) -> None:
         "11. ledger load rate, before / packed (decode + load, no fetch)",
         f"{r.rate['before']:,.0f} / {r.rate['packed']:,.0f} records/s",
     )
+    rep.add(
+        f"11. duplicate memory RSS per answered event ({r.waiting_devices} events)",
+        f"{r.per_device(DEDUPE):.0f} bytes ({r.mib(DEDUPE):.0f} MiB)",
+    )
+    for form in OPEN_FORMS:
+        rep.add(
+            f"11. ledger RSS per {form} device ({WAITING_BODY_BYTES}-byte swap kept; "
+            f"{r.waiting_devices} devices)",
+            f"{r.per_device(form):.0f} bytes ({r.mib(form):.0f} MiB); loaded at "
+            f"{r.rate[form]:,.0f} records/s",
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.ledger_memory", description=__doc__)
     p.add_argument("--devices", type=int, required=True)
-    p.add_argument("--form", choices=FORMS, required=True)
+    p.add_argument("--form", choices=(*FORMS, *OPEN_FORMS, DEDUPE), required=True)
     args = p.parse_args(argv)
     print(orjson.dumps(child(args.devices, args.form)).decode(), flush=True)
 
