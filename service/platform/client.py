@@ -37,6 +37,7 @@ from service.platform.errors import (
     parse_json_object,
     snippet,
 )
+from service.platform.network import asyncio_transport
 from service.platform.tokens import TokenError, TokenManager, TokenProvider
 
 log = structlog.get_logger(__name__)
@@ -172,18 +173,19 @@ class PlatformClient:
         tls = build_ssl_context(settings)
 
         def one_connection() -> httpx.AsyncClient:
+            limits = httpx.Limits(
+                max_connections=1,
+                max_keepalive_connections=1,
+                keepalive_expiry=KEEPALIVE_EXPIRY_SECONDS,
+            )
             client = httpx.AsyncClient(
                 base_url=str(settings.base_url).rstrip("/"),
-                transport=transport,
-                verify=tls,
-                timeout=timeout,
-                limits=httpx.Limits(
-                    max_connections=1,
-                    max_keepalive_connections=1,
-                    keepalive_expiry=KEEPALIVE_EXPIRY_SECONDS,
+                transport=(
+                    transport
+                    if transport is not None
+                    else asyncio_transport(ssl_context=tls, limits=limits)
                 ),
-                http1=True,
-                http2=False,
+                timeout=timeout,
                 follow_redirects=False,
                 trust_env=False,
             )
