@@ -68,6 +68,18 @@ def query_activation_path(device_id: str) -> str:
     return QUERY_ACTIVATION_PATH.format(device_id=quote(device_id, safe=""))
 
 
+def base_url(url: str) -> httpx.URL:
+    """The platform's base URL as an httpx client holds its ``base_url`` (a trailing slash)."""
+    return httpx.URL(url.rstrip("/") + "/")
+
+
+def call_url(base: httpx.URL, path: str) -> httpx.URL:
+    """The absolute URL of ``path`` (percent-encoded, as ``refresh_key_path`` & co. make it) on
+    ``base``: what an httpx client with that ``base_url`` makes of the relative ``path``, joined
+    the way it joins them, without parsing ``path`` on its own first."""
+    return base.copy_with(raw_path=base.raw_path + path.lstrip("/").encode("ascii"))
+
+
 @dataclass(frozen=True, slots=True)
 class RefreshRequest:
     """One key refresh as sent (:func:`service.platform.rebind.build_request` makes it)."""
@@ -171,6 +183,9 @@ class PlatformClient:
         # an idle client (ConnectionSlots).
         connections = settings.max_concurrency + 2  # + a login and a query beside the refreshes
         tls = build_ssl_context(settings)
+        # Every call's URL is this plus its path, joined as httpx joins a client's base_url and
+        # a relative URL (the same bytes), once per call instead of parsing the path first.
+        self._base_url = base_url(str(settings.base_url))
 
         def one_connection() -> httpx.AsyncClient:
             limits = httpx.Limits(
@@ -416,7 +431,11 @@ class PlatformClient:
             http = await self._slots.take()
             try:
                 resp = await http.request(
-                    method, path, params=params or None, json=json, headers=headers
+                    method,
+                    call_url(self._base_url, path),
+                    params=params or None,
+                    json=json,
+                    headers=headers,
                 )
             finally:
                 self._slots.give(http)
