@@ -37,6 +37,7 @@ from service.platform.errors import (
     parse_json_object,
     snippet,
 )
+from service.platform.network import asyncio_transport
 from service.platform.tokens import TokenError, TokenManager, TokenProvider
 
 log = structlog.get_logger(__name__)
@@ -65,6 +66,18 @@ def query_device_path(device_id: str) -> str:
 
 def query_activation_path(device_id: str) -> str:
     return QUERY_ACTIVATION_PATH.format(device_id=quote(device_id, safe=""))
+
+
+def base_url(url: str) -> httpx.URL:
+    """The platform's base URL as an httpx client holds its ``base_url`` (a trailing slash)."""
+    return httpx.URL(url.rstrip("/") + "/")
+
+
+def call_url(base: httpx.URL, path: str) -> httpx.URL:
+    """The absolute URL of ``path`` (percent-encoded, as ``refresh_key_path`` & co. make it) on
+    ``base``: what an httpx client with that ``base_url`` makes of the relative ``path``, joined
+    the way it joins them, without parsing ``path`` on its own first."""
+    return base.copy_with(raw_path=base.raw_path + path.lstrip("/").encode("ascii"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,20 +183,24 @@ class PlatformClient:
         # an idle client (ConnectionSlots).
         connections = settings.max_concurrency + 2  # + a login and a query beside the refreshes
         tls = build_ssl_context(settings)
+        # Every call's URL is this plus its path, joined as httpx joins a client's base_url and
+        # a relative URL (the same bytes), once per call instead of parsing the path first.
+        self._base_url = base_url(str(settings.base_url))
 
         def one_connection() -> httpx.AsyncClient:
+            limits = httpx.Limits(
+                max_connections=1,
+                max_keepalive_connections=1,
+                keepalive_expiry=KEEPALIVE_EXPIRY_SECONDS,
+            )
             client = httpx.AsyncClient(
                 base_url=str(settings.base_url).rstrip("/"),
-                transport=transport,
-                verify=tls,
-                timeout=timeout,
-                limits=httpx.Limits(
-                    max_connections=1,
-                    max_keepalive_connections=1,
-                    keepalive_expiry=KEEPALIVE_EXPIRY_SECONDS,
+                transport=(
+                    transport
+                    if transport is not None
+                    else asyncio_transport(ssl_context=tls, limits=limits)
                 ),
-                http1=True,
-                http2=False,
+                timeout=timeout,
                 follow_redirects=False,
                 trust_env=False,
             )
@@ -414,7 +431,11 @@ class PlatformClient:
             http = await self._slots.take()
             try:
                 resp = await http.request(
-                    method, path, params=params or None, json=json, headers=headers
+                    method,
+                    call_url(self._base_url, path),
+                    params=params or None,
+                    json=json,
+                    headers=headers,
                 )
             finally:
                 self._slots.give(http)

@@ -19,7 +19,13 @@ from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
 from service.events import SWAPPED_TYPE, InvalidEvent, decode_swap
-from service.platform.client import query_device_path, refresh_key_path
+from service.platform.client import (
+    SUBSCRIBE_PATH,
+    base_url,
+    call_url,
+    query_device_path,
+    refresh_key_path,
+)
 
 BASE_URL = "https://iot.example.com:8743"
 REFRESH_PREFIX = "/iocm/app/reg/v1.1.0/deviceCredentials/"
@@ -85,6 +91,24 @@ def test_an_accepted_device_id_is_exactly_one_path_segment(device_id: str) -> No
         return
     one_segment_after(REFRESH_PREFIX, refresh_key_path(device_id), device_id)
     one_segment_after(QUERY_PREFIX, query_device_path(device_id), device_id)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
+@given(
+    DEVICE_IDS, st.sampled_from([BASE_URL, BASE_URL + "/", BASE_URL + "/gw/v2", "http://10.0.0.7"])
+)
+@example("a b", BASE_URL + "/gw/v2/")
+def test_the_client_joins_base_and_path_as_httpx_does(device_id: str, base: str) -> None:
+    """The client builds each call's absolute URL itself (issue 24: one parse less per call);
+    it is the URL httpx makes of the relative path on a client with that ``base_url``."""
+    if not accepted(device_id):
+        return
+    client = httpx.AsyncClient(base_url=base.rstrip("/"))
+    for path in (refresh_key_path(device_id), query_device_path(device_id), SUBSCRIBE_PATH):
+        expected = client.build_request("PUT", path).url
+        joined = call_url(base_url(base), path)
+        assert joined == expected
+        assert joined.raw_path == expected.raw_path
 
 
 def test_the_ids_of_the_report_are_refused() -> None:
