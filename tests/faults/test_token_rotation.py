@@ -35,7 +35,7 @@ Each run prints, from the simulator's call log::
 
 The platform's clock is the suite's (``tests/support/clock.py``): under ``make soak`` tokens
 live 20 s and the service renews 5 s ahead (a rotation every 15 s, 20 lifetimes: 400 s); in CI
-they live 6 s and are renewed 3 s ahead (a rotation every 3 s: 20 lifetimes in 120 s), with the
+they live 5 s and are renewed 3 s ahead (a rotation every 2 s: 20 lifetimes in 100 s), with the
 same number of lifetimes and of rotations per fault. The margin does not shrink with the
 lifetime: it covers the rotation hold (``token_rotation_window_seconds``, 1 s) and the calls on
 the wire, real seconds.
@@ -75,7 +75,7 @@ from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
-TTL = pick(20, 6)
+TTL = pick(20, 5)
 """Access token lifetime on the simulator (``token_ttl``, whole seconds)."""
 MARGIN = pick(5.0, 3.0)
 """The service's ``token_refresh_margin_seconds``."""
@@ -89,6 +89,9 @@ TICK = 0.25
 STEADY_LIFETIMES = 20
 """The steady run lasts this many token lifetimes (``TTL`` seconds each)."""
 KILLS = 3
+FAULTS_SECONDS = 40.0
+"""What the holder faults add to that run whatever the token's lifetime (each kill and the freeze
+wait out a session timeout and a restart): the trickle is seeded for it too."""
 HOLDER_METRIC = "rebind_platform_token_holder"
 TOKEN_OPS = ("login", "refresh_token")
 REJECTED = "1010005"
@@ -602,7 +605,9 @@ async def _random_run(
 async def test_holder_killed_and_frozen_rotates_without_a_storm(
     fault_kit: FaultKit, process_logs: None, token_runs: list[TokenRun]
 ) -> None:
-    run, rng = await _random_run(fault_kit, token_runs, "token-holder-faults", 10 * PERIOD)
+    run, rng = await _random_run(
+        fault_kit, token_runs, "token-holder-faults", 10 * PERIOD + FAULTS_SECONDS
+    )
     replicas = [run.replica(f"k{i}") for i in range(3)]
     await run.start(*replicas)
     await run.wait_stable()
