@@ -1,6 +1,8 @@
 """The IoT platform client: HTTP, tokens, TLS, the rate budget and the error table.
 
-Knows nothing of Kafka; the pipeline calls :func:`rebind` with a :class:`PlatformClient`.
+Knows nothing of Kafka (a forbidden contract in pyproject.toml: no aiokafka, no Kafka plumbing, no
+pipeline, no :mod:`service.shared`); the pipeline calls :func:`rebind` with a
+:class:`PlatformClient`, and :mod:`service.shared` shares its token and budget between replicas.
 """
 
 from service.platform.budget import (

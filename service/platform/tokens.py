@@ -249,7 +249,7 @@ class TokenManager:
         self._retry_refused_login = retry_refused_login
         self._before_call: Callable[[], Awaitable[None]] | None = None
         """False: a refused login closes the gate, and the owner retries (the shared-token
-        holder retries through its fence, see shared_token.py)."""
+        holder retries through its fence, see service/shared/shared_token.py)."""
         self._clock = clock
         self._token: _Token | None = None
         self._inflight: asyncio.Future[_Token] | None = None
