@@ -160,8 +160,35 @@ def _is_secret_key(key: object) -> bool:
     return isinstance(key, str) and key.lower() in _SECRET_KEYS
 
 
+_PLAIN: Final = (str, int, float, bool, type(None))
+_JOIN: Final = "\x00"
+"""Joins a line's strings for one search: no pattern matches across it without also matching
+inside one string (a non-word, non-space character, like the string's own start or end)."""
+
+
+def _needs_redaction(values: list[str]) -> bool:
+    """Whether any of ``values`` has something :func:`redact_text` would mask: one search of
+    each pattern over all of them (a line about an event has none, so nothing is rewritten)."""
+    text = _JOIN.join(values)
+    pattern = _registry_pattern
+    if pattern is not None and pattern.search(text):
+        return True
+    if ("earer" in text or "EARER" in text) and _BEARER.search(text):
+        return True
+    return _KEY_VALUE.search(text) is not None
+
+
 def redact(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """structlog processor: the last step before rendering (after exceptions are rendered)."""
+    strings: list[str] = []
+    for key, value in event_dict.items():
+        if type(value) not in _PLAIN or (value and _is_secret_key(key)):
+            break  # a structure, bytes, an object, a secret-named key: value by value below
+        if type(value) is str:
+            strings.append(value)
+    else:
+        if not _needs_redaction(strings):
+            return event_dict  # plain values, nothing to mask: as value by value would leave it
     for key, value in event_dict.items():
         event_dict[key] = MASK if _is_secret_key(key) and value else _redact_value(value)
     return event_dict

@@ -5,7 +5,8 @@ httpx 0.28 runs httpcore over anyio on asyncio: each read and write enters an an
 attributes (``is_readable``), about a tenth of the service's CPU in section 1 of the bench
 (docs/benchmarks.md). :class:`AsyncioBackend` is an ``httpcore.AsyncNetworkBackend`` (httpcore's
 documented extension point) that does the same over ``asyncio.open_connection``-style streams,
-with ``asyncio.timeout`` for the timeouts. What httpx sees does not change: the same httpcore
+with ``asyncio.timeout`` for the timeouts, and a request's head and body written in one send
+(the writes are held until the answer is read). What httpx sees does not change: the same httpcore
 errors for the same failures, which httpx maps to the same exceptions (a refused or timed-out
 connect or TLS handshake is ``ConnectError``/``ConnectTimeout``: never sent; a failed read or
 write, ``ReadError``/``WriteError``/``ReadTimeout``/``WriteTimeout``: maybe applied).
@@ -25,6 +26,8 @@ import httpcore
 import httpx
 
 READ_BUFFER_LIMIT = 2**16
+WRITE_HOLD_BYTES = 2**16
+"""Writes are held back until a read, or until this many bytes are held."""
 
 
 class _Reader(asyncio.StreamReader):
@@ -50,8 +53,12 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
     def __init__(self, reader: _Reader, writer: asyncio.StreamWriter) -> None:
         self._reader = reader
         self._writer = writer
+        self._held: list[bytes] = []
+        self._held_bytes = 0
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        if self._held:  # the request is complete: send it, then wait for the answer
+            await self._flush(timeout)
         try:
             async with asyncio.timeout(timeout):
                 return await self._reader.read(max_bytes)
@@ -61,13 +68,24 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
             raise httpcore.ReadError(str(exc)) from exc
 
     async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        """Held back until the next read (or :data:`WRITE_HOLD_BYTES`): a request's head and
+        body leave in one send instead of one each."""
         if not buffer:
             return
+        self._held.append(buffer)
+        self._held_bytes += len(buffer)
+        if self._held_bytes >= WRITE_HOLD_BYTES:
+            await self._flush(timeout)
+
+    async def _flush(self, timeout: float | None) -> None:
+        data = b"".join(self._held)
+        self._held.clear()
+        self._held_bytes = 0
         writer = self._writer
         try:
             if writer.is_closing():
                 raise ConnectionResetError("the connection is closed")
-            writer.write(buffer)
+            writer.write(data)
             async with asyncio.timeout(timeout):
                 await writer.drain()
         except TimeoutError as exc:

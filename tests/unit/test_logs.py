@@ -12,6 +12,8 @@ from typing import Literal
 import orjson
 import pytest
 import structlog
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import SecretStr
 
 from service import logs
@@ -419,3 +421,35 @@ def test_the_count_comes_out_when_the_interval_ends_without_more_records() -> No
         time.sleep(0.01)  # polling the condition, with a deadline
     [summary] = emitted
     assert summary.repeated == 2  # type: ignore[attr-defined]
+
+
+_FRAGMENTS = st.sampled_from(
+    ["Reg1stered-Secret-abc", "Bearer ", "bearer\t", "eyJ.tok", "secret=", "token:", '"secret": ',
+     "password", "=", ":", " ", "\x00", "a", "0", "é", "dev-1", "'", '"', ",", "&"]
+)  # fmt: skip
+_PLAIN_VALUES = st.one_of(
+    st.lists(_FRAGMENTS, max_size=6).map("".join),
+    st.text(max_size=12),
+    st.integers(),
+    st.floats(allow_nan=False),
+    st.booleans(),
+    st.none(),
+)
+_KEYS = st.sampled_from(["event", "device_id", "detail", "token", "Secret", "error", "n", "x"])
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.dictionaries(_KEYS, _PLAIN_VALUES, max_size=6))
+def test_a_line_of_plain_values_is_redacted_as_value_by_value(values: dict[str, object]) -> None:
+    """The one-search fast path of ``redact`` (issue 24) masks exactly what masking each value
+    on its own masks: a line left alone when nothing matches, the same line otherwise."""
+    logs._forget_secrets()
+    try:
+        logs.register_secret("Reg1stered-Secret-abc")
+        expected = {
+            key: logs.MASK if logs._is_secret_key(key) and value else logs._redact_value(value)
+            for key, value in values.items()
+        }
+        assert logs.redact(None, "info", dict(values)) == expected
+    finally:
+        logs._forget_secrets()

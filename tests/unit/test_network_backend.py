@@ -18,7 +18,7 @@ from contextlib import asynccontextmanager
 import httpx
 import pytest
 
-from service.platform.network import asyncio_transport
+from service.platform.network import WRITE_HOLD_BYTES, asyncio_transport
 from tests.support.waiting import wait_until
 
 Serve = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -132,3 +132,18 @@ async def test_an_idle_connection_the_server_closed_is_not_reused() -> None:
         await wait_until(closed_seen, 5.0, "the client to see the server's close")
         assert (await http.get("/")).status_code == 200  # on a new connection, no error
     assert len(accepted) == 2
+
+
+async def test_a_body_larger_than_the_write_hold_arrives_whole() -> None:
+    """Writes are held until the answer is read, or until WRITE_HOLD_BYTES are held."""
+    got: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        got.append(await read_request(reader))
+        writer.write(OK)
+        await writer.drain()
+
+    body = bytes(range(256)) * (3 * WRITE_HOLD_BYTES // 256 + 7)
+    async with server(serve) as (url, _), client(url) as http:
+        assert (await http.put("/big", content=body)).status_code == 200
+    assert got[0].endswith(b"\r\n\r\n" + body)
