@@ -28,6 +28,9 @@ import httpx
 READ_BUFFER_LIMIT = 2**16
 WRITE_HOLD_BYTES = 2**16
 """Writes are held back until a read, or until this many bytes are held."""
+HAPPY_EYEBALLS_DELAY = 0.25
+"""A host with several addresses: the next is tried after this, as anyio's ``connect_tcp`` does."""
+"""Writes are held back until a read, or until this many bytes are held."""
 
 
 class _Reader(asyncio.StreamReader):
@@ -150,6 +153,7 @@ class AsyncioBackend(httpcore.AsyncNetworkBackend):
                     host,
                     port,
                     local_addr=(local_address, 0) if local_address else None,
+                    happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY,
                 )
         except TimeoutError as exc:
             raise httpcore.ConnectTimeout(str(exc)) from exc
