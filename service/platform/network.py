@@ -30,7 +30,6 @@ WRITE_HOLD_BYTES = 2**16
 """Writes are held back until a read, or until this many bytes are held."""
 HAPPY_EYEBALLS_DELAY = 0.25
 """A host with several addresses: the next is tried after this, as anyio's ``connect_tcp`` does."""
-"""Writes are held back until a read, or until this many bytes are held."""
 
 
 class _Reader(asyncio.StreamReader):
