@@ -21,7 +21,7 @@ from service.metrics import Metrics
 from service.ops_port import http_port_message
 from service.pipeline.expiry import Retention
 from service.pipeline.outcomes import OutcomeBuilder
-from service.pipeline.runner import Pipeline
+from service.pipeline.pipeline import Pipeline
 from service.platform import PRIORITY_FRESH, PlatformClient, RateBudget, TokenManager
 from service.platform.tokens import AuthGate
 from service.shared.budget_exchange import BudgetExchange

@@ -4,7 +4,7 @@ Java clients (and aiokafka, and Kafka Streams) hash a key with murmur2; clients 
 librdkafka (kcat, confluent-kafka, most non-JVM producers) default to ``consistent_random``: the
 CRC-32 of the key. The two disagree for most keys, so the service is told which one its
 producers use (``REBIND_KAFKA__PARTITIONER``) and checks every input record against it: a record
-sitting elsewhere is *misrouted* (:mod:`service.pipeline.partition` forwards it).
+sitting elsewhere is *misrouted* (:mod:`service.pipeline.partition_core` forwards it).
 
 Both functions take a non-empty key (the service's keys are deviceIds); an empty or absent key
 is placed at random by both clients and never reaches this check.

@@ -31,7 +31,7 @@ from service.pipeline.records import ConsumedRecord
 from service.pipeline.work import PollResult, Work
 
 if TYPE_CHECKING:
-    from service.pipeline.partition import Answers
+    from service.pipeline.partition_core import Answers
 
 log = structlog.get_logger(__name__)
 

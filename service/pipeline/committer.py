@@ -29,7 +29,7 @@ from service.config import KafkaSettings
 from service.kafka import client_options, producer_fatal
 from service.metrics import Metrics
 from service.pipeline.outbox import Commit
-from service.pipeline.partition import PartitionCore
+from service.pipeline.partition_core import PartitionCore
 from service.pipeline.records import Output
 
 log = structlog.get_logger(__name__)

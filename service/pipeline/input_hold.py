@@ -13,7 +13,7 @@ import time
 
 import structlog
 
-from service.pipeline.partition import PartitionCore
+from service.pipeline.partition_core import PartitionCore
 
 log = structlog.get_logger(__name__)
 

@@ -18,7 +18,7 @@ import time
 import structlog
 
 from service.pipeline.input_hold import WAKE_INTERVAL_SECONDS
-from service.pipeline.partition import PartitionCore
+from service.pipeline.partition_core import PartitionCore
 
 log = structlog.get_logger(__name__)
 

@@ -28,7 +28,7 @@ from service.pipeline.dedupe import DedupeReader
 from service.pipeline.expiry import Retention
 from service.pipeline.intake import Routing
 from service.pipeline.ledger import DeviceLedger
-from service.pipeline.partition import Answers, PartitionCore
+from service.pipeline.partition_core import Answers, PartitionCore
 from service.pipeline.progress import PartitionProgress
 
 log = structlog.get_logger(__name__)

@@ -25,7 +25,7 @@ from service.pipeline.committer import PartitionFencedError
 from service.pipeline.dedupe import DedupeReader
 from service.pipeline.input_hold import InputHold
 from service.pipeline.open_partitions import OpenPartitions
-from service.pipeline.partition import PartitionCore, Republish
+from service.pipeline.partition_core import PartitionCore, Republish
 from service.pipeline.scheduler import KeyedScheduler
 from service.pipeline.work import HandlerResult, PollResult, Work
 

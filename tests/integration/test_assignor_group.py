@@ -15,7 +15,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 
 from service.config import KafkaSettings
-from service.pipeline.runner import input_consumer
+from service.pipeline.pipeline import input_consumer
 from tests.support.kafka_broker import KafkaBroker, create_topics
 from tests.support.waiting import wait_until
 

@@ -105,7 +105,7 @@ async def test_exceptions_during_platform_calls_leak_no_secret_or_token(
     client = PlatformClient(settings, metrics, budget, transport=transport, clock=clock)
     await sim.control.seed_device("sec-dev-1", "OLD-1")
     req = build_request("sec-dev-1", "NEW-1", None, None, None, 0)
-    log = structlog.get_logger("service.pipeline.runner")
+    log = structlog.get_logger("service.pipeline.pipeline")
     failures: dict[str, BaseException] = {}
 
     async def fail_during(phase: str, fragment: str, call: Any) -> None:

@@ -21,7 +21,7 @@ from service.assignor import (
     encode_claim,
 )
 from service.config import KafkaSettings
-from service.pipeline.runner import input_consumer
+from service.pipeline.pipeline import input_consumer
 
 INPUT, NOTIFY = "asset.device-swapped.v1", "device-rebind.bind-notify.v1"
 

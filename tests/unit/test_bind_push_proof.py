@@ -19,7 +19,7 @@ from service.handler import RebindHandler
 from service.metrics import Metrics
 from service.pipeline.dedupe import DedupeIndex
 from service.pipeline.ledger import DeviceLedger, State
-from service.pipeline.partition import PartitionCore
+from service.pipeline.partition_core import PartitionCore
 from service.pipeline.progress import PartitionProgress
 from service.pipeline.records import OutcomeKind, Output
 from service.pipeline.work import Outcome, PollResult, Waiting, WaitState, Work

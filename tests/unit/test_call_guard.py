@@ -15,7 +15,7 @@ import pytest
 from service.config import KafkaSettings, TopicSettings
 from service.kafka import on_heartbeat
 from service.metrics import Metrics
-from service.pipeline.runner import Pipeline
+from service.pipeline.pipeline import Pipeline
 
 NO_HANDLER: Any = None
 

@@ -12,7 +12,7 @@ from service.events import DLQ_REASON_HEADER, INVALID_REASONS
 from service.pipeline.dedupe import DedupeIndex
 from service.pipeline.intake import CLOCK_SKEW, DeadLetter, read_record
 from service.pipeline.ledger import DeviceLedger
-from service.pipeline.partition import PartitionCore
+from service.pipeline.partition_core import PartitionCore
 from service.pipeline.progress import PartitionProgress
 from service.pipeline.records import OutcomeKind
 from service.pipeline.work import Work

@@ -5,7 +5,7 @@ driven through random interleavings against an in-memory Kafka and an in-memory 
 "Kafka" is the input partition's records and the durable state that transactions write (outcome
 topics, dead letters, ledger and dedupe records with their offsets, the committed offset and its
 metadata). A member is a core built from that durable state exactly as
-:meth:`service.pipeline.runner.Pipeline._open` builds it, plus its read position, its per-device
+:meth:`service.pipeline.pipeline.Pipeline._open` builds it, plus its read position, its per-device
 FIFO job queues (the :class:`KeyedScheduler`) and its pending re-publications. A job runs in three
 steps (claim, the handler's platform call, decide) so that records, commits, wakes, crashes and
 rebalances can fall between them, as they do while a call is in flight. Each run chooses whether
@@ -72,7 +72,7 @@ from hypothesis.stateful import (
 from pydantic import SecretStr
 
 import service.handler as handler_module
-import service.pipeline.partition as partition_module
+import service.pipeline.partition_core as partition_module
 from service.bind.watch import WatchPolicy
 from service.config import PlatformSettings, Settings
 from service.events import SOURCE_OFFSET_HEADER
@@ -88,7 +88,7 @@ from service.pipeline.dedupe import (
 from service.pipeline.expiry import Retention
 from service.pipeline.ledger import DeviceLedger, State, decode_entry
 from service.pipeline.outbox import Commit
-from service.pipeline.partition import PartitionCore, Republish
+from service.pipeline.partition_core import PartitionCore, Republish
 from service.pipeline.progress import PartitionProgress, decode_finished
 from service.pipeline.records import OutcomeKind, Output
 from service.pipeline.work import HandlerResult, PollResult, Work
@@ -158,7 +158,7 @@ MAX_INPUTS: Final = 16  # records per run: enough for every interleaving of two 
 
 class ModelClock:
     """Stands in for the ``time`` module inside :mod:`service.handler` and
-    :mod:`service.pipeline.partition`: wall-clock time is the model's (due times, deadlines and
+    :mod:`service.pipeline.partition_core`: wall-clock time is the model's (due times, deadlines and
     watches are deterministic), monotonic time is real."""
 
     def __init__(self) -> None:

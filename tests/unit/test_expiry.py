@@ -14,7 +14,7 @@ from service.pipeline.dedupe import DedupeIndex
 from service.pipeline.expiry import EXPIRY_MARGIN_MS, Retention
 from service.pipeline.ledger import DeviceLedger, State
 from service.pipeline.packed import PackedEntries
-from service.pipeline.partition import PartitionCore
+from service.pipeline.partition_core import PartitionCore
 from service.pipeline.progress import PartitionProgress
 from service.pipeline.records import OutcomeKind, Output
 from service.pipeline.work import Outcome, Work

@@ -13,7 +13,7 @@ from service.partitioner import crc32_partition, murmur2_partition, partition_fo
 from service.pipeline.dedupe import DedupeIndex
 from service.pipeline.intake import FORWARDED_FROM_HEADER, Routing
 from service.pipeline.ledger import DeviceLedger
-from service.pipeline.partition import PartitionCore
+from service.pipeline.partition_core import PartitionCore
 from service.pipeline.progress import PartitionProgress
 from service.pipeline.work import Work
 from tests.support.events import swap_event

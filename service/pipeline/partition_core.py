@@ -7,7 +7,7 @@ results, and takes from it what to write in the partition's next transaction.
     commit <- outputs decided since the last transaction + committed offset and its metadata
 
 The model-based test drives this class through random interleavings; the Kafka side
-(:mod:`service.pipeline.runner`, :mod:`service.pipeline.committer`) only moves bytes.
+(:mod:`service.pipeline.pipeline`, :mod:`service.pipeline.committer`) only moves bytes.
 """
 
 from __future__ import annotations

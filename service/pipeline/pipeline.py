@@ -42,7 +42,7 @@ from service.pipeline.gauges import PipelineGauges
 from service.pipeline.input_hold import InputHold
 from service.pipeline.membership import MembershipProof
 from service.pipeline.open_partitions import OpenPartitions
-from service.pipeline.partition import Answers, PartitionCore, Republish
+from service.pipeline.partition_core import Answers, PartitionCore, Republish
 from service.pipeline.records import ConsumedRecord
 from service.pipeline.scheduler import KeyedScheduler
 from service.pipeline.swap_jobs import Handler, SwapJobs
