@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
 import orjson
 import structlog
@@ -28,10 +27,7 @@ from service.bind.watch import WatchPolicy
 from service.pipeline.ledger import DeviceLedger, Entry, State, rebuild_work
 from service.pipeline.outbox import Outbox
 from service.pipeline.records import ConsumedRecord
-from service.pipeline.work import PollResult, Work
-
-if TYPE_CHECKING:
-    from service.pipeline.partition_core import Answers
+from service.pipeline.work import Answers, PollResult, Work
 
 log = structlog.get_logger(__name__)
 

@@ -28,8 +28,9 @@ from service.pipeline.dedupe import DedupeReader
 from service.pipeline.expiry import Retention
 from service.pipeline.intake import Routing
 from service.pipeline.ledger import DeviceLedger
-from service.pipeline.partition_core import Answers, PartitionCore
+from service.pipeline.partition_core import PartitionCore
 from service.pipeline.progress import PartitionProgress
+from service.pipeline.work import Answers
 
 log = structlog.get_logger(__name__)
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, replace
-from typing import Protocol
 
 import structlog
 
@@ -29,20 +28,10 @@ from service.pipeline.ledger import Claim, DeviceLedger, Entry, State, Verdict, 
 from service.pipeline.outbox import Commit, Outbox
 from service.pipeline.progress import PartitionProgress
 from service.pipeline.records import ConsumedRecord, OutcomeKind, Output
-from service.pipeline.work import HandlerResult, Outcome, PollResult, Waiting, Work
+from service.pipeline.work import Answers, HandlerResult, Outcome, PollResult, Waiting, Work
 from service.platform.errors import SWAP_TOO_OLD
 
 log = structlog.get_logger(__name__)
-
-
-class Answers(Protocol):
-    """Builds the answers the partition decides without calling the platform."""
-
-    def superseded(self, work: Work, newer_event_id: str) -> Outcome: ...
-
-    def rebound(self, work: Work, via: str, bound_at_ms: int, refreshed_ms: int) -> Output: ...
-
-    def bind_failed(self, work: Work, code: str, desc: str) -> Outcome: ...
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,12 +42,12 @@ from service.pipeline.gauges import PipelineGauges
 from service.pipeline.input_hold import InputHold
 from service.pipeline.membership import MembershipProof
 from service.pipeline.open_partitions import OpenPartitions
-from service.pipeline.partition_core import Answers, PartitionCore, Republish
+from service.pipeline.partition_core import PartitionCore, Republish
 from service.pipeline.records import ConsumedRecord
 from service.pipeline.scheduler import KeyedScheduler
 from service.pipeline.swap_jobs import Handler, SwapJobs
 from service.pipeline.wake_loop import WakeLoop
-from service.pipeline.work import Work
+from service.pipeline.work import Answers, Work
 
 log = structlog.get_logger(__name__)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 from service.bind.watch import Watch
 from service.events import SwapEvent
@@ -88,3 +89,14 @@ class PollResult:
 
     bound: bool = False
     gone: bool = False
+
+
+class Answers(Protocol):
+    """Builds the answers a partition decides without calling the platform
+    (:class:`service.pipeline.outcomes.OutcomeBuilder`)."""
+
+    def superseded(self, work: Work, newer_event_id: str) -> Outcome: ...
+
+    def rebound(self, work: Work, via: str, bound_at_ms: int, refreshed_ms: int) -> Output: ...
+
+    def bind_failed(self, work: Work, code: str, desc: str) -> Outcome: ...
