@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from service.config import LedgerSettings
-from service.pipeline import partition as partition_module
+from service.pipeline import partition_core as partition_module
 from service.pipeline.dedupe import DedupeIndex
 from service.pipeline.expiry import EXPIRY_MARGIN_MS, Retention
 from service.pipeline.ledger import DeviceLedger, State
