@@ -23,16 +23,16 @@ DEVICES = 300
 
 
 def _loads(proc: ServiceProcess) -> list[dict[str, Any]]:
-    """The member's "partition state loaded" log lines, in order."""
+    """The member's "partition_state_loaded" log lines, in order."""
     found = []
     for line in proc.log_text().splitlines():
-        if '"partition state loaded"' not in line:
+        if '"partition_state_loaded"' not in line:
             continue
         try:
             rec = json.loads(line)
         except ValueError:
             continue
-        if isinstance(rec, dict) and rec.get("event") == "partition state loaded":
+        if isinstance(rec, dict) and rec.get("event") == "partition_state_loaded":
             found.append(rec)
     return found
 
