@@ -13,11 +13,19 @@ claim one number (a member that missed a generation still claims what it held be
 claim of the later generation wins.
 
 :func:`assign_numbers` is the whole decision, a pure function; :class:`CoPartitionedAssignor` is
-its aiokafka face (``partition_assignment_strategy``). The consumer lists it first and the range
-assignor second: aiokafka's group picks the first protocol every member supports, so during a
-rolling deploy a group with members that only know ``range`` goes on with ``range`` (which is
-co-partitioned too, per topic by the same numbers when the counts are equal), and switches to this
-one once every member knows it.
+its aiokafka face (``partition_assignment_strategy``), the consumer's only strategy, offered under
+the protocol name ``range``. Why that name: a group must agree on one protocol name, and the release
+before this one offered aiokafka's range assignor. Offering both (sticky first, range second) would
+be the textbook rolling upgrade, but aiokafka 0.14 sends one JoinGroup per offered strategy in
+``perform_group_join`` (its KIP-394 retry loop sits inside the loop over the strategies), the
+first with the first strategy alone: every join then changes the member's protocols twice and
+triggers another rebalance (seen as groups of in-process members that never settled in 60 s), and
+a member offering the sticky strategy alone is refused with InconsistentGroupProtocol by a group of
+range-only members. Under one name both releases agree: whichever member leads assigns, an old
+leader by range (co-partitioned too: it assigns each topic by the same numbers when the counts are
+equal, which the service checks at start), a new one stickily (an old member's subscription carries
+no claim: it is read as holding nothing). Members accept any assignment; ``kafka-consumer-groups``
+shows the protocol as ``range``.
 """
 
 from __future__ import annotations
@@ -35,7 +43,8 @@ from aiokafka.coordinator.protocol import (
 
 __all__ = ["Claim", "CoPartitionedAssignor", "assign_numbers", "decode_claim", "encode_claim"]
 
-NAME = "rebind-copartitioned-sticky"
+NAME = "range"
+"""The protocol name: the one the release before used (see the module docstring)."""
 _VERSION = 0
 _NO_GENERATION = -1
 

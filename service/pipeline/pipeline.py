@@ -22,7 +22,6 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 
 from service.assignor import CoPartitionedAssignor, consumer_generation
 from service.bind.watch import WatchPolicy
@@ -508,7 +507,7 @@ def input_consumer(
         # Co-partitioning: partition p of the input and of the bind-notify topic go to one
         # member, so a device's pushes meet its ledger entry. The sticky assignor first; range
         # while members that know only range are in the group (a rolling deploy).
-        partition_assignment_strategy=(assignor, RangePartitionAssignor),
+        partition_assignment_strategy=(assignor,),  # one: see service/assignor.py
         # Bounded prefetch: memory must not grow with the backlog behind the buffer.
         fetch_max_bytes=4 * 1024 * 1024,
         max_partition_fetch_bytes=512 * 1024,

@@ -120,10 +120,10 @@ def test_the_assignor_claims_what_it_was_given_at_its_next_join() -> None:
     assert decode_claim(metadata.user_data) == Claim(frozenset({2, 5}), 4)
 
 
-async def test_the_consumer_offers_the_sticky_assignor_first_and_range_as_the_fallback() -> None:
+async def test_the_consumer_offers_one_strategy_under_the_range_protocol_name() -> None:
     consumer = input_consumer(KafkaSettings(), heartbeat_seconds=3.0)
     strategies = consumer._partition_assignment_strategy
-    assert [s.name for s in strategies] == [NAME, RangePartitionAssignor.name]
+    assert [s.name for s in strategies] == [NAME] == [RangePartitionAssignor.name]
     assert consumer._group_instance_id is None  # static membership is opt-in
 
 
