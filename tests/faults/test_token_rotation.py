@@ -37,9 +37,9 @@ The platform's clock is the suite's (``tests/support/clock.py``): under ``make s
 live 20 s and the service renews 5 s ahead (a rotation every 15 s, 20 lifetimes: 400 s); in CI
 they live 8 s and are renewed 3 s ahead (a rotation every 5 s), with the same number of
 lifetimes and of rotations per fault (5 s tokens, a rotation every 2 s, were tried: the
-1 -> 3 -> 1 run failed once in a fresh-clone run, so CI keeps 8 s). The margin does not shrink with the
-lifetime: it covers the rotation hold (``token_rotation_window_seconds``, 1 s) and the calls on
-the wire, real seconds.
+1 -> 3 -> 1 run failed once in a fresh-clone run, so CI keeps 8 s). The margin does not shrink
+with the lifetime: it covers the rotation hold (``token_rotation_window_seconds``, 1 s) and the
+calls on the wire, real seconds.
 
 The accounting line (``FAULT …``) follows: every input has exactly one committed outcome, and
 it is ``credential-updated`` (the devices are offline and no call is faulted for good).
