@@ -44,7 +44,6 @@ from service.platform import (
     RefreshRequest,
     Succeeded,
     build_request,
-    classify,
     rebind,
 )
 from service.platform.budget import PRIORITY_POLL
@@ -170,21 +169,15 @@ class RebindHandler:
         transient = result.reason == DEFERRAL_REASON_TRANSIENT
         deadline = try_deadline if transient else event_deadline
         if due >= deadline:
-            spec = classify("refresh_device_key", None, DEADLINE_EXCEEDED)
             what = "the try's deadline passes" if transient else "the device stayed online"
             log.info("deadline_before_next_try", last_code=result.last_code)
-            return self.outcomes.failed(
+            return self.outcomes.service_failed(
                 work,
-                Failed(
-                    error_code=DEADLINE_EXCEEDED,
-                    error_desc=f"{what} until the deadline; last platform code {result.last_code}",
-                    http_status=None,
-                    category=spec.category,
-                    recommended_handling=spec.recommended_handling,
-                    attempts=attempts,
-                    first_attempt_at=first / 1000,
-                    last_attempt_at=now,
-                ),
+                DEADLINE_EXCEEDED,
+                f"{what} until the deadline; last platform code {result.last_code}",
+                attempts=attempts,
+                first_attempt_at=first / 1000,
+                last_attempt_at=now,
                 last_code=result.last_code,
             )
         deferrals = work.wait.deferrals if work.wait is not None else 0
@@ -240,18 +233,10 @@ class RebindHandler:
             raise
         except Exception:
             log.warning("device_query_failed_after_error", exc_info=True)
-        spec = classify("refresh_device_key", None, INTERNAL_ERROR)
-        now = time.time()
-        return self.outcomes.failed(
+        return self.outcomes.service_failed(
             work,
-            Failed(
-                error_code=INTERNAL_ERROR,
-                error_desc=f"{type(exc).__name__} inside the service",
-                http_status=None,
-                category=spec.category,
-                recommended_handling=spec.recommended_handling,
-                attempts=work.wait.attempts if work.wait else 0,
-                first_attempt_at=None,
-                last_attempt_at=now,
-            ),
+            INTERNAL_ERROR,
+            f"{type(exc).__name__} inside the service",
+            attempts=work.wait.attempts if work.wait else 0,
+            last_attempt_at=time.time(),
         )

@@ -21,6 +21,7 @@ from service.events import (
     SOURCE_OFFSET_HEADER,
     SOURCE_PARTITION_HEADER,
     SOURCE_TOPIC_HEADER,
+    OutcomeEvent,
     credential_updated,
     device_rebound,
     rebind_failed,
@@ -41,6 +42,11 @@ def source_headers(work: Work) -> list[tuple[str, bytes]]:
         (SOURCE_PARTITION_HEADER, str(work.partition).encode()),
         (SOURCE_OFFSET_HEADER, str(work.origin_offset).encode()),
     ]
+
+
+def _output(topic: str, event: OutcomeEvent, work: Work, kind: OutcomeKind) -> Output:
+    """The record of an outcome event, with the headers saying where its swap was read."""
+    return Output(topic, event.key, event.value, event.headers + source_headers(work), kind)
 
 
 def _dt(epoch_seconds: float | None) -> datetime | None:
@@ -76,13 +82,7 @@ class OutcomeBuilder:
         )
         return Outcome(
             OutcomeKind.CREDENTIAL_UPDATED,
-            Output(
-                self._topics.credential_updated,
-                event.key,
-                event.value,
-                event.headers + source_headers(work),
-                OutcomeKind.CREDENTIAL_UPDATED,
-            ),
+            _output(self._topics.credential_updated, event, work, OutcomeKind.CREDENTIAL_UPDATED),
             timeout=timeout,
         )
 
@@ -115,41 +115,35 @@ class OutcomeBuilder:
         )
         return Outcome(
             OutcomeKind.REBIND_FAILED,
-            Output(
-                self._topics.rebind_failed,
-                event.key,
-                event.value,
-                event.headers + source_headers(work),
-                OutcomeKind.REBIND_FAILED,
-            ),
+            _output(self._topics.rebind_failed, event, work, OutcomeKind.REBIND_FAILED),
         )
 
     def superseded(self, work: Work, newer_event_id: str) -> Outcome:
         """The answer to a swap that a newer swap of the same device replaced."""
-        spec = classify("refresh_device_key", None, SUPERSEDED)
         wait = work.wait
         log.info("superseded", newer_event_id=newer_event_id)
-        return self.failed(
+        return self.service_failed(
             work,
-            Failed(
-                error_code=SUPERSEDED,
-                error_desc=f"a newer swap of the device ({newer_event_id}) replaced this one",
-                http_status=None,
-                category=spec.category,
-                recommended_handling=spec.recommended_handling,
-                attempts=wait.attempts if wait else 0,
-                first_attempt_at=(wait.first_attempt_ms or 0) / 1000 if wait else None,
-                last_attempt_at=None,
-            ),
+            SUPERSEDED,
+            f"a newer swap of the device ({newer_event_id}) replaced this one",
+            attempts=wait.attempts if wait else 0,
+            first_attempt_at=(wait.first_attempt_ms or 0) / 1000 if wait else None,
             last_code=wait.last_code if wait else None,
         )
 
-    # ---- bind watches ----------------------------------------------------------------------
-
-    def bind_failed(self, work: Work, code: str, desc: str) -> Outcome:
-        """``rebind-failed`` with a service code decided without a call: BIND_EXPIRED or
-        BIND_NOT_CONFIRMED after a refresh, SWAP_TOO_OLD for a swap older than the ledger's
-        retention."""
+    def service_failed(
+        self,
+        work: Work,
+        code: str,
+        desc: str,
+        *,
+        attempts: int = 0,
+        first_attempt_at: float | None = None,
+        last_attempt_at: float | None = None,
+        last_code: str | None = None,
+    ) -> Outcome:
+        """``rebind-failed`` with a code of the service's own (no HTTP status), its category and
+        recommended handling from the error table."""
         spec = classify("refresh_device_key", None, code)
         return self.failed(
             work,
@@ -159,11 +153,20 @@ class OutcomeBuilder:
                 http_status=None,
                 category=spec.category,
                 recommended_handling=spec.recommended_handling,
-                attempts=0,
-                first_attempt_at=None,
-                last_attempt_at=None,
+                attempts=attempts,
+                first_attempt_at=first_attempt_at,
+                last_attempt_at=last_attempt_at,
             ),
+            last_code=last_code,
         )
+
+    # ---- bind watches ----------------------------------------------------------------------
+
+    def bind_failed(self, work: Work, code: str, desc: str) -> Outcome:
+        """``rebind-failed`` with a service code decided without a call: BIND_EXPIRED or
+        BIND_NOT_CONFIRMED after a refresh, SWAP_TOO_OLD for a swap older than the ledger's
+        retention."""
+        return self.service_failed(work, code, desc)
 
     def rebound(self, work: Work, via: str, bound_at_ms: int, refreshed_ms: int) -> Output:
         """The ``device.rebound`` event: the new hardware bound."""
