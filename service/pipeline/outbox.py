@@ -85,9 +85,14 @@ class Outbox:
     def settled(self) -> bool:
         """Everything emitted is committed: no output, count or ledger record waits, and the
         input and bind-notify positions are those of the last transaction."""
+        return not self._unsettled and self._nothing_new(self.progress.snapshot())
+
+    def _nothing_new(self, position: tuple[int | None, str]) -> bool:
+        """No output or count waits, and the input and bind-notify positions are those of the
+        last transaction."""
         return (
-            not (self._outputs or self._counts or self._unsettled)
-            and self.progress.snapshot() == self._last
+            not (self._outputs or self._counts)
+            and position == self._last
             and self.notify_offset == self._notify_committed
         )
 
@@ -98,12 +103,7 @@ class Outbox:
     def take(self) -> Commit | None:
         """What the next transaction writes; None when there is nothing new."""
         offset, metadata = self.progress.snapshot()
-        if (
-            not self._outputs
-            and not self._counts
-            and (offset, metadata) == self._last
-            and self.notify_offset == self._notify_committed
-        ):
+        if self._nothing_new((offset, metadata)):
             return None
         commit = Commit(
             self._outputs,
