@@ -26,9 +26,15 @@ kafka: ## resolve the Apache Kafka broker jars with Maven (cached in .cache/kafk
 	bash deploy/local/kafka.sh fetch
 
 .PHONY: tools
-tools: ## build helm and docker-compose from the Go module proxy, install promtool/prometheus (cached)
+tools: tools-go tools-apt ## build helm and docker-compose from the Go module proxy, install promtool/prometheus (cached)
+
+.PHONY: tools-go
+tools-go: ## helm and docker-compose built from the Go module proxy into .cache/bin (once per version)
 	bash scripts/install-helm.sh
 	bash scripts/install-compose.sh
+
+.PHONY: tools-apt
+tools-apt: ## promtool/prometheus and shellcheck from Debian's packages, when missing
 	bash scripts/install-prometheus.sh
 	bash scripts/install-shellcheck.sh
 
@@ -66,7 +72,7 @@ demo: venv kafka ## start broker, simulator and service; play a story of swaps; 
 	PYTHONPATH=. $(BIN)/python deploy/local/demo.py
 
 .PHONY: bench
-bench: venv kafka ## measure the real service on this machine (broker, simulator, baseline): about 20 min (sections 6-9 add 7, 11 adds 1; --skip 6,7,8,9,11)
+bench: venv kafka ## measure the real service on this machine (broker, simulator, baseline): about 20 min, plus section 12 (396 s), sections 13-14 (118 s), section 16 (the urgent lane, 343 s) and section 10's second schedule (233 s for both) measured on 2026-12-06 (sections 6-9 add 7, 11 adds 1; --skip 6,7,8,9,11,12,13,14,16; section 15, a rolling restart of ~10 min, only with --only 15)
 	PYTHONPATH=. $(BIN)/python -m bench $(BENCH_ARGS)
 
 .PHONY: image

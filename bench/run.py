@@ -20,7 +20,20 @@ the machine is shared and noisy. Sections:
    ``bench/saturation.py``);
 10. the first bind-watch poll behind a saturated refresh backlog (``bench/bind_polls.py``);
 11. the ledger's memory per ``done`` device and its load rate, 1,000,000 devices, before and
-    after issue 20's packed entries (``bench/ledger_memory.py``; no broker).
+    after issue 20's packed entries (``bench/ledger_memory.py``; no broker);
+12. bind detection delay with 100, 1,000 and 10,000 watched devices, the poll grid against the
+    plain backoff, on a compressed clock (``bench/watch_scale.py``);
+13. taking over a partition whose ledger holds 1,000,000 devices: assignment to the first
+    outcome while the ledger is read, against a swap that waits for the whole read, and the
+    member's membership meanwhile (``bench/takeover.py``);
+14. a rebalance in which a member keeps its partitions (a second member joins): ledger records
+    re-read and the extra wait of a swap, against the latency before (``bench/kept.py``);
+15. a rolling restart of 3 replicas holding 3,000,000 ledger devices: the longest gap between
+    two outcomes and evicted members (``bench/rolling.py``). About 10 minutes on this machine:
+    run only when named (``--only 15``), as it would take the whole run past its 20 minutes.
+16. the urgent lane under a saturated budget (N = 600/min on a 10 s window, a 10,000 bulk
+    backlog, 50 urgent swaps): urgent publish -> platform call, answer -> visible, budget use,
+    1010009 answers, bulk throughput with and without urgent traffic (``bench/lanes.py``).
 
 ``python -m bench`` (or ``python bench/run.py``); ``--quick`` shrinks every size for a smoke run;
 ``--only 1,3`` runs some sections, ``--skip 7,8`` leaves some out; ``--markdown PATH`` also
@@ -1195,12 +1208,33 @@ async def run_all(b: Bench, rep: Report, only: set[str], skip: set[str] | None =
     async def s10() -> None:
         from bench import bind_polls  # noqa: PLC0415 - section 10
 
-        bind_polls.add_poll_delay(rep, await bind_polls.bench_poll_delay(b))
+        for schedule in ("backoff", "grid"):
+            bind_polls.add_poll_delay(rep, await bind_polls.bench_poll_delay(b, schedule))
 
     async def s11() -> None:
         from bench import ledger_memory  # noqa: PLC0415 - section 11
 
         ledger_memory.add_ledger_memory(rep, await ledger_memory.bench_ledger_memory(b))
+
+    async def s12() -> None:
+        from bench import watch_scale  # noqa: PLC0415 - section 12
+
+        watch_scale.add_watch_scale(rep, await watch_scale.bench_watch_scale(b))
+
+    async def s13() -> None:
+        from bench import takeover  # noqa: PLC0415 - section 13
+
+        takeover.add_takeover(rep, await takeover.bench_takeover(b))
+
+    async def s14() -> None:
+        from bench import kept  # noqa: PLC0415 - section 14
+
+        kept.add_kept(rep, await kept.bench_kept(b))
+
+    async def s15() -> None:
+        from bench import rolling  # noqa: PLC0415 - section 15
+
+        rolling.add_rolling(rep, await rolling.bench_rolling(b))
 
     # (section, run, longest it may take: a guard so one stuck section cannot eat the run)
     steps = [
@@ -1213,11 +1247,16 @@ async def run_all(b: Bench, rep: Report, only: set[str], skip: set[str] | None =
         ("7", s7, 300.0),
         ("8", s8, 300.0),
         ("9", s9, 600.0),
-        ("10", s10, 600.0),
+        ("10", s10, 900.0),
         ("11", s11, 300.0),
+        ("12", s12, 900.0),
+        ("13", s13, 420.0),
+        ("14", s14, 300.0),
+        ("15", s15, 900.0),
+        ("16", lambda: section_16(b, rep), 720.0),
     ]
     for name, step, limit in steps:
-        if (only and name not in only) or name in skip:
+        if (only and name not in only) or name in skip or (name in ON_REQUEST and not only):
             continue
         try:
             await asyncio.wait_for(step(), limit)
@@ -1225,6 +1264,16 @@ async def run_all(b: Bench, rep: Report, only: set[str], skip: set[str] | None =
             say(f"section {name} failed: {exc!r}")
             b.kill_leftovers()
             rep.add(f"{name}. (section failed)", f"{type(exc).__name__}: {exc}"[:120])
+
+
+async def section_16(b: Bench, rep: Report) -> None:
+    from bench import lanes  # noqa: PLC0415 - section 16; it imports this module
+
+    lanes.add_lanes(rep, await lanes.bench_lanes(b))
+
+
+ON_REQUEST = frozenset({"15"})
+"""Sections run only when named in ``--only``: too long for the default run's 20 minutes."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1235,8 +1284,9 @@ def main(argv: list[str] | None = None) -> int:
         "--skip",
         default="",
         help="comma-separated sections to leave out, e.g. 7,8 (6: answer -> visible, 7: SIGKILL "
-        "redo, 8: 1 -> 3 -> 1 budget, 9: deferred load, 11: ledger memory; each is one figure "
-        "of the table)",
+        "redo, 8: 1 -> 3 -> 1 budget, 9: deferred load, 11: ledger memory, 12: watching at "
+        "scale, 13: take-over, 14: kept rebalance, 15: rolling restart, 16: urgent lane; each is "
+        "one figure of the table)",
     )
     p.add_argument("--markdown", type=Path, default=None, help="also write the table here")
     p.add_argument("--py-spy", default=None, help="py-spy binary: profile section 1's processes")

@@ -42,6 +42,8 @@ class Service:
             p.rate_limit_per_minute, metrics=self.metrics, window_seconds=p.rate_window_seconds
         )
         self.budget.set_poll_share(settings.bind.poll_budget_share)
+        self.budget.set_bulk_min_share(p.bulk_min_share)
+        self.metrics.urgent_wait_bound.set(p.urgent_wait_alert_seconds)
         self._subscription: asyncio.Task[None] | None = None
         self._build()
         self.ops = OpsServer(
@@ -85,7 +87,9 @@ class Service:
             ),
             on_assignment=self._share_budget,
             on_revocation=self._before_revocation,
-            watch=WatchPolicy.from_settings(settings.bind) if settings.bind.enabled else None,
+            watch=WatchPolicy.from_settings(settings.bind, settings.platform)
+            if settings.bind.enabled
+            else None,
             bind_notify=settings.bind.callback_url is not None,
             on_drain=self._draining,
             retention=Retention(settings.ledger.retention_ms),
@@ -203,6 +207,7 @@ class Service:
         await self.tokens.start()
         await self.budget_exchange.start()
         await self.pipeline.start()
+        self.budget.set_lane_headroom(self.pipeline.urgent_lane is not None)
         if self.bind_listener is not None:
             await self.bind_listener.start()
             self._subscription = asyncio.create_task(self._subscribe(), name="subscribe")

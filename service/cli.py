@@ -67,7 +67,8 @@ def _parser() -> argparse.ArgumentParser:
         "the cluster, using the service's own Kafka settings. 'plan' prints what 'create' "
         "would do; 'create' creates the missing topics (co-partitioned and compacted where "
         "needed) and never changes an existing one; 'check' exits 1 when a topic is missing "
-        "or differs in a way that breaks the service. All three are safe to repeat.",
+        "(but the optional urgent lane) or differs in a way that breaks the service. All three "
+        "are safe to repeat.",
     )
     topics.add_argument("action", choices=("plan", "create", "check"), help="what to do")
     topics.add_argument(
@@ -84,6 +85,7 @@ def _parser() -> argparse.ArgumentParser:
         help="replication factor of created topics (default: the broker count, at most 3)",
     )
     _replay_parser(commands)
+    _swap_parser(commands)
     ledger = commands.add_parser(
         "ledger",
         help="inspect or clear a device's entry in the per-device ledger",
@@ -154,6 +156,78 @@ def _replay_parser(commands: Any) -> None:
         "--dry-run", action="store_true", help="print what would be sent, send nothing"
     )
     replay.set_defaults(subparser=replay)
+
+
+def _swap_parser(commands: Any) -> None:
+    swap = commands.add_parser(
+        "swap",
+        help="publish one swap by hand (support staff re-keying a device)",
+        description="Build one device.swapped event, validate it with the service's own model, "
+        "publish it to the deviceId's partition of the input topic (or of the urgent lane with "
+        "--urgent) and print its event id. Its time is now: it is the device's latest swap. "
+        "Exit 0 once sent (with --wait: once credential-updated arrives), 2 when the event is "
+        "invalid, 3 when --wait sees rebind-failed, 1 on anything else (no outcome in time).",
+    )
+    swap.add_argument("device_id", metavar="DEVICE_ID", help="the device's deviceId")
+    swap.add_argument("node_id", metavar="NODE_ID", help="the new hardware's nodeId")
+    swap.add_argument("--verify-code", help="the verifyCode (default: the service uses nodeId)")
+    swap.add_argument(
+        "--timeout", type=int, help="seconds the verifyCode stays valid (0: never expires)"
+    )
+    swap.add_argument(
+        "--urgent", action="store_true", help="on the urgent lane: served before the bulk lane"
+    )
+    swap.add_argument(
+        "--wait",
+        type=float,
+        nargs="?",
+        const=300.0,
+        metavar="SECONDS",
+        help="wait for the swap's outcome and print it (default 300 s)",
+    )
+    swap.add_argument("--source", default="/device-rebind/cli", help="the CloudEvent source")
+
+
+def _swap(args: argparse.Namespace) -> int:
+    try:
+        settings = load_kafka_settings()
+    except ConfigError as exc:
+        return _fail(str(exc))
+    _tool_logs(settings)
+    from service import raise_swap  # noqa: PLC0415 - Kafka imports only when needed
+    from service.events import InvalidEvent  # noqa: PLC0415
+
+    try:
+        value, swap = raise_swap.build(
+            args.device_id,
+            args.node_id,
+            verify_code=args.verify_code,
+            timeout=args.timeout,
+            source=args.source,
+        )
+    except InvalidEvent as exc:
+        return _fail(f"swap: invalid event ({exc.reason}): {exc.detail}")
+    try:
+        outcome = raise_swap.run(
+            settings, value, swap, urgent=args.urgent, wait=args.wait, out=sys.stdout
+        )
+    except raise_swap.SwapCommandError as exc:
+        return _fail(f"swap: {exc}", 1)
+    except Exception as exc:  # noqa: BLE001 - one line, not a traceback
+        return _fail(f"swap: {_one_line(exc, settings.kafka.bootstrap_servers)}", 1)
+    return _swap_outcome(args.wait, outcome)
+
+
+def _swap_outcome(wait: float | None, outcome: dict[str, Any] | None) -> int:
+    """The exit code of ``swap``, printing the outcome it waited for."""
+    from service import raise_swap  # noqa: PLC0415 - Kafka imports only when needed
+
+    if wait is None:
+        return 0
+    if outcome is None:
+        return _fail(f"swap: no outcome within {wait:g} s (the swap was sent)", 1)
+    print(raise_swap.describe(outcome))
+    return 3 if "errorCode" in outcome.get("data", {}) else 0
 
 
 def _positive(text: str) -> int:
@@ -326,14 +400,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     command = args.command or "run"
-    if command == "replay":
-        return _replay(args)
-    if command == "topics":
-        return _topics(args)
-    if command == "ledger":
-        return _ledger(args)
-    if command == "check-config":
-        return _check_config(args)
+    tools = {
+        "replay": _replay,
+        "topics": _topics,
+        "ledger": _ledger,
+        "swap": _swap,
+        "check-config": _check_config,
+    }
+    if command in tools:
+        return tools[command](args)
     try:
         settings = load_settings()
     except ConfigError as exc:

@@ -321,6 +321,13 @@ class KafkaSettings(_Section):
 
 class TopicSettings(_Section):
     device_swapped: str = Field(default="asset.device-swapped.v1", min_length=1, max_length=249)
+    device_swapped_urgent: str = Field(
+        default="asset.device-swapped.urgent.v1",
+        max_length=249,
+        description="The urgent lane: swaps a person waits for, same contract as the input, "
+        "co-partitioned with it; read beside the input and served first by the budget. Empty, "
+        "or a topic that does not exist at start: no urgent lane.",
+    )
     credential_updated: str = Field(
         default="iot.credential-updated.v1", min_length=1, max_length=249
     )
@@ -395,6 +402,20 @@ class PlatformSettings(_Section):
         description="The length of the platform's sliding flow-control window, in seconds: "
         "the application may make rate_limit_per_minute calls in any window this long. The "
         "platform configures flow control per application; 60 unless yours says otherwise.",
+    )
+    bulk_min_share: float = Field(
+        default=0.1,
+        ge=0,
+        le=0.9,
+        description="While urgent swaps (the urgent lane) saturate the budget, the bulk lane "
+        "still gets this share of the window's calls (0: urgent swaps always go first).",
+    )
+    urgent_wait_alert_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="The alert RebindUrgentSwapWaiting fires while an urgent swap has been read "
+        "and not answered for longer than this (rebind_urgent_oldest_waiting_seconds against "
+        "rebind_urgent_wait_bound_seconds).",
     )
     default_timeout: int = Field(default=0, ge=0, le=2_147_483_647)
     request_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
@@ -553,6 +574,12 @@ class BindSettings(_Section):
         gt=0,
         le=1,
         description="Largest share of the platform budget that polls may use.",
+    )
+    poll_schedule: Literal["grid", "backoff"] = Field(
+        default="grid",
+        description="grid: polls on slots that fit the poll share whatever the number of watched "
+        "devices (docs/bind.md, 'Watching at scale'); backoff: each device on its own doubling "
+        "interval (the schedule before issue 20: with many watches, polls fall behind).",
     )
     poll_initial_seconds: float = Field(default=15.0, gt=0, description="First poll interval.")
     poll_max_seconds: float = Field(default=300.0, gt=0, description="Longest poll interval.")

@@ -36,6 +36,7 @@ from service.platform import (
     DEADLINE_EXCEEDED,
     PRIORITY_DEFERRED,
     PRIORITY_FRESH,
+    PRIORITY_URGENT_LANE,
     ActivationQuery,
     Deferred,
     Failed,
@@ -128,7 +129,7 @@ class RebindHandler:
             deadline=time.monotonic() + max(0.0, try_deadline - now),
             rng=self._rng,
             deferrals=wait.deferrals if wait is not None else 0,
-            priority=PRIORITY_DEFERRED if wait is not None else PRIORITY_FRESH,
+            priority=_priority(work),
             prior_attempts=wait.attempts if wait is not None else 0,
         )
         prior_attempts = wait.attempts if wait is not None else 0
@@ -240,3 +241,12 @@ class RebindHandler:
             attempts=work.wait.attempts if work.wait else 0,
             last_attempt_at=time.time(),
         )
+
+
+def _priority(work: Work) -> int:
+    """The budget class of a swap's calls: a retry that waited in the ledger is deferred (an
+    urgent one too: its person was answered that the device is online, or the platform failed),
+    else a swap of the urgent lane goes before the bulk lane."""
+    if work.wait is not None:
+        return PRIORITY_DEFERRED
+    return PRIORITY_URGENT_LANE if work.urgent else PRIORITY_FRESH

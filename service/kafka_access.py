@@ -115,6 +115,18 @@ def service_acls(
             why="forward a misrouted swap to its key's partition (REBIND_KAFKA__PARTITIONER)",
         ),
     ]
+    if topics.device_swapped_urgent:
+        out += [
+            AclRequirement(
+                "Topic", topics.device_swapped_urgent, "Read", why="consume the urgent swaps"
+            ),
+            AclRequirement(
+                "Topic",
+                topics.device_swapped_urgent,
+                "Write",
+                why="forward a misrouted urgent swap to its key's partition",
+            ),
+        ]
     outputs = [
         (topics.credential_updated, "publish credential-updated"),
         (topics.rebind_failed, "publish rebind-failed"),

@@ -136,6 +136,18 @@ class Metrics:
             "REBIND_KAFKA__PARTITIONER): forwarded to their key's partition.",
             registry=r,
         )
+        self.ledger_entries_expired = Counter(
+            "rebind_ledger_entries_expired",
+            "Done ledger entries removed (a tombstone in the partition's transaction) because "
+            "their swap is older than REBIND_LEDGER__RETENTION_DAYS.",
+            registry=r,
+        )
+        self.swaps_too_old = Counter(
+            "rebind_swaps_too_old",
+            "Swaps answered rebind-failed SWAP_TOO_OLD without a call: their time is older than "
+            "the ledger's retention horizon.",
+            registry=r,
+        )
         self.bind_watches = Gauge(
             "rebind_bind_watches",
             "Refreshed devices watched until their new hardware binds.",
@@ -172,6 +184,39 @@ class Metrics:
             "settles nothing; rejected: malformed or unknown; wrong_path: not the secret path; "
             "too_large: body over 64 KiB; rate_limited: over a peer's or the total rate).",
             ["result"],
+            registry=r,
+        )
+        self.lane_answered = Counter(
+            "rebind_lane_records_answered",
+            "Input records answered (outcome, dead letter, duplicate, deferral) and committed, "
+            "by lane (bulk: the input topic; urgent: the urgent lane).",
+            ["lane"],
+            registry=r,
+        )
+        self.record_to_call = Histogram(
+            "rebind_record_to_call_seconds",
+            "Time from an input record's Kafka timestamp to its swap's first platform call "
+            "leaving, by lane: the wait behind the buffer, the scheduler and the budget.",
+            ["lane"],
+            buckets=_E2E_BUCKETS,
+            registry=r,
+        )
+        self.lane_backlog = Gauge(
+            "rebind_lane_backlog",
+            "Records of the lane not answered yet: behind the partitions' ends, plus read and "
+            "not finished (every 5 s).",
+            ["lane"],
+            registry=r,
+        )
+        self.urgent_oldest_waiting = Gauge(
+            "rebind_urgent_oldest_waiting_seconds",
+            "Age of the oldest urgent-lane record read and not answered yet (0: none).",
+            registry=r,
+        )
+        self.urgent_wait_bound = Gauge(
+            "rebind_urgent_wait_bound_seconds",
+            "REBIND_PLATFORM__URGENT_WAIT_ALERT_SECONDS: the alert RebindUrgentSwapWaiting fires "
+            "while an urgent swap waits longer.",
             registry=r,
         )
         self.event_latency = Histogram(

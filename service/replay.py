@@ -21,12 +21,18 @@ into the input topic.
   latest: for a swap answered ``SWAP_TOO_OLD`` (older than the ledger's retention), which a
   replay with its own time would only get answered ``SWAP_TOO_OLD`` again.
 
+* A swap keeps its lane: one that came by the urgent lane (``REBIND_TOPICS__DEVICE_SWAPPED_URGENT``:
+  its outcome's or dead letter's origin names that topic) is read back from it and sent to it
+  again, since a person was waiting on it; the rest go to the input topic. With no urgent lane
+  configured, or its topic gone, an urgent swap goes to the input topic, and the plan says so.
+
 ``--dry-run`` prints what would be sent and how many, and sends nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -89,6 +95,8 @@ class Planned:
     timestamp_ms: int | None = None
     """The original record's timestamp, kept: a swap without a ``time`` attribute is ordered by
     it, so a replayed old swap never counts as newer than the swaps that came after it."""
+    urgent: bool = False
+    """It came by the urgent lane, and goes back to it (:func:`send`)."""
 
 
 def replay_id(failure_id: str) -> str:
@@ -122,16 +130,18 @@ async def _read_all(consumer: AIOKafkaConsumer, topic: str, settings: KafkaSetti
 
 
 async def _original(
-    consumer: AIOKafkaConsumer, headers: dict[str, bytes], topics: KafkaOnlySettings
+    consumer: AIOKafkaConsumer, headers: dict[str, bytes], lanes: frozenset[str]
 ) -> Any | None:
-    """The input record an outcome answers, if its headers say where and Kafka still has it."""
+    """The input record an outcome answers, if its headers say where and Kafka still has it.
+    ``lanes``: the input topics that exist (a consumer assigned to a deleted one would have a
+    broker that creates topics on demand create it again)."""
     try:
         topic = headers[SOURCE_TOPIC_HEADER].decode()
         partition = int(headers[SOURCE_PARTITION_HEADER])
         offset = int(headers[SOURCE_OFFSET_HEADER])
     except (KeyError, ValueError):
         return None
-    if topic != topics.topics.device_swapped:
+    if topic not in lanes:
         return None  # e.g. a retry-topic origin rewritten: rebuild from the outcome instead
     tp = TopicPartition(topic, partition)
     consumer.assign([tp])
@@ -140,6 +150,20 @@ async def _original(
     for record in batch.get(tp, ()):
         return record if record.offset == offset else None
     return None
+
+
+def _lanes(settings: KafkaOnlySettings) -> tuple[str, ...]:
+    """The input topics a swap may come by: the input, and the urgent lane when configured."""
+    topics = settings.topics
+    urgent = topics.device_swapped_urgent
+    return (topics.device_swapped, urgent) if urgent else (topics.device_swapped,)
+
+
+def _came_urgent(headers: list[tuple[str, bytes]], settings: KafkaOnlySettings) -> bool:
+    """The outcome or dead letter answers a swap of the urgent lane (its origin header says)."""
+    urgent = settings.topics.device_swapped_urgent
+    origin = dict(headers).get(SOURCE_TOPIC_HEADER)
+    return bool(urgent) and origin is not None and origin.decode(errors="replace") == urgent
 
 
 def _with_id(
@@ -199,6 +223,8 @@ async def plan(
     fresh_time: datetime | None = None,
 ) -> list[Planned]:
     topic = settings.topics.dead_letter if source == "dlq" else settings.topics.rebind_failed
+    counts = await partition_counts(settings.kafka, _lanes(settings))
+    lanes = frozenset(name for name, count in counts.items() if count)
     consumer = AIOKafkaConsumer(
         **kafka_client_options(settings.kafka),
         group_id=None,
@@ -215,10 +241,10 @@ async def plan(
                 continue
             headers = list(record.headers or ())
             item = (
-                _plan_dead_letter(record, headers, filters)
+                _plan_dead_letter(record, headers, filters, _came_urgent(headers, settings))
                 if source == "dlq"
                 else await _plan_failure(
-                    consumer, record, headers, filters, settings, fresh_time=fresh_time
+                    consumer, record, headers, filters, settings, lanes=lanes, fresh_time=fresh_time
                 )
             )
             if item is not None:
@@ -229,7 +255,7 @@ async def plan(
 
 
 def _plan_dead_letter(
-    record: Any, headers: list[tuple[str, bytes]], filters: Filters
+    record: Any, headers: list[tuple[str, bytes]], filters: Filters, urgent: bool
 ) -> Planned | None:
     found = dict(headers)
     reason = found.get(DLQ_REASON_HEADER, b"").decode(errors="replace")
@@ -250,8 +276,9 @@ def _plan_dead_letter(
         (record.key or b"").decode(errors="replace"),
         reason,
         origin,
-        "as it was",
+        "as it was, to the urgent lane" if urgent else "as it was",
         record.timestamp,
+        urgent,
     )
 
 
@@ -262,6 +289,7 @@ async def _plan_failure(
     filters: Filters,
     settings: KafkaOnlySettings,
     *,
+    lanes: frozenset[str],
     fresh_time: datetime | None = None,
 ) -> Planned | None:
     try:
@@ -276,7 +304,7 @@ async def _plan_failure(
     if filters.categories and d.category not in filters.categories:
         return None
     new_id = replay_id(event.id)
-    original = await _original(consumer, dict(headers), settings)
+    original = await _original(consumer, dict(headers), lanes)
     if original is not None:
         value, out_headers = _with_id(
             original.value, list(original.headers or ()), new_id, d.swap_event_id
@@ -294,6 +322,9 @@ async def _plan_failure(
         timestamp_ms = int(fresh_time.timestamp() * 1000)
     elif d.error_code == SWAP_TOO_OLD:
         note += ", its own time: SWAP_TOO_OLD again (--fresh-time to send it as the latest)"
+    urgent = _came_urgent(headers, settings)
+    if urgent:
+        note += ", to the urgent lane"
     return Planned(
         d.device_id.encode(),
         value,
@@ -303,34 +334,60 @@ async def _plan_failure(
         f"{record.topic}:{record.partition}:{record.offset}",
         note,
         timestamp_ms,
+        urgent,
     )
 
 
-async def send(settings: KafkaOnlySettings, planned: Sequence[Planned]) -> None:
-    """Produce the planned swaps to the partition ``REBIND_KAFKA__PARTITIONER`` names for their
-    key (where the service's owner of the device's ledger reads them)."""
-    topic = settings.topics.device_swapped
-    partitions = (await partition_counts(settings.kafka, [topic])).get(topic, 0)
+async def lanes_for(
+    settings: KafkaOnlySettings, planned: Sequence[Planned]
+) -> tuple[list[Planned], dict[str, int]]:
+    """The plan with each swap's topic settled, and the partition count of each topic: a swap of
+    the urgent lane whose topic is not configured or does not exist goes to the input topic
+    (said in its note)."""
+    bulk, urgent = settings.topics.device_swapped, settings.topics.device_swapped_urgent
+    names = [bulk, urgent] if urgent and any(p.urgent for p in planned) else [bulk]
+    counts = await partition_counts(settings.kafka, names)
+    if urgent and counts.get(urgent):
+        return list(planned), counts
+    settled = [
+        dataclasses.replace(p, urgent=False, note=f"{p.note} (no urgent lane: to the input topic)")
+        if p.urgent
+        else p
+        for p in planned
+    ]
+    return settled, counts
+
+
+async def send(
+    settings: KafkaOnlySettings, planned: Sequence[Planned], counts: dict[str, int]
+) -> None:
+    """Produce the planned swaps, each to its lane's topic (:func:`lanes_for`), to the partition
+    ``REBIND_KAFKA__PARTITIONER`` names for their key (where the service's owner of the device's
+    ledger reads them; the urgent lane is co-partitioned with the input)."""
     producer = AIOKafkaProducer(
         **kafka_client_options(settings.kafka), enable_idempotence=True, acks="all"
     )
     try:
         await producer.start()
-        futures = [
-            await producer.send(
-                topic,
-                p.value,
-                key=p.key,
-                headers=p.headers,
-                timestamp_ms=p.timestamp_ms,
-                partition=(
-                    partition_for(p.key, partitions, settings.kafka.partitioner)
-                    if p.key and partitions
-                    else None
-                ),
+        futures = []
+        for p in planned:
+            topic = settings.topics.device_swapped_urgent if p.urgent else None
+            topic = topic or settings.topics.device_swapped
+            partitions = counts.get(topic, 0)
+            futures.append(
+                await producer.send(
+                    topic,
+                    p.value,
+                    key=p.key,
+                    headers=p.headers,
+                    timestamp_ms=p.timestamp_ms,
+                    partition=(
+                        partition_for(p.key, partitions, settings.kafka.partitioner)
+                        if p.key and partitions
+                        else None
+                    ),
+                )
             )
-            for p in planned
-        ]
         await asyncio.gather(*futures)
     finally:
         await producer.stop()
@@ -353,8 +410,10 @@ async def replay(
     fresh_time: datetime | None = None,
 ) -> int:
     await check_connection(settings.kafka)  # a TLS or SASL refusal in one line, naming it
-    planned = await plan(settings, source, filters, fresh_time=fresh_time)
+    planned, counts = await lanes_for(
+        settings, await plan(settings, source, filters, fresh_time=fresh_time)
+    )
     if not dry_run and planned:
-        await send(settings, planned)
+        await send(settings, planned, counts)
     print_plan(planned, out, dry_run=dry_run)
     return len(planned)

@@ -55,6 +55,8 @@ class TopicSpec:
     """The service waits at start until it exists (and exits after the grace period)."""
     created_by_service: bool = False
     """The service creates it at start when missing."""
+    optional: bool = False
+    """The service works without it (``check`` does not fail on it missing): the urgent lane."""
 
     @property
     def variable(self) -> str:
@@ -66,6 +68,13 @@ _COMPACT: Final = {"cleanup.policy": "compact"}
 #: Every topic the service reads or writes. One line per topic.
 SPECS: Final[tuple[TopicSpec, ...]] = (
     TopicSpec("device_swapped", Partitions.INPUT, {}, "input: device.swapped events", True),
+    TopicSpec(
+        "device_swapped_urgent",
+        Partitions.CO_PARTITIONED,
+        {},
+        "urgent lane: swaps a person waits for, served first (same contract as the input)",
+        optional=True,
+    ),
     TopicSpec("ledger", Partitions.CO_PARTITIONED, _COMPACT, "per-device ledger", True),
     TopicSpec(
         "dedupe",
@@ -140,14 +149,19 @@ class Plan:
     def problems(self) -> list[str]:
         return [f"{i.name}: {p}" for i in self.items for p in i.problems]
 
+    @property
+    def required_missing(self) -> list[Planned]:
+        """Missing topics the service cannot work without (``check`` exits 1 on them)."""
+        return [i for i in self.missing if not i.spec.optional]
+
 
 def specs_for(topics: TopicSettings) -> list[tuple[TopicSpec, str]]:
     """Each spec with the topic name the settings give it (specs of unknown settings skipped)."""
     return [
         (spec, getattr(topics, spec.setting))
         for spec in SPECS
-        if spec.setting in type(topics).model_fields
-    ]
+        if spec.setting in type(topics).model_fields and getattr(topics, spec.setting)
+    ]  # an empty name: a topic turned off (the urgent lane)
 
 
 def plan_for(
@@ -361,7 +375,7 @@ async def run_command(
         await admin.close()
     if command == "plan":
         return 0
-    return 1 if plan.problems or plan.missing else 0
+    return 1 if plan.problems or plan.required_missing else 0
 
 
 async def _wait_visible(admin: AIOKafkaAdminClient, names: Sequence[str]) -> None:

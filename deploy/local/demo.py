@@ -1,13 +1,16 @@
-"""`make demo`: the service doing its job, on this machine, in about two minutes.
+"""`make demo`: the service doing its job, on this machine, in a few minutes.
 
 Starts a real Apache Kafka broker (jars from Maven Central, cached), the platform simulator and
 the service as a separate process (`python -m service run`), plays a short story of swaps,
-prints the outcome events as a table and the key metrics, then stops everything.
+prints the outcome events as a table and the key metrics. Then the service starts again with the
+urgent lane and a budget the platform matches, and a campaign of swaps saturates it while one
+urgent swap overtakes it. Then it stops everything.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -16,6 +19,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +28,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from tests.simulator.control import SimulatorControl
 from tests.simulator.process import SimulatorProcess
 from tests.simulator.state import HOME_APP_ID, HOME_SECRET
+from tests.support.calllog import THROTTLED, max_in_window
 from tests.support.events import Received, fresh_swap_event
 from tests.support.kafka_broker import KafkaBroker, create_topics
 
@@ -163,7 +168,13 @@ KEY_METRICS = (
 
 
 def start_service(
-    bootstrap: str, sim_url: str, http_port: int, bind_port: int, log_path: Path
+    bootstrap: str,
+    sim_url: str,
+    http_port: int,
+    bind_port: int,
+    log_path: Path,
+    *,
+    extra_env: dict[str, str] | None = None,
 ) -> Any:
     env = {
         **os.environ,
@@ -185,6 +196,7 @@ def start_service(
         "REBIND_BIND__EXPIRY_GRACE_SECONDS": "2",
         "REBIND_BIND__WATCH_DEADLINE_SECONDS": "600",
         "REBIND_LOG__FORMAT": "console",
+        **(extra_env or {}),
     }
     say(f"starting the service (python -m service run); its log: {log_path}")
     with log_path.open("wb") as log_file:
@@ -389,6 +401,218 @@ async def bind_story(story: Story, consumer: AIOKafkaConsumer) -> int:
     return 6
 
 
+URGENT_TOPIC = "asset.device-swapped.urgent.v1"  # the urgent lane, co-partitioned with the input
+LANE_LIMIT = 20
+"""Step 7: calls per window, for the platform and the service alike."""
+LANE_WINDOW = 5
+"""Step 7: the flow-control window, shortened from 60 s so that the campaign lasts half a minute
+(20 calls per 5 s is 240 a minute)."""
+CAMPAIGN = 120
+URGENT_DEVICE = ("meter-7001", "864475040007001")
+
+
+def node_of(i: int) -> str:
+    return f"86447504003{i:04d}"
+
+
+async def refresh_calls(control: SimulatorControl, count: int, timeout: float) -> None:
+    """Until the platform has had ``count`` refresh calls in all."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if len(await control.calls(operation="refresh_key")) >= count:
+            return
+        await asyncio.sleep(0.1)
+    raise SystemExit("the campaign did not start: see the service's log")
+
+
+class Campaign:
+    """Step 7's outcomes as a ``read_committed`` consumer sees them: swap event id -> when."""
+
+    def __init__(self, bootstrap: str, control: SimulatorControl) -> None:
+        self.bootstrap = bootstrap
+        self.control = control
+        self.consumer = AIOKafkaConsumer(
+            TOPICS["ok"],
+            TOPICS["failed"],
+            bootstrap_servers=bootstrap,
+            isolation_level="read_committed",
+            auto_offset_reset="earliest",  # the story's outcomes before: other event ids
+        )
+        self.seen: dict[str, float] = {}
+        self.started = 0.0
+        self.reading: asyncio.Task[None] | None = None
+        self.arrived = asyncio.Event()
+
+    async def start(self) -> None:
+        """Read outcomes in the background from now on, noting when each was visible."""
+        await self.consumer.start()
+
+        async def read() -> None:
+            while True:
+                await self.take(100)
+
+        self.reading = asyncio.create_task(read())
+
+    async def stop(self) -> None:
+        if self.reading is not None:
+            self.reading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.reading
+        await self.consumer.stop()
+
+    async def until(self, done: Callable[[], bool], timeout: float) -> bool:
+        """Until ``done()`` (looked at whenever outcomes arrive) or ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while not done():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self.arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.arrived.wait(), left)
+        return True
+
+    @property
+    def bulk(self) -> int:
+        return sum(1 for k in self.seen if k.startswith("evt-c"))
+
+    async def take(self, timeout_ms: int) -> None:
+        for msgs in (await self.consumer.getmany(timeout_ms=timeout_ms)).values():
+            for m in msgs:
+                swap = Received(m.topic, m.partition, m.offset, m.key, m.value, ()).data
+                self.seen.setdefault(str(swap.get("swapEventId")), time.time())
+            self.arrived.set()
+
+    async def publish(self, calls_before: int) -> float:
+        """The campaign, then (once it saturates the budget) the urgent swap: its timestamp."""
+        self.started = time.time()
+        producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, linger_ms=10)
+        await producer.start()
+        try:
+            for i in range(CAMPAIGN):
+                await producer.send(
+                    TOPICS["in"],
+                    fresh_swap_event(f"campaign-{i:03d}", node_of(i), event_id=f"evt-c{i}"),
+                    key=f"campaign-{i:03d}".encode(),
+                )
+            await producer.flush()
+            # a second window's budget spent: bulk calls wait for calls to age out
+            await refresh_calls(self.control, calls_before + 2 * (LANE_LIMIT - 1), timeout=60)
+            device, node = URGENT_DEVICE
+            meta = await producer.send_and_wait(
+                URGENT_TOPIC, fresh_swap_event(device, node, event_id="evt-u1"), key=device.encode()
+            )
+        finally:
+            await producer.stop()
+        return float(meta.timestamp) / 1000
+
+    async def overtaken(self, published: float) -> bool:
+        """Until the urgent swap's outcome is visible; print its times."""
+        bulk_then = self.bulk
+        await self.until(lambda: "evt-u1" in self.seen, timeout=30)
+        device = URGENT_DEVICE[0]
+        urgent_calls = await self.control.calls(operation="refresh_key", device_id=device)
+        if "evt-u1" not in self.seen or not urgent_calls:
+            return False
+        called = float(urgent_calls[0]["time"]) - published
+        calls = await self.control.calls(operation="refresh_key")
+        waiting = CAMPAIGN - sum(1 for c in calls if str(c["device_id"]).startswith("campaign-"))
+        print(
+            f"  {GREEN}urgent swap of {device}: platform call {called:.2f} s after it was "
+            f"published, outcome visible (read_committed) {self.seen['evt-u1'] - published:.2f} "
+            f"s after{RESET}",
+            flush=True,
+        )
+        print(
+            f"  when it was published the campaign had {bulk_then} outcomes; {waiting} of its "
+            f"{CAMPAIGN} swaps were still waiting for the budget",
+            flush=True,
+        )
+        return True
+
+    async def goes_on(self) -> int:
+        """Until every campaign swap is answered, a line per window: bulk outcomes so far."""
+        say("the campaign goes on (bulk outcomes, every window):")
+        deadline = time.monotonic() + CAMPAIGN / (LANE_LIMIT - 1) * LANE_WINDOW + 60
+        while self.bulk < CAMPAIGN and time.monotonic() < deadline:
+            await self.until(lambda: self.bulk == CAMPAIGN, timeout=LANE_WINDOW)
+            print(
+                f"    {time.time() - self.started:4.0f} s after the campaign was published: "
+                f"{self.bulk:3d}/{CAMPAIGN} bulk outcomes",
+                flush=True,
+            )
+        return self.bulk
+
+
+async def lanes_story(bootstrap: str, sim_url: str, work: Path) -> int:
+    """7. The urgent lane: a campaign saturates the budget; an urgent swap published in the
+    middle of it is refreshed within a second, and the campaign goes on."""
+    control = SimulatorControl(sim_url)
+    say(
+        f"7. priority lanes: a campaign of {CAMPAIGN} swaps on the input topic; the platform "
+        f"allows {LANE_LIMIT} calls per {LANE_WINDOW} s window (shortened from 60 s for the "
+        "demo) and the service is configured with the same budget: the campaign saturates it"
+    )
+    print(
+        f"       in the middle of it a technician's swap of {URGENT_DEVICE[0]} goes to the "
+        f"urgent lane ({URGENT_TOPIC})",
+        flush=True,
+    )
+    await create_topics(bootstrap, [URGENT_TOPIC], {URGENT_TOPIC: 3})
+    await control.configure(rate_limit_per_minute=LANE_LIMIT, flow_window_seconds=LANE_WINDOW)
+    await control.seed_devices(
+        [{"device_id": f"campaign-{i:03d}", "node_id": f"old-{i:03d}"} for i in range(CAMPAIGN)]
+        + [{"device_id": URGENT_DEVICE[0], "node_id": "864475040006001"}]
+    )
+    calls_before = len(await control.calls(operation="refresh_key"))
+    http_port = free_port()
+    log_path = work / "service-lanes.log"
+    service = start_service(
+        bootstrap,
+        sim_url,
+        http_port,
+        free_port(),
+        log_path,
+        extra_env={
+            "REBIND_PLATFORM__RATE_LIMIT_PER_MINUTE": str(LANE_LIMIT),
+            "REBIND_PLATFORM__RATE_WINDOW_SECONDS": str(LANE_WINDOW),
+        },
+    )
+    campaign = Campaign(bootstrap, control)
+    try:
+        await asyncio.to_thread(wait_ready, service, http_port, log_path)
+        say("service started again, now with the urgent lane")
+        await campaign.start()
+        published = await campaign.publish(calls_before)
+        if not await campaign.overtaken(published):
+            say(f"the urgent swap was not answered within 30 s; see {log_path}")
+            return 1
+        done = await campaign.goes_on()
+        calls = [c for c in await control.calls() if c["time"] >= campaign.started]
+        accepted = [float(c["time"]) for c in calls if c["error_code"] != THROTTLED]
+        print(
+            f"  campaign done in {time.time() - campaign.started:.0f} s; {len(accepted)} platform "
+            f"calls, the busiest {LANE_WINDOW} s window had "
+            f"{max_in_window(accepted, LANE_WINDOW)}/{LANE_LIMIT}, "
+            f"{len(calls) - len(accepted)} x 1010009 (throttled)",
+            flush=True,
+        )
+        print(
+            f"  {DIM}by hand: device-rebind swap {URGENT_DEVICE[0]} {URGENT_DEVICE[1]} --urgent "
+            f"--wait{RESET}",
+            flush=True,
+        )
+        return 0 if done == CAMPAIGN else 1
+    finally:
+        await campaign.stop()
+        await asyncio.to_thread(stop_service, service)
+
+
+async def whole_demo(bootstrap: str, sim_url: str, work: Path) -> int:
+    code = await play(bootstrap, sim_url, work)
+    return await lanes_story(bootstrap, sim_url, work) or code
+
+
 def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="device-rebind-demo-"))
     say("Apache Kafka broker jars (downloaded once from Maven Central, then cached)")
@@ -401,7 +625,7 @@ def main() -> int:
     try:
         sim_url = sim.start()
         say(f"platform simulator at {sim_url}")
-        return asyncio.run(play(bootstrap, sim_url, work))
+        return asyncio.run(whole_demo(bootstrap, sim_url, work))
     finally:
         say("stopping the simulator and the broker")
         sim.stop()

@@ -11,9 +11,11 @@ on, the activation status is read at growing intervals (in the budget's poll sha
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
-from service.config import BindSettings
+from service.bind.schedule import REPEAT_SPACING, PollGrid, PollSlots
+from service.config import BindSettings, PlatformSettings
 
 NEAR_EXPIRY_FRACTION = 0.2
 """A watched device with this fraction of its timeout left, or less, is near expiry."""
@@ -49,18 +51,44 @@ class WatchPolicy:
     poll_max_ms: int
     watch_deadline_ms: int
     grace_ms: int
+    grid: PollGrid | None = None
+    """The application's poll slots (:mod:`service.bind.schedule`); None: the plain backoff."""
 
     @classmethod
-    def from_settings(cls, settings: BindSettings) -> WatchPolicy:
+    def from_settings(
+        cls, settings: BindSettings, platform: PlatformSettings | None = None
+    ) -> WatchPolicy:
+        grid = (
+            PollGrid.for_budget(
+                poll_share=settings.poll_budget_share,
+                rate_limit=platform.rate_limit_per_minute,
+                window_seconds=platform.rate_window_seconds,
+            )
+            if platform is not None and settings.poll_schedule == "grid"
+            else None
+        )
         return cls(
             poll=settings.poll,
             poll_initial_ms=int(settings.poll_initial_seconds * 1000),
             poll_max_ms=int(settings.poll_max_seconds * 1000),
             watch_deadline_ms=int(settings.watch_deadline_seconds * 1000),
             grace_ms=int(settings.expiry_grace_seconds * 1000),
+            grid=grid,
         )
 
-    def start(self, refreshed_ms: int, timeout_seconds: int) -> Watch:
+    def slots(self, partition: int, partitions: int) -> PollSlots | None:
+        """The lane of input partition ``partition`` of ``partitions`` (None without a grid)."""
+        if self.grid is None or not self.poll:
+            return None
+        return PollSlots(self.grid.with_lanes(partitions), partition)
+
+    def start(
+        self,
+        refreshed_ms: int,
+        timeout_seconds: int,
+        slots: PollSlots | None = None,
+        device: str = "",
+    ) -> Watch:
         expires = timeout_seconds > 0
         expires_at = refreshed_ms + timeout_seconds * 1000 if expires else None
         deadline = (
@@ -74,15 +102,63 @@ class WatchPolicy:
             deadline_ms=deadline,
             expires=expires,
             expires_at_ms=expires_at,
-            next_poll_ms=None if first is None else min(first, deadline),
+            next_poll_ms=None if first is None else _slotted(first, deadline, slots, device),
         )
 
-    def after_poll(self, watch: Watch, now_ms: int) -> Watch:
+    def after_poll(
+        self, watch: Watch, now_ms: int, slots: PollSlots | None = None, device: str = ""
+    ) -> Watch:
         """The watch after a poll that saw no bind: the next poll, doubling up to the maximum,
-        never later than the deadline."""
+        never later than the deadline. With ``slots``, on the first free slot at or after that;
+        an old watch of timeout 0 also waits for the lane's spacing (:meth:`_spaced`)."""
         polls = watch.polls + 1
-        interval = min(self.poll_max_ms, self.poll_initial_ms * 2 ** min(polls, 30))
-        return replace(watch, polls=polls, next_poll_ms=min(now_ms + interval, watch.deadline_ms))
+        interval = self._interval(polls)
+        target = now_ms + interval
+        if slots is not None and self._spaced(watch, interval):
+            target = max(target, now_ms + math.ceil(slots.spacing_ms(device)))
+        return replace(
+            watch, polls=polls, next_poll_ms=_slotted(target, watch.deadline_ms, slots, device)
+        )
+
+    def _interval(self, polls: int) -> int:
+        return int(min(self.poll_max_ms, self.poll_initial_ms * 2 ** min(polls, 30)))
+
+    def _spaced(self, watch: Watch, interval: int) -> bool:
+        """An old watch of timeout 0 (its backoff has reached ``poll_max``) is spaced by the
+        count of watches; a young one (still doubling: most devices bind within minutes) and
+        one that expires keep their backoff."""
+        return not watch.expires and interval >= self.poll_max_ms
+
+    def replace_loaded(
+        self, watch: Watch, now_ms: int, slots: PollSlots, device: str, rank: int
+    ) -> Watch:
+        """A loaded watch whose next poll is on no free slot of its lane: a young or expiring
+        one on the first free slot at or after its time (now at the earliest); an old one of
+        timeout 0, the ``rank``-th of those placed again, on every other slot of the lane from
+        now (:data:`~service.bind.schedule.REPEAT_SPACING`), so they spread as they would at
+        their steady state and leave the near slots half free."""
+        target = max(watch.next_poll_ms or now_ms, now_ms)
+        if self._spaced(watch, self._interval(watch.polls)):
+            spread = REPEAT_SPACING * rank * slots.grid.lane_period_ms
+            target = max(target, now_ms + math.ceil(spread))
+        return replace(watch, next_poll_ms=_slotted(target, watch.deadline_ms, slots, device))
+
+    def is_old(self, watch: Watch) -> bool:
+        """An old watch of timeout 0: spaced by the count of watches (:meth:`_spaced`)."""
+        return self._spaced(watch, self._interval(watch.polls))
+
+
+def _slotted(target_ms: int, deadline_ms: int, slots: PollSlots | None, device: str) -> int:
+    """The next poll's time: ``target_ms`` (or, with ``slots``, the first free slot at or
+    after it), never later than the deadline; a poll at the deadline holds no slot."""
+    if slots is None:
+        return min(target_ms, deadline_ms)
+    if target_ms < deadline_ms:
+        at = slots.place(device, target_ms)
+        if at < deadline_ms:
+            return at
+    slots.release(device)
+    return deadline_ms
 
 
 def near_expiry(watch: Watch, now_ms: int) -> bool:

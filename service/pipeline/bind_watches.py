@@ -23,6 +23,7 @@ from dataclasses import replace
 import orjson
 import structlog
 
+from service.bind.schedule import PollSlots
 from service.bind.watch import WatchPolicy
 from service.pipeline.ledger import DeviceLedger, Entry, State, rebuild_work
 from service.pipeline.outbox import Outbox
@@ -52,6 +53,7 @@ class BindWatches:
         outbox: Outbox,
         policy: WatchPolicy | None,
         now_ms: Callable[[], int],
+        partitions: int = 1,
     ) -> None:
         self.topic = topic
         self.partition = partition
@@ -64,6 +66,56 @@ class BindWatches:
         self.duplicate_pushes = 0  # pushes that matched no open watch (repeats, stale)
         self.unproven_pushes = 0  # pushes without a nodeId: they settle nothing
         self._unproven_logged: set[str] = set()  # devices logged once (bounded, then reset)
+        # Holds a push that needs the body of the device's swap read back first (True): the
+        # partition's BodyHolds, which hands it back to notify() once the body is read.
+        self.hold_push: Callable[[str, str, ConsumedRecord], bool] = lambda _d, _n, _r: False
+        # The partition's lane of the poll grid: one slot per watched device (released when its
+        # watch ends; reconciled with the ledger's watches, so at most 2 x watched + 64 items).
+        self.slots: PollSlots | None = (
+            policy.slots(partition, partitions) if policy is not None else None
+        )
+        self.adopt_loaded()
+
+    def adopt_loaded(self) -> None:
+        """Give the watches loaded from the ledger topic their slots: the one an earlier owner
+        placed them on when it is free on this lane, else (a record from before the grid, or a
+        grid changed with N, the share or the partition count) a slot by the rule, in memory
+        only (the next poll writes it). Call it again for watches loaded later; it is idempotent."""
+        slots, policy = self.slots, self.policy
+        if slots is None or policy is None:
+            return
+        now = self._now_ms()
+        unplaced = []
+        for device in list(self.ledger.watching):  # first the slots earlier owners placed
+            entry = self.ledger.get(device)
+            watch = entry.watch if entry is not None else None
+            if watch is None or watch.next_poll_ms is None or slots.slot_of(device) is not None:
+                continue
+            slots.adopt(device, watch.next_poll_ms)
+            if slots.slot_of(device) is None and watch.next_poll_ms < watch.deadline_ms:
+                unplaced.append((device, watch))
+        unplaced.sort(key=lambda item: policy.is_old(item[1]))  # young and expiring first
+        rank = 0
+        for device, watch in unplaced:  # then the others, by the rule
+            self.ledger.rewatch(device, policy.replace_loaded(watch, now, slots, device, rank))
+            rank += policy.is_old(watch)
+
+    def start(self, work: Work, refreshed_ms: int, timeout_seconds: int) -> Entry | None:
+        """The swap's key was just refreshed: watch its device, the first poll on the
+        partition's lane. None when a newer swap of the device replaced it meanwhile."""
+        assert self.policy is not None
+        if self.slots is not None:
+            self.slots.reconcile(self.ledger.watching)
+        watch = self.policy.start(refreshed_ms, timeout_seconds, self.slots, work.device)
+        watched = self.ledger.watch(work, watch)
+        if watched is None:
+            self.release(work.device)
+        return watched
+
+    def release(self, device: str) -> None:
+        """The device's watch ended or never started: its slot is free."""
+        if self.slots is not None:
+            self.slots.release(device)
 
     def due(self, device: str, entry: Entry, now_ms: int) -> Work | None:
         """A watched device needs attention: a poll job, or the end of the watch."""
@@ -94,19 +146,22 @@ class BindWatches:
             return  # settled meanwhile (a push), or replaced by a newer swap
         now = self._now_ms()
         if result.bound:
-            self.bound(work.device, entry, "poll", now)
+            self.bound(work.device, entry, "poll", now, work)
         elif result.gone or now >= entry.watch.deadline_ms:
-            self.end(work.device, entry, now, gone=result.gone)
+            self.end(work.device, entry, now, gone=result.gone, work=work)
         else:
             assert self.policy is not None
-            self.ledger.rewatch(work.device, self.policy.after_poll(entry.watch, now))
+            watch = self.policy.after_poll(entry.watch, now, self.slots, work.device)
+            self.ledger.rewatch(work.device, watch, work)
             self.outbox.emit([self.ledger.record(work.device)], None)
 
-    def notify(self, record: ConsumedRecord) -> None:
+    def notify(self, record: ConsumedRecord, *, held: bool = False) -> None:
         """A bindDevice push read back from the bind-notify topic. It settles a watch only when
         it names the watched swap's nodeId: a push about an older swap's hardware (late, or
-        replayed) or without a nodeId (it proves nothing) changes nothing."""
-        self.outbox.notify_offset = record.offset + 1
+        replayed) or without a nodeId (it proves nothing) changes nothing. ``held``: a push
+        held for a swap body, handed back (the offset read is already past it)."""
+        if not held:
+            self.outbox.notify_offset = record.offset + 1
         try:
             doc = orjson.loads(record.value or b"")
             device, result = str(doc["deviceId"]), str(doc["resultCode"])
@@ -125,6 +180,8 @@ class BindWatches:
                     "bind_push_without_node_id", action="it settles nothing", device_id=device
                 )
             return
+        if self.hold_push(device, node_id, record):
+            return
         entry = self.ledger.note_push(device, result, at_ms, node_id)
         if entry is None:
             early = self.ledger.get(device)
@@ -140,11 +197,16 @@ class BindWatches:
         else:
             self.end(device, entry, at_ms, pushed_expired=True)
 
-    def bound(self, device: str, entry: Entry, via: str, at_ms: int) -> None:
-        """The watched device bound (``via`` "push" or "poll"): its watch ends ``rebound``."""
-        work = rebuild_work(self.topic, self.partition, device, entry)
+    def bound(
+        self, device: str, entry: Entry, via: str, at_ms: int, poll: Work | None = None
+    ) -> None:
+        """The watched device bound (``via`` "push" or "poll"): its watch ends ``rebound``.
+        ``poll``: the poll that saw it, which carries the swap (the entry's body may be in the
+        ledger topic by now)."""
+        work = self._swap(device, entry, poll)
         watch = entry.watch
         assert watch is not None
+        self.release(device)
         self.ledger.end_watch(device, "bound")
         if work is None:
             return
@@ -160,12 +222,15 @@ class BindWatches:
         *,
         gone: bool = False,
         pushed_expired: bool = False,
+        work: Work | None = None,
     ) -> None:
-        """The watch ends without a bind: BIND_EXPIRED or BIND_NOT_CONFIRMED."""
+        """The watch ends without a bind: BIND_EXPIRED or BIND_NOT_CONFIRMED (``work``: the
+        poll that found it, as with :meth:`bound`)."""
         watch = entry.watch
         assert watch is not None
-        work = rebuild_work(self.topic, self.partition, device, entry)
+        work = self._swap(device, entry, work)
         expired = watch.expires or gone or pushed_expired
+        self.release(device)
         self.ledger.end_watch(device, "expired" if expired else "unconfirmed")
         if work is None:
             return
@@ -184,3 +249,9 @@ class BindWatches:
         outcome = self.answers.bind_failed(work, code, desc)
         self.outbox.emit([outcome.record, self.ledger.record(device)], None)
         self.outbox.bind_ended("expired" if expired else "unconfirmed", None)
+
+    def _swap(self, device: str, entry: Entry, poll: Work | None) -> Work | None:
+        """The watched swap as a job: the poll's own, else read back from its entry."""
+        if poll is not None and entry.body_out:
+            return replace(poll, watch=None)
+        return rebuild_work(self.topic, self.partition, device, entry)

@@ -14,7 +14,7 @@ import contextlib
 from collections.abc import Awaitable, Callable
 
 import structlog
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 
 from service.kafka import FatalPipelineError
 from service.metrics import Metrics
@@ -66,7 +66,9 @@ class CommitLoop:
                 consumer = self._consumer()
                 if consumer is not None:
                     with contextlib.suppress(Exception):  # read nothing more of it until rejoined
-                        consumer.pause(TopicPartition(self._input_topic, partition))
+                        # Every topic of the number: the input, the urgent lane, bind-notify.
+                        mine = [tp for tp in consumer.assignment() if tp.partition == partition]
+                        consumer.pause(*mine)
                 await self._drop(partition)
                 self._rejoin()
             elif isinstance(result, BaseException):

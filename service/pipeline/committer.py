@@ -65,6 +65,7 @@ class PartitionCommitter:
         self.partition = partition
         self.core: PartitionCore | None = None  # set once the partition's state is loaded
         self.notify_topic: str | None = None  # the bind-notify topic, when pushes are read
+        self.urgent_topic: str | None = None  # the urgent lane, when it is read
         self._metrics = metrics
         self.transactional_id = transactional_id(kafka, topic, partition)
         self._producer = AIOKafkaProducer(
@@ -140,6 +141,9 @@ class PartitionCommitter:
                 self._metrics.event_latency.observe(max(0.0, (now_ms - stamp) / 1000))
             for kind in commit.counts:
                 self._metrics.outcomes.labels(outcome=kind.value).inc()
+            for lane, answered in zip(("bulk", "urgent"), commit.answered, strict=True):
+                if answered:
+                    self._metrics.lane_answered.labels(lane=lane).inc(answered)
             for result, seconds in commit.binds:
                 self._metrics.bind_results.labels(result=result).inc()
                 if seconds is not None:
@@ -244,6 +248,9 @@ class PartitionCommitter:
                 if commit.offset is not None:
                     tp = TopicPartition(self.topic, self.partition)
                     offsets[tp] = OffsetAndMetadata(commit.offset, commit.metadata)
+                if commit.urgent_offset is not None and self.urgent_topic is not None:
+                    tp = TopicPartition(self.urgent_topic, self.partition)
+                    offsets[tp] = OffsetAndMetadata(commit.urgent_offset, commit.urgent_metadata)
                 if commit.notify_offset is not None and self.notify_topic is not None:
                     tp = TopicPartition(self.notify_topic, self.partition)
                     offsets[tp] = OffsetAndMetadata(commit.notify_offset, "")
@@ -305,3 +312,8 @@ class PartitionCommitter:
         commit.stamps += late.stamps
         commit.binds += late.binds
         commit.notify_offset = late.notify_offset
+        commit.urgent_offset, commit.urgent_metadata = late.urgent_offset, late.urgent_metadata
+        commit.answered = (
+            commit.answered[0] + late.answered[0],
+            commit.answered[1] + late.answered[1],
+        )

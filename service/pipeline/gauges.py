@@ -29,12 +29,16 @@ class PipelineGauges:
         self._partitions = partitions
         self._metrics = metrics
         self._gauged: set[int] = set()
+        self.urgent_topic: str | None = None  # the urgent lane, when it is read
 
     async def run(self, consumer: AIOKafkaConsumer) -> None:
         ticks = 0
         while True:
             await asyncio.sleep(1)
             ticks += 1
+            self._gauge_urgent_wait()
+            if ticks % 5 == 0:
+                await self._gauge_lanes(consumer)
             for p, core in list(self._partitions.cores.items()):
                 label = str(p)
                 self._metrics.oldest_unfinished.labels(partition=label).set(
@@ -66,6 +70,31 @@ class PipelineGauges:
                 self._metrics.consumer_lag.remove(str(partition))
             with contextlib.suppress(KeyError):
                 self._metrics.oldest_unfinished.remove(str(partition))
+
+    def _gauge_urgent_wait(self) -> None:
+        if self.urgent_topic is None:
+            return
+        cores = list(self._partitions.cores.values())
+        oldest = max((c.outbox.lane(True).oldest_unfinished_seconds() for c in cores), default=0)
+        self._metrics.urgent_oldest_waiting.set(oldest)
+
+    async def _gauge_lanes(self, consumer: AIOKafkaConsumer) -> None:
+        """Each lane's backlog: behind its partitions' ends, plus read and not finished."""
+        lanes = [("bulk", self._input_topic, False)]
+        if self.urgent_topic is not None:
+            lanes.append(("urgent", self.urgent_topic, True))
+        for lane, topic, urgent in lanes:
+            backlog = 0
+            for p, core in list(self._partitions.cores.items()):
+                tp = TopicPartition(topic, p)
+                high = consumer.highwater(tp)
+                try:
+                    position = await consumer.position(tp) if high is not None else None
+                except Exception:  # noqa: BLE001 - the partition may have just moved
+                    position = None
+                behind = high - position if high is not None and position is not None else 0
+                backlog += max(0, behind) + core.outbox.lane(urgent).unfinished
+            self._metrics.lane_backlog.labels(lane=lane).set(backlog)
 
     def _gauge_watches(self) -> None:
         now_ms = int(time.time() * 1000)

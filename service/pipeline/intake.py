@@ -1,6 +1,8 @@
 """Intake: one input record in, a swap to work on or a dead letter out.
 
-A record is dead-lettered (unchanged: same key, value and headers, plus reason headers) when it
+A record is dead-lettered (unchanged: same key, value and headers, plus reason headers; a record
+just under the size limit whose reason headers take it over has its value cut to fit and its
+size in a header) when it
 is not a valid device-swapped CloudEvent (:func:`service.events.decode_swap` says why), or when
 its Kafka key is not its ``data.deviceId`` (``key_mismatch``): such a record sits in another
 device's partition, where per-device order, the ledger and the duplicate memory cannot see it;
@@ -59,6 +61,10 @@ _COMPACT_HEADERS: Final = [
     ("content-type", CONTENT_TYPE.encode()),
     (CONTEXT_TRUNCATED_HEADER, b"true"),
 ]
+
+
+COMPACT_HEADERS: Final = _COMPACT_HEADERS
+"""The headers of a compact copy of a swap (its context trimmed)."""
 
 
 def ledger_room(max_bytes: int) -> int:
@@ -126,7 +132,14 @@ def read_record(
         swap = decode_swap(record.value, headers, max_bytes=max_bytes)
     except InvalidEvent as exc:
         return _dead_letter(
-            record, headers, topic, partition, dead_letter_topic, exc.reason, exc.detail
+            record,
+            headers,
+            topic,
+            partition,
+            dead_letter_topic,
+            exc.reason,
+            exc.detail,
+            max_bytes=max_bytes,
         )
     if record.key != swap.data.device_id.encode():
         shown = "absent" if record.key is None else f"{len(record.key)} bytes"
@@ -138,6 +151,7 @@ def read_record(
             dead_letter_topic,
             KEY_MISMATCH,
             f"the record's key ({shown}) is not data.deviceId; produce swaps keyed by deviceId",
+            max_bytes=max_bytes,
         )
     time_ms = int(swap.time.timestamp() * 1000) if swap.time is not None else None
     if (
@@ -157,6 +171,7 @@ def read_record(
             f"{max_clock_skew_ms / 1000:g} s (REBIND_KAFKA__MAX_CLOCK_SKEW_SECONDS): it would "
             "decide the order of the device's swaps; fix the producer's clock and send the swap "
             "again with a correct time (a replay keeps this time)",
+            max_bytes=max_bytes,
         )
     if routing is not None:
         right = partition_for(record.key, routing.partitions, routing.partitioner)
@@ -280,15 +295,30 @@ def _dead_letter(  # noqa: PLR0917 - one record's whole context
     dead_letter_topic: str,
     reason: str,
     detail: str,
+    *,
+    max_bytes: int = DEFAULT_MAX_RECORD_BYTES,
 ) -> DeadLetter:
-    out_headers = dead_letter_headers(
-        headers,
-        reason=reason,
-        detail=detail,
-        topic=topic,
-        partition=partition,
-        offset=record.offset,
-    )
+    """The record as it was, with the reason headers. A record within the limit whose reason
+    headers take it over (a few hundred bytes) carries as much of its value as fits, and its
+    size in a header, as a ``too_large`` dead letter does: no record written is over the limit."""
+    value = record.value
+
+    def reasons(said: str) -> list[tuple[str, bytes]]:
+        return dead_letter_headers(
+            headers,
+            reason=reason,
+            detail=said,
+            topic=topic,
+            partition=partition,
+            offset=record.offset,
+        )
+
+    out_headers = reasons(detail)
+    if record_size(record.key, value, out_headers) > max_bytes:
+        size = str(record_size(record.key, value, headers)).encode()
+        detail += f"; the value is cut to fit the limit of {max_bytes} with these headers"
+        out_headers = [*reasons(detail), (ORIGINAL_SIZE_HEADER, size)]
+        value = (value or b"")[: max(0, max_bytes - record_size(record.key, None, out_headers))]
     log.warning(
         "dead_lettered",
         topic=topic,
@@ -301,7 +331,7 @@ def _dead_letter(  # noqa: PLR0917 - one record's whole context
         Output(
             dead_letter_topic,
             record.key,
-            record.value,
+            value,
             out_headers,
             outcome=OutcomeKind.DEAD_LETTERED,
         ),

@@ -34,9 +34,11 @@ from __future__ import annotations
 
 import base64
 import heapq
-from dataclasses import dataclass, field
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from enum import Enum, StrEnum
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 import structlog
@@ -45,6 +47,9 @@ from service.events import InvalidEvent, decode_swap
 from service.pipeline.packed import DoneFields, PackedEntries
 from service.pipeline.records import Output
 from service.pipeline.work import WaitState, Watch, Work
+
+if TYPE_CHECKING:
+    from service.pipeline.takeover import LedgerLoad
 
 log = structlog.get_logger(__name__)
 
@@ -69,8 +74,11 @@ class Entry:
     state: State
     outcome: str | None = None
     wait: WaitState | None = None
-    value: bytes | None = None  # the swap itself, kept while it waits or is watched
-    headers: list[tuple[str, bytes]] = field(default_factory=list)
+    value: bytes | None = None  # the swap itself, while it waits or is watched and ...
+    headers: Sequence[tuple[str, bytes]] = ()
+    body_at: int | None = None
+    """... until the ledger record holding it is committed: then its offset in the ledger
+    partition, and ``value`` is None (the body is read back from there when it is needed)."""
     watch: Watch | None = None
     early: tuple[str, int, str] | None = None
     """A bind push (result, at ms, nodeId) about this swap's nodeId, seen before its watch."""
@@ -87,6 +95,11 @@ class Entry:
 
     def same_event(self, work: Work) -> bool:
         return self.event_id == work.swap.id and self.source == work.swap.source
+
+    @property
+    def body_out(self) -> bool:
+        """A waiting or watched swap whose body is only in the ledger topic (at ``body_at``)."""
+        return self.value is None and self.body_at is not None
 
 
 class Verdict(Enum):
@@ -113,9 +126,17 @@ class Claim(Enum):
 class DeviceLedger:
     """The ledger of one input partition."""
 
-    def __init__(self, topic: str, partition: int) -> None:
+    def __init__(self, topic: str, partition: int, *, bodies_out: bool = False) -> None:
         self.topic = topic
         self.partition = partition
+        # With ``bodies_out``, a waiting or watched swap's body leaves memory once the ledger
+        # record holding it is committed (or when it is loaded from the topic): the entry keeps
+        # the record's offset, and its owner reads the body back when the swap needs it
+        # (PartitionCore's body holds, service.pipeline.bodies).
+        self.bodies_out = bodies_out
+        # The last ledger record written of each device whose entry keeps its body in memory
+        # until that record commits: bounded by the records written and not committed yet.
+        self._body_records: dict[str, tuple[Output, Entry]] = {}
         # Entries as objects: pending, waiting and watched swaps (bounded by the swaps not done
         # yet), and the rare done entry that does not pack. Every other done entry is packed.
         self._entries: dict[str, Entry] = {}
@@ -134,14 +155,29 @@ class DeviceLedger:
         self._live: dict[str, int] = {}
         self._waiting = 0
         self.watching: set[str] = set()  # devices whose new hardware has not bound yet
+        # Set while the ledger is read from its end back (a take-over): some devices are not
+        # known yet, and their swaps are held (service.pipeline.takeover).
+        self.loading: LedgerLoad | None = None
+        # Devices whose entry changed since the last record written of it: the entry that
+        # record holds (None: no entry). What undo() puts back. Bounded by the work open: the
+        # swaps read and not decided (an admitted swap changes its device's entry and writes
+        # nothing until its claim), woken swaps claimed, bind pushes noted on a pending or
+        # waiting swap, and watches a load placed on the poll grid in memory; every other
+        # change writes its record at once.
+        self._written: dict[str, Entry | None] = {}
 
     # ---- loading ---------------------------------------------------------------------------
 
-    def load(self, key: bytes | None, value: bytes | None) -> None:
-        """Apply one ledger record read back from the topic (the last one of a key wins)."""
+    def load(self, key: bytes | None, value: bytes | None, offset: int | None = None) -> bool:
+        """Apply one ledger record read back from the topic (the last one of a key wins); True
+        when the device has an entry after it (False: a tombstone, an unreadable record).
+        ``offset``: the record's, so that a waiting or watched swap's body can stay in the topic
+        (with ``bodies_out``)."""
         if key is None:
-            return
+            return False
         device = key.decode("utf-8", "replace")
+        self._body_records.pop(device, None)
+        self._written.pop(device, None)  # a record read back is what is written
         old = self._entries.pop(device, None)
         if old is not None:
             if old.state is State.WAITING:
@@ -150,14 +186,62 @@ class DeviceLedger:
         done = _done_fields(value) if value else None
         if done is not None and self._done.put(device, done):  # most records: no object
             self._live.pop(device, None)
-            return
-        entry = decode_entry(value) if value else None  # no value: a tombstone
+            return True
+        entry = decode_entry(value, shared=True) if value else None  # no value: a tombstone
         if entry is None:
             self._done.discard(device)
-            return
-        self._put(device, entry)
+            return False
+        if self.bodies_out and offset is not None and entry.value is not None:
+            entry.value, entry.headers, entry.body_at = None, (), offset
+        self._put(device, entry, change=False)
+        return True
 
-    def _put(self, device: str, entry: Entry) -> None:
+    # ---- bodies kept in the ledger topic ---------------------------------------------------
+
+    def committed(self, output: Output, offset: int) -> None:
+        """A ledger record written by this ledger committed at ``offset``: when it holds the
+        body of the device's entry as it stands, the body leaves memory (with ``bodies_out``)."""
+        device = (output.key or b"").decode("utf-8", "replace")
+        kept = self._body_records.get(device)
+        if kept is None or kept[0] is not output:
+            return
+        del self._body_records[device]
+        entry = kept[1]
+        if self._entries.get(device) is entry and entry.value is not None:
+            entry.value, entry.headers, entry.body_at = None, (), offset
+
+    def restore(
+        self, device: str, at: int, value: bytes, headers: Sequence[tuple[str, bytes]]
+    ) -> bool:
+        """Put back the body read from the ledger record at ``at``; False when the device's
+        entry no longer keeps its body there (it changed meanwhile)."""
+        entry = self._entries.get(device)
+        if entry is None or entry.body_at != at or entry.value is not None:
+            return False
+        entry.value, entry.headers = value, list(headers)
+        return True
+
+    def drop(self, device: str) -> None:
+        """Let a body put back by :meth:`restore` leave memory again, when the entry still
+        keeps it in its committed record."""
+        entry = self._entries.get(device)
+        if entry is not None and entry.body_at is not None and entry.value is not None:
+            entry.value, entry.headers = None, ()
+
+    def needs_body(self, device: str) -> int | None:
+        """The ledger offset of the device's swap body when it is not in memory, else None."""
+        entry = self._entries.get(device)
+        return entry.body_at if entry is not None and entry.body_out else None
+
+    def _changing(self, device: str) -> None:
+        """``device``'s entry is about to change without a record: keep the written one."""
+        if device not in self._written:
+            entry = self.get(device)
+            self._written[device] = None if entry is None else replace(entry)
+
+    def _put(self, device: str, entry: Entry, *, change: bool = True) -> None:
+        if change:
+            self._changing(device)
         old = self._entries.get(device)
         if old is not None and old.state is State.WAITING:
             self._waiting -= 1
@@ -185,6 +269,15 @@ class DeviceLedger:
             heapq.heappush(heap, (due, self._sequence, device))
 
     # ---- decisions -------------------------------------------------------------------------
+
+    def has(self, device: str) -> bool:
+        """True when ``device`` has an entry (without building it)."""
+        return device in self._entries or device in self._done
+
+    def hold(self, work: Work) -> bool:
+        """True when ``work``'s device is not known yet (the ledger is still being read): the
+        swap is held, and handed back once its device's entry is read."""
+        return self.loading is not None and self.loading.hold(work)
 
     def get(self, device: str) -> Entry | None:
         """The device's entry (a packed one is unpacked into a new object: change it through
@@ -267,16 +360,21 @@ class DeviceLedger:
         watched.watch = watch
         watched.early = entry.early
         watched.value = work.raw_value
-        watched.headers = list(work.raw_headers)
+        watched.headers = _with_lane(work)
         self._put(work.device, watched)
         return watched
 
-    def rewatch(self, device: str, watch: Watch) -> None:
-        """The next poll of a watched device."""
+    def rewatch(self, device: str, watch: Watch, work: Work | None = None) -> None:
+        """The next poll of a watched device (``work``: the poll, whose swap is the body to
+        keep when the entry's body is in the ledger topic)."""
         entry = self._entry(device)
         entry_next = _replace_state(entry, State.WATCHING, outcome=entry.outcome)
         entry_next.watch = watch
-        entry_next.value, entry_next.headers = entry.value, entry.headers
+        if entry.body_out and work is not None and work.raw_value is not None:
+            entry_next.value, entry_next.headers = work.raw_value, _with_lane(work)
+        else:
+            entry_next.value, entry_next.headers = entry.value, entry.headers
+            entry_next.body_at = entry.body_at
         self._put(device, entry_next)
 
     def end_watch(self, device: str, result: str) -> None:
@@ -295,6 +393,7 @@ class DeviceLedger:
         if entry.state is State.WATCHING:
             return entry
         if entry.state in (State.PENDING, State.WAITING):
+            self._changing(device)
             entry.early = (result, at_ms, node_id)
         return None
 
@@ -306,7 +405,7 @@ class DeviceLedger:
         waiting = _replace_state(entry, State.WAITING, wait=state)
         waiting.early = entry.early
         waiting.value = work.raw_value
-        waiting.headers = list(work.raw_headers)
+        waiting.headers = _with_lane(work)
         self._put(work.device, waiting)
         return True
 
@@ -337,7 +436,7 @@ class DeviceLedger:
         decided: the entry is due again as it stands (its heap item was taken)."""
         entry = self.get(device)
         if entry is not None and entry.due_ms is not None:
-            self._put(device, entry)
+            self._put(device, entry, change=False)  # its heap item again, nothing else
 
     def _clean(self, heap: list[tuple[int, int, str]]) -> bool:
         """Drop heap items whose device no longer waits for that due time, or whose device has
@@ -361,21 +460,58 @@ class DeviceLedger:
         :meth:`PackedEntries.older_than`); the devices removed, each owing a tombstone
         (:meth:`tombstone`). Only packed done entries expire: pending, waiting and watched
         swaps are objects, never swept (nor the rare done entry that does not pack)."""
+        if self.loading is not None:  # an entry removed now would look unread to the load
+            return []
         devices = self._done.older_than(horizon_ms, scan, limit)
         for device in devices:
+            self._changing(device)
             self._done.discard(device)
         return devices
 
     # ---- records ---------------------------------------------------------------------------
 
     def record(self, device: str) -> Output:
-        """The ledger record of ``device`` as it stands now."""
+        """The ledger record of ``device`` as it stands now (to be written)."""
         entry = self._entry(device)
-        return Output(self.topic, device.encode(), encode_entry(entry), partition=self.partition)
+        self._written.pop(device, None)
+        output = Output(self.topic, device.encode(), encode_entry(entry), partition=self.partition)
+        if entry.value is not None and self.bodies_out:
+            # The body now belongs to this record: in memory until it commits (committed()).
+            entry.body_at = None
+            self._body_records[device] = (output, entry)
+        return output
 
     def tombstone(self, device: str) -> Output:
         """The record that removes ``device`` from the ledger topic (an expired entry)."""
+        self._written.pop(device, None)
         return Output(self.topic, device.encode(), None, partition=self.partition)
+
+    # ---- keeping across a revocation ---------------------------------------------------------
+
+    @property
+    def unwritten(self) -> int:
+        """Devices whose entry changed since the last record written of it."""
+        return len(self._written)
+
+    def undo(self) -> int:
+        """Put every entry back as its last record written holds it (the partition's last
+        transaction is committed: then the ledger is exactly what its topic says); returns how
+        many entries changed. A revoked partition under a backlog has swaps read and not
+        decided, each of which changed its device's entry at its admission; undone, the ledger
+        can be kept for the partition's return, and the swaps are read again from the committed
+        offset (:meth:`service.pipeline.partition_core.PartitionCore.keep_ledger`)."""
+        written, self._written = self._written, {}
+        for device, entry in written.items():
+            if entry is not None:
+                self._put(device, entry, change=False)
+                continue
+            old = self._entries.pop(device, None)
+            if old is not None and old.state is State.WAITING:
+                self._waiting -= 1
+            self.watching.discard(device)
+            self._live.pop(device, None)
+            self._done.discard(device)
+        return len(written)
 
 
 _DONE_KEYS: Final = frozenset(
@@ -415,6 +551,7 @@ def _packable(entry: Entry) -> bool:
         and entry.watch is None
         and entry.early is None
         and entry.value is None
+        and entry.body_at is None
         and not entry.headers
         and (entry.outcome is None or isinstance(entry.outcome, str))
     )
@@ -439,6 +576,8 @@ def _b64(raw: bytes) -> str:
 
 
 def encode_entry(entry: Entry) -> bytes:
+    if entry.body_out:
+        raise ValueError("a swap whose body is in the ledger topic cannot be written again")
     doc: dict[str, Any] = {
         "v": RECORD_VERSION,
         "eventId": entry.event_id,
@@ -485,8 +624,15 @@ def encode_entry(entry: Entry) -> bytes:
     return orjson.dumps(doc)
 
 
-def decode_entry(value: bytes) -> Entry | None:
-    """An entry from its record; None for a record this version cannot read."""
+def _copy(text: str) -> str:
+    return text
+
+
+def decode_entry(value: bytes, *, shared: bool = False) -> Entry | None:
+    """An entry from its record; None for a record this version cannot read. ``shared``: the
+    texts many entries repeat (a source, a code, a reason, an outcome) as one copy each (the
+    ledger's own entries)."""
+    _shared = sys.intern if shared else _copy
     try:
         doc = orjson.loads(value)
         wait = None
@@ -498,8 +644,8 @@ def decode_entry(value: bytes) -> Entry | None:
                 deferrals=int(w["deferrals"]),
                 attempts=int(w["attempts"]),
                 first_attempt_ms=None if w["firstAttemptMs"] is None else int(w["firstAttemptMs"]),
-                last_code=str(w["lastCode"]),
-                reason=str(w["reason"]),
+                last_code=_shared(str(w["lastCode"])),
+                reason=_shared(str(w["reason"])),
                 attempt_deadline_ms=(
                     None if w.get("attemptDeadlineMs") is None else int(w["attemptDeadlineMs"])
                 ),
@@ -518,11 +664,11 @@ def decode_entry(value: bytes) -> Entry | None:
         early = doc.get("early")
         entry = Entry(
             str(doc["eventId"]),
-            str(doc["source"]),
+            _shared(str(doc["source"])),
             (int(doc["timeMs"]), int(doc["offset"])),
             str(doc["nodeId"]),
             State(doc["state"]),
-            outcome=doc.get("outcome"),
+            outcome=_shared(outcome) if isinstance(outcome := doc.get("outcome"), str) else outcome,
             wait=wait,
             watch=watch,
             # A push kept by a version that did not record its nodeId proves nothing.
@@ -544,9 +690,25 @@ def decode_entry(value: bytes) -> Entry | None:
     return entry
 
 
+LANE_HEADER = "rebind-lane-topic"
+"""On a kept swap of the urgent lane: the lane's topic (its origin offset is an offset of it)."""
+
+
+def _with_lane(work: Work) -> list[tuple[str, bytes]]:
+    """The swap's headers as the ledger keeps them: a swap of the urgent lane says so, so that
+    read back (woken, polled, superseded) its origin names the lane's topic and its offset."""
+    headers = list(work.raw_headers)
+    if work.urgent and all(name != LANE_HEADER for name, _ in headers):
+        headers.append((LANE_HEADER, work.topic.encode()))
+    return headers
+
+
 def rebuild_work(topic: str, partition: int, device: str, entry: Entry) -> Work | None:
     """The job of a swap the ledger keeps (waiting or watched), read back from its entry; None
-    when the kept swap cannot be read (logged)."""
+    when the kept swap cannot be read (logged). A swap of the urgent lane comes back with the
+    lane's topic (``topic`` is the input's) and marked urgent."""
+    if entry.body_out:
+        raise ValueError("the swap's body is in the ledger topic: read it back first")
     try:
         swap = decode_swap(entry.value, entry.headers)
     except InvalidEvent as exc:  # written by this service: not expected
@@ -554,11 +716,13 @@ def rebuild_work(topic: str, partition: int, device: str, entry: Entry) -> Work 
             "ledger_swap_unreadable", device_id=device, detail=exc.detail
         )
         return None
+    lane = next((value for name, value in entry.headers if name == LANE_HEADER), None)
     return Work(
         swap=swap,
         raw_value=entry.value,
         raw_headers=list(entry.headers),
-        topic=topic,
+        topic=lane.decode("utf-8", "replace") if lane else topic,
+        urgent=lane is not None,
         partition=partition,
         origin_offset=entry.order[1],
         order=entry.order,

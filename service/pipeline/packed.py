@@ -163,6 +163,10 @@ class PackedEntries:
                     return i, free
             i = (i + 1) & mask
 
+    def __contains__(self, device: str) -> bool:
+        key = pack_text(device)
+        return key is not None and self._probe(key)[0] >= 0
+
     def get(self, device: str) -> DoneFields | None:
         key = pack_text(device)
         if key is None:

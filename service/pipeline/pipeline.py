@@ -34,19 +34,21 @@ from service.kafka import (
     reader,
 )
 from service.metrics import Metrics
+from service.pipeline.bodies import BodyFetches, BodyReader
 from service.pipeline.commit_loop import CommitLoop
 from service.pipeline.dedupe import DedupeReader
 from service.pipeline.expiry import Retention
 from service.pipeline.gauges import PipelineGauges
 from service.pipeline.input_hold import InputHold
+from service.pipeline.lanes import Lanes, accept_pushes
 from service.pipeline.membership import MembershipProof
 from service.pipeline.open_partitions import OpenPartitions
-from service.pipeline.partition_core import PartitionCore, Republish
+from service.pipeline.partition_core import PartitionCore
 from service.pipeline.records import ConsumedRecord
 from service.pipeline.scheduler import KeyedScheduler
 from service.pipeline.swap_jobs import Handler, SwapJobs
 from service.pipeline.wake_loop import WakeLoop
-from service.pipeline.work import Answers, Work
+from service.pipeline.work import Answers, Republish, Work
 
 log = structlog.get_logger(__name__)
 
@@ -96,6 +98,7 @@ class Pipeline:
         self._metrics = metrics
         self._scheduler = KeyedScheduler(concurrency)
         self._max_buffered = max_buffered or max(concurrency * 8, kafka.max_poll_records * 2)
+        self._max_pending = 4 * kafka.commit_batch_size  # outputs waiting for a transaction
         self._drain_timeout = drain_timeout
         self._on_assignment = on_assignment
         self._on_revocation = on_revocation
@@ -108,7 +111,7 @@ class Pipeline:
         self._progress = asyncio.Event()
         self._flush_now = asyncio.Event()
         self._wake_now = asyncio.Event()
-        self._paused = False
+        self._lanes = Lanes(topics.device_swapped, self._notify_topic, self._max_buffered)
         self._stopping = asyncio.Event()
         self._hold = InputHold(self._stopping)  # why the input is held (hold/release), if it is
         self._consumer: AIOKafkaConsumer | None = None
@@ -143,7 +146,15 @@ class Pipeline:
             hold=self._hold,
             progress=self._progress,
             flush_now=self._flush_now,
+            metrics=metrics,
         )
+        self._partitions.on_released = self._jobs.admit_held  # a take-over's held swaps
+        self._bodies = BodyFetches(  # swap bodies read back from the ledger topic
+            BodyReader(kafka, topics.ledger),
+            lambda: list(self._partitions.cores.values()),
+            self._jobs.start,
+        )
+        self._partitions.on_body_wanted = self._bodies.want
         self._commits = CommitLoop(
             topics.device_swapped,
             self._partitions,
@@ -191,6 +202,11 @@ class Pipeline:
     def skipped(self) -> int:
         return self._partitions.skipped()
 
+    @property
+    def urgent_lane(self) -> str | None:
+        """The urgent lane's topic while it is read (None: off)."""
+        return self._lanes.urgent
+
     # ---- holding the input -----------------------------------------------------------------
 
     @property
@@ -206,16 +222,16 @@ class Pipeline:
         self._hold.hold(reason)
         if self._consumer is not None:
             with contextlib.suppress(Exception):
-                self._consumer.pause(*self.assigned())
+                self._consumer.pause(*self._lanes.inputs(self._cores))
 
     def release(self) -> None:
         """Take work again: resume the input partitions (unless the buffer is full), let the
         waiting jobs run and wake the waiting swaps that are due."""
         if not self._hold.release():
             return
-        if self._consumer is not None and not self._paused:
+        if self._consumer is not None:
             with contextlib.suppress(Exception):
-                self._consumer.resume(*self.assigned())
+                self._lanes.resume(self._consumer, list(self._cores))
         self._wake_now.set()
 
     def paused(self) -> list[TopicPartition]:
@@ -249,7 +265,7 @@ class Pipeline:
         self._consumer = input_consumer(self._kafka, heartbeat, self._assignor)
         self._ledger_reader = reader(self._kafka)
         try:
-            await check_topics(self._kafka, self._topics, self._notify_topic)
+            urgent = await check_topics(self._kafka, self._topics, self._notify_topic)
             await self._dedupe.start()
             await self._ledger_reader.start()
             await self._consumer.start()
@@ -261,10 +277,8 @@ class Pipeline:
                 "heartbeats_not_observable", action="ownership is proved by assignments only"
             )
             self._membership.unobservable()
-        subscribed = [self._topics.device_swapped]
-        if self._notify_topic is not None:
-            subscribed.append(self._notify_topic)
-        self._consumer.subscribe(subscribed, listener=_Listener(self))
+        self._lanes.urgent = self._partitions.urgent_topic = self._gauges.urgent_topic = urgent
+        self._consumer.subscribe(self._lanes.subscribed(), listener=_Listener(self))
         self.started.set()
 
     async def _close_clients(self) -> None:
@@ -284,6 +298,7 @@ class Pipeline:
         tasks = [
             asyncio.create_task(self._commits.run(), name="committer"),
             asyncio.create_task(self._wake.run(), name="wake"),
+            asyncio.create_task(self._bodies.run(), name="bodies"),
             asyncio.create_task(self._gauges.run(self._consumer), name="gauges"),
         ]
         try:
@@ -337,22 +352,13 @@ class Pipeline:
             return
         self._metrics.events_consumed.labels(topic=tp.topic).inc(len(records))
         if tp.topic == self._notify_topic:
-            duplicates, unproven = core.duplicate_pushes, core.unproven_pushes
-            for record in records:
-                core.notify(record)
-            if core.duplicate_pushes > duplicates:
-                self._metrics.bind_notifications.labels(result="duplicate").inc(
-                    core.duplicate_pushes - duplicates
-                )
-            if core.unproven_pushes > unproven:
-                self._metrics.bind_notifications.labels(result="unproven").inc(
-                    core.unproven_pushes - unproven
-                )
+            accept_pushes(core, records, self._metrics)
             self._jobs.decided()
             return
-        skipped, misrouted = core.skipped, core.misrouted
+        skipped, misrouted, too_old = core.skipped, core.misrouted, core.too_old
+        urgent = tp.topic == self._lanes.urgent
         for record in records:
-            job = core.intake(record)
+            job = core.intake(record, urgent)
             if isinstance(job, Work):
                 self._jobs.submit(core, job)
             elif isinstance(job, Republish):
@@ -361,23 +367,17 @@ class Pipeline:
             self._metrics.redeliveries_skipped.inc(core.skipped - skipped)
         if core.misrouted > misrouted:
             self._metrics.misrouted_records.inc(core.misrouted - misrouted)
+        if core.too_old > too_old:
+            self._metrics.swaps_too_old.inc(core.too_old - too_old)
         self._progress.set()
         self._metrics.inflight_events.set(self.inflight())
 
     def _apply_backpressure(self) -> None:
-        consumer = self._consumer
-        assert consumer is not None
-        buffered = self.buffered()
-        inputs = self.assigned()
-        if self._hold.held():
-            consumer.pause(*inputs)  # held: whatever the buffer, read nothing
-            return
-        if not self._paused and buffered >= self._max_buffered:
-            consumer.pause(*inputs)
-            self._paused = True
-        elif self._paused and buffered <= self._max_buffered // 2:
-            consumer.resume(*inputs)
-            self._paused = False
+        """Each lane paused while its own buffer is full, the bulk lane also while decided outputs
+        wait for their transactions (held: all, whatever the buffer)."""
+        assert self._consumer is not None
+        waiting = self._partitions.pending_outputs() / self._max_pending
+        self._lanes.backpressure(self._consumer, self._cores, self._hold.held(), waiting)
 
     # ---- rebalances ------------------------------------------------------------------------
 
@@ -389,10 +389,10 @@ class Pipeline:
         if new:
             consumer.pause(*assigned)
             if await self._partitions.try_open(new, self._open):
-                consumer.resume(*assigned)
-                self._paused = False
+                consumer.resume(*self._partitions.resumable(assigned))
+                self._lanes.resumed()
                 if self._hold.held():  # held: newly assigned input partitions stay paused
-                    consumer.pause(*inputs)
+                    consumer.pause(*self._lanes.inputs(tp.partition for tp in inputs))
         self._proved()  # the group just counted this member in
         if self._on_drain is not None:
             self._on_drain(False)
@@ -435,8 +435,8 @@ class Pipeline:
         tps = [TopicPartition(topic, p) for p in missing]
         if await self._partitions.try_open(tps, self._open):
             log.info("partitions_opened", partitions=missing)
-            if not self._hold.held() and not self._paused:
-                consumer.resume(*tps)
+            if not self._hold.held():
+                self._lanes.resume(consumer, missing)
             self._wake_now.set()
 
     async def partitions_revoked(self, revoked: list[TopicPartition]) -> None:
@@ -465,12 +465,26 @@ class Pipeline:
         self._gauges.forget(partition)
 
 
-async def check_topics(kafka: KafkaSettings, topics: TopicSettings, notify: str | None) -> None:
-    """The service topics must exist and be co-partitioned with the input topic."""
+async def check_topics(
+    kafka: KafkaSettings, topics: TopicSettings, notify: str | None
+) -> str | None:
+    """The service topics must exist and be co-partitioned with the input topic. Returns the
+    urgent lane's topic, or None when it is off: not set, or missing (an upstream that has only
+    the bulk topic works unchanged; the lane is read from the next start after it is created)."""
     names: tuple[str, ...] = (topics.device_swapped, topics.ledger, topics.dedupe)
     if notify is not None:
         names = (*names, notify)
-    counts = await partition_counts(kafka, names)
+    urgent = topics.device_swapped_urgent or None
+    counts = await partition_counts(kafka, (*names, urgent) if urgent else names)
+    if urgent is not None and counts.get(urgent, 0) == 0:
+        log.warning(
+            "urgent_lane_off",
+            topic=urgent,
+            reason="the topic does not exist",
+            action="create it (device-rebind topics create) and restart to read it",
+        )
+        del counts[urgent]
+        urgent = None
     missing = [name for name, n in counts.items() if n == 0]
     if missing:
         raise FatalPipelineError(
@@ -478,10 +492,10 @@ async def check_topics(kafka: KafkaSettings, topics: TopicSettings, notify: str 
         )
     if len(set(counts.values())) != 1:
         raise FatalPipelineError(
-            "the input, ledger, dedupe (and bind-notify) topics must have the same number of "
-            "partitions "
-            f"(co-partitioned): {counts}"
+            "the input, ledger, dedupe (and bind-notify, urgent lane) topics must have the same "
+            f"number of partitions (co-partitioned): {counts}"
         )
+    return urgent
 
 
 def input_consumer(

@@ -145,6 +145,12 @@ class PartitionProgress:
         self._unfinished -= 1
         return entry.produced_at_ms
 
+    def produced_at(self, offset: int) -> int | None:
+        """The Kafka timestamp (ms) of the record at ``offset`` while it is not behind the
+        committed offset."""
+        entry = self._by_offset.get(offset)
+        return entry.produced_at_ms if entry is not None else None
+
     def is_open(self, offset: int) -> bool:
         entry = self._by_offset.get(offset)
         return entry is not None and not entry.done

@@ -1,14 +1,21 @@
-"""Per-device order, concurrency across devices.
+"""Per-device order, concurrency across devices, urgent devices first.
 
 Jobs with the same key run one after another in submission order; jobs with different keys
 run in parallel, at most ``concurrency`` at a time. A key's queue lives only while it has work,
 so memory follows the work in flight, not the number of devices ever seen.
+
+A key with an urgent job queued (a swap of the urgent lane) waits for its slot before every other
+key, and may take one of ``urgent_extra`` slots beyond ``concurrency``: bulk jobs hold their slots
+while they wait for the platform budget, so under a bulk backlog every ordinary slot is taken,
+and an urgent swap must not wait for one of them to finish. A key's earlier (bulk) jobs ride
+its urgent slot: per-device order holds, and an older swap is answered ``SUPERSEDED`` at its claim
+without a call when the urgent swap is newer.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 
 import structlog
@@ -18,12 +25,69 @@ Job = Callable[[], Awaitable[None]]
 log = structlog.get_logger(__name__)
 
 
+class _Slots:
+    """``concurrency`` slots, plus ``extra`` that only urgent keys take; urgent waiters first.
+    Waiters: one per key at most (its drain), so bounded by the keys queued."""
+
+    def __init__(self, concurrency: int, extra: int) -> None:
+        self._n = concurrency
+        self._extra = extra
+        self.used = 0
+        self._bulk: deque[tuple[str, asyncio.Future[None]]] = deque()
+        self._urgent: deque[tuple[str, asyncio.Future[None]]] = deque()
+        self._waiting: dict[str, asyncio.Future[None]] = {}
+
+    def _room(self, urgent: bool) -> bool:
+        return self.used < self._n + (self._extra if urgent else 0)
+
+    async def acquire(self, key: str, urgent: bool) -> None:
+        if self._room(urgent) and not self._urgent and (urgent or not self._bulk):
+            self.used += 1
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        (self._urgent if urgent else self._bulk).append((key, fut))
+        self._waiting[key] = fut
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.release()  # granted just as it was cancelled: give it back
+            raise
+        finally:
+            self._waiting.pop(key, None)
+
+    def promote(self, key: str) -> None:
+        """The key now has an urgent job: if it waits for an ordinary slot, it waits first."""
+        fut = self._waiting.get(key)
+        if fut is None or (key, fut) not in self._bulk:
+            return
+        self._bulk.remove((key, fut))
+        self._urgent.append((key, fut))
+        self._wake()
+
+    def release(self) -> None:
+        self.used -= 1
+        self._wake()
+
+    def _wake(self) -> None:
+        for queue, urgent in ((self._urgent, True), (self._bulk, False)):
+            while queue and (queue[0][1].done() or self._room(urgent)):
+                _, fut = queue.popleft()
+                if not fut.done():
+                    self.used += 1
+                    fut.set_result(None)
+            if queue:
+                return  # urgent waiters are left: no ordinary one goes before them
+
+
 class KeyedScheduler:
-    def __init__(self, concurrency: int) -> None:
+    def __init__(self, concurrency: int, urgent_extra: int | None = None) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
-        self._slots = asyncio.Semaphore(concurrency)
-        self._queues: dict[str, deque[Job]] = {}
+        extra = max(1, concurrency // 4) if urgent_extra is None else urgent_extra
+        self._slots = _Slots(concurrency, extra)
+        self._queues: dict[str, deque[tuple[Job, bool]]] = {}
+        self._urgent: Counter[str] = Counter()  # urgent jobs queued, per key (bounded by them)
         self._tasks: set[asyncio.Task[None]] = set()
         self._running = 0
         self._closing = False
@@ -32,12 +96,16 @@ class KeyedScheduler:
         """Start no new job: those running finish, those queued are left (never started)."""
         self._closing = True
 
-    def submit(self, key: str, job: Job) -> None:
+    def submit(self, key: str, job: Job, *, urgent: bool = False) -> None:
+        if urgent:
+            self._urgent[key] += 1
         queue = self._queues.get(key)
         if queue is not None:
-            queue.append(job)
+            queue.append((job, urgent))
+            if urgent:
+                self._slots.promote(key)
             return
-        self._queues[key] = deque((job,))
+        self._queues[key] = deque(((job, urgent),))
         task = asyncio.get_running_loop().create_task(self._drain(key), name=f"device:{key}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -46,8 +114,9 @@ class KeyedScheduler:
         queue = self._queues[key]
         try:
             while queue and not self._closing:
-                job = queue[0]
-                async with self._slots:
+                job, urgent = queue[0]
+                await self._slots.acquire(key, self._urgent[key] > 0)
+                try:
                     if self._closing:
                         break
                     self._running += 1
@@ -59,9 +128,20 @@ class KeyedScheduler:
                         log.exception("job_failed", key=key)
                     finally:
                         self._running -= 1
+                finally:
+                    self._slots.release()
                 queue.popleft()
+                self._unmark(key, urgent)
         finally:
+            for _, urgent in queue:
+                self._unmark(key, urgent)
             del self._queues[key]
+
+    def _unmark(self, key: str, urgent: bool) -> None:
+        if urgent:
+            self._urgent[key] -= 1
+            if self._urgent[key] <= 0:
+                del self._urgent[key]
 
     @property
     def running(self) -> int:

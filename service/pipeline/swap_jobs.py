@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager
 from typing import Protocol
@@ -20,14 +21,15 @@ from typing import Protocol
 import structlog
 from aiokafka.errors import KafkaError
 
+from service.metrics import Metrics
 from service.ownership import CALL_GUARD
 from service.pipeline.committer import PartitionFencedError
 from service.pipeline.dedupe import DedupeReader
 from service.pipeline.input_hold import InputHold
 from service.pipeline.open_partitions import OpenPartitions
-from service.pipeline.partition_core import PartitionCore, Republish
+from service.pipeline.partition_core import PartitionCore
 from service.pipeline.scheduler import KeyedScheduler
-from service.pipeline.work import HandlerResult, PollResult, Work
+from service.pipeline.work import HandlerResult, PollResult, Republish, Work
 
 log = structlog.get_logger(__name__)
 
@@ -58,8 +60,10 @@ class SwapJobs:
         hold: InputHold,
         progress: asyncio.Event,
         flush_now: asyncio.Event,
+        metrics: Metrics | None = None,
     ) -> None:
         self._handler = handler
+        self._metrics = metrics
         self._partitions = partitions
         self._scheduler = scheduler
         self._dedupe = dedupe
@@ -73,7 +77,33 @@ class SwapJobs:
 
     def submit(self, core: PartitionCore, work: Work) -> None:
         """Queue the swap's job behind the device's earlier ones."""
-        self._scheduler.submit(work.device, self._job(core, work))
+        self._scheduler.submit(work.device, self._job(core, work), urgent=work.urgent)
+
+    def admit_held(self, core: PartitionCore, works: list[Work]) -> None:
+        """Swaps a take-over held until their device's ledger entry was read
+        (:mod:`service.pipeline.takeover`): judged now, in the order read, and queued. A
+        partition being revoked judges none: its next owner does."""
+        if core.closed or core.closing:
+            return
+        for work in works:
+            job = core.admit(work)
+            if job is not None:
+                self.submit(core, job)
+        self.decided()
+
+    def start(self, core: PartitionCore, jobs: list[Work | Republish]) -> None:
+        """What waited for a swap body read back from the ledger topic: woken swaps and held
+        ones to queue, polls to run, duplicates to re-publish."""
+        if core.closed or core.closing:
+            return
+        for job in jobs:
+            if isinstance(job, Republish):
+                self.republish(core, job)
+            elif job.watch is not None:
+                self.start_poll(core, job)
+            else:
+                self.submit(core, job)
+        self.decided()
 
     def decided(self) -> None:
         """Something was decided: the consume loop may go on, and a full batch commits now."""
@@ -82,8 +112,16 @@ class SwapJobs:
             self._flush_now.set()
 
     def _job(self, core: PartitionCore, work: Work) -> Callable[[], Awaitable[None]]:
+        first_call = [work.offset is not None]  # a fresh record: its first call is measured
+
+        async def guarded() -> None:
+            await self._wait_owner(core)
+            if first_call[0]:
+                first_call[0] = False
+                self._calling(core, work)
+
         async def job() -> None:
-            guard = CALL_GUARD.set(lambda: self._wait_owner(core))
+            guard = CALL_GUARD.set(guarded)
             try:
                 await run()
             finally:
@@ -115,6 +153,16 @@ class SwapJobs:
             self.decided()
 
         return job
+
+    def _calling(self, core: PartitionCore, work: Work) -> None:
+        """The swap's first platform call leaves now: its time from the record, by lane."""
+        if self._metrics is None or work.offset is None:
+            return
+        stamp = core.outbox.lane(work.urgent).produced_at(work.offset)
+        if stamp is not None:
+            lane = "urgent" if work.urgent else "bulk"
+            waited = max(0.0, time.time() - stamp / 1000)
+            self._metrics.record_to_call.labels(lane=lane).observe(waited)
 
     async def _claim_durably(self, core: PartitionCore, work: Work) -> bool:
         """Commit the claim of a fresh swap before its call (see PartitionCore.note_claim).

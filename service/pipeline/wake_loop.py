@@ -47,11 +47,14 @@ class WakeLoop:
             for core in list(self._partitions.cores.values()):
                 if core.closing or self._hold.held():
                     continue
+                expired = core.expired
                 for work in core.wake(now_ms, limit, limit):
                     if work.watch is not None:
                         self._jobs.start_poll(core, work)
                     else:
                         self._jobs.submit(core, work)
+                if core.expired > expired:  # the retention sweep runs in wake
+                    self._metrics.ledger_entries_expired.inc(core.expired - expired)
             self._metrics.deferred_events.set(self._partitions.waiting())
             self._wake_now.clear()
             with contextlib.suppress(TimeoutError):

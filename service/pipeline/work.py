@@ -10,7 +10,16 @@ from service.events import SwapEvent
 from service.pipeline.records import OutcomeKind, Output
 
 # Watch is defined with its policy (service.bind.watch); the ledger reads it here.
-__all__ = ["HandlerResult", "Outcome", "PollResult", "WaitState", "Waiting", "Watch", "Work"]
+__all__ = [
+    "HandlerResult",
+    "Outcome",
+    "PollResult",
+    "Republish",
+    "WaitState",
+    "Waiting",
+    "Watch",
+    "Work",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +58,7 @@ class Work:
     wait: WaitState | None = None
     repeat: bool = False
     watch: Watch | None = None  # set on a bind-watch poll (no refresh: only the poll is due)
+    urgent: bool = False  # read from the urgent lane: served first by the scheduler and budget
 
     @property
     def device(self) -> str:
@@ -61,6 +71,14 @@ class Work:
     @property
     def may_be_applied(self) -> bool:
         return self.repeat or self.wait is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Republish:
+    """An event answered before whose stored outcome must be read back (I/O) and re-published."""
+
+    work: Work
+    dedupe_offset: int
 
 
 @dataclass(frozen=True, slots=True)

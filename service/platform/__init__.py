@@ -10,6 +10,7 @@ from service.platform.budget import (
     PRIORITY_FRESH,
     PRIORITY_POLL,
     PRIORITY_URGENT,
+    PRIORITY_URGENT_LANE,
     RateBudget,
 )
 from service.platform.client import (
@@ -59,6 +60,7 @@ __all__ = [
     "PRIORITY_FRESH",
     "PRIORITY_POLL",
     "PRIORITY_URGENT",
+    "PRIORITY_URGENT_LANE",
     "SUPERSEDED",
     "TIMEOUT",
     "Action",

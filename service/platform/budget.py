@@ -12,8 +12,12 @@ rebalance (e.g. my partitions / all partitions), so N replicas share the budget 
 multiplying it. The floor of 1 keeps a replica able to make progress; with more replicas than
 calls per minute that floor could overrun, which the settings' documentation warns about.
 
-Priorities. ``PRIORITY_URGENT`` (< 0: logins and token refreshes, which every other call is
-waiting on) is always served first. Then two classes: ``PRIORITY_FRESH`` (0: fresh events and
+Priorities. ``PRIORITY_URGENT`` (logins and token refreshes, which every other call is
+waiting on) is always served first. ``PRIORITY_URGENT_LANE`` (swaps read from the urgent lane: a
+person waits for them) goes next, before every bulk call, retry or poll, except that the bulk lane
+keeps ``bulk_min_share`` of the window's grants (:meth:`set_bulk_min_share`): while every other
+class together has had less than that share and one of its waiters may go, it goes first.
+Then two classes: ``PRIORITY_FRESH`` (0: fresh events and
 their reconciliation queries) and ``PRIORITY_DEFERRED`` (>= 1: retries of deferred events).
 Waiters of one class are served in FIFO order. When both classes wait, fresh ones go first,
 except that the deferred class is guaranteed ``deferred_reserve`` (a fraction, default 0.2) of the
@@ -78,6 +82,7 @@ from service.platform.budget_queue import (
     PRIORITY_FRESH,
     PRIORITY_POLL,
     PRIORITY_URGENT,
+    PRIORITY_URGENT_LANE,
     GrantQueue,
 )
 from service.platform.budget_window import EPSILON, GrantWindow
@@ -98,6 +103,7 @@ __all__ = [
     "PRIORITY_FRESH",
     "PRIORITY_POLL",
     "PRIORITY_URGENT",
+    "PRIORITY_URGENT_LANE",
     "WINDOW_SECONDS",
     "FlowCeiling",
     "Grant",
@@ -115,12 +121,103 @@ class Grant:
     deferred: bool
     poll: bool
     waited: float
+    lane: bool = False  # granted to a swap of the urgent lane
 
 
 Sleep = Callable[[float], Awaitable[None]]
 
 
-class RateBudget:
+class _ClassShares:
+    """The shares that order the classes of waiters (:class:`RateBudget` is one): the deferred
+    reserve, the polls' share (a reserve and a cap), the bulk lane's minimum share while urgent
+    swaps wait."""
+
+    _in_window: GrantWindow
+    _clock: Clock
+    _limit: int
+    _reserve: float
+    _poll_share: float = 0.2
+    _bulk_min_share: float = 0.0
+    _lane_headroom = False
+    _last_bulk = -math.inf  # when the bulk lane was last granted a call (budget clock)
+    _span: float
+    _changed: asyncio.Event
+
+    def _effective_limit(self, now: float) -> float:
+        raise NotImplementedError
+
+    def set_poll_share(self, fraction: float) -> None:
+        """The largest share of the limit that polls (``PRIORITY_POLL``) may use in a window."""
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError("poll share must be in (0, 1]")
+        self._poll_share = fraction
+        self._changed.set()
+
+    def set_bulk_min_share(self, fraction: float) -> None:
+        """The share of the window's grants the bulk lane (every class but the urgent lane)
+        keeps while urgent swaps wait (``REBIND_PLATFORM__BULK_MIN_SHARE``; 0: none)."""
+        if not 0.0 <= fraction < 1.0:
+            raise ValueError("bulk min share must be in [0, 1)")
+        self._bulk_min_share = fraction
+        self._changed.set()
+
+    def set_lane_headroom(self, on: bool) -> None:
+        """With the urgent lane on, the bulk lane leaves one call of the window free and is
+        paced (:meth:`_headroom`, :meth:`_paced_until`), so an urgent swap finds a call at once,
+        or within one pacing interval, instead of waiting for a saturated window to free."""
+        self._lane_headroom = on
+        self._changed.set()
+
+    def _headroom(self, *, bulk: bool) -> float:
+        """Calls a bulk grant must leave free in the window: one, for the next urgent swap (never
+        so many that the bulk lane falls under its minimum share). Once an urgent swap took it,
+        the next call that frees is the next urgent swap's: bulk grants need two free then."""
+        if not bulk or not self._lane_headroom:
+            return 0.0
+        limit = math.floor(self._effective_limit(self._clock()) + EPSILON)
+        floor = max(1, math.floor(self._bulk_min_share * limit + EPSILON))
+        return float(max(0, min(1, limit - floor)))
+
+    def _paced_until(self, now: float) -> float:
+        """With the urgent lane on, the bulk lane's grants are spaced by the span over the limit
+        (its steady rate when saturated), so they age out of the window one at a time: a call
+        frees every interval instead of a whole burst once a window, and an urgent swap that
+        finds the window full waits at most about one interval (not up to a window, as after a
+        burst). The cost: a burst of bulk swaps on a quiet budget is spread at that rate too."""
+        if not self._lane_headroom or self._last_bulk == -math.inf:
+            return -math.inf
+        return self._last_bulk + self._span / max(1.0, self._effective_limit(now))
+
+    def polls_in_window(self) -> int:
+        self._in_window.prune(self._clock())
+        return len(self._in_window.poll_times)
+
+    def lane_in_window(self) -> int:
+        """Own grants to the urgent lane within the window."""
+        self._in_window.prune(self._clock())
+        return len(self._in_window.lane_times)
+
+    def _poll_allowed(self, now: float) -> bool:
+        polls = self._in_window.polls(now)
+        cap = max(1, math.floor(self._poll_share * self._effective_limit(now) + EPSILON))
+        return polls < cap
+
+    def _deferred_first(self) -> bool:
+        """The deferred class has had less than its reserve of the window's grants."""
+        reserved = max(1, math.floor(self._reserve * self._limit)) if self._reserve > 0 else 0
+        return self._in_window.deferred < reserved
+
+    def _bulk_due(self) -> bool:
+        """The bulk lane has had less than its minimum share of the window's grants."""
+        if self._bulk_min_share <= 0:
+            return False
+        now = self._clock()
+        self._in_window.prune(now)
+        share = math.floor(self._bulk_min_share * self._effective_limit(now) + EPSILON)
+        return self._in_window.bulk() < max(1, share)
+
+
+class RateBudget(_ClassShares):
     def __init__(
         self,
         rate_limit_per_minute: int,
@@ -159,7 +256,6 @@ class RateBudget:
         self._queue = GrantQueue()
         if metrics is not None:
             metrics.budget_lease_expired.set_function(lambda: 1.0 if self.lease_expired() else 0.0)
-        self._poll_share = 0.2
         self._interrupted = False
         self._changed = asyncio.Event()
         self._pump: asyncio.Task[None] | None = None
@@ -342,22 +438,6 @@ class RateBudget:
     def resume(self) -> None:
         self._interrupted = False
 
-    def set_poll_share(self, fraction: float) -> None:
-        """The largest share of the limit that polls (``PRIORITY_POLL``) may use in a window."""
-        if not 0.0 < fraction <= 1.0:
-            raise ValueError("poll share must be in (0, 1]")
-        self._poll_share = fraction
-        self._changed.set()
-
-    def polls_in_window(self) -> int:
-        self._prune(self._clock())
-        return len(self._in_window.poll_times)
-
-    def _poll_allowed(self, now: float) -> bool:
-        polls = self._in_window.polls(now)
-        cap = max(1, math.floor(self._poll_share * self._effective_limit(now) + EPSILON))
-        return polls < cap
-
     def waiting(self) -> int:
         return self._queue.waiting()
 
@@ -373,20 +453,26 @@ class RateBudget:
     def _lease_ok(self, now: float) -> bool:
         return self._lease_until is None or now < self._lease_until
 
-    def _can_grant(self, now: float) -> bool:
+    def _can_grant(self, now: float, *, bulk: bool = False) -> bool:
+        """A grant fits now; for the bulk lane, leaving the urgent lane's headroom free and
+        at its pace (:meth:`_paced_until`)."""
         self._prune(now)
+        headroom = self._headroom(bulk=bulk)
         return (
             not self._frozen
             and now >= self._flow.paused_until
             and self._lease_ok(now)
-            and self._weighted() + 1.0 <= self._effective_limit(now) + EPSILON
+            and self._weighted() + 1.0 + headroom <= self._effective_limit(now) + EPSILON
+            and (not bulk or now + EPSILON >= self._paced_until(now))
         )
 
-    def _next_free_at(self, now: float) -> float:
+    def _next_free_at(self, now: float, *, bulk: bool = False) -> float:
         at = self._flow.paused_until
+        if bulk:
+            at = max(at, self._paced_until(now))
         if self._frozen or not self._lease_ok(now):
             at = max(at, now + RECHECK_SECONDS)  # or earlier: thaw/renew_lease wake us
-        excess = self._weighted() + 1.0 - self._effective_limit(now)
+        excess = self._weighted() + 1.0 + self._headroom(bulk=bulk) - self._effective_limit(now)
         if excess > EPSILON:
             at = max(at, self._in_window.frees_at(excess) + self._span)
         look = self._flow.next_look()
@@ -401,19 +487,35 @@ class RateBudget:
             return now
         return self._next_free_at(now)
 
-    def _record(self, now: float, deferred: bool, *, poll: bool = False) -> None:
-        self._in_window.record(now, deferred, poll=poll)
+    def _record(
+        self,
+        now: float,
+        deferred: bool,
+        *,
+        poll: bool = False,
+        lane: bool = False,
+        bulk: bool = False,
+    ) -> None:
+        self._in_window.record(now, deferred, poll=poll, lane=lane)
+        if bulk:
+            self._last_bulk = now
 
     # ------------------------------------------------------------------ acquire
     def try_acquire(self, priority: int = PRIORITY_FRESH) -> bool:
         """Take one call's worth of budget now if nobody waits and it is free (no waiting)."""
-        if self._interrupted and priority >= PRIORITY_FRESH:
+        if self._interrupted and priority > PRIORITY_URGENT:
             return False
         now = self._clock()
         poll = priority >= PRIORITY_POLL
-        if self.waiting() or not self._can_grant(now) or (poll and not self._poll_allowed(now)):
+        lane = priority == PRIORITY_URGENT_LANE
+        bulk = priority >= PRIORITY_FRESH
+        if (
+            self.waiting()
+            or not self._can_grant(now, bulk=bulk)
+            or (poll and not self._poll_allowed(now))
+        ):
             return False
-        self._record(now, priority > PRIORITY_FRESH, poll=poll)
+        self._record(now, priority > PRIORITY_FRESH, poll=poll, lane=lane, bulk=bulk)
         self._observe(0.0)
         return True
 
@@ -425,35 +527,35 @@ class RateBudget:
     async def acquire_grant(self, priority: int = PRIORITY_FRESH) -> Grant:
         """Wait for one call's worth of budget; the grant can be given back (:meth:`give_back`)
         while its call has not been sent."""
-        deferred = priority > PRIORITY_FRESH
-        poll = priority >= PRIORITY_POLL
-        if self._interrupted and priority >= PRIORITY_FRESH:
+        deferred, poll = priority > PRIORITY_FRESH, priority >= PRIORITY_POLL
+        lane = priority == PRIORITY_URGENT_LANE
+        if self._interrupted and priority > PRIORITY_URGENT:
             raise asyncio.CancelledError  # see interrupt(): nothing is granted, not even at once
         start = self._clock()
         if (
             not self.waiting()
-            and self._can_grant(start)
+            and self._can_grant(start, bulk=priority >= PRIORITY_FRESH)
             and (not poll or self._poll_allowed(start))
         ):
-            self._record(start, deferred, poll=poll)
+            self._record(start, deferred, poll=poll, lane=lane, bulk=priority >= PRIORITY_FRESH)
             self._observe(0.0)
-            return Grant(start, deferred, poll, 0.0)
+            return Grant(start, deferred, poll, 0.0, lane)
         fut: asyncio.Future[float] = asyncio.get_running_loop().create_future()
         self._queue.add(fut, priority)
-        if not poll and self._queue.poll:
-            self._changed.set()  # the pump may be sleeping until a poll may go: look again
+        if (not poll and self._queue.poll) or priority < PRIORITY_FRESH:
+            self._changed.set()  # the pump may sleep until a poll (or a bulk call) may go
         self._ensure_pump()
         # A caller cancelled while waiting leaves a cancelled future that the dispatcher skips;
         # one cancelled just after its grant has spent it (conservative: budget is never lent).
         granted_at = await fut
         waited = max(0.0, self._clock() - start)
         self._observe(waited)
-        return Grant(granted_at, deferred, poll, waited)
+        return Grant(granted_at, deferred, poll, waited, lane)
 
     def give_back(self, grant: Grant) -> None:
         """A grant whose call was not sent (its token could not be had at once): it no longer
         counts, in the window nor in the log shared with the other replicas."""
-        self._in_window.remove(grant.at, grant.deferred, grant.poll)
+        self._in_window.remove(grant.at, grant.deferred, grant.poll, grant.lane)
         self._changed.set()
 
     def _observe(self, waited: float) -> None:
@@ -465,12 +567,9 @@ class RateBudget:
             self._pump = asyncio.get_running_loop().create_task(self._run_pump())
 
     def _pick(self) -> tuple[deque[asyncio.Future[float]], bool] | None:
-        return self._queue.pick(lambda: self._poll_allowed(self._clock()), self._deferred_first)
-
-    def _deferred_first(self) -> bool:
-        """The deferred class has had less than its reserve of the window's grants."""
-        reserved = max(1, math.floor(self._reserve * self._limit)) if self._reserve > 0 else 0
-        return self._in_window.deferred < reserved
+        return self._queue.pick(
+            lambda: self._poll_allowed(self._clock()), self._deferred_first, self._bulk_due
+        )
 
     async def _run_pump(self) -> None:
         while True:
@@ -484,15 +583,17 @@ class RateBudget:
                     await self._wait(max(self._in_window.poll_times[0] + self._span - now, 1e-3))
                     continue
                 return
-            if self._can_grant(now):
-                queue, deferred = picked
+            queue, deferred = picked
+            q = self._queue
+            bulk = queue is not q.urgent and queue is not q.lane
+            if self._can_grant(now, bulk=bulk):
                 fut = queue.popleft()
-                self._record(now, deferred, poll=queue is self._queue.poll)
+                self._record(now, deferred, poll=queue is q.poll, lane=queue is q.lane, bulk=bulk)
                 fut.set_result(now)
                 await asyncio.sleep(0)  # let the granted caller run
                 continue
             self._changed.clear()
-            delay = self._next_free_at(now) - now
+            delay = self._next_free_at(now, bulk=bulk) - now
             await self._wait(max(delay, 1e-3))  # never spin on float rounding at the edge
 
     async def _wait(self, delay: float) -> None:

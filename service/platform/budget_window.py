@@ -10,7 +10,8 @@ Invariants:
 - ``own`` holds every own grant still in the span, those before the last preload included: it is
   the log shared with the other replicas;
 - ``deferred`` counts the grants since the last preload made to the deferred class, and
-  ``poll_times`` the grants made to polls, both within the span.
+  ``poll_times`` the grants made to polls, ``lane_times`` those made to the urgent lane, all
+  within the span.
 
 Times are on the budget's (monotonic) clock; the budget converts them to epoch seconds.
 """
@@ -35,6 +36,7 @@ class GrantWindow:
         self.deferred = 0  # deferred grants among ``grants``
         self.own: deque[float] = deque()  # every own grant in the window, for the shared log
         self.poll_times: deque[float] = deque()  # grants to bind-watch polls
+        self.lane_times: deque[float] = deque()  # grants to swaps of the urgent lane
         self._preload: deque[tuple[float, int]] = deque()  # (time, calls) of the global log
         self._preload_calls = 0
         self._preload_weight = 0.0
@@ -66,6 +68,8 @@ class GrantWindow:
                 self.deferred -= 1
         while self.own and self.own[0] <= horizon:
             self.own.popleft()
+        while self.lane_times and self.lane_times[0] <= horizon:
+            self.lane_times.popleft()
         while self._preload and self._preload[0][0] <= horizon:
             self._preload_calls -= self._preload.popleft()[1]
 
@@ -105,16 +109,22 @@ class GrantWindow:
                 j += 1
         return at
 
-    def record(self, now: float, deferred: bool, *, poll: bool = False) -> None:
+    def bulk(self) -> int:
+        """Own grants within the span that did not go to the urgent lane (prune first)."""
+        return len(self.own) - len(self.lane_times)
+
+    def record(self, now: float, deferred: bool, *, poll: bool = False, lane: bool = False) -> None:
         """One grant made at ``now``."""
         if poll:
             self.poll_times.append(now)
+        if lane:
+            self.lane_times.append(now)
         self.grants.append((now, deferred))
         self.own.append(now)
         if deferred:
             self.deferred += 1
 
-    def remove(self, at: float, deferred: bool, poll: bool) -> None:
+    def remove(self, at: float, deferred: bool, poll: bool, lane: bool = False) -> None:
         """A grant given back: it no longer counts, nor is it in the shared log."""
         with contextlib.suppress(ValueError):
             self.grants.remove((at, deferred))
@@ -125,3 +135,6 @@ class GrantWindow:
         if poll:
             with contextlib.suppress(ValueError):
                 self.poll_times.remove(at)
+        if lane:
+            with contextlib.suppress(ValueError):
+                self.lane_times.remove(at)

@@ -23,7 +23,7 @@ import structlog
 from service.config import PlatformSettings
 from service.metrics import Metrics
 from service.ownership import await_call_guard
-from service.platform.budget import PRIORITY_FRESH, RateBudget
+from service.platform.budget import DEFAULT_SAFETY_MARGIN_SECONDS, PRIORITY_FRESH, RateBudget
 from service.platform.connections import ConnectionSlots, with_set_cookie_jar
 from service.platform.errors import (
     BAD_SUCCESS_BODY,
@@ -48,9 +48,13 @@ QUERY_ACTIVATION_PATH: Final = REFRESH_KEY_PATH
 """The activation status is a GET of the refresh call's resource."""
 SUBSCRIBE_PATH: Final = "/iocm/app/sub/v1.2.0/subscriptions"
 CONNECT_TIMEOUT_MAX_SECONDS: Final = 5.0
-GRANT_STALE_SECONDS: Final = 1.0
+GRANT_STALE_SECONDS: Final = DEFAULT_SAFETY_MARGIN_SECONDS / 2
 """A budget grant is used only if the token was in hand within this: a call leaves when its
-grant says, so no window holds the calls granted while others waited for a token."""
+grant says, so no window holds the calls granted while others waited for a token. Half the
+budget's safety margin: the margin must also cover the time from the token to the call's
+arrival (a new connection, the network). With the whole margin here, a burst whose token came
+just in time and whose connections were slow arrived more than the margin after its grants, and
+the next window's burst, sent at once, met them in the platform's window: 1010009."""
 KEEPALIVE_EXPIRY_SECONDS: Final = 30.0
 
 

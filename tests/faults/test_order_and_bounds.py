@@ -9,9 +9,11 @@ from typing import Any
 
 import pytest
 
+from service.pipeline.commit_loop import CommitLoop
 from tests.faults.conftest import FaultKit
 from tests.support.accounting import produce_inputs
 from tests.support.events import swap_event
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -105,3 +107,64 @@ async def test_a_large_backlog_with_a_slow_platform_keeps_the_buffer_bounded(
     assert paused_seen > 0, "the partitions were never paused"
     assert puts < 1000, "the backlog was not a backlog"
     await fault_kit.control.clear_faults()  # let the drain at the end be quick
+
+
+@pytest.mark.timeout(180)
+async def test_transactions_that_fall_behind_hold_the_input_instead_of_piling_up_outputs(
+    fault_kit: FaultKit, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Decided outputs wait in memory for their transaction. When transactions fall behind (a
+    slow broker: here the commit loop is held), the input is paused once a few batches of
+    outputs wait, so memory follows the work, not the backlog; once commits go on, every swap
+    gets its one outcome."""
+    concurrency, poll, batch = 8, 50, 50
+    devices = await fault_kit.seed(1500, prefix="ob")
+    inputs = await fault_kit.produce_swaps(devices)  # the backlog is there before the service
+    reader = await fault_kit.start_reader()
+    gate = asyncio.Event()
+    commit_all = CommitLoop.commit_all
+
+    async def held_commit_all(self: CommitLoop, *, final: bool = False) -> None:
+        if not final:
+            await gate.wait()  # the broker's transactions fall behind
+        await commit_all(self, final=final)
+
+    # Held before the service starts: a loaded machine may let it work off the whole backlog
+    # before it reports ready (seen in CI: the pause never came, nothing was left to pause).
+    monkeypatch.setattr(CommitLoop, "commit_all", held_commit_all)
+    member = await fault_kit.start_in_process(
+        instance="ob0",
+        max_concurrency=concurrency,
+        kafka_overrides={"max_poll_records": poll, "commit_batch_size": batch},
+    )
+    pipeline = member.service.pipeline
+    max_pending = 4 * batch  # the service's pause threshold for outputs waiting to commit
+    # After the pause, jobs already read still finish: at most the buffer's records, a few
+    # outputs each (a claim, an outcome, the ledger's record of it).
+    bound = max_pending + 3 * (max(concurrency * 8, poll * 2) + poll)
+    pending = pipeline._partitions.pending_outputs
+    peak = 0
+
+    def paused_by_pending() -> bool:
+        nonlocal peak
+        peak = max(peak, pending())
+        return bool(pipeline.paused()) and pending() >= max_pending
+
+    await wait_until(paused_by_pending, 60, "the input paused with outputs waiting")
+    calls_at_pause = len(await fault_kit.control.calls(operation="refresh_key"))
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:  # the observation: nothing more piles up
+        peak = max(peak, pending())
+        await asyncio.sleep(0.02)
+    calls_held = len(await fault_kit.control.calls(operation="refresh_key"))
+    print(
+        f"\noutputs waiting for a held commit: peak {peak}, bound {bound}; refresh calls "
+        f"{calls_at_pause} at the pause, {calls_held} 3 s later, of {len(devices)}"
+    )
+    assert peak <= bound, f"{peak} outputs piled up behind the held commits (bound {bound})"
+    assert calls_held < len(devices), "the whole backlog was worked while commits were held"
+    gate.set()
+    await reader.wait_for(len(devices), timeout=120)
+    accounting = await fault_kit.finish("held-commits", inputs)
+    print(accounting.line())
+    accounting.assert_clean()

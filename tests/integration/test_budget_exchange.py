@@ -14,12 +14,15 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from service.platform.budget import RateBudget
 from service.shared.budget_exchange import BudgetExchange, BudgetRecord, encode_record
 from tests.support.kafka_broker import KafkaBroker
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
 N = 100
 SCOPE = "group-t/app-t"
 LEASE = 6.0
+JOIN_SECONDS = 0.2
+"""A rebalance's join and sync: more than the two replicas' clocks can differ (a round trip)."""
 
 
 @pytest.fixture
@@ -108,6 +111,16 @@ async def test_a_second_replica_counts_the_first_ones_calls(
         # the rebalance: both revoke (a publishes its 50 calls), then both are assigned half
         await a.on_revoked()
         await b.on_revoked()
+        # The group's join and sync lie between the revocations and the assignments. Each
+        # replica's clock is anchored to the broker's append times, a round trip apart at most:
+        # with no time between them, one replica's assignment could look older than the other's
+        # revocation, and its record incomplete (phantom calls; seen once in CI).
+        revoked = max(a.budget.wall_now(), b.budget.wall_now())
+        await wait_until(
+            lambda: min(a.budget.wall_now(), b.budget.wall_now()) > revoked + JOIN_SECONDS,
+            5,
+            "both replicas' clocks past the revocations by a join's time",
+        )
         await b.on_assigned(0.5)
         await a.on_assigned(0.5)
         for replica in (a, b):

@@ -12,6 +12,7 @@ import pytest
 from service import __version__
 from service.app import Service
 from service.metrics import OPERATIONS, OUTCOMES
+from service.pipeline.ledger import Entry, State, encode_entry
 from tests.fixtures.kafka import INPUT_PARTITIONS
 from tests.fixtures.service import Harness
 from tests.support.events import swap_event
@@ -27,6 +28,7 @@ ALLOWED_LABELS = {
     "http_status",
     "error_code",
     "partition",
+    "lane",  # bulk or urgent (issue 23)
     "version",
     "result",
     "le",
@@ -276,3 +278,33 @@ async def test_readyz_is_503_until_the_service_is_connected(harness: Harness) ->
         await service.ops.stop()
         await service.client.aclose()
         await service.budget.aclose()
+
+
+async def test_expiry_is_counted(harness: Harness) -> None:
+    """A ``done`` ledger entry older than the retention is tombstoned by the sweep and counted;
+    a swap older than the retention is answered SWAP_TOO_OLD and counted."""
+    old_ms = 1_262_304_000_000  # 2010-01-01: older than the tests' ten-year retention
+    done = Entry("evt-expired", "/inventory/test", (old_ms, 0), "n-done", State.DONE)
+    done.outcome = "credential_updated"
+    await harness.produce([(b"dev-expired-9c1", encode_entry(done))], topic=harness.topics.ledger)
+    await harness.sim.control.seed_device("dev-too-old-9c2", "n-before")
+    service = await harness.start_service()
+    port = service.ops.port
+    before = await scrape(port)
+    assert before.value("rebind_swaps_too_old_total") is not None
+    old = swap_event(
+        "dev-too-old-9c2", "n-after", event_id="evt-too-old", ce_time="2010-01-01T00:00:00Z"
+    )
+    await harness.produce([(b"dev-too-old-9c2", old)])
+    [failed] = await harness.read(1)
+    assert failed.data["errorCode"] == "SWAP_TOO_OLD"
+    after = await scrape_until(
+        port,
+        lambda e: (
+            e.value("rebind_swaps_too_old_total") == 1
+            and e.value("rebind_ledger_entries_expired_total") == 1
+        ),
+        30,
+        "the stale swap and the expired entry counted",
+    )
+    assert after.value("rebind_swaps_too_old_total") == 1

@@ -6,11 +6,16 @@ import io
 from datetime import UTC, datetime
 
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient
 
 from service.config import KafkaOnlySettings, KafkaSettings, TopicSettings
+from service.events import SOURCE_TOPIC_HEADER
+from service.kafka import partition_counts
 from service.replay import Filters, replay, replay_id
 from tests.fixtures.service import Harness
+from tests.integration.test_lanes_e2e import with_urgent_lane
 from tests.support.events import swap_event
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -167,6 +172,63 @@ async def test_a_swap_too_old_is_replayed_on_purpose_with_a_fresh_time(harness: 
     assert updated.data["nodeId"] == "n-after"
     puts = await control.calls(operation="refresh_key", device_id="dev-old")
     assert [c["status"] for c in puts] == [200]
+
+
+async def test_a_failed_urgent_swap_is_replayed_into_the_urgent_lane(harness: Harness) -> None:
+    """A swap that came by the urgent lane and failed goes back to that lane when replayed (a
+    person waits on it): its original is read from the urgent topic (its context kept), the plan
+    says where it goes, and the replayed swap's outcome names the urgent topic as its origin."""
+    urgent_topic = await with_urgent_lane(harness)
+    control = harness.sim.control
+    await harness.start_service()
+    swap = swap_event("dev-urgent-missing", "n-new", event_id="evt-urgent", wo="WO-9")
+    await harness.produce([(b"dev-urgent-missing", swap)], topic=urgent_topic)
+    [failed] = await harness.read(1)
+    assert failed.topic == harness.topics.rebind_failed
+    assert dict(failed.headers)[SOURCE_TOPIC_HEADER] == urgent_topic.encode()
+
+    await control.seed_device("dev-urgent-missing", "n-old")
+    printed = io.StringIO()
+    missing = Filters(error_codes=frozenset({"100403"}))
+    assert await replay(kafka_only(harness), "rebind-failed", missing, dry_run=False, out=printed)
+    assert "original event, to the urgent lane" in printed.getvalue()
+    outs = await harness.read(2)
+    [updated] = [o for o in outs if o.topic == harness.topics.credential_updated]
+    assert dict(updated.headers)[SOURCE_TOPIC_HEADER] == urgent_topic.encode()
+    assert updated.data["swapEventId"] == replay_id(failed.json()["id"])
+    assert updated.data["context"] == {"wo": "WO-9"}  # read back from the urgent topic
+
+
+async def test_an_urgent_swap_replayed_after_its_lane_was_removed_goes_to_the_input(
+    harness: Harness,
+) -> None:
+    """The urgent lane's topic deleted after the failure (the lane given up): the replayed swap
+    is rebuilt from its outcome and goes to the input topic, and the plan says so; nothing is
+    lost for want of the lane."""
+    urgent_topic = await with_urgent_lane(harness)
+    await harness.start_service()
+    swap = swap_event("dev-urgent-gone", "n-new", event_id="evt-urgent-gone")
+    await harness.produce([(b"dev-urgent-gone", swap)], topic=urgent_topic)
+    [failed] = await harness.read(1)
+    assert failed.topic == harness.topics.rebind_failed
+    await harness.stop_all()
+    admin = AIOKafkaAdminClient(bootstrap_servers=harness.bootstrap)
+    await admin.start()
+    try:
+        await admin.delete_topics([urgent_topic])
+    finally:
+        await admin.close()
+    settings = kafka_only(harness)
+
+    async def deleted() -> bool:
+        return (await partition_counts(settings.kafka, [urgent_topic]))[urgent_topic] == 0
+
+    await wait_until(deleted, 30, "the urgent topic deleted")
+
+    printed = io.StringIO()
+    missing = Filters(error_codes=frozenset({"100403"}))
+    assert await replay(settings, "rebind-failed", missing, dry_run=True, out=printed)
+    assert "(no urgent lane: to the input topic)" in printed.getvalue()
 
 
 def test_topic_settings_are_shared_with_the_service() -> None:

@@ -7,10 +7,11 @@ directory's tests together), so session fixtures started for it (the broker) cou
 are paid for. At the end of the run it prints the parts and the ten slowest tests, and with
 ``TEST_PART_TIMES=<file>`` writes them as JSON there.
 
-``python -m tests.support.parts <timings.tsv> <pytest.json>`` prints the table ``make test``
-ends with: the parts timed outside pytest (tools, lint and types: one line
-``name<TAB>start<TAB>end`` each, epoch seconds, written by ``scripts/test.sh``), then pytest's
-parts, then the slowest ten tests.
+``python -m tests.support.parts <timings.tsv>`` prints the table ``make test`` ends with: the
+parts ``scripts/test.sh`` timed (kafka, tools, lint and types, the pytest runs: one line
+``name<TAB>start<TAB>end[<TAB>pytest.json]`` each, epoch seconds), each pytest run's own parts
+under it, which parts overlapped (the tools install in the background), the wall time of the
+whole, and the slowest ten tests of all the runs.
 """
 
 from __future__ import annotations
@@ -94,51 +95,92 @@ def _clock(seconds: float) -> str:
     return f"{minutes:d}:{secs:02d}"
 
 
-def table(data: dict[str, Any], outside: list[tuple[str, float]]) -> list[str]:
-    """The parts (``outside`` pytest first), their total, and the slowest tests. When
-    ``outside`` times the whole pytest run (a part named ``pytest``), pytest's parts are listed
-    under it, with what none of them holds (collection, start-up) as ``other``."""
-    inner = [(f"{p['name']}", p["wall"], f"{p['tests']} tests") for p in data["parts"]]
+@dataclass(frozen=True)
+class Outside:
+    """A part timed outside pytest by ``scripts/test.sh``: one line of its timings file."""
+
+    name: str
+    start: float
+    end: float
+    results: dict[str, Any] | None = None
+    """For a pytest run: its own parts and slowest tests (what ``TEST_PART_TIMES`` wrote)."""
+
+    @property
+    def seconds(self) -> float:
+        return max(0.0, self.end - self.start)
+
+    def overlaps(self, other: Outside) -> bool:
+        return self is not other and self.start < other.end and other.start < self.end
+
+
+def table(data: dict[str, Any], outside: list[Outside]) -> list[str]:
+    """The parts, the run's wall time and the slowest tests.
+
+    ``outside`` (the parts ``scripts/test.sh`` timed, by start) come first; a part that ran at
+    the same time as others says so (``alongside ...``), and the total is the wall time from
+    the first start to the last end, not a sum. A pytest run among them lists its own parts
+    under it, with what none of them holds (collection, start-up) as ``other``. ``data`` (one
+    pytest run's parts) is listed when ``outside`` is empty (pytest's own summary)."""
     rows: list[tuple[str, float, str]] = []
-    total = 0.0
-    for name, secs in outside:
-        total += secs
-        if name == "pytest":
-            rows.append((name, secs, "every test, in one run:"))
-            rows += [(f"  {n}", s, what) for n, s, what in inner]
-            rows.append(
-                ("  other", max(0.0, secs - sum(s for _, s, _ in inner)), "collection, start-up")
-            )
-            inner = []
-        else:
-            rows.append((name, secs, ""))
-    rows += inner
-    total += sum(s for _, s, _ in inner)
+    slowest: list[dict[str, Any]] = list(data["slowest"])
+    ordered = sorted(outside, key=lambda o: o.start)
+    for o in ordered:
+        along = [other.name for other in ordered if o.overlaps(other)]
+        what = f"alongside {', '.join(dict.fromkeys(along))}" if along else ""
+        if o.results is None:
+            rows.append((o.name, o.seconds, what))
+            continue
+        inner = [(p["name"], float(p["wall"]), f"{p['tests']} tests") for p in o.results["parts"]]
+        runs = ", ".join(n for n, _, _ in inner)
+        rows.append((o.name, o.seconds, f"{runs}, in one run" + (f"; {what}" if what else "")))
+        rows += [(f"  {n}", secs, tests) for n, secs, tests in inner]
+        rows.append(
+            ("  other", max(0.0, o.seconds - sum(s for _, s, _ in inner)), "collection, start-up")
+        )
+        slowest += o.results["slowest"]
+    if ordered:
+        total = max(o.end for o in ordered) - ordered[0].start
+        note = "wall time, first start to last end"
+    else:
+        rows += [(p["name"], float(p["wall"]), f"{p['tests']} tests") for p in data["parts"]]
+        total, note = sum(float(p["wall"]) for p in data["parts"]), ""
     lines = [f"  {name:<16} {_clock(secs):>7}  {what}".rstrip() for name, secs, what in rows]
-    lines.append(f"  {'total':<16} {_clock(total):>7}")
-    if data["slowest"]:
-        lines.append(f"slowest {len(data['slowest'])} tests (setup + call + teardown):")
-        lines += [f"  {s['seconds']:7.1f}s  {s['test']}" for s in data["slowest"]]
+    lines.append(f"  {'total':<16} {_clock(total):>7}  {note}".rstrip())
+    slowest = sorted(slowest, key=lambda s: -float(s["seconds"]))[:SLOWEST]
+    if slowest:
+        lines.append(f"slowest {len(slowest)} tests (setup + call + teardown):")
+        lines += [f"  {s['seconds']:7.1f}s  {s['test']}" for s in slowest]
     return lines
 
 
+def read_timings(path: Path) -> list[Outside]:
+    """The timings file of ``scripts/test.sh``: ``name<TAB>start<TAB>end[<TAB>results]`` per
+    line (epoch seconds; results: the JSON file a pytest run wrote, if it wrote one)."""
+    parts: list[Outside] = []
+    if not path.exists():
+        return parts
+    for line in path.read_text(encoding="utf-8").splitlines():
+        name, start, end, results = ([*line.split("\t"), "", "", ""])[:4]
+        if not (start and end):
+            continue
+        data = None
+        if results:
+            file = Path(results)
+            data = (
+                json.loads(file.read_text(encoding="utf-8"))
+                if file.exists()
+                else {"parts": [], "slowest": []}
+            )
+        parts.append(Outside(name, float(start), float(end), data))
+    return parts
+
+
 def main(argv: list[str]) -> int:
-    if len(argv) != 2:
-        sys.stderr.write("usage: python -m tests.support.parts <timings.tsv> <pytest.json>\n")
+    if len(argv) != 1:
+        sys.stderr.write("usage: python -m tests.support.parts <timings.tsv>\n")
         return 2
-    outside: list[tuple[str, float]] = []
-    timings = Path(argv[0])
-    if timings.exists():
-        for line in timings.read_text(encoding="utf-8").splitlines():
-            name, start, end = ([*line.split("\t"), "", ""])[:3]
-            if start and end:
-                outside.append((name, float(end) - float(start)))
-    results = Path(argv[1])
-    data: dict[str, Any] = {"parts": [], "slowest": []}
-    if results.exists():
-        data = json.loads(results.read_text(encoding="utf-8"))
     print("==> make test: wall time per part")
-    for line in table(data, outside):
+    for line in table({"parts": [], "slowest": []}, read_timings(Path(argv[0]))):
         print(line)
     return 0
 

@@ -519,6 +519,7 @@ class SecuredTopics:
     """Every topic of one test (a unique suffix), all created beforehand by the super user."""
 
     device_swapped: str
+    device_swapped_urgent: str
     credential_updated: str
     rebind_failed: str
     dead_letter: str
@@ -534,6 +535,7 @@ class SecuredTopics:
         suffix = f"s-{secrets.token_hex(5)}"
         return cls(
             device_swapped=f"asset.device-swapped.v1.{suffix}",
+            device_swapped_urgent=f"asset.device-swapped.urgent.v1.{suffix}",
             credential_updated=f"iot.credential-updated.v1.{suffix}",
             rebind_failed=f"iot.rebind-failed.v1.{suffix}",
             dead_letter=f"asset.device-swapped.v1.dlq.{suffix}",

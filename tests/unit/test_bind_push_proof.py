@@ -138,7 +138,7 @@ def test_a_push_about_another_nodeid_leaves_an_open_watch_open() -> None:
     topics_written(core)
     push(core, 0, "succeeded", "node-other")
     push(core, 1, "expired", "node-other")
-    assert core.duplicate_pushes == 2
+    assert core.watches.duplicate_pushes == 2
     entry = core.ledger.get(DEVICE)
     assert entry is not None
     assert entry.state is State.WATCHING
@@ -151,7 +151,7 @@ def test_a_push_without_a_nodeid_settles_nothing_and_is_counted() -> None:
     refreshed(core, work)
     push(core, 1, "succeeded", None)  # watched: not settled
     push(core, 2, "expired", "")
-    assert core.unproven_pushes == 3
+    assert core.watches.unproven_pushes == 3
     assert SETTINGS.topics.device_rebound not in topics_written(core)
     entry = core.ledger.get(DEVICE)
     assert entry is not None

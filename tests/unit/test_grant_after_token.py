@@ -55,14 +55,20 @@ async def _run(hold: tuple[float, float], calls: int) -> tuple[list[float], Held
         sent.append(clock.now)
         return httpx.Response(200, json={"deviceId": "dev-1", "activated": False})
 
-    budget = RateBudget(LIMIT, metrics=Metrics(), clock=clock, sleep=clock.sleep)
     tokens = HeldTokens(clock, *hold)
+    await _queries(clock, tokens, httpx.MockTransport(respond), calls)
+    return sent, tokens
+
+
+async def _queries(
+    clock: FakeClock, tokens: HeldTokens, transport: httpx.AsyncBaseTransport, calls: int
+) -> None:
+    """``calls`` activation queries at once through a client on a budget of ``LIMIT``."""
+    budget = RateBudget(LIMIT, metrics=Metrics(), clock=clock, sleep=clock.sleep)
     settings = PlatformSettings(
         base_url="https://iot.example.com:8743", app_id="app-1", secret=SecretStr("s" * 16)
     )
-    client = PlatformClient(
-        settings, Metrics(), budget, transport=httpx.MockTransport(respond), tokens=tokens
-    )
+    client = PlatformClient(settings, Metrics(), budget, transport=transport, tokens=tokens)
     try:
         await clock.run(
             *(client.query_activation("dev-1", None, priority=PRIORITY_FRESH) for _ in range(calls))
@@ -70,7 +76,6 @@ async def _run(hold: tuple[float, float], calls: int) -> tuple[list[float], Held
     finally:
         await client.aclose()
         await budget.aclose()
-    return sent, tokens
 
 
 async def test_calls_granted_during_a_token_hold_do_not_leave_on_top_of_a_full_window() -> None:
@@ -89,6 +94,34 @@ async def test_a_short_token_wait_keeps_its_grant() -> None:
     assert len(sent) == LIMIT
     assert tokens.unsent == 0
     assert max(sent) <= start + 0.5
+
+
+async def test_a_late_token_and_slow_connections_stay_within_the_margin() -> None:
+    """The grant's staleness limit leaves part of the 1 s safety margin to the way from the token
+    to the platform. The start's burst: its token comes 0.9 s after the grants and each new
+    connection takes 0.3 s; the next window's burst is granted when the first burst's grants age
+    out of the budget's window + margin, and leaves at once. Counted where the platform counts
+    them (on arrival), no window holds more than the limit. With the whole margin as the staleness
+    limit (1.0 s) the first burst kept its grants and arrived at +1.2 s, and the second, at
+    +61.0 s, met it in one window: 20 calls for a limit of 10."""
+    clock = FakeClock()
+    start = clock.now
+    arrived: list[float] = []
+
+    async def respond(request: httpx.Request) -> httpx.Response:
+        if len(arrived) + pending[0] < LIMIT:  # the first burst opens its connections
+            pending[0] += 1
+            await clock.sleep(0.3)
+            pending[0] -= 1
+        arrived.append(clock.now)
+        return httpx.Response(200, json={"deviceId": "dev-1", "activated": False})
+
+    pending = [0]
+    tokens = HeldTokens(clock, start, start + 0.9)
+    await _queries(clock, tokens, httpx.MockTransport(respond), 2 * LIMIT)
+    assert len(arrived) == 2 * LIMIT
+    assert max_in_any_window(arrived) <= LIMIT, sorted(a - start for a in arrived)
+    assert tokens.unsent == LIMIT  # the first burst's grants were given back and taken anew
 
 
 async def test_a_call_whose_partition_moved_away_is_not_sent_and_gives_its_grant_back() -> None:

@@ -98,9 +98,19 @@ def _check_dead_letter(record: FuzzRecord, dead: DeadLetter) -> None:
         assert headers[ORIGINAL_SIZE_HEADER] == str(size).encode()
         assert (record.value or b"").startswith(out.value or b"")
         return
-    assert (out.topic, out.key, out.value) == (DLQ, record.key, record.value)
     kept = [h for h in record.headers if not h[0].lower().startswith("rebind-")]
+    assert (out.topic, out.key) == (DLQ, record.key)
+    if out.value != record.value:  # within the limit, but not with the reason headers
+        assert out.headers[-1] == (ORIGINAL_SIZE_HEADER, str(record_size(*_kvh(record))).encode())
+        assert (record.value or b"").startswith(out.value or b"")
+        assert [h for h in out.headers[:-6] if not h[0].lower().startswith("rebind-")] == kept
+        return
+    assert out.value == record.value
     assert [h for h in out.headers[:-5] if not h[0].lower().startswith("rebind-")] == kept
+
+
+def _kvh(record: FuzzRecord) -> tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]:
+    return record.key, record.value, list(record.headers)
 
 
 def _check_swap(record: FuzzRecord, work: Work) -> None:
@@ -166,3 +176,18 @@ def test_decode_swap_raises_nothing_but_invalid_event(record: FuzzRecord, limit:
     except InvalidEvent as exc:
         reason = exc.reason
     assert reason is None or reason in INVALID_REASONS
+
+
+def test_an_invalid_record_at_the_limit_is_cut_to_fit_with_its_reason_headers() -> None:
+    """Found by the fuzz property: a record within the limit that is not a CloudEvent, whose
+    five reason headers take its dead letter 1 byte over the limit. It keeps its reason and
+    key; its value is cut to fit, and its size is in a header (as for ``too_large``)."""
+    value = b"{" + b"x" * (LIMIT - 3) + b"}"  # key (1 byte) + value = the limit, not JSON
+    record = FuzzRecord(key=b"0", value=value, headers=())
+    assert record_size(*_kvh(record)) == LIMIT
+    dead = read_record(record, "in", 0, DLQ)
+    assert isinstance(dead, DeadLetter)
+    assert dead.reason != TOO_LARGE
+    _check_dead_letter(record, dead)
+    assert dead.output.value is not None
+    assert len(dead.output.value) < len(value)

@@ -385,8 +385,12 @@ def test_the_service_acl_set_is_exactly_the_documented_one() -> None:
     acls = service_acls(kafka, topics)
     assert transactional_id_prefix(kafka) == "device-rebind-device-rebind-"
     table = {(a.resource, a.name, a.pattern, a.operation) for a in acls}
-    assert len(table) == len(acls) == 16
+    assert len(table) == len(acls) == 18
     assert ("Topic", topics.device_swapped, "LITERAL", "Read") in table
+    # the urgent lane: read, and written when a misrouted urgent swap is forwarded (issue 23)
+    assert {("Topic", topics.device_swapped_urgent, "LITERAL", op) for op in ("Read", "Write")} <= (
+        table
+    )
     # misrouted swaps are forwarded to their key's partition of the input (issue 19, item 4)
     assert ("Topic", topics.device_swapped, "LITERAL", "Write") in table
     outputs = (topics.credential_updated, topics.rebind_failed, topics.dead_letter)
@@ -511,7 +515,7 @@ def test_the_acl_printer_follows_the_environment(
     assert kafka_access_main(["--principal", "User:acme-rebind"]) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
-    assert len(lines) == 11
+    assert len(lines) == 12
     assert "--operation Read --operation Write --topic 'acme.ledger'" in out
     assert "--transactional-id 'device-rebind-acme-' --resource-pattern-type prefixed" in out
     assert all("--allow-principal 'User:acme-rebind'" in line for line in lines)

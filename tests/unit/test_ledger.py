@@ -16,6 +16,7 @@ from service.pipeline.ledger import (
     Verdict,
     decode_entry,
     encode_entry,
+    rebuild_work,
 )
 from service.pipeline.work import WaitState, Work
 from tests.support.events import swap_event
@@ -341,3 +342,34 @@ def test_loading_keeps_the_last_record_of_each_device_and_honours_tombstones() -
     assert ledger.waiting == 0
     ledger.load(None, second.value)  # no key: ignored
     assert len(ledger) == 1
+
+
+def test_a_waiting_swap_of_the_urgent_lane_comes_back_from_its_lane() -> None:
+    """A swap of the urgent lane that waits (or is watched) is read back by the next owner with
+    the lane's topic: its origin offset is an offset of the lane, so its outcome's source
+    headers (what replay follows to the original record) must name the lane, not the input."""
+    urgent_topic = "asset.device-swapped.urgent.v1"
+    ledger = DeviceLedger(LEDGER_TOPIC, 0)
+    work = replace(swap(3, event_id="e-urgent"), topic=urgent_topic, urgent=True)
+    ledger.admit(work)
+    assert ledger.wait(work, wait_state(1_000))
+    again = reloaded(ledger, "dev-1")
+    entry = again.get("dev-1")
+    assert entry is not None
+    back = rebuild_work(TOPIC, 0, "dev-1", entry)
+    assert back is not None
+    assert (back.topic, back.urgent, back.origin_offset) == (urgent_topic, True, 3)
+    assert back.origin == f"{urgent_topic}:0:3"
+    # waiting again keeps the mark once; a bulk swap carries none
+    assert again.claim(back)[0] is Claim.CLAIMED
+    assert again.wait(back, wait_state(2_000))
+    kept = again.get("dev-1")
+    assert kept is not None
+    assert [name for name, _ in kept.headers].count("rebind-lane-topic") == 1
+    bulk = DeviceLedger(LEDGER_TOPIC, 0)
+    plain = swap(4, event_id="e-bulk")
+    bulk.admit(plain)
+    assert bulk.wait(plain, wait_state(1_000))
+    entry = bulk.get("dev-1")
+    assert entry is not None
+    assert (rebuild_work(TOPIC, 0, "dev-1", entry) or plain).topic == TOPIC

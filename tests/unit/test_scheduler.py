@@ -67,3 +67,35 @@ async def test_join_times_out_and_cancel_all_stops_work() -> None:
     assert not await scheduler.join(timeout=0.05)
     await scheduler.cancel_all()
     assert scheduler.queued_keys == 0
+
+
+async def test_an_urgent_key_runs_while_every_ordinary_slot_is_held() -> None:
+    """Bulk jobs hold their slots while they wait for the budget: an urgent job takes one of
+    the extra slots at once, goes before queued bulk keys when a slot frees, and a device's
+    queued bulk job rides its urgent slot (per-device order kept)."""
+    scheduler = KeyedScheduler(concurrency=2, urgent_extra=1)
+    gate = asyncio.Event()
+    started: list[str] = []
+    three = asyncio.Event()  # bulk-a, bulk-b and bulk-d started
+
+    def job(name: str, *, hold: bool = True):  # type: ignore[no-untyped-def]
+        async def run() -> None:
+            started.append(name)
+            if {"bulk-a", "bulk-b", "bulk-d"} <= set(started):
+                three.set()
+            if hold:
+                await gate.wait()
+
+        return run
+
+    for key in ("a", "b", "c", "d"):
+        scheduler.submit(key, job(f"bulk-{key}"))
+    scheduler.submit("d", job("urgent-d", hold=False), urgent=True)  # d's bulk job goes first
+    scheduler.submit("u", job("urgent-u", hold=False), urgent=True)
+
+    await asyncio.wait_for(three.wait(), 5)
+    assert "bulk-c" not in started  # d (urgent) overtook c, which waits for an ordinary slot
+    gate.set()
+    assert await scheduler.join(timeout=5)
+    assert started.index("bulk-d") < started.index("urgent-d")
+    assert started.index("urgent-u") < started.index("bulk-c")

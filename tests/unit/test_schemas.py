@@ -347,6 +347,7 @@ def test_asyncapi_document() -> None:
     addresses = {c["address"] for c in doc["channels"].values()}
     assert addresses == {
         "asset.device-swapped.v1",
+        "asset.device-swapped.urgent.v1",
         "iot.credential-updated.v1",
         "iot.rebind-failed.v1",
         "asset.device-swapped.v1.dlq",

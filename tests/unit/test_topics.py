@@ -104,3 +104,18 @@ def test_the_printed_plan_names_topics_settings_and_actions() -> None:
 def test_plan_type_reports_missing() -> None:
     plan: Plan = plan_for(T, {}, brokers=1)
     assert len(plan.missing) == len(SPECS)
+
+
+def test_the_urgent_lane_is_co_partitioned_and_left_out_when_turned_off() -> None:
+    plan = plan_for(T, {"asset.device-swapped.v1": Existing(4, {})}, brokers=1)
+    urgent = {i.name: i for i in plan.items}["asset.device-swapped.urgent.v1"]
+    assert urgent.spec.partitions is Partitions.CO_PARTITIONED
+    assert urgent.partitions == 4
+    existing = {"asset.device-swapped.v1": Existing(4, {}), urgent.name: Existing(3, {})}
+    differs = {i.name: i for i in plan_for(T, existing, brokers=1).items}[urgent.name]
+    assert differs.action == "differs"  # topics check exits 1: not co-partitioned
+    # missing, it is to create, but `topics check` does not fail on it: the lane is optional
+    assert urgent in plan.missing
+    assert urgent not in plan.required_missing
+    off = TopicSettings(device_swapped_urgent="")
+    assert urgent.name not in {i.name for i in plan_for(off, {}, brokers=1).items}

@@ -260,6 +260,7 @@ any: N) and the configs that matter. Used by the Strimzi KafkaTopic resources.
 */}}
 {{- define "device-rebind.topicSpecs" -}}
 - {key: deviceSwapped, default: asset.device-swapped.v1, partitions: input, config: {}}
+- {key: deviceSwappedUrgent, default: asset.device-swapped.urgent.v1, partitions: coPartitioned, config: {}}
 - {key: ledger, default: device-rebind.ledger.v1, partitions: coPartitioned, config: {cleanup.policy: compact}}
 - {key: dedupe, default: device-rebind.dedupe.v1, partitions: coPartitioned, config: {cleanup.policy: "compact,delete", retention.ms: "604800000"}}
 - {key: token, default: device-rebind.token.v1, partitions: one, config: {cleanup.policy: compact}}

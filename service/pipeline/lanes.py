@@ -1,0 +1,117 @@
+"""The topics a member reads for each partition number it owns, and how each is held back.
+
+Partition p of the bulk input, of the urgent lane (when it is on) and of the bind-notify topic go
+to one member (:mod:`service.assignor`) and to one :class:`PartitionCore`: a device's bulk and
+urgent swaps meet in one ledger, so the latest swap wins across lanes, and both lanes' offsets
+commit in the partition's transactions. Each lane has a buffer bound of its own: the bulk
+backlog pauses the bulk partitions only, so an urgent swap is always read at once (it waits
+behind nothing but the urgent swaps read before it, and the input hold).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import structlog
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from service.metrics import Metrics
+from service.pipeline.partition_core import PartitionCore
+from service.pipeline.records import ConsumedRecord
+
+log = structlog.get_logger(__name__)
+
+
+class Lanes:
+    """The input lanes of one member: their topics, and whether each is paused for its buffer."""
+
+    def __init__(self, bulk: str, notify: str | None, max_buffered: int) -> None:
+        self.bulk = bulk
+        self.urgent: str | None = None  # set at start once the topic is known to exist
+        self.notify = notify
+        self._max_buffered = max_buffered
+        self.bulk_paused = False
+        self.urgent_paused = False
+
+    def subscribed(self) -> list[str]:
+        return [t for t in (self.bulk, self.urgent, self.notify) if t is not None]
+
+    def inputs(self, partitions: Iterable[int]) -> list[TopicPartition]:
+        """The input partitions (both lanes) of these numbers."""
+        topics = [t for t in (self.bulk, self.urgent) if t is not None]
+        return [TopicPartition(t, p) for p in partitions for t in topics]
+
+    def of(self, partitions: Iterable[int], urgent: bool) -> list[TopicPartition]:
+        topic = self.urgent if urgent else self.bulk
+        return [] if topic is None else [TopicPartition(topic, p) for p in partitions]
+
+    def resumed(self) -> None:
+        """Every input partition was resumed (a new assignment)."""
+        self.bulk_paused = self.urgent_paused = False
+
+    def resume(self, consumer: AIOKafkaConsumer, partitions: Sequence[int]) -> None:
+        """Resume the lanes whose buffer is not full (the input hold was released)."""
+        if not self.bulk_paused:
+            consumer.resume(*self.of(partitions, urgent=False))
+        if not self.urgent_paused:
+            consumer.resume(*self.of(partitions, urgent=True))
+
+    def backpressure(
+        self,
+        consumer: AIOKafkaConsumer,
+        cores: dict[int, PartitionCore],
+        held: bool,
+        waiting: float = 0.0,
+    ) -> None:
+        """Pause a lane whose records read and not finished reach the bound, resume it at half;
+        the bulk lane also while ``waiting`` (decided outputs waiting for their transactions,
+        against their bound) is 1 or more, so a broker that falls behind holds the bulk input
+        instead of letting the backlog pile up in memory; held: every lane paused."""
+        if held:
+            consumer.pause(*self.inputs(cores))
+            return
+        bulk = sum(core.progress.unfinished for core in cores.values()) / self._max_buffered
+        bulk = max(bulk, waiting)
+        self.bulk_paused = self._one(consumer, cores, bulk, self.bulk_paused, urgent=False)
+        if self.urgent is not None:
+            urgent = sum(core.outbox.lane(True).unfinished for core in cores.values())
+            load = urgent / self._max_buffered
+            self.urgent_paused = self._one(consumer, cores, load, self.urgent_paused, urgent=True)
+
+    def _one(
+        self,
+        consumer: AIOKafkaConsumer,
+        cores: dict[int, PartitionCore],
+        load: float,
+        paused: bool,
+        *,
+        urgent: bool,
+    ) -> bool:
+        """``load``: how full the lane's bound is (1: full); paused at 1, resumed at half."""
+        if not paused and load >= 1:
+            consumer.pause(*self.of(cores, urgent))
+            return True
+        if paused and load <= 0.5:
+            consumer.resume(*self.of(cores, urgent))
+            return False
+        return paused
+
+    def urgent_backlog(self, cores: dict[int, PartitionCore]) -> int:
+        """Urgent swaps read and not finished."""
+        if self.urgent is None:
+            return 0
+        return sum(core.outbox.lane(True).unfinished for core in cores.values())
+
+
+def accept_pushes(core: PartitionCore, records: Sequence[ConsumedRecord], metrics: Metrics) -> None:
+    """bindDevice pushes read back from the bind-notify topic, for the partition's watches."""
+    watches = core.watches
+    duplicates, unproven = watches.duplicate_pushes, watches.unproven_pushes
+    for record in records:
+        core.notify(record)
+    if watches.duplicate_pushes > duplicates:
+        metrics.bind_notifications.labels(result="duplicate").inc(
+            watches.duplicate_pushes - duplicates
+        )
+    if watches.unproven_pushes > unproven:
+        metrics.bind_notifications.labels(result="unproven").inc(watches.unproven_pushes - unproven)
