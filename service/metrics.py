@@ -41,6 +41,8 @@ _WAIT_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 6
 _E2E_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0)
 
 
+BODY_READ_RESULTS = ("found", "lost", "failed")
+
 _RAW_CODE_MAX = 64
 """Characters of an unlisted error code kept in its log line."""
 
@@ -140,6 +142,22 @@ class Metrics:
             "rebind_ledger_entries_expired",
             "Done ledger entries removed (a tombstone in the partition's transaction) because "
             "their swap is older than REBIND_LEDGER__RETENTION_DAYS.",
+            registry=r,
+        )
+        self.ledger_body_reads = Counter(
+            "rebind_ledger_body_reads",
+            "Swap bodies read back from the ledger topic (a waiting swap due, a watch polled or "
+            "ended, a newer swap or a push of its device), by result: found; lost (the record "
+            "was gone: a waiting swap is answered rebind-failed INTERNAL_ERROR, a watch goes on "
+            "with a compact copy); failed (the read failed: asked again after a pause).",
+            ["result"],
+            registry=r,
+        )
+        self.ledger_body_read_seconds = Histogram(
+            "rebind_ledger_body_read_seconds",
+            "Time of one read of the bodies a partition asked for together, from the ledger "
+            "topic (seek, fetch until every asked offset is passed).",
+            buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         self.swaps_too_old = Counter(
@@ -276,6 +294,8 @@ class Metrics:
             self.bind_notifications.labels(result=result)
         for result in ("renewed", "failed", "fenced"):
             self.token_rotations.labels(result=result)
+        for result in BODY_READ_RESULTS:
+            self.ledger_body_reads.labels(result=result)
 
     def platform_call(
         self, operation: str, http_status: int | None, error_code: str | None, seconds: float

@@ -17,6 +17,7 @@ Time is read through the ``now_ms`` callable the partition gives (one clock for 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -75,6 +76,18 @@ class BindWatches:
             policy.slots(partition, partitions) if policy is not None else None
         )
         self.adopt_loaded()
+
+    def poll_room(self, limit: int) -> int:
+        """How many polls of the partition may be out at once (waiting for their budget slot
+        or their answer): ``limit``, or the lane's slots in one window when more. Polls
+        overdue behind a saturated budget must all be waiting when calls free up (a sliding
+        window frees a whole burst at once), or the refreshes queued behind take what the
+        share keeps for them. Bounded by the grid: no more polls fall due in a window."""
+        slots = self.slots
+        if slots is None:
+            return limit
+        grid = slots.grid
+        return max(limit, math.ceil(grid.capacity / grid.lanes))
 
     def adopt_loaded(self) -> None:
         """Give the watches loaded from the ledger topic their slots: the one an earlier owner

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable
 from typing import Final
 
@@ -27,6 +28,7 @@ from aiokafka.structs import ConsumerRecord
 
 from service.config import KafkaSettings
 from service.kafka import reader
+from service.metrics import Metrics
 from service.pipeline.body_holds import Body
 from service.pipeline.ledger import decode_entry
 from service.pipeline.partition_core import PartitionCore
@@ -121,8 +123,10 @@ class BodyFetches:
         body_reader: BodyReader,
         cores: Callable[[], list[PartitionCore]],
         start: Callable[[PartitionCore, list[Work | Republish]], None],
+        metrics: Metrics,
     ) -> None:
         self._reader = body_reader
+        self._metrics = metrics
         self._cores = cores
         self._start = start
         self.wanted = asyncio.Event()
@@ -155,6 +159,8 @@ class BodyFetches:
             asked = core.bodies.take()
             if not asked:
                 continue
+            reads = self._metrics.ledger_body_reads
+            began = time.monotonic()
             try:
                 found, lost = await self._reader.read(core.partition, asked)
             except asyncio.CancelledError:
@@ -162,9 +168,13 @@ class BodyFetches:
                 raise
             except Exception as exc:  # noqa: BLE001 - a broker hiccup: asked again
                 core.bodies.failed(asked)
+                reads.labels(result="failed").inc(len(asked))
                 log.warning("ledger_body_read_failed", partition=core.partition, error=repr(exc))
                 ok = False
                 continue
+            self._metrics.ledger_body_read_seconds.observe(time.monotonic() - began)
+            reads.labels(result="found").inc(len(found))
+            reads.labels(result="lost").inc(len(lost))
             if core.closed or core.closing:
                 continue
             self._start(core, core.bodies.arrived(found, lost))

@@ -153,6 +153,7 @@ class Pipeline:
             BodyReader(kafka, topics.ledger),
             lambda: list(self._partitions.cores.values()),
             self._jobs.start,
+            metrics,
         )
         self._partitions.on_body_wanted = self._bodies.want
         self._commits = CommitLoop(

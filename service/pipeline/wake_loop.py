@@ -48,7 +48,7 @@ class WakeLoop:
                 if core.closing or self._hold.held():
                     continue
                 expired = core.expired
-                for work in core.wake(now_ms, limit, limit):
+                for work in core.wake(now_ms, limit, core.watches.poll_room(limit)):
                     if work.watch is not None:
                         self._jobs.start_poll(core, work)
                     else:

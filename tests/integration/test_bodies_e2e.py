@@ -34,6 +34,12 @@ def _bodies_read(service: Service) -> int:
     return service.pipeline._bodies._reader.records_read
 
 
+def _body_reads(service: Service, result: str) -> float:
+    """``rebind_ledger_body_reads_total{result}`` as the service exposes it."""
+    registry = service.metrics.registry
+    return registry.get_sample_value("rebind_ledger_body_reads_total", {"result": result}) or 0.0
+
+
 def _swap() -> bytes:
     # verifyCode, timeout and an unknown field (passed through as the outcome's context): all
     # three come only from the swap's body
@@ -80,10 +86,15 @@ async def test_a_waiting_swap_whose_body_left_memory_is_read_back_when_due(
     assert entry.value is None
     assert entry.body_at == deferral.offset
     assert _bodies_read(service) == 0
+    assert _body_reads(service, "found") == 0
     await control.set_status(DEVICE, "OFFLINE")
 
     await _check_answer(harness)
     assert _bodies_read(service) >= 1  # woken: read back from the ledger partition
+    assert _body_reads(service, "found") == 1
+    assert _body_reads(service, "lost") == 0
+    registry = service.metrics.registry
+    assert registry.get_sample_value("rebind_ledger_body_read_seconds_count") == 1
 
 
 async def test_a_waiting_swap_loaded_by_a_new_member_is_read_back_from_the_ledger(

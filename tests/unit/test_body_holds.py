@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import orjson
 
+from service.metrics import Metrics
+from service.pipeline.bodies import BodyFetches, BodyReader
+from service.pipeline.body_holds import Body
 from service.pipeline.ledger import DeviceLedger, State
 from service.pipeline.partition_core import PartitionCore
 from service.pipeline.records import Output
@@ -159,3 +162,31 @@ def _swap(node: str, seconds: int) -> bytes:
     from tests.support.events import swap_event  # noqa: PLC0415
 
     return swap_event(DEVICE, node, event_id="evt-1", ce_time=f"2026-11-25T09:30:{seconds:02d}Z")
+
+
+class _GoneReader(BodyReader):
+    """A ledger partition where every asked record is gone (compacted away, or truncated)."""
+
+    async def read(self, partition: int, asked: dict[str, int]) -> tuple[dict[str, Body], set[str]]:
+        return {}, set(asked)
+
+
+async def test_a_lost_body_is_counted_and_its_swap_answered() -> None:
+    core = core_with_bodies_out()
+    waiting(core, 0, "node-a", 0)
+    assert core.wake(NOW_MS + 120_000, 4) == []
+    metrics = Metrics()
+    started: list[object] = []
+    fetches = BodyFetches(
+        _GoneReader(SETTINGS.kafka, LEDGER),
+        lambda: [core],
+        lambda _core, jobs: started.extend(jobs),
+        metrics,
+    )
+    assert await fetches._read_all()
+    registry = metrics.registry
+    assert registry.get_sample_value("rebind_ledger_body_reads_total", {"result": "lost"}) == 1
+    assert registry.get_sample_value("rebind_ledger_body_reads_total", {"result": "found"}) == 0
+    assert started == []
+    [failed] = [o for o in committed(core) if o.topic == SETTINGS.topics.rebind_failed]
+    assert orjson.loads(failed.value or b"")["data"]["errorCode"] == "INTERNAL_ERROR"
