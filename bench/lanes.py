@@ -4,10 +4,11 @@ The simulator and the service at N = 600 calls a minute, on a compressed window:
 calls per ``WINDOW`` (10) seconds, the same rate (the simulator's ``flow_window_seconds`` and the
 service's ``REBIND_PLATFORM__RATE_WINDOW_SECONDS``). A bulk backlog of ``BACKLOG`` (10,000) swaps
 over all partitions is produced before the service starts, far more than the run can work off,
-so every window is saturated. Once the replicas are up and the group has settled (each replica
-shows its share in ``rebind_rate_limit_per_minute``, then one window for the calls of the start
-to age out), ``URGENT`` (50) swaps of distinct devices are published to the urgent lane, one
-every ``URGENT_EVERY`` seconds: 30 a minute, 5 % of N. Measured, for 1 and 3 replicas:
+so every window is saturated. Once the replicas are up, the group has settled (each replica
+shows its share in ``rebind_rate_limit_per_minute``) and the first refresh was called (the
+backlog is being worked: the replicas' start, their first login and transactions, is behind
+them), ``URGENT`` (50) swaps of distinct devices are published to the urgent lane, one every
+``URGENT_EVERY`` seconds: 30 a minute, 5 % of N. Measured, for 1 and 3 replicas:
 
 * urgent publish -> its platform call: the first ``refresh_key`` call of the device in the
   simulator's call log minus the urgent record's timestamp (CreateTime, this machine's clock);
@@ -84,6 +85,10 @@ class LanesRun:
     throttled: int
     bulk_per_second: float
     seconds: float
+    startup: float = 0.0
+    """Settled replicas -> the first refresh call (the measured period starts after it)."""
+    mix: dict[str, int] | None = None
+    """Calls accepted in the measured period, by operation and lane of the device."""
 
 
 @contextlib.contextmanager
@@ -137,11 +142,38 @@ async def publish_urgent(bootstrap: str, topic: str, start: float) -> dict[str, 
     return published
 
 
+async def first_refresh(control: SimulatorControl, timeout: float = 60.0) -> float:
+    """Until the simulator has seen a refresh call (the replicas are working the backlog: from
+    then on an urgent swap waits behind it, not behind their start); seconds waited."""
+    began = time.monotonic()
+    while time.monotonic() - began < timeout:
+        stats = await control.stats()
+        if stats["calls_by_operation"].get("refresh_key", 0) > 0:
+            return time.monotonic() - began
+        await asyncio.sleep(0.1)
+    raise RuntimeError(f"no refresh call within {timeout:.0f}s of the replicas settling")
+
+
+def call_mix(
+    calls: list[dict[str, Any]], urgent_devices: set[str], start: float, end: float
+) -> dict[str, int]:
+    """The calls accepted in ``[start, end)``, by operation and lane of their device."""
+    mix: dict[str, int] = {}
+    for c in calls:
+        if not start <= float(c["time"]) < end or c["error_code"] == THROTTLED:
+            continue
+        lane = "urgent" if c["device_id"] in urgent_devices else "bulk"
+        key = f"{c['operation']}/{lane}" if c["device_id"] is not None else str(c["operation"])
+        mix[key] = mix.get(key, 0) + 1
+    return dict(sorted(mix.items()))
+
+
 async def saturated_run(
     b: Bench, topics: Topics, lane: str, replicas: int, *, urgent: bool
-) -> tuple[float, dict[str, float], dict[str, float], list[dict[str, Any]], int]:
-    """The replicas on a saturated backlog for ``MEASURED_SECONDS`` after the group settled,
-    with or without urgent traffic: (t0, published, seen, the call log, 1010009 answers)."""
+) -> tuple[float, dict[str, float], dict[str, float], list[dict[str, Any]], int, float]:
+    """The replicas on a saturated backlog for ``MEASURED_SECONDS`` after the group settled and
+    the first refresh was called, with or without urgent traffic: (t0, published, seen, the
+    call log, 1010009 answers, settled -> first refresh in seconds)."""
     from bench.run import device_id, seed, stop_all  # noqa: PLC0415 - a cycle
 
     env = {
@@ -164,6 +196,7 @@ async def saturated_run(
         for p in procs:
             await asyncio.to_thread(p.wait_ready)
         await settled(procs)
+        startup = await first_refresh(control)
         t0 = time.time() + 0.5
         seen: dict[str, float] = {}
         published: dict[str, float] = {}
@@ -183,7 +216,7 @@ async def saturated_run(
         await asyncio.to_thread(stop_all, procs)
     if not alive:
         raise RuntimeError(f"a replica died during the run; logs in {b.work}")
-    return t0, published, seen, calls, int(stats["apps"][HOME_APP_ID]["throttled_calls"])
+    return t0, published, seen, calls, int(stats["apps"][HOME_APP_ID]["throttled_calls"]), startup
 
 
 async def run_lanes(b: Bench, replicas: int, *, urgent: bool) -> LanesRun:
@@ -195,7 +228,7 @@ async def run_lanes(b: Bench, replicas: int, *, urgent: bool) -> LanesRun:
     lane = f"{topics.prefix}.urgent"
     await create_topics(b.bootstrap, [lane], {lane: PARTITIONS})
     await produce_backlog(b.bootstrap, topics.input, BACKLOG)
-    t0, published, seen, calls, throttled = await saturated_run(
+    t0, published, seen, calls, throttled, startup = await saturated_run(
         b, topics, lane, replicas, urgent=urgent
     )
     end = t0 + MEASURED_SECONDS
@@ -234,6 +267,8 @@ async def run_lanes(b: Bench, replicas: int, *, urgent: bool) -> LanesRun:
         throttled=throttled,
         bulk_per_second=bulk_use.mean * LIMIT / WINDOW,
         seconds=time.monotonic() - started,
+        startup=startup,
+        mix=call_mix(calls, urgent_devices, t0, end),
     )
     say(line(result))
     return result
@@ -245,7 +280,8 @@ def line(r: LanesRun) -> str:
     head = f"lanes, {r.replicas} replica(s), {LIMIT} calls/{WINDOW:g}s window (N={PER_MINUTE}/min)"
     tail = (
         f"{r.use.line()}; {r.throttled} x 1010009; bulk {r.bulk_per_second:.2f} calls/s "
-        f"(run {r.seconds:.0f}s)"
+        f"(run {r.seconds:.0f}s; first refresh {r.startup:.1f}s after settling; calls "
+        f"measured {r.mix})"
     )
     if not r.urgent:
         return f"{head}, {BACKLOG} bulk backlog, no urgent traffic: {tail}"
