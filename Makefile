@@ -56,7 +56,7 @@ test: venv ## everything CI runs: lint, types, unit, integration, fault, deploy 
 	BIN="$(BIN)" PYTEST_ARGS="$(PYTEST_ARGS)" bash scripts/test.sh
 
 .PHONY: soak
-soak: venv kafka ## the fault and budget tests at full length (60 s windows, 20 s tokens), outside CI: ~43 min (measured)
+soak: venv kafka ## the fault and budget tests at full length (60 s windows, 20 s tokens), outside CI: ~41 min (measured)
 	TEST_SOAK=1 $(BIN)/pytest tests/faults tests/integration/test_budget_e2e.py $(PYTEST_ARGS)
 
 .PHONY: test-quick
