@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import json
 import os
 import signal
 import socket
@@ -164,6 +165,20 @@ class ServiceProcess:
 
     def log_text(self) -> str:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def log_events(self, event: str) -> list[dict[str, Any]]:
+        """The process's JSON log lines of ``event``, in order (other lines are skipped)."""
+        found = []
+        for line in self.log_text().splitlines():
+            if f'"{event}"' not in line:
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and rec.get("event") == event:
+                found.append(rec)
+        return found
 
     def cleanup(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

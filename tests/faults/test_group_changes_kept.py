@@ -10,7 +10,6 @@ doubled across both rebalances.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import pytest
@@ -29,17 +28,7 @@ work, so the second member joins in the middle of it."""
 def _loads(proc: ServiceProcess, event: str = "partition_state_loaded") -> list[dict[str, Any]]:
     """The member's "partition_state_loaded" log lines (or ``event``'s), in order. A partition
     taken over reads its ledger after it opens: "partition_ledger_loaded" says when it ended."""
-    found = []
-    for line in proc.log_text().splitlines():
-        if f'"{event}"' not in line:
-            continue
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(rec, dict) and rec.get("event") == event:
-            found.append(rec)
-    return found
+    return proc.log_events(event)
 
 
 @pytest.mark.timeout(300)

@@ -10,16 +10,14 @@ waited, the service would have judged it a first swap and called the platform).
 from __future__ import annotations
 
 import itertools
-import json
 import time
 import uuid
 from datetime import UTC, datetime
-from typing import Any
 
 import orjson
 import pytest
 
-from tests.faults.conftest import FaultKit, ServiceProcess
+from tests.faults.conftest import FaultKit
 from tests.fixtures.kafka import INPUT_PARTITIONS
 from tests.support.accounting import produce_inputs
 from tests.support.events import swap_event
@@ -32,20 +30,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 FILLER = 300_000
 """Ledger records between the two devices' entries: a read of a few seconds."""
 HOUR_MS = 3_600_000
-
-
-def _log_lines(proc: ServiceProcess, event: str) -> list[dict[str, Any]]:
-    found = []
-    for line in proc.log_text().splitlines():
-        if f'"{event}"' not in line:
-            continue
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(rec, dict) and rec.get("event") == event:
-            found.append(rec)
-    return found
 
 
 def _at(text: str) -> float:
@@ -106,9 +90,9 @@ async def test_a_partition_taken_over_answers_known_devices_before_its_ledger_is
     await member.start_ready()
     await reader.wait_for(2, timeout=120, what="both swaps answered")
     await wait_until(
-        lambda: _log_lines(member, "partition_ledger_loaded"), 60, "the ledger read to its end"
+        lambda: member.log_events("partition_ledger_loaded"), 60, "the ledger read to its end"
     )
-    loaded = next(r for r in _log_lines(member, "partition_ledger_loaded") if r["partition"] == 0)
+    loaded = next(r for r in member.log_events("partition_ledger_loaded") if r["partition"] == 0)
     answers = {orjson.loads(r.value or b"")["subject"]: r for r in reader.records}
     late_answer, early_answer = answers[late].json(), answers[early].json()
     print(
@@ -129,7 +113,7 @@ async def test_a_partition_taken_over_answers_known_devices_before_its_ledger_is
     assert refreshes == []
     assert (await fault_kit.control.device(early))["node_id"] == f"old-{early}"
     # Loading never cost the member its place in the group: assigned once, never revoked.
-    assert len(_log_lines(member, "partitions_assigned")) == 1
-    assert _log_lines(member, "partitions_revoked") == []
+    assert len(member.log_events("partitions_assigned")) == 1
+    assert member.log_events("partitions_revoked") == []
     accounting = await fault_kit.finish("take-over", inputs, check_devices=False)
     accounting.assert_clean()
