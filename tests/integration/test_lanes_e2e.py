@@ -102,18 +102,30 @@ async def test_an_urgent_swap_overtakes_a_saturating_bulk_backlog(harness: Harne
         f"\n[lanes] limit {LIMIT}/{clock.WINDOW_SECONDS:g}s, {BULK + 2} bulk swaps: the urgent "
         f"swap was called {waited:.2f} s after its publication ({bulk_calls} bulk calls made "
         f"by then); {len(outs)} outcomes, {len(failed)} rebind-failed "
-        f"({sorted(f['data']['errorCode'] for f in failed)}); busiest window "
+        f"({sorted((f['data']['errorCode'], f['data']['nodeId']) for f in failed)}); busiest "
+        f"window "
         f"{stats['max_calls_in_any_window']}/{LIMIT}, 1010009 answers {stats['throttled_calls']}"
     )
     assert waited <= URGENT_WITHIN_SECONDS, f"the urgent swap waited {waited:.1f} s"
     assert bulk_calls < BULK, "the urgent swap was called after the bulk backlog"
     assert len(outs) == BULK + 5
-    # The older swap of each device in both lanes is answered SUPERSEDED, unless it was called
-    # before the newer one was read (the bulk one of both[0] may have been among the first calls).
+    # The older swap of each device in both lanes is either answered SUPERSEDED (the newer one
+    # was read first) or called before the newer one (it was claimed before the newer one was
+    # read: the bulk one of both[0] may be among the first calls, and the urgent one of both[1]
+    # may overtake its bulk swap still waiting in the paused backlog). Never the newer first.
     superseded = {f["data"]["deviceId"]: f["data"]["nodeId"] for f in failed}
     assert all(f["data"]["errorCode"] == "SUPERSEDED" for f in failed)
-    assert superseded[both[1]] == f"urgent-{both[1]}"
     assert set(superseded) <= set(both)
+    orders = {both[0]: ("bulk", "urgent"), both[1]: ("urgent", "bulk")}
+    for device, (older_lane, newer_lane) in orders.items():
+        older, newer = f"{older_lane}-{device}", f"{newer_lane}-{device}"
+        sent = [
+            c["body"].get("nodeId")
+            for c in await control.calls(operation="refresh_key", device_id=device)
+            if c["error_code"] is None and c["status"] == 200
+        ]
+        expected = [newer] if superseded.get(device) == older else [older, newer]
+        assert sent == expected, f"{device}: refreshed {sent}, superseded {superseded.get(device)}"
     assert stats["throttled_calls"] == 0
     assert (await control.device("dev-urgent"))["node_id"] == "urgent-dev-urgent"
     # Visible per lane: answered records, and the time from record to call.
