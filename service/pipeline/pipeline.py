@@ -308,9 +308,8 @@ class Pipeline:
                     raise FatalPipelineError(str(self._fatal)) from self._fatal
                 await self._retry_open()
                 self._apply_backpressure()
-                batches = await self._consumer.getmany(
-                    timeout_ms=100, max_records=self._kafka.max_poll_records
-                )
+                batch = self._lanes.batch(len(self._cores), self._kafka.max_poll_records)
+                batches = await self._consumer.getmany(timeout_ms=100, max_records=batch)
                 for tp, records in batches.items():
                     self._accept(tp, records)
             if self._fatal is not None:

@@ -10,6 +10,13 @@ while they wait for the platform budget, so under a bulk backlog every ordinary 
 and an urgent swap must not wait for one of them to finish. A key's earlier (bulk) jobs ride
 its urgent slot: per-device order holds, and an older swap is answered ``SUPERSEDED`` at its claim
 without a call when the urgent swap is newer.
+
+Ordinary slots go round the groups (input partitions) that have keys waiting, one key of each in
+turn; within a group, first come first served. A backlog read a partition at a time (the consumer
+fills the buffer from one partition's fetch before the next) would otherwise be worked a
+partition at a time: one partition's devices for a minute while the others wait, and every bind
+watch of that minute in its partition's lane of the poll grid, polled at a sixth of the poll
+share while the other lanes' slots went unused (``make bench`` section 16).
 """
 
 from __future__ import annotations
@@ -25,28 +32,35 @@ Job = Callable[[], Awaitable[None]]
 log = structlog.get_logger(__name__)
 
 
+Waiter = tuple[str, asyncio.Future[None]]
+
+
 class _Slots:
-    """``concurrency`` slots, plus ``extra`` that only urgent keys take; urgent waiters first.
-    Waiters: one per key at most (its drain), so bounded by the keys queued."""
+    """``concurrency`` slots, plus ``extra`` that only urgent keys take; urgent waiters first,
+    then the groups' waiters in turn. Waiters: one per key at most (its drain), so bounded by
+    the keys queued; groups: those with a key waiting."""
 
     def __init__(self, concurrency: int, extra: int) -> None:
         self._n = concurrency
         self._extra = extra
         self.used = 0
-        self._bulk: deque[tuple[str, asyncio.Future[None]]] = deque()
-        self._urgent: deque[tuple[str, asyncio.Future[None]]] = deque()
-        self._waiting: dict[str, asyncio.Future[None]] = {}
+        self._bulk: dict[int, deque[Waiter]] = {}  # group -> its waiters; order: whose turn
+        self._urgent: deque[Waiter] = deque()
+        self._waiting: dict[str, tuple[asyncio.Future[None], int]] = {}
 
     def _room(self, urgent: bool) -> bool:
         return self.used < self._n + (self._extra if urgent else 0)
 
-    async def acquire(self, key: str, urgent: bool) -> None:
+    async def acquire(self, key: str, urgent: bool, group: int = 0) -> None:
         if self._room(urgent) and not self._urgent and (urgent or not self._bulk):
             self.used += 1
             return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        (self._urgent if urgent else self._bulk).append((key, fut))
-        self._waiting[key] = fut
+        if urgent:
+            self._urgent.append((key, fut))
+        else:
+            self._bulk.setdefault(group, deque()).append((key, fut))
+        self._waiting[key] = (fut, group)
         try:
             await fut
         except asyncio.CancelledError:
@@ -58,10 +72,13 @@ class _Slots:
 
     def promote(self, key: str) -> None:
         """The key now has an urgent job: if it waits for an ordinary slot, it waits first."""
-        fut = self._waiting.get(key)
-        if fut is None or (key, fut) not in self._bulk:
+        fut, group = self._waiting.get(key, (None, 0))
+        queue = self._bulk.get(group)
+        if fut is None or queue is None or (key, fut) not in queue:
             return
-        self._bulk.remove((key, fut))
+        queue.remove((key, fut))
+        if not queue:
+            del self._bulk[group]
         self._urgent.append((key, fut))
         self._wake()
 
@@ -70,14 +87,25 @@ class _Slots:
         self._wake()
 
     def _wake(self) -> None:
-        for queue, urgent in ((self._urgent, True), (self._bulk, False)):
-            while queue and (queue[0][1].done() or self._room(urgent)):
-                _, fut = queue.popleft()
-                if not fut.done():
-                    self.used += 1
-                    fut.set_result(None)
-            if queue:
-                return  # urgent waiters are left: no ordinary one goes before them
+        queue = self._urgent
+        while queue and (queue[0][1].done() or self._room(True)):
+            self._grant(queue.popleft()[1])
+        if queue:
+            return  # urgent waiters are left: no ordinary one goes before them
+        while self._bulk and self._room(False):
+            group, waiters = next(iter(self._bulk.items()))
+            del self._bulk[group]
+            while waiters and waiters[0][1].done():
+                waiters.popleft()
+            if waiters:
+                self._grant(waiters.popleft()[1])
+            if waiters:
+                self._bulk[group] = waiters  # its next key waits for the other groups' turn
+
+    def _grant(self, fut: asyncio.Future[None]) -> None:
+        if not fut.done():
+            self.used += 1
+            fut.set_result(None)
 
 
 class KeyedScheduler:
@@ -87,6 +115,7 @@ class KeyedScheduler:
         extra = max(1, concurrency // 4) if urgent_extra is None else urgent_extra
         self._slots = _Slots(concurrency, extra)
         self._queues: dict[str, deque[tuple[Job, bool]]] = {}
+        self._groups: dict[str, int] = {}  # key -> its group, while it has work (as _queues)
         self._urgent: Counter[str] = Counter()  # urgent jobs queued, per key (bounded by them)
         self._tasks: set[asyncio.Task[None]] = set()
         self._running = 0
@@ -96,7 +125,9 @@ class KeyedScheduler:
         """Start no new job: those running finish, those queued are left (never started)."""
         self._closing = True
 
-    def submit(self, key: str, job: Job, *, urgent: bool = False) -> None:
+    def submit(self, key: str, job: Job, *, urgent: bool = False, group: int = 0) -> None:
+        """Queue ``job`` behind the key's earlier ones. ``group``: the key's input partition
+        (ordinary slots go round the groups); a key keeps the group of its first queued job."""
         if urgent:
             self._urgent[key] += 1
         queue = self._queues.get(key)
@@ -106,6 +137,7 @@ class KeyedScheduler:
                 self._slots.promote(key)
             return
         self._queues[key] = deque(((job, urgent),))
+        self._groups[key] = group
         task = asyncio.get_running_loop().create_task(self._drain(key), name=f"device:{key}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -115,7 +147,7 @@ class KeyedScheduler:
         try:
             while queue and not self._closing:
                 job, urgent = queue[0]
-                await self._slots.acquire(key, self._urgent[key] > 0)
+                await self._slots.acquire(key, self._urgent[key] > 0, self._groups[key])
                 try:
                     if self._closing:
                         break
@@ -136,6 +168,7 @@ class KeyedScheduler:
             for _, urgent in queue:
                 self._unmark(key, urgent)
             del self._queues[key]
+            del self._groups[key]
 
     def _unmark(self, key: str, urgent: bool) -> None:
         if urgent:

@@ -77,7 +77,9 @@ class SwapJobs:
 
     def submit(self, core: PartitionCore, work: Work) -> None:
         """Queue the swap's job behind the device's earlier ones."""
-        self._scheduler.submit(work.device, self._job(core, work), urgent=work.urgent)
+        self._scheduler.submit(
+            work.device, self._job(core, work), urgent=work.urgent, group=core.partition
+        )
 
     def admit_held(self, core: PartitionCore, works: list[Work]) -> None:
         """Swaps a take-over held until their device's ledger entry was read

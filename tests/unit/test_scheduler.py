@@ -99,3 +99,31 @@ async def test_an_urgent_key_runs_while_every_ordinary_slot_is_held() -> None:
     assert await scheduler.join(timeout=5)
     assert started.index("bulk-d") < started.index("urgent-d")
     assert started.index("urgent-u") < started.index("bulk-c")
+
+
+async def test_ordinary_slots_go_round_the_groups_first_come_first_served_within_one() -> None:
+    """A backlog read a partition at a time (group 0's keys all queued before group 1's) is
+    worked in turns: one key of each group with keys waiting, in order within a group; an urgent
+    key still goes before them all."""
+    scheduler = KeyedScheduler(concurrency=1, urgent_extra=0)
+    started: list[str] = []
+    gate = asyncio.Event()
+
+    def job(key: str):  # type: ignore[no-untyped-def]
+        async def run() -> None:
+            started.append(key)
+            await gate.wait()
+
+        return run
+
+    for key in ("a0", "a1", "a2", "a3"):
+        scheduler.submit(key, job(key), group=0)
+    for key in ("b0", "b1"):
+        scheduler.submit(key, job(key), group=1)
+    scheduler.submit("c0", job("c0"), group=2)
+    scheduler.submit("u", job("u"), urgent=True, group=1)
+    await asyncio.sleep(0)
+    gate.set()
+    assert await scheduler.join(timeout=5)
+    assert started == ["a0", "u", "a1", "b0", "c0", "a2", "b1", "a3"]
+    assert scheduler.queued_keys == 0
