@@ -85,6 +85,11 @@ class Service:
             max_buffered=max(
                 p.max_concurrency, min(8 * p.max_concurrency, p.rate_limit_per_minute)
             ),
+            # A buffer bound by the budget (a minute of calls) holds its records long enough
+            # for the order of reading to matter: reads of a partition's share of it, so every
+            # partition is worked (docs/core.md). A larger budget turns the buffer over in well
+            # under a second: reads stay whole (cheaper per event, make bench section 1).
+            share_reads=p.rate_limit_per_minute < 8 * p.max_concurrency,
             on_assignment=self._share_budget,
             on_revocation=self._before_revocation,
             watch=WatchPolicy.from_settings(settings.bind, settings.platform)

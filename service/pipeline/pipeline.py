@@ -85,6 +85,7 @@ class Pipeline:
         outcomes: Answers,
         concurrency: int,
         max_buffered: int | None = None,
+        share_reads: bool = False,
         drain_timeout: float = 20.0,
         on_assignment: AssignmentCallback | None = None,
         on_revocation: RevocationCallback | None = None,
@@ -111,7 +112,9 @@ class Pipeline:
         self._progress = asyncio.Event()
         self._flush_now = asyncio.Event()
         self._wake_now = asyncio.Event()
-        self._lanes = Lanes(topics.device_swapped, self._notify_topic, self._max_buffered)
+        self._lanes = Lanes(
+            topics.device_swapped, self._notify_topic, self._max_buffered, share_reads=share_reads
+        )
         self._stopping = asyncio.Event()
         self._hold = InputHold(self._stopping)  # why the input is held (hold/release), if it is
         self._consumer: AIOKafkaConsumer | None = None

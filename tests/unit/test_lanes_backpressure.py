@@ -86,3 +86,5 @@ def test_one_read_takes_at_most_a_partitions_share_of_the_buffer() -> None:
     assert lanes.batch(0, 500) == 300
     assert lanes.batch(6, 20) == 20  # REBIND_KAFKA__MAX_POLL_RECORDS still bounds it
     assert Lanes(BULK, None, 4).batch(6, 500) == 1
+    # A buffer not bound by the budget turns over fast: whole reads are cheaper per event.
+    assert Lanes(BULK, None, 300, share_reads=False).batch(6, 500) == 500
