@@ -36,7 +36,7 @@ class Lanes:
     """The input lanes of one member: their topics, and whether each is paused for its buffer."""
 
     def __init__(
-        self, bulk: str, notify: str | None, max_buffered: int, *, share_reads: bool = True
+        self, bulk: str, notify: str | None, max_buffered: int, *, share_reads: bool = False
     ) -> None:
         self.bulk = bulk
         self.urgent: str | None = None  # set at start once the topic is known to exist
@@ -88,7 +88,7 @@ class Lanes:
         unfinished = {p: core.progress.unfinished for p, core in cores.items()}
         bulk = max(sum(unfinished.values()) / self._max_buffered, waiting)
         was = set(cores) if self.bulk_paused else self.bulk_full & set(cores)
-        self.bulk_paused = bulk >= 1 or (self.bulk_paused and bulk > 0.5)
+        self.bulk_paused = _paused(bulk, self.bulk_paused)
         self.bulk_full = self._full(unfinished, bulk)
         now = set(cores) if self.bulk_paused else self.bulk_full
         if now - was:
@@ -109,15 +109,18 @@ class Lanes:
         ``make bench`` a fifth of its throughput)."""
         if not self._share_reads:
             return max_poll_records
-        share = math.ceil(self._max_buffered / max(1, partitions))
-        return max(1, min(max_poll_records, share))
+        return min(max_poll_records, self._share(partitions))
+
+    def _share(self, partitions: int) -> int:
+        """A partition's share of the bulk buffer."""
+        return max(1, math.ceil(self._max_buffered / max(1, partitions)))
 
     def _full(self, unfinished: dict[int, int], load: float) -> set[int]:
         """The bulk partitions to pause for their share: holding it or more while the buffer is
         at least half full; kept paused until down to half of it, or the buffer to a quarter."""
         if load <= 0.25 or not unfinished:
             return set()
-        share = max(1, math.ceil(self._max_buffered / len(unfinished)))
+        share = self._share(len(unfinished))
         return {
             p
             for p, n in unfinished.items()
@@ -134,19 +137,23 @@ class Lanes:
         urgent: bool,
     ) -> bool:
         """``load``: how full the lane's bound is (1: full); paused at 1, resumed at half."""
-        if not paused and load >= 1:
+        now = _paused(load, paused)
+        if now and not paused:
             consumer.pause(*self.of(cores, urgent))
-            return True
-        if paused and load <= 0.5:
+        elif paused and not now:
             consumer.resume(*self.of(cores, urgent))
-            return False
-        return paused
+        return now
 
     def urgent_backlog(self, cores: dict[int, PartitionCore]) -> int:
         """Urgent swaps read and not finished."""
         if self.urgent is None:
             return 0
         return sum(core.outbox.lane(True).unfinished for core in cores.values())
+
+
+def _paused(load: float, paused: bool) -> bool:
+    """A lane's pause for its bound (``load`` 1: full): from full until down to half."""
+    return load >= 1 or (paused and load > 0.5)
 
 
 def accept_pushes(core: PartitionCore, records: Sequence[ConsumedRecord], metrics: Metrics) -> None:

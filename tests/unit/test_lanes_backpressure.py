@@ -48,7 +48,7 @@ def step(lanes: Lanes, consumer: Recorder, unfinished: dict[int, int]) -> list[i
 
 
 def test_a_partition_holding_its_share_of_a_contested_buffer_waits_for_the_others() -> None:
-    lanes, consumer = Lanes(BULK, None, BOUND), Recorder()
+    lanes, consumer = Lanes(BULK, None, BOUND, share_reads=True), Recorder()
     empty = dict.fromkeys(range(6), 0)
     # One partition alone fills half the buffer before anything is paused.
     assert step(lanes, consumer, {**empty, 0: 299}) == []
@@ -68,7 +68,7 @@ def test_a_partition_holding_its_share_of_a_contested_buffer_waits_for_the_other
 
 
 def test_the_input_hold_released_resumes_only_what_the_bound_leaves_readable() -> None:
-    lanes, consumer = Lanes(BULK, None, BOUND), Recorder()
+    lanes, consumer = Lanes(BULK, None, BOUND, share_reads=True), Recorder()
     assert step(lanes, consumer, {0: 300, 1: 0}) == [0]
     held = cores({0: 300, 1: 0})
     lanes.backpressure(cast(AIOKafkaConsumer, cast(Any, consumer)), held, held=True)
@@ -80,11 +80,11 @@ def test_the_input_hold_released_resumes_only_what_the_bound_leaves_readable() -
 
 
 def test_one_read_takes_at_most_a_partitions_share_of_the_buffer() -> None:
-    lanes = Lanes(BULK, None, 300)
+    lanes = Lanes(BULK, None, 300, share_reads=True)
     assert lanes.batch(6, 500) == 50  # not 500 records of one partition against a bound of 300
     assert lanes.batch(1, 500) == 300
     assert lanes.batch(0, 500) == 300
     assert lanes.batch(6, 20) == 20  # REBIND_KAFKA__MAX_POLL_RECORDS still bounds it
-    assert Lanes(BULK, None, 4).batch(6, 500) == 1
+    assert Lanes(BULK, None, 4, share_reads=True).batch(6, 500) == 1
     # A buffer not bound by the budget turns over fast: whole reads are cheaper per event.
     assert Lanes(BULK, None, 300, share_reads=False).batch(6, 500) == 500

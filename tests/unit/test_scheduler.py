@@ -108,10 +108,12 @@ async def test_ordinary_slots_go_round_the_groups_first_come_first_served_within
     scheduler = KeyedScheduler(concurrency=1, urgent_extra=0)
     started: list[str] = []
     gate = asyncio.Event()
+    first = asyncio.Event()
 
     def job(key: str):  # type: ignore[no-untyped-def]
         async def run() -> None:
             started.append(key)
+            first.set()
             await gate.wait()
 
         return run
@@ -122,7 +124,9 @@ async def test_ordinary_slots_go_round_the_groups_first_come_first_served_within
         scheduler.submit(key, job(key), group=1)
     scheduler.submit("c0", job("c0"), group=2)
     scheduler.submit("u", job("u"), urgent=True, group=1)
-    await asyncio.sleep(0)
+    # The first key runs (the others, scheduled before this test resumes, wait for its slot).
+    await asyncio.wait_for(first.wait(), 5)
+    assert scheduler.running == 1
     gate.set()
     assert await scheduler.join(timeout=5)
     assert started == ["a0", "u", "a1", "b0", "c0", "a2", "b1", "a3"]
