@@ -91,8 +91,8 @@ class Lanes:
         self.bulk_paused = _paused(bulk, self.bulk_paused)
         self.bulk_full = self._full(unfinished, bulk)
         now = set(cores) if self.bulk_paused else self.bulk_full
-        if now - was:
-            consumer.pause(*self.of(sorted(now - was), urgent=False))
+        if now:  # every time: a new assignment (even of kept partitions) resumes them all
+            consumer.pause(*self.of(sorted(now), urgent=False))
         if was - now:
             consumer.resume(*self.of(sorted(was - now), urgent=False))
         if self.urgent is not None:
@@ -138,7 +138,7 @@ class Lanes:
     ) -> bool:
         """``load``: how full the lane's bound is (1: full); paused at 1, resumed at half."""
         now = _paused(load, paused)
-        if now and not paused:
+        if now:  # every time, as the bulk lane's
             consumer.pause(*self.of(cores, urgent))
         elif paused and not now:
             consumer.resume(*self.of(cores, urgent))

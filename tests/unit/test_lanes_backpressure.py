@@ -88,3 +88,16 @@ def test_one_read_takes_at_most_a_partitions_share_of_the_buffer() -> None:
     assert Lanes(BULK, None, 4, share_reads=True).batch(6, 500) == 1
     # A buffer not bound by the budget turns over fast: whole reads are cheaper per event.
     assert Lanes(BULK, None, 300, share_reads=False).batch(6, 500) == 500
+
+
+def test_a_new_assignment_that_resumed_everything_is_paused_again() -> None:
+    """aiokafka gives every partition of a new assignment a fresh, unpaused state, kept ones
+    too, and a rebalance that only keeps partitions does not reset the lanes: the next pass
+    pauses again what the bound holds back."""
+    lanes, consumer = Lanes(BULK, None, BOUND, share_reads=True), Recorder()
+    assert step(lanes, consumer, {0: 300, 1: 0}) == [0]
+    consumer.paused.clear()  # the rebalance
+    assert step(lanes, consumer, {0: 300, 1: 0}) == [0]
+    assert step(lanes, consumer, dict.fromkeys(range(6), 100)) == [0, 1, 2, 3, 4, 5]
+    consumer.paused.clear()
+    assert step(lanes, consumer, dict.fromkeys(range(6), 100)) == [0, 1, 2, 3, 4, 5]
